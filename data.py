@@ -1,0 +1,378 @@
+"""ISBI 2012 data: download, reading TIFF stacks, the train/validation split and augmented batches.
+
+    python data.py                      # download into data/isbi2012 unless already there
+    python data.py --mirror file:///path/to/mirror
+
+Layout on disk (the challenge's): train-volume.tif and test-volume.tif hold 30 uint8 slices of
+512x512, one per page; train-labels.tif holds the masks, 255 = cell and 0 = membrane. In memory,
+images are float32 in [0, 1] and labels are {0, 1} with 1 = cell, the polarity the challenge
+expects from a submission.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import keras
+import numpy as np
+import skimage.io
+import skimage.transform
+import tifffile
+from scipy import ndimage
+
+# The 30 training slices, their masks and the 30 test slices as PNGs, pinned to one commit of
+# zhixuhao/unet so that the bytes can be checked against isbi2012.sha256.
+PINNED_COMMIT = "b45af4d458437d8281cc218a07fd4380818ece4a"
+DEFAULT_MIRROR = f"https://raw.githubusercontent.com/zhixuhao/unet/{PINNED_COMMIT}/"
+MIRROR_ENV = "ISBI2012_MIRROR"
+CHECKSUMS = Path(__file__).with_name("isbi2012.sha256")
+DEFAULT_DATA_DIR = Path("data/isbi2012")
+NUM_SLICES = 30
+STACK_SOURCES = {
+    "train-volume.tif": "data/membrane/train/image",
+    "train-labels.tif": "data/membrane/train/label",
+    "test-volume.tif": "data/membrane/test",
+}
+
+
+class DataError(Exception):
+    """Bad or unreachable data; the message names the problem and the fix in one line."""
+
+
+# --- download ---------------------------------------------------------------------------------
+
+def read_checksums(path=CHECKSUMS):
+    """{relative path: sha256 hex digest} from a `sha256sum`-style file."""
+    sums = {}
+    for line in Path(path).read_text().splitlines():
+        digest, relative_path = line.split(maxsplit=1)
+        sums[relative_path.strip().removeprefix("./")] = digest
+    return sums
+
+
+def mirror_url(mirror=None):
+    """The base URL to download from: --mirror, else $ISBI2012_MIRROR, else GitHub."""
+    base = mirror or os.environ.get(MIRROR_ENV) or DEFAULT_MIRROR
+    if not base.startswith(("http://", "https://", "file://")):
+        raise DataError(
+            f"mirror {base!r} is not a URL: give http(s)://... or file:///absolute/path "
+            f"(via --mirror or {MIRROR_ENV})"
+        )
+    return base.rstrip("/") + "/"
+
+
+def fetch(url):
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.read()
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        raise DataError(
+            f"could not fetch {url} ({reason}): check the network, or point --mirror or "
+            f"{MIRROR_ENV} at a reachable copy of zhixuhao/unet@{PINNED_COMMIT[:7]}"
+        ) from None
+
+
+def fetch_verified_slice(base_url, relative_path, expected_sha256):
+    url = base_url + relative_path
+    content = fetch(url)
+    actual = hashlib.sha256(content).hexdigest()
+    if actual != expected_sha256:
+        raise DataError(
+            f"checksum mismatch for {url} (sha256 {actual[:12]}..., expected "
+            f"{expected_sha256[:12]}...): the mirror's copy is damaged or not the pinned one; "
+            "use another mirror"
+        )
+    return skimage.io.imread(io.BytesIO(content))
+
+
+def write_stack_atomically(path, stack):
+    """Write a multi-page TIFF so that `path` either does not exist or is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        tifffile.imwrite(temporary, stack)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def download_isbi2012(data_dir=DEFAULT_DATA_DIR, mirror=None, verbose=True):
+    """Fetch and verify the 90 PNGs, then write the three challenge TIFFs into `data_dir`.
+
+    Every file is verified before any TIFF is written, so a bad or interrupted download leaves
+    the directory as it was.
+    """
+    base_url = mirror_url(mirror)
+    checksums = read_checksums()
+    if verbose:
+        print(f"Downloading ISBI 2012 from {base_url} into {data_dir}/")
+    progress = keras.utils.Progbar(NUM_SLICES * len(STACK_SOURCES), unit_name="file", verbose=int(verbose))
+    stacks = {}
+    for tiff_name, source_dir in STACK_SOURCES.items():
+        slices = []
+        for index in range(NUM_SLICES):
+            relative_path = f"{source_dir}/{index}.png"
+            slices.append(fetch_verified_slice(base_url, relative_path, checksums[relative_path]))
+            progress.add(1)
+        stacks[tiff_name] = np.stack(slices)
+    for tiff_name, stack in stacks.items():
+        write_stack_atomically(Path(data_dir) / tiff_name, stack)
+    return [Path(data_dir) / name for name in STACK_SOURCES]
+
+
+def ensure_isbi2012(data_dir=DEFAULT_DATA_DIR, mirror=None, names=tuple(STACK_SOURCES)):
+    """Download ISBI 2012 unless every TIFF in `names` is already in `data_dir`."""
+    if not all((Path(data_dir) / name).exists() for name in names):
+        download_isbi2012(data_dir, mirror)
+
+
+# --- reading stacks ---------------------------------------------------------------------------
+
+def read_stack(path):
+    """A TIFF as a (pages, height, width) array; one clear DataError for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"{path} not found: run `python data.py` to download ISBI 2012, or pass --images and "
+            "--labels to use your own stacks"
+        )
+    try:
+        stack = tifffile.imread(path)
+    except Exception as error:  # tifffile raises several types for damaged files
+        raise DataError(
+            f"{path} is not a readable TIFF ({type(error).__name__}: {error}): replace it "
+            "(for ISBI 2012, move it away and run `python data.py`)"
+        ) from None
+    if stack.ndim == 2:
+        stack = stack[np.newaxis]
+    if stack.ndim != 3:
+        raise DataError(
+            f"{path} has shape {stack.shape}: expected grey slices, one per page "
+            "(pages x height x width)"
+        )
+    return stack
+
+
+def as_unit_float(stack):
+    """Integer pixels scaled by their type's range to float32 in [0, 1]; floats kept."""
+    if np.issubdtype(stack.dtype, np.integer):
+        return (stack / np.iinfo(stack.dtype).max).astype(np.float32)
+    return stack.astype(np.float32)
+
+
+def as_cell_mask(stack, path):
+    """Binary labels as {0, 1} uint8, 1 = cell (the higher of the two values)."""
+    values = np.unique(stack)
+    if len(values) > 2:
+        raise DataError(
+            f"{path} is not a binary mask: {len(values)} distinct values found (expected 2, "
+            "e.g. 0 = membrane and 255 = cell); threshold it first"
+        )
+    return (stack == values[-1]).astype(np.uint8) if len(values) == 2 else (stack > 0).astype(np.uint8)
+
+
+def load_training_stacks(images_path, labels_path):
+    """Images as float32 in [0, 1] and labels as {0, 1} (1 = cell), both (slices, H, W)."""
+    images, labels = read_stack(images_path), read_stack(labels_path)
+    if len(images) != len(labels):
+        raise DataError(
+            f"{images_path} has {len(images)} slices but {labels_path} has {len(labels)}: "
+            "give one mask per image slice"
+        )
+    if images.shape != labels.shape:
+        raise DataError(
+            f"slices of {images_path} are {images.shape[1:]} but masks in {labels_path} are "
+            f"{labels.shape[1:]}: image and mask slices must have the same height and width"
+        )
+    return as_unit_float(images), as_cell_mask(labels, labels_path)
+
+
+# --- train/validation split -------------------------------------------------------------------
+
+def default_validation_slices(num_slices):
+    """Three slices spread through the stack (5, 15, 25 for ISBI's 30); one for tiny stacks."""
+    if num_slices < 4:
+        return [num_slices // 2]
+    return sorted({num_slices * (2 * k + 1) // 6 for k in range(3)})
+
+
+def split_slices(num_slices, validation_slices=None):
+    """(training indices, validation indices) of a stack of `num_slices` slices."""
+    if validation_slices is None:
+        validation_slices = default_validation_slices(num_slices)
+    validation = sorted(set(validation_slices))
+    out_of_range = [i for i in validation if not 0 <= i < num_slices]
+    if out_of_range:
+        raise DataError(
+            f"validation slice(s) {out_of_range} out of range: the stack has slices "
+            f"0..{num_slices - 1}; change --val-slices"
+        )
+    training = [i for i in range(num_slices) if i not in validation]
+    if not training:
+        raise DataError(
+            f"all {num_slices} slices are validation slices: leave at least one for training "
+            "in --val-slices"
+        )
+    return training, validation
+
+
+# --- augmentation -----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """Random transforms applied to image and mask in lockstep (intensity: image only).
+
+    The seed article's set (rotation, shift, shear, zoom, flips) with ranges that change the
+    image (EM sections have no preferred orientation, so any angle), plus the U-Net paper's
+    elastic deformation: displacements drawn on a coarse 3x3 grid with a standard deviation of
+    10 pixels, interpolated bicubically.
+    """
+
+    rotation_degrees: float = 180.0
+    shift_fraction: float = 0.1
+    shear_degrees: float = 10.0
+    zoom_range: float = 0.1
+    flips: bool = True
+    elastic_sigma: float = 10.0
+    elastic_grid: int = 3
+    brightness: float = 0.1
+    contrast: float = 0.2
+
+
+NO_AUGMENTATION = Augmentation(0, 0, 0, 0, False, 0, 3, 0, 0)
+
+
+def elastic_displacement(rng, shape, sigma, grid):
+    """(2, H, W) smooth random displacements: normal on a coarse grid, bicubic upsampling."""
+    coarse = rng.normal(0.0, sigma, size=(2, grid, grid))
+    return np.stack([skimage.transform.resize(c, shape, order=3, mode="edge") for c in coarse])
+
+
+def sample_coordinates(rng, slice_shape, crop, augmentation):
+    """(2, crop, crop) source (row, col) coordinates of one randomly placed, transformed crop."""
+    a = augmentation
+    height, width = slice_shape
+    offsets = np.arange(crop) - (crop - 1) / 2
+    rows, cols = np.meshgrid(offsets, offsets, indexing="ij")
+    if a.flips:
+        rows = rows * rng.choice([-1, 1])
+        cols = cols * rng.choice([-1, 1])
+    centre_row = rng.uniform((crop - 1) / 2, height - 1 - (crop - 1) / 2)
+    centre_col = rng.uniform((crop - 1) / 2, width - 1 - (crop - 1) / 2)
+    shift = rng.uniform(-a.shift_fraction, a.shift_fraction, size=2) * crop
+    zoom = rng.uniform(1 - a.zoom_range, 1 + a.zoom_range)
+    transform = skimage.transform.AffineTransform(
+        scale=zoom,
+        rotation=np.deg2rad(rng.uniform(-a.rotation_degrees, a.rotation_degrees)),
+        shear=np.deg2rad(rng.uniform(-a.shear_degrees, a.shear_degrees)),
+        translation=(centre_col + shift[1], centre_row + shift[0]),
+    )
+    # skimage transforms take (x, y) = (col, row) points.
+    source = transform(np.column_stack([cols.ravel(), rows.ravel()]))
+    coordinates = np.stack([source[:, 1], source[:, 0]]).reshape(2, crop, crop)
+    if a.elastic_sigma > 0:
+        coordinates += elastic_displacement(rng, (crop, crop), a.elastic_sigma, a.elastic_grid)
+    return coordinates
+
+
+def augmented_crop(image, mask, crop, rng, augmentation=Augmentation()):
+    """One random crop of (image, mask) with every transform done in a single interpolation.
+
+    Pixels that fall outside the slice are mirrored in, as the U-Net paper extrapolates. The mask
+    is interpolated linearly and thresholded at 0.5, so it stays strictly binary and aligned.
+    """
+    coordinates = sample_coordinates(rng, image.shape, crop, augmentation)
+    image_crop = ndimage.map_coordinates(image, coordinates, order=1, mode="mirror")
+    mask_crop = ndimage.map_coordinates(mask.astype(np.float32), coordinates, order=1, mode="mirror")
+    contrast = rng.uniform(1 - augmentation.contrast, 1 + augmentation.contrast)
+    brightness = rng.uniform(-augmentation.brightness, augmentation.brightness)
+    image_crop = np.clip((image_crop - 0.5) * contrast + 0.5 + brightness, 0.0, 1.0)
+    return image_crop.astype(np.float32), (mask_crop >= 0.5).astype(np.float32)
+
+
+# --- batches ----------------------------------------------------------------------------------
+
+class RandomCrops(keras.utils.PyDataset):
+    """Training batches of augmented random crops, reproducible from (seed, epoch, batch index).
+
+    Each batch draws from its own generator seeded with (seed, epoch, index), so the stream does
+    not depend on how many workers build it or in which order, and a run can be replayed.
+    """
+
+    def __init__(self, images, labels, batch_size, crop, steps_per_epoch, seed,
+                 augmentation=Augmentation(), epoch=0, **kwargs):
+        super().__init__(**kwargs)
+        self.images, self.labels = images, labels
+        self.batch_size, self.crop = batch_size, crop
+        self.steps_per_epoch, self.seed = steps_per_epoch, seed
+        self.augmentation = augmentation
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.steps_per_epoch
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        picks = rng.integers(len(self.images), size=self.batch_size)
+        pairs = [augmented_crop(self.images[i], self.labels[i], self.crop, rng, self.augmentation) for i in picks]
+        images, masks = map(np.stack, zip(*pairs))
+        return images[..., np.newaxis], masks[..., np.newaxis]
+
+    def on_epoch_end(self):
+        self.epoch += 1
+
+
+def trim_to_multiple(stack, multiple):
+    """Centre-crop the slices of (N, H, W) to the largest height and width divisible by `multiple`."""
+    height, width = (size - size % multiple for size in stack.shape[1:3])
+    top, left = (stack.shape[1] - height) // 2, (stack.shape[2] - width) // 2
+    return stack[:, top:top + height, left:left + width]
+
+
+class WholeSlices(keras.utils.PyDataset):
+    """Validation batches of whole slices, in order, without augmentation."""
+
+    def __init__(self, images, labels, batch_size=1, **kwargs):
+        super().__init__(**kwargs)
+        self.images = images[..., np.newaxis]
+        self.labels = labels[..., np.newaxis].astype(np.float32)
+        self.batch_size = batch_size
+
+    def __len__(self):
+        return -(-len(self.images) // self.batch_size)
+
+    def __getitem__(self, index):
+        batch = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        return self.images[batch], self.labels[batch]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Download ISBI 2012 as the challenge's TIFF stacks.")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help="directory for the TIFFs (default: %(default)s)")
+    parser.add_argument("--mirror", help=f"base URL of a copy of zhixuhao/unet (http(s):// or file://); default ${MIRROR_ENV} or GitHub")
+    parser.add_argument("--force", action="store_true", help="download even if the TIFFs are there")
+    args = parser.parse_args(argv)
+    try:
+        present = all((args.data / name).exists() for name in STACK_SOURCES)
+        if present and not args.force:
+            print(f"ISBI 2012 already in {args.data}/ (use --force to download again)")
+            return 0
+        for path in download_isbi2012(args.data, args.mirror):
+            print(f"wrote {path}")
+    except DataError as error:
+        print(f"data.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Train a U-Net on ISBI 2012 and watch it learn in TensorBoard.
+
+    python train.py --loss bce --lr 1e-4
+    tensorboard --logdir logs
+
+Each run writes to its own directory <logdir>/<loss>_lr<lr>/ (a numbered sibling if that name is
+taken) with the resolved configuration, the TensorBoard event files and the best checkpoint, so
+that runs with other losses and learning rates sit side by side on the same plots.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the way
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import data
+import metrics
+from callbacks import TensorBoard, ValidationSliceImages
+from unet import DEPTH, build_unet
+
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+IMAGE_SLICES = 3  # validation slices shown as images
+
+
+class SetupError(Exception):
+    """A run that cannot start; the message names the problem and the fix in one line."""
+
+
+# --- command line -----------------------------------------------------------------------------
+
+def positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value > 0:  # also rejects NaN
+            raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+        return value
+    return parse
+
+
+def crop_size(text):
+    value = positive(int)(text)
+    if value % 2**DEPTH:
+        raise argparse.ArgumentTypeError(
+            f"{value} is not a multiple of {2**DEPTH} (the U-Net halves it {DEPTH} times); "
+            f"try {max(2**DEPTH, value - value % 2**DEPTH)}")
+    return value
+
+
+def slice_list(text):
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of slice indices") from None
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Train a same-padded U-Net on ISBI 2012 and log the run to TensorBoard.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run = parser.add_argument_group("run")
+    run.add_argument("--loss", choices=sorted(metrics.LOSSES), default="bce", help="training loss")
+    run.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate")
+    run.add_argument("--epochs", type=positive(int), default=20, help="number of epochs")
+    run.add_argument("--steps-per-epoch", type=positive(int), default=50, help="training batches per epoch")
+    run.add_argument("--batch-size", type=positive(int), default=4, help="crops per training batch")
+    run.add_argument("--crop", type=crop_size, default=256, help=f"training crop size in pixels, a multiple of {2**DEPTH}")
+    run.add_argument("--filters", type=positive(int), default=16, help="filters of the first U-Net level (the paper: 64)")
+    run.add_argument("--seed", type=int, default=0, help="seed for weights, crops and augmentation")
+    run.add_argument("--precision", choices=PRECISIONS, default="auto",
+                     help="Keras dtype policy; auto picks one for the device found (see README)")
+    where = parser.add_argument_group("data and logs")
+    where.add_argument("--logdir", type=Path, default=Path("logs"), help="parent directory of the run directories")
+    where.add_argument("--data", type=Path, default=data.DEFAULT_DATA_DIR,
+                       help="directory of the ISBI 2012 TIFFs, downloaded there if missing")
+    where.add_argument("--images", type=Path, help="your own image stack (multi-page TIFF) instead of ISBI's")
+    where.add_argument("--labels", type=Path, help="your own binary mask stack, same shape as --images")
+    where.add_argument("--mirror", help=f"base URL to download ISBI 2012 from (http(s):// or file://); default ${data.MIRROR_ENV} or GitHub")
+    where.add_argument("--val-slices", type=slice_list,
+                       help="comma-separated validation slice indices (default: three spread through the stack, 5,15,25 for ISBI)")
+    board = parser.add_argument_group("TensorBoard")
+    board.add_argument("--image-every", type=positive(int), default=50, help="write prediction images every N training steps")
+    board.add_argument("--histogram-freq", type=int, default=1, help="write weight histograms every N epochs (0: never)")
+    board.add_argument("--update-freq", type=positive(int), default=10, help="write batch-level scalars every N steps")
+    # One line naming the problem, as for every other bad input.
+    parser.error = lambda message: (print(f"train.py: error: {message} (see --help)", file=sys.stderr), sys.exit(2))
+    return parser
+
+
+# --- device -----------------------------------------------------------------------------------
+
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def device_settings(precision):
+    """(dtype policy, jit_compile, device description) for the accelerator or CPU found.
+
+    On a CPU with AMX or AVX-512 bf16 units, bf16 convolutions run several times faster than
+    float32; without them (AVX2 only) bf16 is emulated and about 8x slower. XLA slows this
+    U-Net down on CPUs, so it is used on GPUs only.
+    """
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
+        device = f"{len(gpus)} GPU(s), compute capability {capability[0]}.{capability[1]}"
+        best = "mixed_bfloat16" if capability >= (8, 0) else "mixed_float16" if capability >= (7, 0) else "float32"
+        jit = True
+    else:
+        bf16_units = sorted(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+        device = f"CPU ({', '.join(bf16_units) or 'no bf16 units'})"
+        best = "mixed_bfloat16" if bf16_units else "float32"
+        jit = False
+    return (best if precision == "auto" else precision), jit, device
+
+
+# --- run directory ----------------------------------------------------------------------------
+
+def run_name(loss, lr):
+    """`bce_lr1e-4`: the shortest exact scientific form, so distinct rates never share a name."""
+    return f"{loss}_lr{np.format_float_scientific(lr, trim='-', exp_digits=1)}"
+
+
+def create_run_directory(logdir, name):
+    """Create <logdir>/<name>, or <name>_2, _3, ... if taken; never reuses an existing directory."""
+    try:
+        Path(logdir).mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, 10_000):
+            path = Path(logdir) / (name if attempt == 1 else f"{name}_{attempt}")
+            try:
+                path.mkdir()  # atomic: two runs starting together cannot both get it
+                return path
+            except FileExistsError:
+                continue
+    except OSError as error:
+        raise SetupError(f"cannot create a run directory in {logdir} ({error.strerror}): choose a writable --logdir") from None
+    raise SetupError(f"{logdir} already holds 9999 runs named {name}: choose another --logdir")
+
+
+def save_config(run_dir, config):
+    with open(run_dir / "config.json", "w") as file:
+        json.dump(config, file, indent=2, default=str)
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+def load_data(args):
+    """(images, labels) of the chosen stacks, downloading ISBI 2012 if it is used and missing."""
+    if args.images is None and args.labels is None:
+        data.ensure_isbi2012(args.data, args.mirror, names=("train-volume.tif", "train-labels.tif"))
+    elif args.images is None or args.labels is None:
+        raise SetupError("give --images and --labels together, or neither to use ISBI 2012")
+    images_path = args.images or args.data / "train-volume.tif"
+    labels_path = args.labels or args.data / "train-labels.tif"
+    images, labels = data.load_training_stacks(images_path, labels_path)
+    if min(images.shape[1:]) < args.crop:
+        raise SetupError(f"--crop {args.crop} is larger than the {images.shape[1]}x{images.shape[2]} slices: "
+                         f"use --crop {min(images.shape[1:]) // 2**DEPTH * 2**DEPTH} or less")
+    return images, labels, images_path, labels_path
+
+
+def compile_model(args, jit_compile):
+    model = build_unet(filters=args.filters)
+    model.compile(optimizer=keras.optimizers.Adam(args.lr), loss=metrics.LOSSES[args.loss],
+                  metrics=metrics.training_metrics(), jit_compile=jit_compile)
+    return model
+
+
+def make_callbacks(args, run_dir, val_images, val_labels, val_indices):
+    shown = np.linspace(0, len(val_indices) - 1, min(IMAGE_SLICES, len(val_indices))).round().astype(int)
+    return [
+        TensorBoard(log_dir=str(run_dir), histogram_freq=args.histogram_freq,
+                                    write_graph=True, update_freq=args.update_freq),
+        ValidationSliceImages(run_dir / "validation_slices", val_images[shown], val_labels[shown],
+                              [val_indices[i] for i in shown], every=args.image_every),
+        keras.callbacks.ModelCheckpoint(run_dir / "best.keras", monitor="val_misclassified_pixel_fraction",
+                                        mode="min", save_best_only=True),
+    ]
+
+
+def describe_slices(indices):
+    return ",".join(map(str, indices))
+
+
+def train(args):
+    precision, jit_compile, device = device_settings(args.precision)
+    keras.mixed_precision.set_global_policy(precision)
+    keras.utils.set_random_seed(args.seed)
+
+    images, labels, images_path, labels_path = load_data(args)
+    train_indices, val_indices = data.split_slices(len(images), args.val_slices)
+    # Whole validation slices go through the net, which needs sides divisible by 2**DEPTH.
+    val_images = data.trim_to_multiple(images[val_indices], 2**DEPTH)
+    val_labels = data.trim_to_multiple(labels[val_indices], 2**DEPTH)
+
+    run_dir = create_run_directory(args.logdir, run_name(args.loss, args.lr))
+    config = {**vars(args), "images": images_path, "labels": labels_path, "precision": precision,
+              "jit_compile": jit_compile, "device": device, "run_dir": run_dir,
+              "train_slices": train_indices, "val_slices": val_indices,
+              "command": shlex.join(sys.argv)}
+    save_config(run_dir, config)
+    print(f"device: {device}; precision {precision}, XLA {'on' if jit_compile else 'off'}")
+    print(f"slices: {len(train_indices)} training, validation {describe_slices(val_indices)} "
+          f"of {len(images)} in {images_path}")
+    print(f"run directory: {run_dir}")
+    print(f"watch it with: tensorboard --logdir {args.logdir}")
+
+    model = compile_model(args, jit_compile)
+    training_batches = data.RandomCrops(images[train_indices], labels[train_indices], args.batch_size,
+                                        args.crop, args.steps_per_epoch, args.seed, workers=2)
+    validation_batches = data.WholeSlices(val_images, val_labels)
+    history = model.fit(training_batches, validation_data=validation_batches, epochs=args.epochs,
+                        callbacks=make_callbacks(args, run_dir, val_images, val_labels, val_indices))
+
+    best = min(history.history["val_misclassified_pixel_fraction"])
+    print(f"best validation misclassified-pixel fraction {best:.4f}; checkpoint {run_dir / 'best.keras'}")
+    return run_dir
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        train(args)
+    except (data.DataError, SetupError) as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""The symmetric U-Net of Ronneberger et al. (2015) with 'same' padding.
+
+Layer names follow the paper's figure: `enc1_conv1` ... `enc4_pool` on the way down,
+`bottleneck_conv1/2` at the bottom, `dec4_up` ... `dec1_conv2` on the way up (decoder level
+k joins the skip from encoder level k) and `output`, so the graph and the histograms read like
+the figure. With 'same' padding the output has the input's height and width, which must be
+multiples of 2**depth; the input size is left open, so a net trained on crops predicts whole
+slices.
+"""
+
+import keras
+from keras import layers
+
+DEPTH = 4
+
+
+def conv_block(x, filters, prefix):
+    for i in (1, 2):
+        x = layers.Conv2D(
+            filters, 3, padding="same", activation="relu",
+            kernel_initializer="he_normal", name=f"{prefix}_conv{i}",
+        )(x)
+    return x
+
+
+def build_unet(filters=64, depth=DEPTH, channels=1):
+    """U-Net with `filters` channels at the first level, doubling at each of `depth` levels."""
+    inputs = keras.Input(shape=(None, None, channels), name="image")
+    skips = []
+    x = inputs
+    for level in range(1, depth + 1):
+        x = conv_block(x, filters * 2 ** (level - 1), f"enc{level}")
+        skips.append(x)
+        x = layers.MaxPooling2D(2, name=f"enc{level}_pool")(x)
+    x = conv_block(x, filters * 2**depth, "bottleneck")
+    for level in range(depth, 0, -1):
+        level_filters = filters * 2 ** (level - 1)
+        # The paper's 2x2 "up-convolution": doubles the resolution and halves the channels.
+        x = layers.Conv2DTranspose(level_filters, 2, strides=2, name=f"dec{level}_up")(x)
+        x = layers.Concatenate(name=f"dec{level}_concat")([skips[level - 1], x])
+        x = conv_block(x, level_filters, f"dec{level}")
+    # Kept in float32 under mixed precision so probabilities near 0 and 1 stay exact.
+    outputs = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="output")(x)
+    return keras.Model(inputs, outputs, name="unet")
