@@ -98,7 +98,7 @@ def write_stack_atomically(path, stack):
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
-        tifffile.imwrite(temporary, stack)
+        tifffile.imwrite(temporary, stack, photometric="minisblack")
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -146,12 +146,16 @@ def read_stack(path):
             "--labels to use your own stacks"
         )
     try:
-        stack = tifffile.imread(path)
+        with tifffile.TiffFile(path) as tiff:
+            axes = tiff.series[0].axes
+            stack = tiff.series[0].asarray()
     except Exception as error:  # tifffile raises several types for damaged files
         raise DataError(
             f"{path} is not a readable TIFF ({type(error).__name__}: {error}): replace it "
             "(for ISBI 2012, move it away and run `python data.py`)"
         ) from None
+    if "S" in axes:
+        raise DataError(f"{path} holds colour pixels (axes {axes}): convert it to greyscale, one slice per page")
     if stack.ndim == 2:
         stack = stack[np.newaxis]
     if stack.ndim != 3:

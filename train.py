@@ -37,16 +37,22 @@ class SetupError(Exception):
 
 # --- command line -----------------------------------------------------------------------------
 
+def checked_number(kind, text, condition, requirement):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a{'n' if kind is int else ''} {kind.__name__}") from None
+    if not condition(value):  # a NaN fails every condition
+        raise argparse.ArgumentTypeError(f"{text!r} must be {requirement}")
+    return value
+
+
 def positive(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not value > 0:  # also rejects NaN
-            raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
-        return value
-    return parse
+    return lambda text: checked_number(kind, text, lambda value: value > 0, "greater than 0")
+
+
+def non_negative_int(text):
+    return checked_number(int, text, lambda value: value >= 0, "0 or more")
 
 
 def crop_size(text):
@@ -67,32 +73,31 @@ def slice_list(text):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        description="Train a same-padded U-Net on ISBI 2012 and log the run to TensorBoard.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Train a same-padded U-Net on ISBI 2012 and log the run to TensorBoard.")
     run = parser.add_argument_group("run")
-    run.add_argument("--loss", choices=sorted(metrics.LOSSES), default="bce", help="training loss")
-    run.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate")
-    run.add_argument("--epochs", type=positive(int), default=20, help="number of epochs")
-    run.add_argument("--steps-per-epoch", type=positive(int), default=50, help="training batches per epoch")
-    run.add_argument("--batch-size", type=positive(int), default=4, help="crops per training batch")
-    run.add_argument("--crop", type=crop_size, default=256, help=f"training crop size in pixels, a multiple of {2**DEPTH}")
-    run.add_argument("--filters", type=positive(int), default=16, help="filters of the first U-Net level (the paper: 64)")
-    run.add_argument("--seed", type=int, default=0, help="seed for weights, crops and augmentation")
+    run.add_argument("--loss", choices=sorted(metrics.LOSSES), default="bce", help="training loss (default: %(default)s)")
+    run.add_argument("--lr", type=positive(float), default=1e-4, help="Adam learning rate (default: %(default)g)")
+    run.add_argument("--epochs", type=positive(int), default=20, help="number of epochs (default: %(default)s)")
+    run.add_argument("--steps-per-epoch", type=positive(int), default=50, help="training batches per epoch (default: %(default)s)")
+    run.add_argument("--batch-size", type=positive(int), default=4, help="crops per training batch (default: %(default)s)")
+    run.add_argument("--crop", type=crop_size, default=256, help=f"training crop size in pixels, a multiple of {2**DEPTH} (default: %(default)s)")
+    run.add_argument("--filters", type=positive(int), default=16, help="filters of the first U-Net level; the paper has 64 (default: %(default)s)")
+    run.add_argument("--seed", type=int, default=0, help="seed for weights, crops and augmentation (default: %(default)s)")
     run.add_argument("--precision", choices=PRECISIONS, default="auto",
-                     help="Keras dtype policy; auto picks one for the device found (see README)")
+                     help="Keras dtype policy; auto picks one for the device found, see README (default: %(default)s)")
     where = parser.add_argument_group("data and logs")
-    where.add_argument("--logdir", type=Path, default=Path("logs"), help="parent directory of the run directories")
+    where.add_argument("--logdir", type=Path, default=Path("logs"), help="parent directory of the run directories (default: %(default)s)")
     where.add_argument("--data", type=Path, default=data.DEFAULT_DATA_DIR,
-                       help="directory of the ISBI 2012 TIFFs, downloaded there if missing")
+                       help="directory of the ISBI 2012 TIFFs, downloaded there if missing (default: %(default)s)")
     where.add_argument("--images", type=Path, help="your own image stack (multi-page TIFF) instead of ISBI's")
     where.add_argument("--labels", type=Path, help="your own binary mask stack, same shape as --images")
     where.add_argument("--mirror", help=f"base URL to download ISBI 2012 from (http(s):// or file://); default ${data.MIRROR_ENV} or GitHub")
     where.add_argument("--val-slices", type=slice_list,
                        help="comma-separated validation slice indices (default: three spread through the stack, 5,15,25 for ISBI)")
     board = parser.add_argument_group("TensorBoard")
-    board.add_argument("--image-every", type=positive(int), default=50, help="write prediction images every N training steps")
-    board.add_argument("--histogram-freq", type=int, default=1, help="write weight histograms every N epochs (0: never)")
-    board.add_argument("--update-freq", type=positive(int), default=10, help="write batch-level scalars every N steps")
+    board.add_argument("--image-every", type=positive(int), default=50, help="write prediction images every N training steps (default: %(default)s)")
+    board.add_argument("--histogram-freq", type=non_negative_int, default=1, help="write weight histograms every N epochs, 0 for never (default: %(default)s)")
+    board.add_argument("--update-freq", type=positive(int), default=10, help="write batch-level scalars every N steps (default: %(default)s)")
     # One line naming the problem, as for every other bad input.
     parser.error = lambda message: (print(f"train.py: error: {message} (see --help)", file=sys.stderr), sys.exit(2))
     return parser
@@ -184,8 +189,8 @@ def compile_model(args, jit_compile):
 def make_callbacks(args, run_dir, val_images, val_labels, val_indices):
     shown = np.linspace(0, len(val_indices) - 1, min(IMAGE_SLICES, len(val_indices))).round().astype(int)
     return [
-        TensorBoard(log_dir=str(run_dir), histogram_freq=args.histogram_freq,
-                                    write_graph=True, update_freq=args.update_freq),
+        TensorBoard(log_dir=str(run_dir), histogram_freq=args.histogram_freq, write_graph=True,
+                    update_freq=args.update_freq),
         ValidationSliceImages(run_dir / "validation_slices", val_images[shown], val_labels[shown],
                               [val_indices[i] for i in shown], every=args.image_every),
         keras.callbacks.ModelCheckpoint(run_dir / "best.keras", monitor="val_misclassified_pixel_fraction",
@@ -197,7 +202,7 @@ def describe_slices(indices):
     return ",".join(map(str, indices))
 
 
-def train(args):
+def train(args, command):
     precision, jit_compile, device = device_settings(args.precision)
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(args.seed)
@@ -212,7 +217,7 @@ def train(args):
     config = {**vars(args), "images": images_path, "labels": labels_path, "precision": precision,
               "jit_compile": jit_compile, "device": device, "run_dir": run_dir,
               "train_slices": train_indices, "val_slices": val_indices,
-              "command": shlex.join(sys.argv)}
+              "command": command}
     save_config(run_dir, config)
     print(f"device: {device}; precision {precision}, XLA {'on' if jit_compile else 'off'}")
     print(f"slices: {len(train_indices)} training, validation {describe_slices(val_indices)} "
@@ -233,9 +238,10 @@ def train(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
-        train(args)
+        train(args, shlex.join(["python", "train.py", *argv]))
     except (data.DataError, SetupError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,214 @@
+import shutil
+
+import numpy as np
+import pytest
+import skimage.io
+import tifffile
+
+import data
+
+
+# --- download ---------------------------------------------------------------------------------
+
+def test_download_writes_three_30_page_stacks_equal_to_the_pngs(isbi_dir, mirror_url):
+    root = mirror_url.removeprefix("file://")
+    for tiff_name, source_dir in data.STACK_SOURCES.items():
+        with tifffile.TiffFile(isbi_dir / tiff_name) as tiff:
+            assert len(tiff.pages) == 30
+            stack = tiff.asarray()
+        assert stack.shape == (30, 512, 512) and stack.dtype == np.uint8
+        for index in (0, 17, 29):
+            np.testing.assert_array_equal(stack[index], skimage.io.imread(f"{root}/{source_dir}/{index}.png"))
+    assert not list(isbi_dir.glob(".*.part"))
+
+
+def test_labels_become_cell_ones_and_membrane_zeros(isbi_dir):
+    images, labels = data.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
+    assert images.dtype == np.float32 and 0 <= images.min() and images.max() <= 1
+    assert set(np.unique(labels)) == {0, 1}
+    assert 0.7 < labels.mean() < 0.85  # ISBI: about 78 % of pixels are cells
+
+
+@pytest.fixture
+def copied_mirror(tmp_path, mirror_url):
+    copy = tmp_path / "mirror"
+    shutil.copytree(mirror_url.removeprefix("file://"), copy)
+    return copy
+
+
+def test_corrupted_mirror_file_gives_a_clear_error_and_no_tiff(copied_mirror, tmp_path):
+    damaged = copied_mirror / "data/membrane/train/label/12.png"
+    damaged.write_bytes(damaged.read_bytes()[:-10] + b"0123456789")
+    destination = tmp_path / "isbi"
+    with pytest.raises(data.DataError, match=r"checksum mismatch for .*label/12\.png.*use another mirror"):
+        data.download_isbi2012(destination, copied_mirror.as_uri(), verbose=False)
+    assert not destination.exists() or not any(destination.iterdir())
+
+
+def test_missing_mirror_file_gives_a_clear_error_and_no_tiff(copied_mirror, tmp_path):
+    (copied_mirror / "data/membrane/test/29.png").unlink()
+    destination = tmp_path / "isbi"
+    with pytest.raises(data.DataError, match=r"could not fetch .*test/29\.png.*--mirror"):
+        data.download_isbi2012(destination, copied_mirror.as_uri(), verbose=False)
+    assert not destination.exists() or not any(destination.iterdir())
+
+
+def test_mirror_must_be_a_url():
+    with pytest.raises(data.DataError, match="not a URL"):
+        data.mirror_url("/just/a/path")
+
+
+def test_data_py_command_downloads_once(tmp_path, mirror_url, capsys):
+    assert data.main(["--data", str(tmp_path), "--mirror", mirror_url]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(data.STACK_SOURCES)
+    assert data.main(["--data", str(tmp_path), "--mirror", mirror_url]) == 0
+    assert "already" in capsys.readouterr().out
+
+
+# --- reading stacks ---------------------------------------------------------------------------
+
+def write_stack(path, stack):
+    tifffile.imwrite(path, stack, photometric="minisblack")
+
+
+def test_missing_stack_says_how_to_get_it(tmp_path):
+    with pytest.raises(data.DataError, match=r"not found: run `python data.py`"):
+        data.read_stack(tmp_path / "train-volume.tif")
+
+
+def test_a_file_that_is_not_a_tiff_is_named(tmp_path):
+    bogus = tmp_path / "train-volume.tif"
+    bogus.write_text("not an image")
+    with pytest.raises(data.DataError, match="is not a readable TIFF"):
+        data.read_stack(bogus)
+    assert bogus.read_text() == "not an image"
+
+
+def test_colour_tiff_is_refused(tmp_path):
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((32, 32, 3), np.uint8), photometric="rgb")
+    with pytest.raises(data.DataError, match="colour pixels.*greyscale"):
+        data.read_stack(tmp_path / "rgb.tif")
+
+
+def test_truncated_tiff_is_named(isbi_dir, tmp_path):
+    truncated = tmp_path / "train-volume.tif"
+    truncated.write_bytes((isbi_dir / "train-volume.tif").read_bytes()[:100_000])
+    with pytest.raises(data.DataError, match="is not a readable TIFF"):
+        data.read_stack(truncated)
+
+
+def test_non_binary_labels_report_how_many_values(tmp_path):
+    write_stack(tmp_path / "images.tif", np.zeros((2, 32, 32), np.uint8))
+    write_stack(tmp_path / "labels.tif", np.arange(2 * 32 * 32).reshape(2, 32, 32) % 3 * 100)
+    with pytest.raises(data.DataError, match="3 distinct values"):
+        data.load_training_stacks(tmp_path / "images.tif", tmp_path / "labels.tif")
+
+
+def test_page_counts_and_slice_shapes_must_match(tmp_path):
+    write_stack(tmp_path / "images.tif", np.zeros((3, 32, 32), np.uint8))
+    write_stack(tmp_path / "labels.tif", np.zeros((2, 32, 32), np.uint8))
+    write_stack(tmp_path / "wide.tif", np.zeros((3, 32, 48), np.uint8))
+    with pytest.raises(data.DataError, match="has 3 slices but .* has 2"):
+        data.load_training_stacks(tmp_path / "images.tif", tmp_path / "labels.tif")
+    with pytest.raises(data.DataError, match="same height and width"):
+        data.load_training_stacks(tmp_path / "images.tif", tmp_path / "wide.tif")
+
+
+def test_any_stack_size_works_and_16_bit_images_are_scaled(tmp_path):
+    write_stack(tmp_path / "images.tif", np.full((4, 40, 72), 65535, np.uint16))
+    write_stack(tmp_path / "labels.tif", np.tile([0, 1], (4, 40, 36)).astype(np.uint8))
+    images, labels = data.load_training_stacks(tmp_path / "images.tif", tmp_path / "labels.tif")
+    assert images.shape == labels.shape == (4, 40, 72)
+    assert images.max() == 1.0 and labels.mean() == 0.5
+
+
+# --- split ------------------------------------------------------------------------------------
+
+def test_default_split_of_isbi_validates_on_three_spread_slices():
+    training, validation = data.split_slices(30)
+    assert validation == [5, 15, 25]
+    assert training == [i for i in range(30) if i not in (5, 15, 25)]
+
+
+def test_split_rejects_out_of_range_and_leaves_a_training_slice():
+    assert data.split_slices(4, [0, 3]) == ([1, 2], [0, 3])
+    with pytest.raises(data.DataError, match=r"\[30\] out of range.*0\.\.29"):
+        data.split_slices(30, [5, 30])
+    with pytest.raises(data.DataError, match="at least one for training"):
+        data.split_slices(2, [0, 1])
+
+
+# --- augmentation -----------------------------------------------------------------------------
+
+def stripes_and_blobs(size=128):
+    """A binary test pattern with no symmetry, so any misalignment shows."""
+    rows, cols = np.mgrid[:size, :size]
+    return (((rows // 9 + cols // 13) % 2 == 0) | ((rows - 40) ** 2 + (cols - 70) ** 2 < 300)).astype(np.uint8)
+
+
+SHAPE_ONLY = data.Augmentation(brightness=0.0, contrast=0.0)
+
+
+def test_image_and_mask_stay_aligned_through_every_transform():
+    mask = stripes_and_blobs()
+    image = mask.astype(np.float32)  # the image is the mask: after augmentation they must agree
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        image_crop, mask_crop = data.augmented_crop(image, mask, 64, rng, SHAPE_ONLY)
+        np.testing.assert_array_equal(image_crop >= 0.5, mask_crop == 1)
+
+
+def test_masks_stay_strictly_binary():
+    rng = np.random.default_rng(2)
+    mask = stripes_and_blobs()
+    for _ in range(5):
+        _, mask_crop = data.augmented_crop(rng.random(mask.shape, dtype=np.float32), mask, 64, rng)
+        assert set(np.unique(mask_crop)) <= {0.0, 1.0}
+
+
+def test_augmentation_changes_the_geometry_and_intensity():
+    mask = stripes_and_blobs()
+    image = mask * 0.5 + 0.25
+    plain = data.augmented_crop(image, mask, 128, np.random.default_rng(3), data.NO_AUGMENTATION)
+    np.testing.assert_array_equal(plain[1], mask)  # no augmentation, whole slice: the identity
+    np.testing.assert_allclose(plain[0], image, atol=1e-6)
+    augmented = data.augmented_crop(image, mask, 128, np.random.default_rng(3))
+    assert np.mean(augmented[1] != mask) > 0.2
+    assert not np.isclose(augmented[0].mean(), image.mean(), atol=1e-3)
+
+
+def test_elastic_deformation_alone_moves_pixels_by_about_sigma():
+    elastic_only = data.Augmentation(0, 0, 0, 0, False, elastic_sigma=10.0, brightness=0, contrast=0)
+    coordinates = data.sample_coordinates(np.random.default_rng(4), (128, 128), 128, elastic_only)
+    identity = np.mgrid[:128, :128].astype(float)
+    displacement = np.abs(coordinates - identity)
+    assert 2 < displacement.mean() < 20
+
+
+def test_random_crops_are_reproducible_and_differ_between_epochs():
+    images = np.random.default_rng(5).random((3, 96, 96), dtype=np.float32)
+    labels = (images > 0.5).astype(np.uint8)
+    crops = data.RandomCrops(images, labels, batch_size=2, crop=32, steps_per_epoch=4, seed=7)
+    assert len(crops) == 4
+    x, y = crops[1]
+    assert x.shape == y.shape == (2, 32, 32, 1) and x.dtype == y.dtype == np.float32
+    np.testing.assert_array_equal(crops[1][0], x)
+    assert not np.array_equal(crops[2][0], x)
+    crops.on_epoch_end()
+    assert not np.array_equal(crops[1][0], x)
+    replay = data.RandomCrops(images, labels, batch_size=2, crop=32, steps_per_epoch=4, seed=7, epoch=0)
+    np.testing.assert_array_equal(replay[1][0], x)
+
+
+def test_whole_slices_are_batched_in_order():
+    images = np.arange(3 * 16 * 16, dtype=np.float32).reshape(3, 16, 16)
+    slices = data.WholeSlices(images, np.ones((3, 16, 16), np.uint8), batch_size=2)
+    assert len(slices) == 2
+    np.testing.assert_array_equal(slices[1][0][0, ..., 0], images[2])
+
+
+def test_trim_to_multiple_keeps_the_centre():
+    stack = np.arange(1 * 20 * 37).reshape(1, 20, 37)
+    trimmed = data.trim_to_multiple(stack, 16)
+    assert trimmed.shape == (1, 16, 32)
+    np.testing.assert_array_equal(trimmed, stack[:, 2:18, 2:34])

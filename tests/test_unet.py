@@ -1,0 +1,56 @@
+import keras
+import numpy as np
+import pytest
+
+from unet import build_unet
+
+
+@pytest.mark.parametrize("height, width", [(64, 64), (48, 96)])
+def test_output_has_the_input_size_and_one_probability_channel(height, width):
+    model = build_unet(filters=2)
+    output = model.predict_on_batch(np.random.default_rng(0).random((2, height, width, 1), dtype=np.float32))
+    assert output.shape == (2, height, width, 1)
+    assert np.all((output >= 0) & (output <= 1))
+
+
+def test_layers_are_named_like_the_paper_figure():
+    names = [layer.name for layer in build_unet(filters=2).layers]
+    expected = (
+        ["image"]
+        + [f"enc{i}_{part}" for i in range(1, 5) for part in ("conv1", "conv2", "pool")]
+        + ["bottleneck_conv1", "bottleneck_conv2"]
+        + [f"dec{i}_{part}" for i in range(4, 0, -1) for part in ("up", "concat", "conv1", "conv2")]
+        + ["output"]
+    )
+    assert names == expected
+
+
+def test_filters_double_per_level_and_decoder_mirrors_encoder():
+    model = build_unet(filters=3)
+    assert model.get_layer("enc1_conv1").filters == 3
+    assert model.get_layer("enc4_conv2").filters == 24
+    assert model.get_layer("bottleneck_conv2").filters == 48
+    assert model.get_layer("dec4_up").filters == 24
+    assert model.get_layer("dec1_conv2").filters == 3
+    assert model.get_layer("dec2_concat").output.shape[-1] == 12
+
+
+def test_output_stays_float32_under_mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = build_unet(filters=2)
+        assert model.get_layer("enc1_conv1").compute_dtype == "bfloat16"
+        assert model.get_layer("output").compute_dtype == "float32"
+        assert model.output.dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.slow
+def test_paper_size_net_trains_on_a_whole_slice():
+    model = build_unet(filters=64)
+    assert model.count_params() == 31_030_593  # the paper's 64-filter U-Net with up-convolutions
+    model.compile(keras.optimizers.Adam(1e-4), "binary_crossentropy")
+    image = np.random.default_rng(0).random((1, 512, 512, 1), dtype=np.float32)
+    loss = model.train_on_batch(image, (image > 0.5).astype(np.float32))
+    assert np.isfinite(loss)
