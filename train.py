@@ -77,10 +77,10 @@ def build_parser():
     run = parser.add_argument_group("run")
     run.add_argument("--loss", choices=sorted(metrics.LOSSES), default="bce", help="training loss (default: %(default)s)")
     run.add_argument("--lr", type=positive(float), default=1e-4, help="Adam learning rate (default: %(default)g)")
-    run.add_argument("--epochs", type=positive(int), default=20, help="number of epochs (default: %(default)s)")
+    run.add_argument("--epochs", type=positive(int), default=30, help="number of epochs (default: %(default)s)")
     run.add_argument("--steps-per-epoch", type=positive(int), default=50, help="training batches per epoch (default: %(default)s)")
-    run.add_argument("--batch-size", type=positive(int), default=4, help="crops per training batch (default: %(default)s)")
-    run.add_argument("--crop", type=crop_size, default=256, help=f"training crop size in pixels, a multiple of {2**DEPTH} (default: %(default)s)")
+    run.add_argument("--batch-size", type=positive(int), default=8, help="crops per training batch (default: %(default)s)")
+    run.add_argument("--crop", type=crop_size, default=128, help=f"training crop size in pixels, a multiple of {2**DEPTH} (default: %(default)s)")
     run.add_argument("--filters", type=positive(int), default=16, help="filters of the first U-Net level; the paper has 64 (default: %(default)s)")
     run.add_argument("--seed", type=int, default=0, help="seed for weights, crops and augmentation (default: %(default)s)")
     run.add_argument("--precision", choices=PRECISIONS, default="auto",

@@ -29,3 +29,19 @@ def isbi_dir(tmp_path_factory, mirror_url):
     directory = tmp_path_factory.mktemp("isbi2012")
     data.download_isbi2012(directory, mirror_url, verbose=False)
     return directory
+
+
+TINY = ["--filters", "4", "--crop", "64", "--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "2",
+        "--image-every", "2", "--update-freq", "2", "--precision", "float32"]
+TINY_STEPS = 2 * 3
+
+
+@pytest.fixture(scope="session")
+def two_run_logdir(tmp_path_factory, isbi_dir):
+    """A log directory with two tiny runs on ISBI 2012, `bce_lr1e-3` and `mse_lr1e-3`."""
+    import train
+
+    logdir = tmp_path_factory.mktemp("logs")
+    for loss in ("bce", "mse"):
+        assert train.main(TINY + ["--loss", loss, "--lr", "1e-3", "--data", str(isbi_dir), "--logdir", str(logdir)]) == 0
+    return logdir

@@ -10,27 +10,13 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import plugin_event_multiplexer
 
 import train
-from conftest import ROOT
-
-TINY = ["--filters", "4", "--crop", "64", "--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "2",
-        "--image-every", "2", "--update-freq", "2", "--precision", "float32"]
-STEPS = 2 * 3
-
+from conftest import ROOT, TINY, TINY_STEPS
 
 @pytest.fixture(scope="module")
-def logdir(tmp_path_factory, isbi_dir):
-    """Two tiny runs, bce and mse, in one log directory."""
-    logdir = tmp_path_factory.mktemp("logs")
-    for loss in ("bce", "mse"):
-        assert train.main(TINY + ["--loss", loss, "--lr", "1e-3", "--data", str(isbi_dir), "--logdir", str(logdir)]) == 0
-    return logdir
-
-
-@pytest.fixture(scope="module")
-def events(logdir):
+def events(two_run_logdir):
     """{run: {tag: [(step, value)]}} as TensorBoard's multiplexer reads the log directory."""
     multiplexer = plugin_event_multiplexer.EventMultiplexer(tensor_size_guidance={"scalars": 0, "images": 0, "histograms": 0})
-    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.AddRunsFromDirectory(str(two_run_logdir))
     multiplexer.Reload()
     return {
         run: {tag: [(event.step, tf.make_ndarray(event.tensor_proto)) for event in multiplexer.Tensors(run, tag)]
@@ -82,7 +68,7 @@ def test_keras_model_graph_is_written(events):
 
 def test_prediction_images_and_their_error_scalar_share_the_global_step(events):
     run = events["bce_lr1e-3/validation_slices"]
-    image_steps = list(range(0, STEPS + 1, 2))
+    image_steps = list(range(0, TINY_STEPS + 1, 2))
     assert steps(run["misclassified_pixel_fraction"]) == image_steps
     for index in (5, 15, 25):
         assert steps(run[f"slice_{index:02d}/prediction"]) == image_steps
@@ -110,8 +96,8 @@ def test_images_show_the_whole_slice_on_a_fixed_scale(events, isbi_dir):
     assert float(run["misclassified_pixel_fraction"][-1][1]) == pytest.approx((errors == 255).mean(), abs=1e-6)
 
 
-def test_run_directory_holds_config_and_best_checkpoint(logdir):
-    run_dir = logdir / "bce_lr1e-3"
+def test_run_directory_holds_config_and_best_checkpoint(two_run_logdir):
+    run_dir = two_run_logdir / "bce_lr1e-3"
     config = json.loads((run_dir / "config.json").read_text())
     assert config["loss"] == "bce" and config["lr"] == 1e-3 and config["filters"] == 4
     assert config["val_slices"] == [5, 15, 25] and len(config["train_slices"]) == 27
@@ -119,7 +105,10 @@ def test_run_directory_holds_config_and_best_checkpoint(logdir):
     assert (run_dir / "best.keras").stat().st_size > 0
 
 
-def test_a_second_run_with_the_same_name_gets_its_own_directory(logdir, isbi_dir):
+def test_a_second_run_with_the_same_name_gets_its_own_directory(tmp_path, isbi_dir):
+    logdir = tmp_path / "logs"
+    assert train.main(TINY + ["--epochs", "1", "--loss", "mse", "--lr", "1e-3",
+                              "--data", str(isbi_dir), "--logdir", str(logdir)]) == 0
     before = {path: path.stat().st_mtime_ns for path in (logdir / "mse_lr1e-3").rglob("*")}
     assert train.main(TINY + ["--epochs", "1", "--loss", "mse", "--lr", "1e-3",
                               "--data", str(isbi_dir), "--logdir", str(logdir)]) == 0

@@ -1,0 +1,93 @@
+"""The real TensorBoard server over two tiny runs: what a user's browser would be served."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+
+RUNS = [f"{loss}_lr1e-3/{part}" for loss in ("bce", "mse") for part in ("train", "validation", "validation_slices")]
+START_TIMEOUT_S = 90
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tensorboard(two_run_logdir):
+    """GET function for a tensorboard serving the two runs on 127.0.0.1; stopped afterwards."""
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed")
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(two_run_logdir),
+         "--host", "127.0.0.1", "--port", str(port), "--reload_interval", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def get(route, **query):
+        url = f"http://127.0.0.1:{port}{route}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.read()
+
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                if set(RUNS) <= set(json.loads(get("/data/runs"))):
+                    break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"tensorboard did not serve the runs: {server.stderr.read1().decode()[-2000:]}")
+            time.sleep(0.5)
+        yield get
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def get_json(get, route, **query):
+    return json.loads(get(route, **query))
+
+
+def test_scalars_of_both_runs(tensorboard):
+    tags = get_json(tensorboard, "/data/plugin/scalars/tags")
+    for loss in ("bce", "mse"):
+        for part in ("train", "validation"):
+            assert {"epoch_loss", "epoch_misclassified_pixel_fraction"} <= set(tags[f"{loss}_lr1e-3/{part}"])
+        points = get_json(tensorboard, "/data/plugin/scalars/scalars",
+                          run=f"{loss}_lr1e-3/validation", tag="epoch_misclassified_pixel_fraction")
+        assert [step for _, step, _ in points] == [0, 1]
+        assert "misclassified_pixel_fraction" in tags[f"{loss}_lr1e-3/validation_slices"]
+
+
+def test_prediction_and_error_images(tensorboard):
+    run = "bce_lr1e-3/validation_slices"
+    tags = get_json(tensorboard, "/data/plugin/images/tags")[run]
+    assert {f"slice_{i:02d}/{kind}" for i in (5, 15, 25) for kind in ("input", "label", "prediction", "error")} <= set(tags)
+    entries = get_json(tensorboard, "/data/plugin/images/images", run=run, tag="slice_15/error", sample=0)
+    assert [entry["step"] for entry in entries] == [0, 2, 4, 6]
+    png = tensorboard("/data/plugin/images/individualImage?" + entries[-1]["query"])
+    assert png.startswith(b"\x89PNG")
+
+
+def test_weight_histograms(tensorboard):
+    points = get_json(tensorboard, "/data/plugin/histograms/histograms",
+                      run="mse_lr1e-3/train", tag="dec1_conv2/kernel/histogram")
+    assert [step for _, step, _ in points] == [0, 1]
+
+
+def test_model_graph_with_the_paper_layer_names(tensorboard):
+    info = get_json(tensorboard, "/data/plugin/graphs/info")
+    assert info["bce_lr1e-3/train"]["tags"]["keras"]["conceptual_graph"]
+    graph = tensorboard("/data/plugin/graphs/graph", run="bce_lr1e-3/train", tag="keras", conceptual="true").decode()
+    for node in ("unet/enc1_conv1", "unet/bottleneck_conv2", "unet/dec1_concat", "unet/output"):
+        assert f'name: "{node}"' in graph
+    concat = graph[graph.index('name: "unet/dec1_concat"'):].split("node {")[0]
+    assert 'input: "unet/enc1_conv2"' in concat and 'input: "unet/dec1_up"' in concat
