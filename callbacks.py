@@ -1,32 +1,61 @@
-"""TensorBoard callbacks: images of where the network is wrong, and Keras' own callback mended."""
+"""TensorBoard callbacks: where the network is wrong, what a run was, and Keras' own callback mended."""
 
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorboard.plugins.hparams import api as hp
+from tensorboard.plugins.pr_curve import summary as pr_curve_summary
 
 from metrics import THRESHOLD
+from unet import DEPTH
 
 
-class ValidationSliceImages(keras.callbacks.Callback):
-    """Every `every` training steps, shows the network's prediction on a few fixed slices.
+# Block outputs whose activations are histogrammed: the last convolution of each level.
+ACTIVATION_LAYERS = [f"enc{level}_conv2" for level in range(1, DEPTH + 1)] + ["bottleneck_conv2"] + [
+    f"dec{level}_conv2" for level in range(DEPTH, 0, -1)] + ["output"]
+FALSE_MEMBRANE_RGB = (1.0, 0.0, 1.0)   # magenta: membrane predicted where the label says cell
+MISSED_MEMBRANE_RGB = (0.0, 1.0, 0.0)  # green: label says membrane, prediction says cell
+ERROR_OPACITY = 0.75
+# EM texture barely compresses: 16 grey levels under the colours keep the structure recognisable
+# and make the PNG about 40 % smaller than full 8-bit grey.
+OVERLAY_GREY_LEVELS = 16
+PR_THRESHOLDS = 51
 
-    For each slice it writes, under the tag group `slice_<index>`, the probability map
-    (`prediction`, white = cell) and the misclassified pixels (`error`, white = wrong), plus the
-    `input` and `label` once; and the misclassified-pixel fraction over all these slices as a
-    scalar. The step is the optimizer's iteration count, the same global training step as Keras'
-    batch-level scalars, so images and curves line up and continue across `fit` calls. Pixel
-    values are written on a fixed [0, 1] scale: a flat prediction shows as flat grey, not as
-    stretched noise.
+
+def error_overlay(image, label, probability):
+    """(H, W, 3) in [0, 1]: the grey EM slice with false and missed membrane painted over it."""
+    predicted_cell = probability >= THRESHOLD
+    grey = np.round(image * (OVERLAY_GREY_LEVELS - 1)) / (OVERLAY_GREY_LEVELS - 1)
+    overlay = np.repeat(grey[..., np.newaxis], 3, axis=-1)
+    for wrong, colour in ((predicted_cell < label, FALSE_MEMBRANE_RGB), (predicted_cell > label, MISSED_MEMBRANE_RGB)):
+        overlay[wrong] = (1 - ERROR_OPACITY) * overlay[wrong] + ERROR_OPACITY * np.asarray(colour)
+    return overlay
+
+
+class ValidationSliceSummaries(keras.callbacks.Callback):
+    """What the network makes of a few fixed validation slices, written to one run directory.
+
+    Every `image_every` training steps, per slice under the tag group `slice_<index>`: `prediction`,
+    the probability of cell (black 0 to white 1 on a fixed scale, so a flat prediction shows as
+    flat grey); `error`, the EM slice with false membrane in magenta and missed membrane in green;
+    `input` and `label` once; and the misclassified-pixel fraction over the slices as a scalar.
+    Every `histogram_every` epochs: histograms of each block's activations (`activations/...`) and
+    the precision-recall curve of membrane detection (`membrane_pr`).
+
+    The step is always the optimizer's iteration count, the global training step of Keras'
+    batch-level scalars, so images, curves and histograms line up and continue across `fit` calls.
     """
 
-    def __init__(self, log_dir, images, labels, slice_indices, every):
+    def __init__(self, log_dir, images, labels, slice_indices, image_every, histogram_every):
         super().__init__()
         self.log_dir = str(log_dir)
         self.images = images[..., np.newaxis]
         self.labels = labels[..., np.newaxis].astype(np.float32)
         self.slice_indices = list(slice_indices)
-        self.every = every
+        self.image_every = image_every
+        self.histogram_every = histogram_every
         self._writer = None
+        self._activations = None
         self._wrote_inputs = False
 
     @property
@@ -40,60 +69,87 @@ class ValidationSliceImages(keras.callbacks.Callback):
         return int(self.model.optimizer.iterations.numpy())
 
     def on_train_begin(self, logs=None):
-        self.write(self.global_step())
+        self._activations = keras.Model(self.model.inputs, [self.model.get_layer(name).output for name in ACTIVATION_LAYERS])
+        self.write(self.write_images, self.global_step())
 
     def on_train_batch_end(self, batch, logs=None):
         step = self.global_step()
-        if step % self.every == 0:
-            self.write(step)
+        if step % self.image_every == 0:
+            self.write(self.write_images, step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.histogram_every and epoch % self.histogram_every == 0:
+            self.write(self.write_activations_and_pr_curve, self.global_step())
 
     def on_train_end(self, logs=None):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
 
-    def write(self, step):
+    def write(self, summaries, step):
         # Recorded whatever Keras' batch-level `record_if` says about this step.
-        with tf.summary.record_if(True):
-            self.write_summaries(step)
-        self._wrote_inputs = True
+        with tf.summary.record_if(True), self.writer.as_default(step=step):
+            summaries()
         self.writer.flush()
 
-    def write_summaries(self, step):
+    def write_images(self):
         probabilities = np.asarray(self.model.predict_on_batch(self.images), dtype=np.float32)
-        errors = ((probabilities >= THRESHOLD) != (self.labels >= THRESHOLD)).astype(np.float32)
-        with self.writer.as_default(step=step):
-            tf.summary.scalar("misclassified_pixel_fraction", errors.mean(),
-                              description="Misclassified-pixel fraction on the slices shown as images.")
-            for position, index in enumerate(self.slice_indices):
-                group = f"slice_{index:02d}"
-                if not self._wrote_inputs:
-                    tf.summary.image(f"{group}/input", self.images[position:position + 1])
-                    tf.summary.image(f"{group}/label", self.labels[position:position + 1])
-                tf.summary.image(f"{group}/prediction", probabilities[position:position + 1])
-                tf.summary.image(f"{group}/error", errors[position:position + 1])
+        wrong = (probabilities >= THRESHOLD) != (self.labels >= THRESHOLD)
+        tf.summary.scalar("misclassified_pixel_fraction", wrong.mean(),
+                          description="Misclassified-pixel fraction on the slices shown as images.")
+        for position, index in enumerate(self.slice_indices):
+            group = f"slice_{index:02d}"
+            if not self._wrote_inputs:
+                tf.summary.image(f"{group}/input", self.images[position:position + 1])
+                tf.summary.image(f"{group}/label", self.labels[position:position + 1])
+            tf.summary.image(f"{group}/prediction", probabilities[position:position + 1],
+                             description="Probability of cell: black 0, white 1.")
+            overlay = error_overlay(self.images[position, ..., 0], self.labels[position, ..., 0], probabilities[position, ..., 0])
+            tf.summary.image(f"{group}/error", overlay[np.newaxis],
+                             description="Errors on the EM slice: magenta = false membrane, green = missed membrane.")
+        self._wrote_inputs = True
+
+    def write_activations_and_pr_curve(self):
+        outputs = self._activations.predict_on_batch(self.images)
+        for name, activation in zip(ACTIVATION_LAYERS, outputs):
+            tf.summary.histogram(f"activations/{name}", np.asarray(activation, dtype=np.float32))
+        membrane = self.labels[..., 0] < THRESHOLD
+        membrane_probability = 1.0 - np.asarray(outputs[-1], dtype=np.float32)[..., 0]
+        curve = pr_curve_summary.pb("membrane_pr", labels=membrane, predictions=membrane_probability,
+                                    num_thresholds=PR_THRESHOLDS,
+                                    description="Precision and recall of membrane at thresholds of 1 - p(cell).")
+        tf.summary.experimental.write_raw_pb(curve.SerializeToString(), step=tf.summary.experimental.get_step())
 
 
 class TensorBoard(keras.callbacks.TensorBoard):
-    """`keras.callbacks.TensorBoard` with every epoch summary kept and one global step.
+    """`keras.callbacks.TensorBoard` with every epoch summary kept, one global step and a graph.
 
     Keras (3.15) enters `record_if(step % update_freq == 0)` for batch-level scalars and leaves it
-    open through `on_epoch_end`, `on_test_end` and the train-graph write, so epoch scalars, weight
-    histograms and the graph are silently dropped whenever the step at hand is not a multiple of
-    `update_freq`. Those writes are forced here. Its batch step also restarts at 0 on every `fit`;
-    here it starts from the optimizer's iteration count, the step the image callback uses.
+    open through `on_epoch_end` and `on_test_end`, so epoch scalars and weight histograms are
+    silently dropped whenever the step at hand is not a multiple of `update_freq`; those writes are
+    forced here. Its batch step restarts at 0 on every `fit`; here it starts from the optimizer's
+    iteration count, the step the other callbacks use. And its graph (a conceptual `keras` graph)
+    opens in the Graphs tab as "Malformed GraphDef"; here `write_graph` writes the op graph of one
+    forward pass instead, drawn with a box per named layer.
     """
+
+    def __init__(self, log_dir, write_graph=True, **kwargs):
+        super().__init__(log_dir, write_graph=False, **kwargs)
+        self.write_forward_graph = write_graph
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         self._global_train_batch = int(self.model.optimizer.iterations.numpy())
+        if self.write_forward_graph:
+            self.write_forward_pass_graph()
 
-    def on_train_batch_end(self, batch, logs=None):
-        if self._should_write_train_graph:
-            with tf.summary.record_if(True):
-                self._write_keras_model_train_graph()
-            self._should_write_train_graph = False
-        super().on_train_batch_end(batch, logs)
+    def write_forward_pass_graph(self):
+        forward = tf.function(lambda images: self.model(images, training=False))
+        example = tf.zeros((1, 2**DEPTH, 2**DEPTH, self.model.input_shape[-1]))
+        tf.summary.trace_on(graph=True, profiler=False)
+        forward(example)
+        with tf.summary.record_if(True), self._train_writer.as_default():
+            tf.summary.trace_export("unet", step=0)
 
     def on_test_end(self, logs=None):
         with tf.summary.record_if(True):
@@ -102,3 +158,50 @@ class TensorBoard(keras.callbacks.TensorBoard):
     def on_epoch_end(self, epoch, logs=None):
         with tf.summary.record_if(True):
             super().on_epoch_end(epoch, logs)
+
+
+class RunSummary(keras.callbacks.Callback):
+    """What the run was, in the run directory itself: HParams and Text tabs, and its best epoch.
+
+    At the start: the hyperparameters for the HParams tab (with the metrics it should show for
+    every run) and the markdown `documents` for the Text tab. After each epoch:
+    `best_misclassified_pixel_fraction`, the lowest validation value so far.
+    """
+
+    METRICS = [
+        ("", "best_misclassified_pixel_fraction", "best validation misclassified-pixel fraction"),
+        ("validation", "epoch_misclassified_pixel_fraction", "last validation misclassified-pixel fraction"),
+        ("validation", "epoch_loss", "last validation loss"),
+        ("validation", "epoch_membrane_dice", "last validation membrane Dice"),
+        ("train", "epoch_loss", "last training loss"),
+    ]
+
+    def __init__(self, log_dir, trial_id, hyperparameters, documents):
+        super().__init__()
+        self.log_dir = str(log_dir)
+        self.trial_id = trial_id
+        self.hyperparameters = hyperparameters
+        self.documents = documents
+        self.best = float("inf")
+        self._writer = None
+
+    def on_train_begin(self, logs=None):
+        self._writer = tf.summary.create_file_writer(self.log_dir)
+        with tf.summary.record_if(True), self._writer.as_default(step=0):
+            hp.hparams_config(
+                hparams=[hp.HParam(name) for name in self.hyperparameters],
+                metrics=[hp.Metric(tag, group=group or None, display_name=name) for group, tag, name in self.METRICS])
+            hp.hparams(self.hyperparameters, trial_id=self.trial_id)
+            for name, markdown in self.documents.items():
+                tf.summary.text(name, markdown)
+        self._writer.flush()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.best = min(self.best, logs["val_misclassified_pixel_fraction"])
+        with tf.summary.record_if(True), self._writer.as_default(step=epoch):
+            tf.summary.scalar("best_misclassified_pixel_fraction", self.best,
+                              description="Lowest validation misclassified-pixel fraction so far.")
+        self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        self._writer.close()

@@ -13,18 +13,24 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the way
 
 import argparse
+import dataclasses
+import hashlib
 import json
+import platform
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
 import keras
 import numpy as np
+import tensorboard
 import tensorflow as tf
 
 import data
 import metrics
-from callbacks import TensorBoard, ValidationSliceImages
+import runs
+from callbacks import RunSummary, TensorBoard, ValidationSliceSummaries
 from unet import DEPTH, build_unet
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
@@ -95,9 +101,12 @@ def build_parser():
     where.add_argument("--val-slices", type=slice_list,
                        help="comma-separated validation slice indices (default: three spread through the stack, 5,15,25 for ISBI)")
     board = parser.add_argument_group("TensorBoard")
-    board.add_argument("--image-every", type=positive(int), default=50, help="write prediction images every N training steps (default: %(default)s)")
-    board.add_argument("--histogram-freq", type=non_negative_int, default=1, help="write weight histograms every N epochs, 0 for never (default: %(default)s)")
+    board.add_argument("--image-every", type=positive(int), default=100, help="write prediction images every N training steps (default: %(default)s)")
+    board.add_argument("--histogram-freq", type=non_negative_int, default=1, help="write weight and activation histograms and PR curves every N epochs, 0 for never (default: %(default)s)")
     board.add_argument("--update-freq", type=positive(int), default=10, help="write batch-level scalars every N steps (default: %(default)s)")
+    parser.add_argument("--summary", type=Path, metavar="LOGDIR",
+                        help="print one row per run under LOGDIR (loss, lr, steps, best and last validation "
+                             "metrics) and exit")
     # One line naming the problem, as for every other bad input.
     parser.error = lambda message: (print(f"train.py: error: {message} (see --help)", file=sys.stderr), sys.exit(2))
     return parser
@@ -186,16 +195,76 @@ def compile_model(args, jit_compile):
     return model
 
 
-def make_callbacks(args, run_dir, val_images, val_labels, val_indices):
+def make_callbacks(args, run_dir, config, val_images, val_labels, val_indices):
     shown = np.linspace(0, len(val_indices) - 1, min(IMAGE_SLICES, len(val_indices))).round().astype(int)
     return [
         TensorBoard(log_dir=str(run_dir), histogram_freq=args.histogram_freq, write_graph=True,
                     update_freq=args.update_freq),
-        ValidationSliceImages(run_dir / "validation_slices", val_images[shown], val_labels[shown],
-                              [val_indices[i] for i in shown], every=args.image_every),
+        ValidationSliceSummaries(run_dir / "validation_slices", val_images[shown], val_labels[shown],
+                                 [val_indices[i] for i in shown], image_every=args.image_every,
+                                 histogram_every=args.histogram_freq),
+        RunSummary(run_dir, run_dir.name, hyperparameters(config), run_documents(config)),
         keras.callbacks.ModelCheckpoint(run_dir / "best.keras", monitor="val_misclassified_pixel_fraction",
                                         mode="min", save_best_only=True),
     ]
+
+
+# --- what a run was ---------------------------------------------------------------------------
+
+HYPERPARAMETERS = ("loss", "lr", "filters", "crop", "batch_size", "epochs", "steps_per_epoch", "precision", "seed")
+
+
+def hyperparameters(config):
+    """The HParams tab's columns: training settings and the augmentation ranges."""
+    augmentation = {f"augment_{name}": value for name, value in dataclasses.asdict(data.Augmentation()).items()}
+    return {**{name: config[name] for name in HYPERPARAMETERS}, **augmentation}
+
+
+def sha256_of(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def git_commit():
+    """'<commit>' or '<commit> (uncommitted changes)' of this project, or why there is none."""
+    def git(*arguments):
+        return subprocess.run(["git", *arguments], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+    try:
+        head, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (git not available)"
+    if head.returncode:
+        return "unknown (not a git checkout)"
+    return head.stdout.strip() + (" (uncommitted changes)" if status.stdout.strip() else "")
+
+
+def provenance(images_path, labels_path, mirror):
+    """Versions, code and data a run used, for config.json and the Text tab."""
+    return {
+        "versions": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
+                     "tensorboard": tensorboard.__version__, "numpy": np.__version__},
+        "git_commit": git_commit(),
+        "data": {"images": str(images_path), "images_sha256": sha256_of(images_path),
+                 "labels": str(labels_path), "labels_sha256": sha256_of(labels_path),
+                 "isbi_mirror": mirror},
+    }
+
+
+def markdown_table(rows):
+    return "| name | value |\n|---|---|\n" + "\n".join(f"| {key} | `{value}` |" for key, value in rows.items())
+
+
+def run_documents(config):
+    """Markdown for the Text tab, one document per tag."""
+    settings = {key: value for key, value in config.items()
+                if key not in ("command", "versions", "data", "git_commit", "train_slices", "val_slices")}
+    return {
+        "run/command": f"    {config['command']}",
+        "run/configuration": markdown_table(settings),
+        "run/versions": markdown_table({**config["versions"], "project commit": config["git_commit"]}),
+        "run/data": markdown_table(config["data"]),
+        "run/split": markdown_table({"training slices": describe_slices(config["train_slices"]),
+                                     "validation slices": describe_slices(config["val_slices"])}),
+    }
 
 
 def describe_slices(indices):
@@ -217,7 +286,8 @@ def train(args, command):
     config = {**vars(args), "images": images_path, "labels": labels_path, "precision": precision,
               "jit_compile": jit_compile, "device": device, "run_dir": run_dir,
               "train_slices": train_indices, "val_slices": val_indices,
-              "command": command}
+              "command": command,
+              **provenance(images_path, labels_path, data.mirror_url(args.mirror) if args.images is None else None)}
     save_config(run_dir, config)
     print(f"device: {device}; precision {precision}, XLA {'on' if jit_compile else 'off'}")
     print(f"slices: {len(train_indices)} training, validation {describe_slices(val_indices)} "
@@ -230,16 +300,27 @@ def train(args, command):
                                         args.crop, args.steps_per_epoch, args.seed, workers=2)
     validation_batches = data.WholeSlices(val_images, val_labels)
     history = model.fit(training_batches, validation_data=validation_batches, epochs=args.epochs,
-                        callbacks=make_callbacks(args, run_dir, val_images, val_labels, val_indices))
+                        callbacks=make_callbacks(args, run_dir, config, val_images, val_labels, val_indices))
 
     best = min(history.history["val_misclassified_pixel_fraction"])
     print(f"best validation misclassified-pixel fraction {best:.4f}; checkpoint {run_dir / 'best.keras'}")
     return run_dir
 
 
+def print_summary(logdir):
+    rows = runs.summarize(logdir)
+    if not rows:
+        print(f"train.py: error: no runs in {logdir}: give the --logdir of your training runs", file=sys.stderr)
+        return 2
+    print(runs.format_table(rows))
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.summary:
+        return print_summary(args.summary)
     try:
         train(args, shlex.join(["python", "train.py", *argv]))
     except (data.DataError, SetupError) as error:

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-RUNS = [f"{loss}_lr1e-3/{part}" for loss in ("bce", "mse") for part in ("train", "validation", "validation_slices")]
+RUNS = [f"{loss}_lr1e-3{part}" for loss in ("bce", "mse") for part in ("", "/train", "/validation", "/validation_slices")]
 START_TIMEOUT_S = 90
 
 
@@ -34,6 +34,7 @@ def tensorboard(two_run_logdir):
         url = f"http://127.0.0.1:{port}{route}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
         with urllib.request.urlopen(url, timeout=30) as response:
             return response.read()
+    get.url = f"http://127.0.0.1:{port}"
 
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -83,11 +84,38 @@ def test_weight_histograms(tensorboard):
     assert [step for _, step, _ in points] == [0, 1]
 
 
-def test_model_graph_with_the_paper_layer_names(tensorboard):
+def test_forward_pass_graph_with_the_paper_layer_names(tensorboard):
     info = get_json(tensorboard, "/data/plugin/graphs/info")
-    assert info["bce_lr1e-3/train"]["tags"]["keras"]["conceptual_graph"]
-    graph = tensorboard("/data/plugin/graphs/graph", run="bce_lr1e-3/train", tag="keras", conceptual="true").decode()
-    for node in ("unet/enc1_conv1", "unet/bottleneck_conv2", "unet/dec1_concat", "unet/output"):
-        assert f'name: "{node}"' in graph
-    concat = graph[graph.index('name: "unet/dec1_concat"'):].split("node {")[0]
-    assert 'input: "unet/enc1_conv2"' in concat and 'input: "unet/dec1_up"' in concat
+    assert info["bce_lr1e-3/train"]["tags"]["unet"]["op_graph"]
+    graph = tensorboard("/data/plugin/graphs/graph", run="bce_lr1e-3/train", tag="unet").decode()
+    for layer in ("enc1_conv1", "bottleneck_conv2", "dec1_concat", "output"):
+        assert f"/{layer}" in graph
+
+
+def test_hparams_table_compares_the_runs(tensorboard):
+    request = urllib.request.Request(
+        tensorboard.url + "/data/plugin/hparams/session_groups", method="POST",
+        headers={"Content-Type": "application/json"},
+        data=json.dumps({"experimentName": "", "startIndex": 0, "sliceSize": 100, "colParams": [],
+                         "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_RUNNING"]}).encode())
+    with urllib.request.urlopen(request, timeout=30) as response:
+        groups = json.loads(response.read())["sessionGroups"]
+    by_loss = {group["hparams"]["loss"]: group for group in groups}
+    assert set(by_loss) == {"bce", "mse"}
+    metrics = {(value["name"].get("group", ""), value["name"]["tag"]) for value in by_loss["bce"]["metricValues"]}
+    assert ("", "best_misclassified_pixel_fraction") in metrics
+    assert ("validation", "epoch_misclassified_pixel_fraction") in metrics
+
+
+def test_text_and_pr_curves(tensorboard):
+    text = get_json(tensorboard, "/data/plugin/text/text", run="mse_lr1e-3", tag="run/command")
+    assert "--loss mse" in text[0]["text"]
+    pr_tags = get_json(tensorboard, "/data/plugin/pr_curves/tags")
+    assert "membrane_pr/pr_curves" in pr_tags["bce_lr1e-3/validation_slices"]
+    curves = get_json(tensorboard, "/data/plugin/pr_curves/pr_curves", run="bce_lr1e-3/validation_slices", tag="membrane_pr/pr_curves")
+    assert [entry["step"] for entry in curves["bce_lr1e-3/validation_slices"]] == [3, 6]
+
+
+def test_activation_histograms(tensorboard):
+    tags = get_json(tensorboard, "/data/plugin/histograms/tags")["bce_lr1e-3/validation_slices"]
+    assert {"activations/enc1_conv2", "activations/bottleneck_conv2", "activations/output"} <= set(tags)

@@ -1,5 +1,6 @@
 """A tiny run on the real ISBI 2012 data, read back the way TensorBoard reads it."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -8,16 +9,26 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import plugin_event_multiplexer
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+from tensorflow.core.protobuf.config_pb2 import RunMetadata
 
+import runs
 import train
 from conftest import ROOT, TINY, TINY_STEPS
 
 @pytest.fixture(scope="module")
-def events(two_run_logdir):
-    """{run: {tag: [(step, value)]}} as TensorBoard's multiplexer reads the log directory."""
-    multiplexer = plugin_event_multiplexer.EventMultiplexer(tensor_size_guidance={"scalars": 0, "images": 0, "histograms": 0})
+def multiplexer(two_run_logdir):
+    """TensorBoard's own reader over the two-run log directory."""
+    multiplexer = plugin_event_multiplexer.EventMultiplexer(
+        tensor_size_guidance={"scalars": 0, "images": 0, "histograms": 0, "pr_curves": 0})
     multiplexer.AddRunsFromDirectory(str(two_run_logdir))
     multiplexer.Reload()
+    return multiplexer
+
+
+@pytest.fixture(scope="module")
+def events(multiplexer):
+    """{run: {tag: [(step, value)]}} as TensorBoard reads the log directory."""
     return {
         run: {tag: [(event.step, tf.make_ndarray(event.tensor_proto)) for event in multiplexer.Tensors(run, tag)]
               for tag in tags["tensors"]}
@@ -30,8 +41,8 @@ def steps(series):
 
 
 def test_each_loss_is_its_own_run_with_train_validation_and_image_subdirectories(events):
-    assert sorted(events) == sorted(f"{loss}_lr1e-3/{part}" for loss in ("bce", "mse")
-                                    for part in ("train", "validation", "validation_slices"))
+    assert sorted(events) == sorted(f"{loss}_lr1e-3{part}" for loss in ("bce", "mse")
+                                    for part in ("", "/train", "/validation", "/validation_slices"))
 
 
 @pytest.mark.parametrize("loss", ["bce", "mse"])
@@ -60,10 +71,12 @@ def test_weight_histograms_for_every_layer_each_epoch(events):
         assert histogram[0][1].shape[1] == 3  # (bucket left, bucket right, count) rows
 
 
-def test_keras_model_graph_is_written(events):
-    (step, value), = events["bce_lr1e-3/train"]["keras"]
-    config = json.loads(value.item())
-    assert [layer["name"] for layer in config["config"]["layers"]][-1] == "output"
+def test_forward_pass_graph_with_the_layer_names(events):
+    (step, value), = events["bce_lr1e-3/train"]["unet"]  # trace_export's RunMetadata
+    metadata = RunMetadata.FromString(value.item())
+    nodes = [node.name for graph in metadata.function_graphs for node in graph.pre_optimization_graph.node]
+    for layer in ("enc1_conv1", "enc4_pool", "bottleneck_conv2", "dec1_up", "dec1_concat", "output"):
+        assert any(f"/{layer}" in name for name in nodes), layer
 
 
 def test_prediction_images_and_their_error_scalar_share_the_global_step(events):
@@ -77,23 +90,97 @@ def test_prediction_images_and_their_error_scalar_share_the_global_step(events):
         assert steps(run[f"slice_{index:02d}/label"]) == [0]
 
 
-def decode(image_summary_value):
+def decode(image_summary_value, channels=1):
     width, height, png = image_summary_value
-    image = tf.io.decode_png(png).numpy()[..., 0]
-    assert image.shape == (int(height), int(width))
-    return image
+    image = tf.io.decode_png(png, channels=channels).numpy()
+    assert image.shape[:2] == (int(height), int(width))
+    return image[..., 0] if channels == 1 else image
 
 
-def test_images_show_the_whole_slice_on_a_fixed_scale(events, isbi_dir):
+def test_images_show_the_whole_slice_on_a_fixed_scale(events):
     run = events["bce_lr1e-3/validation_slices"]
     label = decode(run["slice_15/label"][0][1])
     assert label.shape == (512, 512)
     assert set(np.unique(label)) == {0, 255} and 0.7 < (label == 255).mean() < 0.85
-    error = decode(run["slice_15/error"][-1][1])
-    assert set(np.unique(error)) <= {0, 255}
-    # The scalar is the fraction of white error pixels over the shown slices.
-    errors = np.concatenate([decode(run[f"slice_{i:02d}/error"][-1][1]).ravel() for i in (5, 15, 25)])
-    assert float(run["misclassified_pixel_fraction"][-1][1]) == pytest.approx((errors == 255).mean(), abs=1e-6)
+    prediction = decode(run["slice_15/prediction"][-1][1])
+    assert prediction.shape == (512, 512)
+
+
+def test_error_overlay_paints_false_and_missed_membrane_on_the_em_slice(events):
+    run = events["bce_lr1e-3/validation_slices"]
+    wrong = 0
+    for index in (5, 15, 25):
+        label = decode(run[f"slice_{index:02d}/label"][0][1]) == 255
+        prediction = decode(run[f"slice_{index:02d}/prediction"][-1][1]).astype(int)
+        predicted_cell = prediction >= 128
+        clear = np.abs(prediction - 127.5) > 2  # 8-bit rounding may move values next to 0.5 across it
+        red, green, blue = np.moveaxis(decode(run[f"slice_{index:02d}/error"][-1][1], channels=3).astype(int), -1, 0)
+        false_membrane, missed_membrane = red - green > 100, green - red > 100
+        np.testing.assert_array_equal(false_membrane[clear], (label & ~predicted_cell)[clear])
+        np.testing.assert_array_equal(missed_membrane[clear], (~label & predicted_cell)[clear])
+        assert np.all(np.abs(red - blue)[~(false_membrane | missed_membrane)] == 0)  # grey elsewhere
+        wrong += (false_membrane | missed_membrane).sum()
+    # The scalar is the fraction of painted pixels over the shown slices.
+    assert float(run["misclassified_pixel_fraction"][-1][1]) == pytest.approx(wrong / (3 * 512 * 512), abs=1e-6)
+
+
+def test_activation_histograms_and_membrane_pr_curve_at_each_epoch_end(events):
+    run = events["bce_lr1e-3/validation_slices"]
+    for layer in ("enc1_conv2", "enc4_conv2", "bottleneck_conv2", "dec4_conv2", "dec1_conv2", "output"):
+        assert steps(run[f"activations/{layer}"]) == [3, 6]
+    output = run["activations/output"][-1][1]
+    assert output[:, 0].min() >= 0 and output[:, 1].max() <= 1  # sigmoid outputs
+    curves = run["membrane_pr/pr_curves"]
+    assert steps(curves) == [3, 6]
+    precision, recall = curves[-1][1][4], curves[-1][1][5]
+    assert len(recall) == 51 and np.all((0 <= recall) & (recall <= 1)) and recall[0] == pytest.approx(1.0)
+
+
+def test_hparams_for_the_hparams_tab(multiplexer):
+    for loss in ("bce", "mse"):
+        content = multiplexer.PluginRunToTagToContent(hparams_metadata.PLUGIN_NAME)[f"{loss}_lr1e-3"]
+        session = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
+        assert session.hparams["loss"].string_value == loss
+        assert session.hparams["lr"].number_value == pytest.approx(1e-3)
+        assert session.hparams["filters"].number_value == 4
+        assert session.hparams["augment_rotation_degrees"].number_value == 180
+        experiment = hparams_metadata.parse_experiment_plugin_data(content[hparams_metadata.EXPERIMENT_TAG])
+        assert {(metric.name.group, metric.name.tag) for metric in experiment.metric_infos} >= {
+            ("", "best_misclassified_pixel_fraction"), ("validation", "epoch_misclassified_pixel_fraction")}
+
+
+def test_best_validation_fraction_per_epoch(events):
+    for loss in ("bce", "mse"):
+        best = events[f"{loss}_lr1e-3"]["best_misclassified_pixel_fraction"]
+        epochs = [float(value) for _, value in events[f"{loss}_lr1e-3/validation"]["epoch_misclassified_pixel_fraction"]]
+        assert steps(best) == [0, 1]
+        assert float(best[-1][1]) == pytest.approx(min(epochs))
+
+
+def test_text_tab_records_command_versions_data_and_split(events, isbi_dir):
+    run = events["bce_lr1e-3"]
+    text = {tag: run[tag][0][1].item().decode() for tag in ("run/command", "run/configuration", "run/versions", "run/data", "run/split")}
+    assert "python train.py" in text["run/command"] and "--loss bce" in text["run/command"]
+    assert f"| tensorflow | `{tf.__version__}` |" in text["run/versions"]
+    assert "project commit" in text["run/versions"]
+    assert hashlib.sha256((isbi_dir / "train-volume.tif").read_bytes()).hexdigest() in text["run/data"]
+    assert "| validation slices | `5,15,25` |" in text["run/split"]
+    assert "| crop | `64` |" in text["run/configuration"]
+
+
+def test_summary_prints_one_row_per_run(two_run_logdir, events, capsys):
+    assert train.main(["--summary", str(two_run_logdir)]) == 0
+    header, *rows = capsys.readouterr().out.strip().splitlines()
+    assert header.split() == list(runs.COLUMNS)
+    assert [row.split()[:4] for row in rows] == [["bce_lr1e-3", "bce", "0.001", "6"], ["mse_lr1e-3", "mse", "0.001", "6"]]
+    epochs = [float(v) for _, v in events["bce_lr1e-3/validation"]["epoch_misclassified_pixel_fraction"]]
+    assert float(rows[0].split()[4]) == pytest.approx(min(epochs), abs=1e-4)
+    assert float(rows[0].split()[5]) == pytest.approx(epochs[-1], abs=1e-4)
+
+
+def test_summary_of_an_empty_directory_says_so(tmp_path, capsys):
+    assert train.main(["--summary", str(tmp_path)]) == 2
+    assert "no runs in" in capsys.readouterr().err
 
 
 def test_run_directory_holds_config_and_best_checkpoint(two_run_logdir):
