@@ -1,13 +1,83 @@
-"""Compare runs without a browser: one row per run directory, read from its event files.
-
-    python train.py --summary logs
+"""Records of runs: what a run was (hyperparameters, provenance, Text-tab documents) and, read back
+from the event files, how it went (`python train.py --summary logs`).
 """
 
+import dataclasses
+import hashlib
 import json
+import platform
+import subprocess
 from pathlib import Path
 
+import keras
+import numpy as np
+import tensorboard
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
+
+import data
+
+HYPERPARAMETERS = ("loss", "lr", "filters", "crop", "batch_size", "epochs", "steps_per_epoch", "precision", "seed")
+
+
+def hyperparameters(config):
+    """The HParams tab's columns: training settings and the augmentation ranges."""
+    augmentation = {f"augment_{name}": value for name, value in dataclasses.asdict(data.Augmentation()).items()}
+    return {**{name: config[name] for name in HYPERPARAMETERS}, **augmentation}
+
+
+def sha256_of(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def git_commit():
+    """'<commit>' or '<commit> (uncommitted changes)' of this project, or why there is none."""
+    def git(*arguments):
+        return subprocess.run(["git", *arguments], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+    try:
+        head, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (git not available)"
+    if head.returncode:
+        return "unknown (not a git checkout)"
+    return head.stdout.strip() + (" (uncommitted changes)" if status.stdout.strip() else "")
+
+
+def provenance(images_path, labels_path, mirror):
+    """Versions, code and data a run used, for config.json and the Text tab."""
+    return {
+        "versions": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
+                     "tensorboard": tensorboard.__version__, "numpy": np.__version__},
+        "git_commit": git_commit(),
+        "data": {"images": str(images_path), "images_sha256": sha256_of(images_path),
+                 "labels": str(labels_path), "labels_sha256": sha256_of(labels_path),
+                 "isbi_mirror": mirror},
+    }
+
+
+def markdown_table(rows):
+    return "| name | value |\n|---|---|\n" + "\n".join(f"| {key} | `{value}` |" for key, value in rows.items())
+
+
+def run_documents(config):
+    """Markdown for the Text tab, one document per tag."""
+    settings = {key: value for key, value in config.items()
+                if key not in ("command", "versions", "data", "git_commit", "train_slices", "val_slices")}
+    return {
+        "run/command": f"    {config['command']}",
+        "run/configuration": markdown_table(settings),
+        "run/versions": markdown_table({**config["versions"], "project commit": config["git_commit"]}),
+        "run/data": markdown_table(config["data"]),
+        "run/split": markdown_table({"training slices": describe_slices(config["train_slices"]),
+                                     "validation slices": describe_slices(config["val_slices"])}),
+    }
+
+
+def describe_slices(indices):
+    return ",".join(map(str, indices))
+
+
+# --- reading runs back ------------------------------------------------------------------------
 
 COLUMNS = ("run", "loss", "lr", "steps", "best_val_mpf", "last_val_mpf", "last_val_loss", "last_val_dice")
 

@@ -13,18 +13,13 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the way
 
 import argparse
-import dataclasses
-import hashlib
 import json
-import platform
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import keras
 import numpy as np
-import tensorboard
 import tensorflow as tf
 
 import data
@@ -203,72 +198,10 @@ def make_callbacks(args, run_dir, config, val_images, val_labels, val_indices):
         ValidationSliceSummaries(run_dir / "validation_slices", val_images[shown], val_labels[shown],
                                  [val_indices[i] for i in shown], image_every=args.image_every,
                                  histogram_every=args.histogram_freq),
-        RunSummary(run_dir, run_dir.name, hyperparameters(config), run_documents(config)),
+        RunSummary(run_dir, run_dir.name, runs.hyperparameters(config), runs.run_documents(config)),
         keras.callbacks.ModelCheckpoint(run_dir / "best.keras", monitor="val_misclassified_pixel_fraction",
                                         mode="min", save_best_only=True),
     ]
-
-
-# --- what a run was ---------------------------------------------------------------------------
-
-HYPERPARAMETERS = ("loss", "lr", "filters", "crop", "batch_size", "epochs", "steps_per_epoch", "precision", "seed")
-
-
-def hyperparameters(config):
-    """The HParams tab's columns: training settings and the augmentation ranges."""
-    augmentation = {f"augment_{name}": value for name, value in dataclasses.asdict(data.Augmentation()).items()}
-    return {**{name: config[name] for name in HYPERPARAMETERS}, **augmentation}
-
-
-def sha256_of(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def git_commit():
-    """'<commit>' or '<commit> (uncommitted changes)' of this project, or why there is none."""
-    def git(*arguments):
-        return subprocess.run(["git", *arguments], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
-    try:
-        head, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown (git not available)"
-    if head.returncode:
-        return "unknown (not a git checkout)"
-    return head.stdout.strip() + (" (uncommitted changes)" if status.stdout.strip() else "")
-
-
-def provenance(images_path, labels_path, mirror):
-    """Versions, code and data a run used, for config.json and the Text tab."""
-    return {
-        "versions": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
-                     "tensorboard": tensorboard.__version__, "numpy": np.__version__},
-        "git_commit": git_commit(),
-        "data": {"images": str(images_path), "images_sha256": sha256_of(images_path),
-                 "labels": str(labels_path), "labels_sha256": sha256_of(labels_path),
-                 "isbi_mirror": mirror},
-    }
-
-
-def markdown_table(rows):
-    return "| name | value |\n|---|---|\n" + "\n".join(f"| {key} | `{value}` |" for key, value in rows.items())
-
-
-def run_documents(config):
-    """Markdown for the Text tab, one document per tag."""
-    settings = {key: value for key, value in config.items()
-                if key not in ("command", "versions", "data", "git_commit", "train_slices", "val_slices")}
-    return {
-        "run/command": f"    {config['command']}",
-        "run/configuration": markdown_table(settings),
-        "run/versions": markdown_table({**config["versions"], "project commit": config["git_commit"]}),
-        "run/data": markdown_table(config["data"]),
-        "run/split": markdown_table({"training slices": describe_slices(config["train_slices"]),
-                                     "validation slices": describe_slices(config["val_slices"])}),
-    }
-
-
-def describe_slices(indices):
-    return ",".join(map(str, indices))
 
 
 def train(args, command):
@@ -283,14 +216,14 @@ def train(args, command):
     val_labels = data.trim_to_multiple(labels[val_indices], 2**DEPTH)
 
     run_dir = create_run_directory(args.logdir, run_name(args.loss, args.lr))
-    config = {**vars(args), "images": images_path, "labels": labels_path, "precision": precision,
+    config = {**{name: value for name, value in vars(args).items() if name != "summary"}, "images": images_path, "labels": labels_path, "precision": precision,
               "jit_compile": jit_compile, "device": device, "run_dir": run_dir,
               "train_slices": train_indices, "val_slices": val_indices,
               "command": command,
-              **provenance(images_path, labels_path, data.mirror_url(args.mirror) if args.images is None else None)}
+              **runs.provenance(images_path, labels_path, data.mirror_url(args.mirror) if args.images is None else None)}
     save_config(run_dir, config)
     print(f"device: {device}; precision {precision}, XLA {'on' if jit_compile else 'off'}")
-    print(f"slices: {len(train_indices)} training, validation {describe_slices(val_indices)} "
+    print(f"slices: {len(train_indices)} training, validation {runs.describe_slices(val_indices)} "
           f"of {len(images)} in {images_path}")
     print(f"run directory: {run_dir}")
     print(f"watch it with: tensorboard --logdir {args.logdir}")
