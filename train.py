@@ -259,6 +259,9 @@ def main(argv=None):
     except (data.DataError, SetupError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ntrain.py: interrupted; the run directory keeps what was logged so far", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,5 +1,6 @@
 """A tiny run on the real ISBI 2012 data, read back the way TensorBoard reads it."""
 
+import collections
 import hashlib
 import json
 import subprocess
@@ -122,6 +123,15 @@ def test_error_overlay_paints_false_and_missed_membrane_on_the_em_slice(events):
         wrong += (false_membrane | missed_membrane).sum()
     # The scalar is the fraction of painted pixels over the shown slices.
     assert float(run["misclassified_pixel_fraction"][-1][1]) == pytest.approx(wrong / (3 * 512 * 512), abs=1e-6)
+
+
+def test_images_per_step_are_few_and_small(events):
+    run = events["bce_lr1e-3/validation_slices"]
+    images = [(step, value) for tag in run if tag.startswith("slice_") for step, value in run[tag]]
+    per_step = collections.Counter(step for step, _ in images)
+    assert per_step == {0: 12, 2: 6, 4: 6, 6: 6}  # 3 slices: prediction and error, input and label once
+    # A 512x512 RGB image is 768 KiB raw; the error overlay's 16 grey levels keep it far below.
+    assert max(len(value[2]) for _, value in images) < 512 * 1024
 
 
 def test_activation_histograms_and_membrane_pr_curve_at_each_epoch_end(events):
