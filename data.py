@@ -95,29 +95,33 @@ def fetch_verified_slice(base_url, relative_path, expected_sha256):
 def write_stack_atomically(path, stack):
     """Write a multi-page TIFF so that `path` either does not exist or is complete."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tifffile.imwrite(temporary, stack, photometric="minisblack")
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+    except BaseException as error:
+        if temporary.exists():
+            temporary.unlink()
+        if isinstance(error, OSError):
+            raise DataError(f"cannot write {path} ({error.strerror}): free some space or choose another --data") from None
         raise
 
 
-def download_isbi2012(data_dir=DEFAULT_DATA_DIR, mirror=None, verbose=True):
-    """Fetch and verify the 90 PNGs, then write the three challenge TIFFs into `data_dir`.
+def download_isbi2012(data_dir=DEFAULT_DATA_DIR, mirror=None, verbose=True, overwrite=False):
+    """Fetch and verify the PNGs, then write the challenge TIFFs missing from `data_dir`.
 
     Every file is verified before any TIFF is written, so a bad or interrupted download leaves
-    the directory as it was.
+    the directory as it was; TIFFs already there are kept unless `overwrite`.
     """
+    missing = {name: source for name, source in STACK_SOURCES.items() if overwrite or not (Path(data_dir) / name).exists()}
     base_url = mirror_url(mirror)
     checksums = read_checksums()
     if verbose:
         print(f"Downloading ISBI 2012 from {base_url} into {data_dir}/")
-    progress = keras.utils.Progbar(NUM_SLICES * len(STACK_SOURCES), unit_name="file", verbose=int(verbose))
+    progress = keras.utils.Progbar(NUM_SLICES * len(missing), unit_name="file", verbose=int(verbose))
     stacks = {}
-    for tiff_name, source_dir in STACK_SOURCES.items():
+    for tiff_name, source_dir in missing.items():
         slices = []
         for index in range(NUM_SLICES):
             relative_path = f"{source_dir}/{index}.png"
@@ -126,7 +130,7 @@ def download_isbi2012(data_dir=DEFAULT_DATA_DIR, mirror=None, verbose=True):
         stacks[tiff_name] = np.stack(slices)
     for tiff_name, stack in stacks.items():
         write_stack_atomically(Path(data_dir) / tiff_name, stack)
-    return [Path(data_dir) / name for name in STACK_SOURCES]
+    return [Path(data_dir) / name for name in missing]
 
 
 def ensure_isbi2012(data_dir=DEFAULT_DATA_DIR, mirror=None, names=tuple(STACK_SOURCES)):
@@ -370,7 +374,7 @@ def main(argv=None):
         if present and not args.force:
             print(f"ISBI 2012 already in {args.data}/ (use --force to download again)")
             return 0
-        for path in download_isbi2012(args.data, args.mirror):
+        for path in download_isbi2012(args.data, args.mirror, overwrite=args.force):
             print(f"wrote {path}")
     except DataError as error:
         print(f"data.py: error: {error}", file=sys.stderr)

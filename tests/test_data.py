@@ -53,6 +53,21 @@ def test_missing_mirror_file_gives_a_clear_error_and_no_tiff(copied_mirror, tmp_
     assert not destination.exists() or not any(destination.iterdir())
 
 
+def test_download_keeps_the_tiffs_already_there(tmp_path, mirror_url):
+    mine = tmp_path / "train-volume.tif"
+    mine.write_bytes(b"my own stack")
+    written = data.download_isbi2012(tmp_path, mirror_url, verbose=False)
+    assert sorted(path.name for path in written) == ["test-volume.tif", "train-labels.tif"]
+    assert mine.read_bytes() == b"my own stack"
+
+
+def test_unwritable_data_directory_is_one_clear_error(tmp_path, mirror_url):
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    with pytest.raises(data.DataError, match="cannot write .*choose another --data"):
+        data.download_isbi2012(blocked / "isbi", mirror_url, verbose=False)
+
+
 def test_mirror_must_be_a_url():
     with pytest.raises(data.DataError, match="not a URL"):
         data.mirror_url("/just/a/path")
