@@ -20,6 +20,7 @@ ERROR_OPACITY = 0.75
 # and make the PNG about 40 % smaller than full 8-bit grey.
 OVERLAY_GREY_LEVELS = 16
 PR_THRESHOLDS = 51
+ACTIVATION_SAMPLE = 2**18
 
 
 def error_overlay(image, label, probability):
@@ -30,6 +31,18 @@ def error_overlay(image, label, probability):
     for wrong, colour in ((predicted_cell < label, FALSE_MEMBRANE_RGB), (predicted_cell > label, MISSED_MEMBRANE_RGB)):
         overlay[wrong] = (1 - ERROR_OPACITY) * overlay[wrong] + ERROR_OPACITY * np.asarray(colour)
     return overlay
+
+
+def sample_values(array):
+    """At most ACTIVATION_SAMPLE values of `array`, drawn at the same positions every time.
+
+    A histogram of all 40 million activations of three 512x512 slices takes 10 s on two cores;
+    a quarter-million values give the same shape in a fraction of that.
+    """
+    values = np.asarray(array, dtype=np.float32).ravel()
+    if values.size <= ACTIVATION_SAMPLE:
+        return values
+    return values[np.random.default_rng(0).integers(values.size, size=ACTIVATION_SAMPLE)]
 
 
 class ValidationSliceSummaries(keras.callbacks.Callback):
@@ -112,7 +125,7 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
     def write_activations_and_pr_curve(self):
         outputs = self._activations.predict_on_batch(self.images)
         for name, activation in zip(ACTIVATION_LAYERS, outputs):
-            tf.summary.histogram(f"activations/{name}", np.asarray(activation, dtype=np.float32))
+            tf.summary.histogram(f"activations/{name}", sample_values(activation))
         membrane = self.labels[..., 0] < THRESHOLD
         membrane_probability = 1.0 - np.asarray(outputs[-1], dtype=np.float32)[..., 0]
         curve = pr_curve_summary.pb("membrane_pr", labels=membrane, predictions=membrane_probability,
