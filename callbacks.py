@@ -6,7 +6,7 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 from tensorboard.plugins.pr_curve import summary as pr_curve_summary
 
-from metrics import THRESHOLD
+from metrics import THRESHOLD, misclassified_pixel_fraction
 from unet import DEPTH
 
 
@@ -67,21 +67,15 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
         self.slice_indices = list(slice_indices)
         self.image_every = image_every
         self.histogram_every = histogram_every
-        self._writer = None
+        self.writer = None
         self._activations = None
         self._wrote_inputs = False
-
-    @property
-    def writer(self):
-        # Created on first use so that a run that never writes leaves no empty event file.
-        if self._writer is None:
-            self._writer = tf.summary.create_file_writer(self.log_dir)
-        return self._writer
 
     def global_step(self):
         return int(self.model.optimizer.iterations.numpy())
 
     def on_train_begin(self, logs=None):
+        self.writer = tf.summary.create_file_writer(self.log_dir)
         self._activations = keras.Model(self.model.inputs, [self.model.get_layer(name).output for name in ACTIVATION_LAYERS])
         self.write(self.write_images, self.global_step())
 
@@ -95,9 +89,7 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
             self.write(self.write_activations_and_pr_curve, self.global_step())
 
     def on_train_end(self, logs=None):
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self.writer.close()
 
     def write(self, summaries, step):
         # Recorded whatever Keras' batch-level `record_if` says about this step.
@@ -107,8 +99,7 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
 
     def write_images(self):
         probabilities = np.asarray(self.model.predict_on_batch(self.images), dtype=np.float32)
-        wrong = (probabilities >= THRESHOLD) != (self.labels >= THRESHOLD)
-        tf.summary.scalar("misclassified_pixel_fraction", wrong.mean(),
+        tf.summary.scalar("misclassified_pixel_fraction", np.mean(misclassified_pixel_fraction(self.labels, probabilities)),
                           description="Misclassified-pixel fraction on the slices shown as images.")
         for position, index in enumerate(self.slice_indices):
             group = f"slice_{index:02d}"

@@ -114,7 +114,7 @@ def download_isbi2012(data_dir=DEFAULT_DATA_DIR, mirror=None, verbose=True, over
     Every file is verified before any TIFF is written, so a bad or interrupted download leaves
     the directory as it was; TIFFs already there are kept unless `overwrite`.
     """
-    missing = {name: source for name, source in STACK_SOURCES.items() if overwrite or not (Path(data_dir) / name).exists()}
+    missing = {name: STACK_SOURCES[name] for name in (STACK_SOURCES if overwrite else missing_stacks(data_dir))}
     base_url = mirror_url(mirror)
     checksums = read_checksums()
     if verbose:
@@ -133,9 +133,14 @@ def download_isbi2012(data_dir=DEFAULT_DATA_DIR, mirror=None, verbose=True, over
     return [Path(data_dir) / name for name in missing]
 
 
+def missing_stacks(data_dir, names=tuple(STACK_SOURCES)):
+    """The challenge TIFFs among `names` that are not in `data_dir`."""
+    return [name for name in names if not (Path(data_dir) / name).exists()]
+
+
 def ensure_isbi2012(data_dir=DEFAULT_DATA_DIR, mirror=None, names=tuple(STACK_SOURCES)):
     """Download ISBI 2012 unless every TIFF in `names` is already in `data_dir`."""
-    if not all((Path(data_dir) / name).exists() for name in names):
+    if missing_stacks(data_dir, names):
         download_isbi2012(data_dir, mirror)
 
 
@@ -370,8 +375,7 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="download even if the TIFFs are there")
     args = parser.parse_args(argv)
     try:
-        present = all((args.data / name).exists() for name in STACK_SOURCES)
-        if present and not args.force:
+        if not missing_stacks(args.data) and not args.force:
             print(f"ISBI 2012 already in {args.data}/ (use --force to download again)")
             return 0
         for path in download_isbi2012(args.data, args.mirror, overwrite=args.force):
