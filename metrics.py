@@ -1,12 +1,25 @@
-"""Losses and metrics for membrane segmentation, in Keras ops so they run inside training.
+"""Losses and metrics for membrane segmentation.
 
-Labels and predictions are cell probabilities (1 = cell, 0 = membrane). Dice is measured on the
-membrane class: 78 % of ISBI pixels are cells, so a cell Dice of 0.88 is reached by a network
-that predicts "cell" everywhere, while its membrane Dice is 0.
+Labels and predictions are cell probabilities (1 = cell, 0 = membrane). The losses and training
+metrics are Keras ops so they run inside training. Dice is measured on the membrane class: 78 % of
+ISBI pixels are cells, so a cell Dice of 0.88 is reached by a network that predicts "cell"
+everywhere, while its membrane Dice is 0.
+
+The ISBI 2012 challenge scores (V_rand, V_info, pixel error) at the end are numpy and
+scikit-image: they segment whole slices into cells, which is no tensor operation.
 """
 
+import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import keras
+import numpy as np
+import scipy.stats
 from keras import ops
+from skimage.measure import label as connected_components
+from skimage.metrics import contingency_table, variation_of_information
+from skimage.segmentation import watershed
 
 THRESHOLD = 0.5
 SMOOTHING = 1.0
@@ -61,3 +74,130 @@ def training_metrics():
         keras.metrics.MeanMetricWrapper(misclassified_pixel_fraction, name="misclassified_pixel_fraction"),
         keras.metrics.MeanMetricWrapper(membrane_dice, name="membrane_dice"),
     ]
+
+
+# --- ISBI 2012 challenge scores ---------------------------------------------------------------
+#
+# As the challenge's Fiji script computes them (trainableSegmentation.metrics: RandError.
+# getMaximalVRandAfterThinning, VariationOfInformation.getMaximalVInfoAfterThinning and
+# PixelError.getPixelErrorMaximalFScore, all over thresholds 0.0 to 1.0 in steps of 0.1).
+
+# Fiji's loop adds 0.1 to a double ten times, so its last threshold is 0.9999999999999999, not 1.0:
+# a probability of exactly 1.0 still counts as cell there.
+ISBI_THRESHOLDS = tuple(itertools.accumulate([0.1] * 10, initial=0.0))
+
+
+def thinned_segments(cell_mask):
+    """The proposal's cells as Fiji segments them: 4-connected components of the cell pixels,
+    grown by a watershed until the borders between them are 1-pixel lines (label 0).
+
+    Every unlabelled pixel is a border pixel of the same height, so the flood is a breadth-first
+    growth of all cells at once and the lines fall midway through each border; border that
+    separates nothing (a dangling fragment inside a cell) disappears into the cell.
+    """
+    cells = connected_components(cell_mask, connectivity=1)
+    if cells.max() == 0:
+        return cells
+    return watershed(~cell_mask, markers=cells, connectivity=1, watershed_line=True)
+
+
+def rand_and_info_scores(true_cells, proposed_segments):
+    """Foreground-restricted V_rand and V_info of one slice, with their split and merge parts.
+
+    Only pixels inside a true cell count (the true membrane is ignored), and each proposed border
+    pixel (label 0) counts as a segment of its own. scikit-image's `adapted_rand_error` differs
+    from Fiji in three ways, so only its contingency table is used here: it counts pixel pairs
+    (sum p_ij^2 - n) where Fiji sums squares (sum p_ij^2), it treats all label-0 pixels of the
+    proposal as one segment instead of singletons, and its "precision" is Fiji's recall. With the
+    border pixels relabelled as singletons, Fiji's N^2 formulas (RandError.
+    getForegroundRestrictedRandIndexStatsN2) become the plain sums below, and its entropies
+    (with singletons contributing -(1/n) log(1/n) each) are the Shannon entropies of this table,
+    from which `variation_of_information` gives the conditional ones.
+
+    V_rand = 2 sum p_ij^2 / (sum t_i^2 + sum s_j^2), p the joint, t the true and s the proposed
+    segment distribution over the true-cell pixels; V_info = 2 I(S;T) / (H(S) + H(T)). A split
+    cell lowers the split parts (sum p^2 / sum t^2 and I / H(S)), a merger the merge parts.
+    """
+    true_cells = np.asarray(true_cells)
+    proposed = np.array(proposed_segments, dtype=np.int64)
+    singletons = (proposed == 0) & (true_cells > 0)
+    proposed[singletons] = proposed.max() + 1 + np.arange(np.count_nonzero(singletons))
+    if not np.any(true_cells > 0):
+        return dict.fromkeys(("v_rand", "v_rand_split", "v_rand_merge", "v_info", "v_info_split", "v_info_merge"), np.nan)
+    joint = contingency_table(true_cells, proposed, ignore_labels=[0], normalize=True, sparse_type="array")
+    true_sizes, proposed_sizes = joint.sum(axis=1), joint.sum(axis=0)
+    sum_joint2, sum_true2, sum_proposed2 = np.sum(joint.data**2), np.sum(true_sizes**2), np.sum(proposed_sizes**2)
+
+    true_entropy = scipy.stats.entropy(true_sizes[true_sizes > 0], base=2)
+    proposed_entropy = scipy.stats.entropy(proposed_sizes[proposed_sizes > 0], base=2)
+    _, true_given_proposed = variation_of_information(true_cells, proposed, table=joint)
+    mutual_information = true_entropy - true_given_proposed
+
+    def ratio(numerator, denominator):
+        # 0 / 0 only when both sides are one segment each: the same partition.
+        return 1.0 if denominator <= 1e-12 else float(np.clip(numerator / denominator, 0.0, 1.0))
+
+    return {
+        "v_rand": 2 * sum_joint2 / (sum_true2 + sum_proposed2),
+        "v_rand_split": sum_joint2 / sum_true2,
+        "v_rand_merge": sum_joint2 / sum_proposed2,
+        "v_info": ratio(2 * mutual_information, true_entropy + proposed_entropy),
+        "v_info_split": ratio(mutual_information, proposed_entropy),
+        "v_info_merge": ratio(mutual_information, true_entropy),
+    }
+
+
+def pixel_f_score(true_cell, predicted_cell):
+    """F-score of cell pixels (Fiji's PixelError counts, summed over the slices given)."""
+    true_positives = np.count_nonzero(true_cell & predicted_cell)
+    if true_positives == 0:
+        return 0.0
+    precision = true_positives / np.count_nonzero(predicted_cell)
+    recall = true_positives / np.count_nonzero(true_cell)
+    return 2 * precision * recall / (precision + recall)
+
+
+def isbi_scores_by_threshold(labels, probabilities, thresholds=ISBI_THRESHOLDS):
+    """Per threshold: V_rand and V_info averaged over the slices, and the pixel F-score.
+
+    `labels` are (slices, H, W) binary masks (cell > 0), `probabilities` the cell probabilities of
+    the same slices; a pixel is proposed as cell where its probability exceeds the threshold.
+    """
+    labels = np.asarray(labels)
+    # Compared in double precision as in Fiji: float32(0.1) > 0.1, so a float32 comparison moves pixels.
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if labels.shape != probabilities.shape or labels.ndim != 3:
+        raise ValueError(f"labels {labels.shape} and probabilities {probabilities.shape} must both be (slices, H, W)")
+    true_cell = labels > 0
+    true_cells = [connected_components(mask, connectivity=1) for mask in true_cell]
+
+    def slice_scores(threshold, index):
+        return rand_and_info_scores(true_cells[index], thinned_segments(probabilities[index] > threshold))
+
+    # scikit-image's watershed releases the GIL: threads divide the evaluation time by the cores.
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        per_slice = {key: pool.submit(slice_scores, *key) for key in itertools.product(thresholds, range(len(labels)))}
+        table = {"threshold": np.asarray(thresholds), "v_rand": [], "v_info": [], "pixel_f_score": []}
+        for threshold in thresholds:
+            slices = [per_slice[threshold, index].result() for index in range(len(labels))]
+            table["v_rand"].append(np.mean([scores["v_rand"] for scores in slices]))
+            table["v_info"].append(np.mean([scores["v_info"] for scores in slices]))
+            table["pixel_f_score"].append(pixel_f_score(true_cell, probabilities > threshold))
+    return {name: np.asarray(values) for name, values in table.items()}
+
+
+def isbi_scores(labels, probabilities, thresholds=ISBI_THRESHOLDS):
+    """The challenge's scores of a stack: best V_rand, best V_info and lowest pixel error
+    (1 - best pixel F-score), each with the threshold that gives it (the first, on ties).
+    """
+    table = isbi_scores_by_threshold(labels, probabilities, thresholds)
+
+    def best(values):
+        index = int(np.argmax(np.nan_to_num(values, nan=-np.inf)))
+        return float(values[index]), float(table["threshold"][index])
+
+    (v_rand, v_rand_threshold), (v_info, v_info_threshold) = best(table["v_rand"]), best(table["v_info"])
+    pixel_f, pixel_threshold = best(table["pixel_f_score"])
+    return {"v_rand": v_rand, "v_rand_threshold": v_rand_threshold,
+            "v_info": v_info, "v_info_threshold": v_info_threshold,
+            "pixel_error": 1.0 - pixel_f, "pixel_error_threshold": pixel_threshold}

@@ -63,3 +63,99 @@ def test_soft_dice_loss_by_hand():
                         [1, 1, 0, 0]])  # membrane probability 0.5, 1, 1, 1 on the membrane pixels
     dice = (2 * 3.5 + metrics.SMOOTHING) / (4 + 3.5 + metrics.SMOOTHING)
     np.testing.assert_allclose(metrics.soft_dice_loss(LABEL, prediction), [1 - dice], rtol=1e-6)
+
+
+# --- ISBI challenge scores --------------------------------------------------------------------
+
+# Three true cells on 16 foreground pixels: A (4 px), B (4 px), C (8 px), membrane columns 2 and 5.
+TRUE_MASK = np.array([[1, 1, 0, 1, 1, 0, 1, 1, 1, 1],
+                      [1, 1, 0, 1, 1, 0, 1, 1, 1, 1]], dtype=np.uint8)
+
+
+def scores_of(proposed_cell_mask):
+    true_cells = metrics.connected_components(TRUE_MASK, connectivity=1)
+    return metrics.rand_and_info_scores(true_cells, metrics.thinned_segments(np.asarray(proposed_cell_mask, bool)))
+
+
+def test_isbi_thresholds_are_those_of_the_fiji_loop():
+    assert len(metrics.ISBI_THRESHOLDS) == 11
+    assert metrics.ISBI_THRESHOLDS[0] == 0.0 and metrics.ISBI_THRESHOLDS[5] == 0.5
+    assert 0.9999999 < metrics.ISBI_THRESHOLDS[-1] < 1.0  # ten additions of 0.1 in double precision
+
+
+def test_a_perfect_prediction_scores_one():
+    scores = scores_of(TRUE_MASK)
+    assert scores == pytest.approx(dict.fromkeys(scores, 1.0))
+    stack = np.stack([TRUE_MASK, 1 - TRUE_MASK])
+    isbi = metrics.isbi_scores(stack, stack.astype(np.float32))
+    assert (isbi["v_rand"], isbi["v_info"], isbi["pixel_error"]) == (1.0, 1.0, 0.0)
+
+
+def test_merging_two_cells_lowers_the_scores_as_computed_by_hand():
+    merged = TRUE_MASK.copy()
+    merged[:, 2] = 1  # A and B become one segment S1 (8 px), C stays S2 (8 px)
+    scores = scores_of(merged)
+    # p_ij: 4/16, 4/16, 8/16 -> sum p^2 = 3/8; true sizes 1/4, 1/4, 1/2 -> sum t^2 = 3/8;
+    # proposed sizes 1/2, 1/2 -> sum s^2 = 1/2. V_rand = 2 (3/8) / (3/8 + 1/2) = 6/7.
+    assert scores["v_rand"] == pytest.approx(6 / 7)
+    assert scores["v_rand_split"] == pytest.approx(1.0)
+    assert scores["v_rand_merge"] == pytest.approx(3 / 4)
+    # H(T) = 1.5 bits, H(S) = 1 bit, S is a function of T so I = H(S) = 1: V_info = 2 / 2.5.
+    assert scores["v_info"] == pytest.approx(0.8)
+    assert scores["v_info_split"] == pytest.approx(1.0)
+    assert scores["v_info_merge"] == pytest.approx(1 / 1.5)
+
+
+def test_splitting_a_cell_lowers_the_scores_as_computed_by_hand():
+    split = TRUE_MASK.copy()
+    split[:, 8] = 0  # a 1-pixel border through C: C1 (4 px), 2 border pixels, C2 (2 px)
+    scores = scores_of(split)
+    # The two border pixels are singletons: p = 4, 4, 4, 2, 1, 1 (/16) -> sum p^2 = 54/256, which
+    # is also sum s^2; sum t^2 = (16 + 16 + 64)/256. V_rand = 2 * 54 / (96 + 54) = 0.72.
+    assert scores["v_rand"] == pytest.approx(0.72)
+    assert scores["v_rand_split"] == pytest.approx(54 / 96)
+    assert scores["v_rand_merge"] == pytest.approx(1.0)
+    # H(S) = 3 (1/4 * 2) + 1/8 * 3 + 2 (1/16 * 4) = 2.375 bits; T is a function of S so I = H(T) = 1.5.
+    assert scores["v_info"] == pytest.approx(3 / 3.875)
+    assert scores["v_info_split"] == pytest.approx(1.5 / 2.375)
+    assert scores["v_info_merge"] == pytest.approx(1.0)
+
+
+def test_label_ids_do_not_matter():
+    true_cells = metrics.connected_components(TRUE_MASK, connectivity=1)
+    split = TRUE_MASK.copy()
+    split[:, 8] = 0
+    proposed = metrics.thinned_segments(split.astype(bool))
+    renumber_true = np.array([0, 7, 3, 40])      # background stays 0
+    renumber_proposed = np.array([0, 9, 2, 5, 1])
+    assert metrics.rand_and_info_scores(renumber_true[true_cells], renumber_proposed[proposed]) == pytest.approx(
+        metrics.rand_and_info_scores(true_cells, proposed))
+
+
+def test_thinning_leaves_one_pixel_lines_and_drops_dangling_border():
+    cells = np.ones((5, 11), bool)
+    cells[:, 4:7] = False  # a border 3 pixels wide
+    thinned = metrics.thinned_segments(cells)
+    assert set(np.unique(thinned[:, 5])) == {0} and np.all(thinned[:, :5] == thinned[0, 0])
+    assert np.all(thinned[:, 6:] == thinned[0, 10]) and thinned[0, 0] != thinned[0, 10]
+    fragment = np.ones((6, 6), bool)
+    fragment[2, 1:4] = False  # separates nothing
+    assert np.all(metrics.thinned_segments(fragment) == 1)
+
+
+def test_isbi_scores_pick_the_best_threshold_and_count_pixel_error_like_fiji():
+    true = np.stack([TRUE_MASK])
+    probabilities = np.where(true > 0, 0.75, 0.25).astype(np.float32)
+    probabilities[0, :, 2] = 0.45  # merges A and B at thresholds below 0.45
+    scores = metrics.isbi_scores(true, probabilities)
+    assert scores["v_rand"] == 1.0 and scores["v_rand_threshold"] == pytest.approx(0.5)
+    assert scores["pixel_error"] == 0.0 and scores["pixel_error_threshold"] == pytest.approx(0.5)
+    # Everything predicted cell: 16 true positives, 4 false positives -> F = 2 (0.8) / 1.8.
+    everything = metrics.isbi_scores(true, np.ones_like(probabilities))
+    assert everything["pixel_error"] == pytest.approx(1 - 1.6 / 1.8)
+    assert everything["pixel_error_threshold"] == 0.0
+
+
+def test_isbi_scores_refuse_mismatched_shapes():
+    with pytest.raises(ValueError, match="must both be"):
+        metrics.isbi_scores(np.ones((2, 4, 4)), np.ones((1, 4, 4)))
