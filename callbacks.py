@@ -6,7 +6,7 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 from tensorboard.plugins.pr_curve import summary as pr_curve_summary
 
-from metrics import THRESHOLD, misclassified_pixel_fraction
+from metrics import THRESHOLD, isbi_scores, misclassified_pixel_fraction
 from unet import DEPTH
 
 
@@ -125,6 +125,30 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
         tf.summary.experimental.write_raw_pb(curve.SerializeToString(), step=tf.summary.experimental.get_step())
 
 
+class IsbiScores(keras.callbacks.Callback):
+    """Every `every` epochs, the ISBI challenge's scores of whole validation slices.
+
+    They are added to the epoch logs as `val_v_rand`, `val_v_info`, `val_pixel_error` and the
+    thresholds that give them (`val_v_rand_threshold`, ...), so Keras' TensorBoard callback, which
+    must come after this one, writes them to the `validation` run as `epoch_v_rand`, ... beside the
+    validation loss, and the progress bar, History and checkpoints see them too.
+    """
+
+    def __init__(self, images, labels, every):
+        super().__init__()
+        self.images = images[..., np.newaxis]
+        self.labels = labels
+        self.every = every
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.every or epoch % self.every:
+            return
+        # One slice at a time: whole slices of the paper-size net need gigabytes each.
+        probabilities = np.concatenate([np.asarray(self.model.predict_on_batch(image[np.newaxis]), dtype=np.float32)
+                                        for image in self.images])[..., 0]
+        logs.update({f"val_{name}": value for name, value in isbi_scores(self.labels, probabilities).items()})
+
+
 class TensorBoard(keras.callbacks.TensorBoard):
     """`keras.callbacks.TensorBoard` with every epoch summary kept, one global step and a graph.
 
@@ -165,15 +189,22 @@ class TensorBoard(keras.callbacks.TensorBoard):
 
 
 class RunSummary(keras.callbacks.Callback):
-    """What the run was, in the run directory itself: HParams and Text tabs, and its best epoch.
+    """What the run was, in the run directory itself: HParams and Text tabs, and its best epochs.
 
     At the start: the hyperparameters for the HParams tab (with the metrics it should show for
-    every run) and the markdown `documents` for the Text tab. After each epoch:
-    `best_misclassified_pixel_fraction`, the lowest validation value so far.
+    every run) and the markdown `documents` for the Text tab. After each epoch: the best
+    validation value so far of each metric in BEST (`best_misclassified_pixel_fraction`,
+    `best_v_rand`), when the epoch has it.
     """
 
+    BEST = {"misclassified_pixel_fraction": (min, "Lowest validation misclassified-pixel fraction so far."),
+            "v_rand": (max, "Highest validation V_rand (ISBI challenge score) so far.")}
     METRICS = [
         ("", "best_misclassified_pixel_fraction", "best validation misclassified-pixel fraction"),
+        ("", "best_v_rand", "best validation V_rand"),
+        ("validation", "epoch_v_rand", "last validation V_rand"),
+        ("validation", "epoch_v_info", "last validation V_info"),
+        ("validation", "epoch_pixel_error", "last validation pixel error"),
         ("validation", "epoch_misclassified_pixel_fraction", "last validation misclassified-pixel fraction"),
         ("validation", "epoch_loss", "last validation loss"),
         ("validation", "epoch_membrane_dice", "last validation membrane Dice"),
@@ -186,7 +217,7 @@ class RunSummary(keras.callbacks.Callback):
         self.trial_id = trial_id
         self.hyperparameters = hyperparameters
         self.documents = documents
-        self.best = float("inf")
+        self.best = {}
         self._writer = None
 
     def on_train_begin(self, logs=None):
@@ -201,10 +232,12 @@ class RunSummary(keras.callbacks.Callback):
         self._writer.flush()
 
     def on_epoch_end(self, epoch, logs=None):
-        self.best = min(self.best, logs["val_misclassified_pixel_fraction"])
         with tf.summary.record_if(True), self._writer.as_default(step=epoch):
-            tf.summary.scalar("best_misclassified_pixel_fraction", self.best,
-                              description="Lowest validation misclassified-pixel fraction so far.")
+            for name, (better, description) in self.BEST.items():
+                if f"val_{name}" in logs:
+                    value = logs[f"val_{name}"]
+                    self.best[name] = better(self.best.get(name, value), value)
+                    tf.summary.scalar(f"best_{name}", self.best[name], description=description)
         self._writer.flush()
 
     def on_train_end(self, logs=None):

@@ -79,7 +79,8 @@ def describe_slices(indices):
 
 # --- reading runs back ------------------------------------------------------------------------
 
-COLUMNS = ("run", "loss", "lr", "steps", "best_val_mpf", "last_val_mpf", "last_val_loss", "last_val_dice")
+COLUMNS = ("run", "loss", "lr", "steps", "best_val_mpf", "last_val_mpf", "best_val_v_rand", "last_val_v_rand",
+           "last_val_loss", "last_val_dice")
 
 
 def read_scalars(directory):
@@ -99,12 +100,15 @@ def run_row(run_dir):
     config = json.loads((run_dir / "config.json").read_text())
     validation = read_scalars(run_dir / "validation") if (run_dir / "validation").is_dir() else {}
     fractions = [value for _, value in validation.get("epoch_misclassified_pixel_fraction", [])]
+    v_rands = [value for _, value in validation.get("epoch_v_rand", [])]
     evaluations = validation.get("evaluation_loss_vs_iterations", [])
     return {
         "run": run_dir.name, "loss": config["loss"], "lr": config["lr"],
         "steps": evaluations[-1][0] if evaluations else 0,
         "best_val_mpf": min(fractions, default=float("nan")),
         "last_val_mpf": fractions[-1] if fractions else float("nan"),
+        "best_val_v_rand": max(v_rands, default=float("nan")),
+        "last_val_v_rand": v_rands[-1] if v_rands else float("nan"),
         "last_val_loss": last(validation.get("epoch_loss", [])),
         "last_val_dice": last(validation.get("epoch_membrane_dice", [])),
     }

@@ -25,7 +25,7 @@ import tensorflow as tf
 import data
 import metrics
 import runs
-from callbacks import RunSummary, TensorBoard, ValidationSliceSummaries
+from callbacks import IsbiScores, RunSummary, TensorBoard, ValidationSliceSummaries
 from unet import DEPTH, build_unet
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
@@ -98,6 +98,9 @@ def build_parser():
     board = parser.add_argument_group("TensorBoard")
     board.add_argument("--image-every", type=positive(int), default=100, help="write prediction images every N training steps (default: %(default)s)")
     board.add_argument("--histogram-freq", type=non_negative_int, default=1, help="write weight and activation histograms and PR curves every N epochs, 0 for never (default: %(default)s)")
+    board.add_argument("--eval-every", type=non_negative_int, default=1,
+                       help="score the whole validation slices as the ISBI challenge does (V_rand, V_info, "
+                            "pixel error) every N epochs, 0 for never (default: %(default)s)")
     board.add_argument("--update-freq", type=positive(int), default=10, help="write batch-level scalars every N steps (default: %(default)s)")
     parser.add_argument("--summary", type=Path, metavar="LOGDIR",
                         help="print one row per run under LOGDIR (loss, lr, steps, best and last validation "
@@ -193,6 +196,8 @@ def compile_model(args, jit_compile):
 def make_callbacks(args, run_dir, config, val_images, val_labels, val_indices):
     shown = np.linspace(0, len(val_indices) - 1, min(IMAGE_SLICES, len(val_indices))).round().astype(int)
     return [
+        # Before TensorBoard, which writes the scores it adds to the epoch logs.
+        IsbiScores(val_images, val_labels, every=args.eval_every),
         TensorBoard(log_dir=str(run_dir), histogram_freq=args.histogram_freq, write_graph=True,
                     update_freq=args.update_freq),
         ValidationSliceSummaries(run_dir / "validation_slices", val_images[shown], val_labels[shown],
@@ -236,7 +241,10 @@ def train(args, command):
                         callbacks=make_callbacks(args, run_dir, config, val_images, val_labels, val_indices))
 
     best = min(history.history["val_misclassified_pixel_fraction"])
-    print(f"best validation misclassified-pixel fraction {best:.4f}; checkpoint {run_dir / 'best.keras'}")
+    v_rands = history.history.get("val_v_rand")
+    print(f"best validation misclassified-pixel fraction {best:.4f}"
+          + (f", best validation V_rand {max(v_rands):.4f}" if v_rands else "")
+          + f"; checkpoint {run_dir / 'best.keras'}")
     return run_dir
 
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -13,6 +14,8 @@ from tensorboard.backend.event_processing import plugin_event_multiplexer
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorflow.core.protobuf.config_pb2 import RunMetadata
 
+import data
+import metrics
 import runs
 import train
 from conftest import ROOT, TINY, TINY_STEPS
@@ -56,6 +59,33 @@ def test_epoch_curves_for_training_and_validation(events, loss):
             assert all(np.isfinite(value) for _, value in series)
     fractions = [float(v) for _, v in events[f"{loss}_lr1e-3/validation"]["epoch_misclassified_pixel_fraction"]]
     assert all(0 <= f <= 1 for f in fractions)
+
+
+def test_isbi_scores_every_eval_every_epochs_beside_the_validation_loss(events):
+    for run, expected_steps in (("bce_lr1e-3/validation", [0, 1]), ("mse_lr1e-3/validation", [0])):
+        for score in ("v_rand", "v_info", "pixel_error"):
+            series = events[run][f"epoch_{score}"]
+            assert steps(series) == expected_steps
+            assert all(0.0 <= float(value) <= 1.0 for _, value in series)
+            assert all(float(value) in np.float32(metrics.ISBI_THRESHOLDS)
+                       for _, value in events[run][f"epoch_{score}_threshold"])
+    assert "epoch_v_rand" not in events["bce_lr1e-3/train"]
+    best = events["bce_lr1e-3"]["best_v_rand"]
+    assert steps(best) == [0, 1]
+    assert float(best[-1][1]) == max(float(value) for _, value in events["bce_lr1e-3/validation"]["epoch_v_rand"])
+
+
+def test_logged_isbi_scores_are_those_of_the_model_at_that_epoch(events, two_run_logdir, isbi_dir):
+    # best.keras is the model of the first epoch with the lowest misclassified fraction.
+    validation = events["bce_lr1e-3/validation"]
+    fractions = [float(value) for _, value in validation["epoch_misclassified_pixel_fraction"]]
+    epoch = int(np.argmin(fractions))
+    model = keras.models.load_model(two_run_logdir / "bce_lr1e-3" / "best.keras", compile=False)
+    images, labels = data.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
+    probabilities = model.predict(images[[5, 15, 25], ..., np.newaxis], batch_size=1, verbose=0)[..., 0]
+    expected = metrics.isbi_scores(labels[[5, 15, 25]], probabilities)
+    for score in ("v_rand", "v_info", "pixel_error"):
+        assert float(validation[f"epoch_{score}"][epoch][1]) == pytest.approx(expected[score], rel=1e-5)
 
 
 def test_batch_scalars_at_the_global_step(events):
@@ -156,7 +186,9 @@ def test_hparams_for_the_hparams_tab(multiplexer):
         assert session.hparams["augment_rotation_degrees"].number_value == 180
         experiment = hparams_metadata.parse_experiment_plugin_data(content[hparams_metadata.EXPERIMENT_TAG])
         assert {(metric.name.group, metric.name.tag) for metric in experiment.metric_infos} >= {
-            ("", "best_misclassified_pixel_fraction"), ("validation", "epoch_misclassified_pixel_fraction")}
+            ("", "best_misclassified_pixel_fraction"), ("validation", "epoch_misclassified_pixel_fraction"),
+            ("", "best_v_rand"), ("validation", "epoch_v_rand"), ("validation", "epoch_v_info"),
+            ("validation", "epoch_pixel_error")}
 
 
 def test_best_validation_fraction_per_epoch(events):
@@ -186,6 +218,8 @@ def test_summary_prints_one_row_per_run(two_run_logdir, events, capsys):
     epochs = [float(v) for _, v in events["bce_lr1e-3/validation"]["epoch_misclassified_pixel_fraction"]]
     assert float(rows[0].split()[4]) == pytest.approx(min(epochs), abs=1e-4)
     assert float(rows[0].split()[5]) == pytest.approx(epochs[-1], abs=1e-4)
+    v_rands = [float(v) for _, v in events["bce_lr1e-3/validation"]["epoch_v_rand"]]
+    assert float(rows[0].split()[6]) == pytest.approx(max(v_rands), abs=1e-4)
 
 
 def test_summary_of_an_empty_directory_says_so(tmp_path, capsys):
