@@ -92,8 +92,9 @@ def fetch_verified_slice(base_url, relative_path, expected_sha256):
     return skimage.io.imread(io.BytesIO(content))
 
 
-def write_stack_atomically(path, stack):
-    """Write a multi-page TIFF so that `path` either does not exist or is complete."""
+def write_stack_atomically(path, stack, fix="free some space or choose another --data"):
+    """Write a multi-page TIFF so that `path` either does not exist or is complete; `fix` ends
+    the error message when it cannot be written."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
@@ -104,7 +105,7 @@ def write_stack_atomically(path, stack):
         if temporary.exists():
             temporary.unlink()
         if isinstance(error, OSError):
-            raise DataError(f"cannot write {path} ({error.strerror}): free some space or choose another --data") from None
+            raise DataError(f"cannot write {path} ({error.strerror}): {fix}") from None
         raise
 
 
@@ -151,8 +152,7 @@ def read_stack(path):
     path = Path(path)
     if not path.is_file():
         raise DataError(
-            f"{path} not found: run `python data.py` to download ISBI 2012, or pass --images and "
-            "--labels to use your own stacks"
+            f"{path} not found: check the path (`python data.py` downloads ISBI 2012 into {DEFAULT_DATA_DIR})"
         )
     try:
         with tifffile.TiffFile(path) as tiff:

@@ -87,7 +87,7 @@ def write_stack(path, stack):
 
 
 def test_missing_stack_says_how_to_get_it(tmp_path):
-    with pytest.raises(data.DataError, match=r"not found: run `python data.py`"):
+    with pytest.raises(data.DataError, match=r"not found: check the path \(`python data.py` downloads ISBI 2012"):
         data.read_stack(tmp_path / "train-volume.tif")
 
 

@@ -1,0 +1,190 @@
+"""Cell probabilities of a stack from a trained U-Net, as the ISBI 2012 challenge wants them.
+
+    python predict.py logs/bce_lr1e-4 data/isbi2012/test-volume.tif -o probs.tif
+    python predict.py logs/bce_lr1e-4/best.keras data/isbi2012/train-volume.tif -o train-probs.tif \\
+        --labels data/isbi2012/train-labels.tif --tta
+
+Writes a float32 multi-page TIFF, one page per input slice, cells high and membranes low (the
+challenge's submission polarity). Slices of any size work: one that fits in a --tile is predicted
+whole, a larger one in overlapping tiles whose borders are discarded (the U-Net paper's
+overlap-tile strategy); beyond a slice's edges the image is mirrored. --tta averages the predictions of the 8
+flips and rotations. With --labels it also prints the challenge's V_rand, V_info and pixel error.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the way
+
+import argparse
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+
+import data
+import metrics
+from unet import DEPTH
+
+MULTIPLE = 2**DEPTH  # the U-Net halves a slice DEPTH times
+# 1024 takes a 512x512 ISBI slice whole; f=64 needs about 3 GB for it.
+DEFAULT_TILE = 1024
+CONTEXT = 32  # mirrored pixels around a slice predicted whole
+TILE_BATCH = 4
+
+
+class PredictError(Exception):
+    """A prediction that cannot run; the message names the problem and the fix in one line."""
+
+
+# --- model ------------------------------------------------------------------------------------
+
+def checkpoint_path(run_or_checkpoint):
+    """The checkpoint a run directory holds (best.keras), or the .keras file given."""
+    path = Path(run_or_checkpoint)
+    if path.is_dir():
+        path = path / "best.keras"
+        if not path.is_file():
+            raise PredictError(f"{run_or_checkpoint} holds no best.keras: give a run directory of train.py or a .keras checkpoint")
+    elif not path.is_file():
+        raise PredictError(f"{path} not found: give a run directory of train.py or a .keras checkpoint")
+    return path
+
+
+def load_model(path):
+    try:
+        # compile=False: inference needs no loss, so the project's custom losses need not be registered.
+        return keras.models.load_model(path, compile=False)
+    except Exception as error:  # Keras raises several types for files it cannot read
+        raise PredictError(f"{path} is not a Keras model ({type(error).__name__}: {error}): "
+                           "give a .keras checkpoint written by train.py") from None
+
+
+# --- prediction -------------------------------------------------------------------------------
+
+def round_up(value, multiple):
+    return -(-value // multiple) * multiple
+
+
+def predict_batch(model, tiles):
+    """Cell probabilities of (N, H, W) tiles whose sides are multiples of 16."""
+    return np.asarray(model.predict_on_batch(tiles[..., np.newaxis]), dtype=np.float32)[..., 0]
+
+
+def predict_slice(model, image, tile=DEFAULT_TILE):
+    """(H, W) float32 cell probability of one slice of any size.
+
+    Beyond the slice's edges the image is mirrored, as in the U-Net paper, so that edge pixels
+    are predicted with context like any other. A slice that fits in `tile` x `tile` with
+    CONTEXT mirrored pixels around it goes through the net whole. A larger one is cut into tiles
+    of `tile` pixels that overlap by `tile // 4`: only the centre of each is kept, so every pixel
+    kept saw at least `tile // 8` pixels of context on each side.
+    """
+    height, width = image.shape
+    if height + 2 * CONTEXT <= tile and width + 2 * CONTEXT <= tile:
+        bottom = round_up(height + 2 * CONTEXT, MULTIPLE) - height - CONTEXT
+        right = round_up(width + 2 * CONTEXT, MULTIPLE) - width - CONTEXT
+        padded = np.pad(image, ((CONTEXT, bottom), (CONTEXT, right)), mode="reflect")
+        return predict_batch(model, padded[np.newaxis])[0, CONTEXT:CONTEXT + height, CONTEXT:CONTEXT + width]
+    margin = tile // 8
+    core = tile - 2 * margin
+    rows, columns = round_up(height, core), round_up(width, core)
+    padded = np.pad(image, ((margin, rows - height + margin), (margin, columns - width + margin)), mode="reflect")
+    corners = [(top, left) for top in range(0, rows, core) for left in range(0, columns, core)]
+    probabilities = np.empty((rows, columns), np.float32)
+    for start in range(0, len(corners), TILE_BATCH):
+        batch = corners[start:start + TILE_BATCH]
+        tiles = predict_batch(model, np.stack([padded[top:top + tile, left:left + tile] for top, left in batch]))
+        for (top, left), tile_probabilities in zip(batch, tiles):
+            probabilities[top:top + core, left:left + core] = tile_probabilities[margin:margin + core, margin:margin + core]
+    return probabilities[:height, :width]
+
+
+def dihedral(image, flip, turns):
+    return np.rot90(np.fliplr(image) if flip else image, turns)
+
+
+def undo_dihedral(image, flip, turns):
+    image = np.rot90(image, -turns)
+    return np.fliplr(image) if flip else image
+
+
+def predict_stack(model, images, tile=DEFAULT_TILE, tta=False, progress=None):
+    """(pages, H, W) float32 cell probabilities; with `tta` the mean over the 8 flips and rotations."""
+    transforms = [(flip, turns) for flip in (False, True) for turns in range(4)] if tta else [(False, 0)]
+    probabilities = np.empty(images.shape, np.float32)
+    for index, image in enumerate(images):
+        probabilities[index] = np.mean(
+            [undo_dihedral(predict_slice(model, np.ascontiguousarray(dihedral(image, flip, turns)), tile), flip, turns)
+             for flip, turns in transforms], axis=0)
+        if progress:
+            progress.update(index + 1)
+    return probabilities
+
+
+# --- command line -----------------------------------------------------------------------------
+
+def tile_size(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+    if value < 4 * MULTIPLE or value % MULTIPLE:
+        raise argparse.ArgumentTypeError(f"{value} must be a multiple of {MULTIPLE} and at least {4 * MULTIPLE}")
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Write the cell probabilities of a TIFF stack predicted by a trained U-Net.")
+    parser.add_argument("model", type=Path, help="run directory of train.py (uses its best.keras) or a .keras checkpoint")
+    parser.add_argument("images", type=Path, help="multi-page TIFF of grey slices, e.g. data/isbi2012/test-volume.tif")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="the float32 multi-page TIFF to write")
+    parser.add_argument("--tta", action="store_true", help="average the predictions of the 8 flips and rotations")
+    parser.add_argument("--labels", type=Path, help="binary masks of the same slices: also print V_rand, V_info and pixel error")
+    parser.add_argument("--tile", type=tile_size, default=DEFAULT_TILE,
+                        help="largest side predicted in one piece; larger slices go in overlapping tiles (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    # One line naming the problem, as for every other bad input.
+    parser.error = lambda message: (print(f"predict.py: error: {message} (see --help)", file=sys.stderr), sys.exit(2))
+    return parser
+
+
+def run(args):
+    if args.output.exists() and not args.overwrite:
+        raise PredictError(f"{args.output} exists: choose another -o or add --overwrite")
+    images = data.as_unit_float(data.read_stack(args.images))
+    labels = None
+    if args.labels is not None:
+        labels = data.as_cell_mask(data.read_stack(args.labels), args.labels)
+        if labels.shape != images.shape:
+            raise PredictError(f"{args.labels} holds {labels.shape} masks but {args.images} holds {images.shape} slices: "
+                               "give the masks of the same slices")
+    model = load_model(checkpoint_path(args.model))
+
+    print(f"predicting {len(images)} slices of {images.shape[1]}x{images.shape[2]}"
+          + (" with 8-fold test-time augmentation" if args.tta else ""))
+    probabilities = predict_stack(model, images, args.tile, args.tta, progress=keras.utils.Progbar(len(images)))
+    data.write_stack_atomically(args.output, probabilities, fix="free some space or choose another -o")
+    print(f"wrote {args.output}: {len(probabilities)} pages of float32 cell probability")
+
+    if labels is not None:
+        scores = metrics.isbi_scores(labels, probabilities)
+        print(f"V_rand {scores['v_rand']:.4f} (threshold {scores['v_rand_threshold']:.1f}), "
+              f"V_info {scores['v_info']:.4f} (threshold {scores['v_info_threshold']:.1f}), "
+              f"pixel error {scores['pixel_error']:.4f} (threshold {scores['pixel_error_threshold']:.1f})")
+        return scores
+    return None
+
+
+def main(argv=None):
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run(args)
+    except (data.DataError, PredictError) as error:
+        print(f"predict.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
