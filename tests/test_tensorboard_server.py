@@ -66,6 +66,8 @@ def test_scalars_of_both_runs(tensorboard):
                           run=f"{loss}_lr1e-3/validation", tag="epoch_misclassified_pixel_fraction")
         assert [step for _, step, _ in points] == [0, 1]
         assert "misclassified_pixel_fraction" in tags[f"{loss}_lr1e-3/validation_slices"]
+    v_rand = get_json(tensorboard, "/data/plugin/scalars/scalars", run="bce_lr1e-3/validation", tag="epoch_v_rand")
+    assert [step for _, step, _ in v_rand] == [0, 1] and all(0 <= value <= 1 for _, _, value in v_rand)
 
 
 def test_prediction_and_error_images(tensorboard):
@@ -105,6 +107,7 @@ def test_hparams_table_compares_the_runs(tensorboard):
     metrics = {(value["name"].get("group", ""), value["name"]["tag"]) for value in by_loss["bce"]["metricValues"]}
     assert ("", "best_misclassified_pixel_fraction") in metrics
     assert ("validation", "epoch_misclassified_pixel_fraction") in metrics
+    assert {("validation", "epoch_v_rand"), ("validation", "epoch_v_info"), ("", "best_v_rand")} <= metrics
 
 
 def test_text_and_pr_curves(tensorboard):
