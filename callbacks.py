@@ -56,7 +56,8 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
     the precision-recall curve of membrane detection (`membrane_pr`).
 
     The step is always the optimizer's iteration count, the global training step of Keras'
-    batch-level scalars, so images, curves and histograms line up and continue across `fit` calls.
+    batch-level scalars, so images, curves and histograms line up and continue across `fit` calls
+    and resumed runs.
     """
 
     def __init__(self, log_dir, images, labels, slice_indices, image_every, histogram_every):
@@ -69,7 +70,6 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
         self.histogram_every = histogram_every
         self.writer = None
         self._activations = None
-        self._wrote_inputs = False
 
     def global_step(self):
         return int(self.model.optimizer.iterations.numpy())
@@ -77,7 +77,8 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.writer = tf.summary.create_file_writer(self.log_dir)
         self._activations = keras.Model(self.model.inputs, [self.model.get_layer(name).output for name in ACTIVATION_LAYERS])
-        self.write(self.write_images, self.global_step())
+        if self.global_step() == 0:  # a resumed run wrote its start already
+            self.write(self.write_images, 0)
 
     def on_train_batch_end(self, batch, logs=None):
         step = self.global_step()
@@ -85,7 +86,7 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
             self.write(self.write_images, step)
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.histogram_every and epoch % self.histogram_every == 0:
+        if self.histogram_every and epoch % self.histogram_every == 0 and np.isfinite(logs["loss"]):
             self.write(self.write_activations_and_pr_curve, self.global_step())
 
     def on_train_end(self, logs=None):
@@ -98,12 +99,13 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
         self.writer.flush()
 
     def write_images(self):
+        step = tf.summary.experimental.get_step()
         probabilities = np.asarray(self.model.predict_on_batch(self.images), dtype=np.float32)
         tf.summary.scalar("misclassified_pixel_fraction", np.mean(misclassified_pixel_fraction(self.labels, probabilities)),
                           description="Misclassified-pixel fraction on the slices shown as images.")
         for position, index in enumerate(self.slice_indices):
             group = f"slice_{index:02d}"
-            if not self._wrote_inputs:
+            if step == 0:
                 tf.summary.image(f"{group}/input", self.images[position:position + 1])
                 tf.summary.image(f"{group}/label", self.labels[position:position + 1])
             tf.summary.image(f"{group}/prediction", probabilities[position:position + 1],
@@ -111,7 +113,6 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
             overlay = error_overlay(self.images[position, ..., 0], self.labels[position, ..., 0], probabilities[position, ..., 0])
             tf.summary.image(f"{group}/error", overlay[np.newaxis],
                              description="Errors on the EM slice: magenta = false membrane, green = missed membrane.")
-        self._wrote_inputs = True
 
     def write_activations_and_pr_curve(self):
         outputs = self._activations.predict_on_batch(self.images)
@@ -141,7 +142,7 @@ class IsbiScores(keras.callbacks.Callback):
         self.every = every
 
     def on_epoch_end(self, epoch, logs=None):
-        if not self.every or epoch % self.every:
+        if not self.every or epoch % self.every or not np.isfinite(logs["loss"]):
             return
         # One slice at a time: whole slices of the paper-size net need gigabytes each.
         probabilities = np.concatenate([np.asarray(self.model.predict_on_batch(image[np.newaxis]), dtype=np.float32)
@@ -158,7 +159,8 @@ class TensorBoard(keras.callbacks.TensorBoard):
     forced here. Its batch step restarts at 0 on every `fit`; here it starts from the optimizer's
     iteration count, the step the other callbacks use. And its graph (a conceptual `keras` graph)
     opens in the Graphs tab as "Malformed GraphDef"; here `write_graph` writes the op graph of one
-    forward pass instead, drawn with a box per named layer.
+    forward pass instead, drawn with a box per named layer (once: a resumed run has it). Its
+    writers are flushed after every epoch, so that a checkpoint never gets ahead of the curves.
     """
 
     def __init__(self, log_dir, write_graph=True, **kwargs):
@@ -168,7 +170,7 @@ class TensorBoard(keras.callbacks.TensorBoard):
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         self._global_train_batch = int(self.model.optimizer.iterations.numpy())
-        if self.write_forward_graph:
+        if self.write_forward_graph and self._global_train_batch == 0:
             self.write_forward_pass_graph()
 
     def write_forward_pass_graph(self):
@@ -186,15 +188,18 @@ class TensorBoard(keras.callbacks.TensorBoard):
     def on_epoch_end(self, epoch, logs=None):
         with tf.summary.record_if(True):
             super().on_epoch_end(epoch, logs)
+        self._train_writer.flush()
+        self._val_writer.flush()
 
 
 class RunSummary(keras.callbacks.Callback):
     """What the run was, in the run directory itself: HParams and Text tabs, and its best epochs.
 
-    At the start: the hyperparameters for the HParams tab (with the metrics it should show for
-    every run) and the markdown `documents` for the Text tab. After each epoch: the best
-    validation value so far of each metric in BEST (`best_misclassified_pixel_fraction`,
-    `best_v_rand`), when the epoch has it.
+    At the start of a run (not of a resumed one, which has them): the hyperparameters for the
+    HParams tab (with the metrics it should show for every run) and the markdown `documents` for
+    the Text tab. After each epoch: the best validation value so far of each metric in BEST
+    (`best_misclassified_pixel_fraction`, `best_v_rand`), when the epoch has it, starting from
+    `best` ({name: value}) when resuming.
     """
 
     BEST = {"misclassified_pixel_fraction": (min, "Lowest validation misclassified-pixel fraction so far."),
@@ -211,17 +216,19 @@ class RunSummary(keras.callbacks.Callback):
         ("train", "epoch_loss", "last training loss"),
     ]
 
-    def __init__(self, log_dir, trial_id, hyperparameters, documents):
+    def __init__(self, log_dir, trial_id, hyperparameters, documents, best=None):
         super().__init__()
         self.log_dir = str(log_dir)
         self.trial_id = trial_id
         self.hyperparameters = hyperparameters
         self.documents = documents
-        self.best = {}
+        self.best = dict(best or {})
         self._writer = None
 
     def on_train_begin(self, logs=None):
         self._writer = tf.summary.create_file_writer(self.log_dir)
+        if int(self.model.optimizer.iterations.numpy()) > 0:
+            return
         with tf.summary.record_if(True), self._writer.as_default(step=0):
             hp.hparams_config(
                 hparams=[hp.HParam(name) for name in self.hyperparameters],

@@ -24,7 +24,11 @@ from skimage.segmentation import watershed
 THRESHOLD = 0.5
 SMOOTHING = 1.0
 
+# Registered so that a checkpoint loads with its loss and metrics compiled, ready to resume.
+serializable = keras.saving.register_keras_serializable(package="isbi_unet")
 
+
+@serializable
 def misclassified_pixel_fraction(y_true, y_pred):
     """Per image, the fraction of pixels whose thresholded prediction differs from the label."""
     predicted_cell = ops.cast(y_pred >= THRESHOLD, "float32")
@@ -32,6 +36,7 @@ def misclassified_pixel_fraction(y_true, y_pred):
     return ops.mean(ops.cast(wrong, "float32"), axis=(1, 2, 3))
 
 
+@serializable
 def membrane_dice(y_true, y_pred):
     """Per image, the Dice overlap of thresholded predicted membrane with labelled membrane."""
     true_membrane = 1.0 - ops.cast(y_true, "float32")
@@ -46,6 +51,7 @@ def dice_overlap(a, b):
     return (2.0 * intersection + SMOOTHING) / (total + SMOOTHING)
 
 
+@serializable
 def soft_dice_loss(y_true, y_pred):
     """1 - Dice of the predicted membrane probability with the labelled membrane."""
     true_membrane = 1.0 - ops.cast(y_true, "float32")
@@ -53,6 +59,7 @@ def soft_dice_loss(y_true, y_pred):
     return 1.0 - dice_overlap(true_membrane, predicted_membrane)
 
 
+@serializable
 def bce_dice_loss(y_true, y_pred):
     """Per image, mean binary cross-entropy plus the soft membrane Dice loss."""
     bce = ops.mean(keras.losses.binary_crossentropy(y_true, y_pred), axis=(1, 2))

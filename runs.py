@@ -49,7 +49,7 @@ def provenance(images_path, labels_path, mirror):
         "versions": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
                      "tensorboard": tensorboard.__version__, "numpy": np.__version__},
         "git_commit": git_commit(),
-        "data": {"images": str(images_path), "images_sha256": sha256_of(images_path),
+        "data_files": {"images": str(images_path), "images_sha256": sha256_of(images_path),
                  "labels": str(labels_path), "labels_sha256": sha256_of(labels_path),
                  "isbi_mirror": mirror},
     }
@@ -62,12 +62,12 @@ def markdown_table(rows):
 def run_documents(config):
     """Markdown for the Text tab, one document per tag."""
     settings = {key: value for key, value in config.items()
-                if key not in ("command", "versions", "data", "git_commit", "train_slices", "val_slices")}
+                if key not in ("command", "versions", "data_files", "git_commit", "train_slices", "val_slices")}
     return {
         "run/command": f"    {config['command']}",
         "run/configuration": markdown_table(settings),
         "run/versions": markdown_table({**config["versions"], "project commit": config["git_commit"]}),
-        "run/data": markdown_table(config["data"]),
+        "run/data": markdown_table(config["data_files"]),
         "run/split": markdown_table({"training slices": describe_slices(config["train_slices"]),
                                      "validation slices": describe_slices(config["val_slices"])}),
     }

@@ -4,8 +4,9 @@
     tensorboard --logdir logs
 
 Each run writes to its own directory <logdir>/<loss>_lr<lr>/ (a numbered sibling if that name is
-taken) with the resolved configuration, the TensorBoard event files and the best checkpoint, so
-that runs with other losses and learning rates sit side by side on the same plots.
+taken) with the resolved configuration, the TensorBoard event files and the best and last
+checkpoints, so that runs with other losses and learning rates sit side by side on the same plots.
+A run that was killed or crashed continues with `python train.py --resume <run dir>`.
 """
 
 import os
@@ -24,16 +25,22 @@ import tensorflow as tf
 
 import data
 import metrics
+import resume
 import runs
 from callbacks import IsbiScores, RunSummary, TensorBoard, ValidationSliceSummaries
 from unet import DEPTH, build_unet
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+DEFAULT_EPOCHS = 30
 IMAGE_SLICES = 3  # validation slices shown as images
 
 
 class SetupError(Exception):
     """A run that cannot start; the message names the problem and the fix in one line."""
+
+
+class TrainingStopped(Exception):
+    """A run stopped before its last epoch; the message says why and how to go on."""
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -78,7 +85,8 @@ def build_parser():
     run = parser.add_argument_group("run")
     run.add_argument("--loss", choices=sorted(metrics.LOSSES), default="bce", help="training loss (default: %(default)s)")
     run.add_argument("--lr", type=positive(float), default=1e-4, help="Adam learning rate (default: %(default)g)")
-    run.add_argument("--epochs", type=positive(int), default=30, help="number of epochs (default: %(default)s)")
+    run.add_argument("--epochs", type=positive(int), help=f"number of epochs (default: {DEFAULT_EPOCHS}; "
+                     "with --resume, the run's own)")
     run.add_argument("--steps-per-epoch", type=positive(int), default=50, help="training batches per epoch (default: %(default)s)")
     run.add_argument("--batch-size", type=positive(int), default=8, help="crops per training batch (default: %(default)s)")
     run.add_argument("--crop", type=crop_size, default=128, help=f"training crop size in pixels, a multiple of {2**DEPTH} (default: %(default)s)")
@@ -102,6 +110,9 @@ def build_parser():
                        help="score the whole validation slices as the ISBI challenge does (V_rand, V_info, "
                             "pixel error) every N epochs, 0 for never (default: %(default)s)")
     board.add_argument("--update-freq", type=positive(int), default=10, help="write batch-level scalars every N steps (default: %(default)s)")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                        help="continue a run from its last checkpoint, with its own settings (only --epochs may "
+                             "change, to train it further)")
     parser.add_argument("--summary", type=Path, metavar="LOGDIR",
                         help="print one row per run under LOGDIR (loss, lr, steps, best and last validation "
                              "metrics) and exit")
@@ -165,8 +176,26 @@ def create_run_directory(logdir, name):
 
 
 def save_config(run_dir, config):
-    with open(run_dir / "config.json", "w") as file:
-        json.dump(config, file, indent=2, default=str)
+    """config.json, replaced atomically: a resumed run rewrites it."""
+    temporary = run_dir / ".config.json.partial"
+    temporary.write_text(json.dumps(config, indent=2, default=str))
+    os.replace(temporary, run_dir / "config.json")
+
+
+def resumed_arguments(args, config):
+    """The arguments of the run being resumed: its config.json, with --epochs if given."""
+    parser = build_parser()
+    changed = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+               if name not in ("resume", "epochs") and value != parser.get_default(name)]
+    if changed:
+        raise SetupError(f"--resume continues a run with its own settings: drop {' '.join(changed)} "
+                         "(start a new run to change them)")
+    resumed = {name: config[name] for name in vars(args) if name in config}
+    for name in ("logdir", "data", "images", "labels"):
+        if resumed.get(name) is not None:
+            resumed[name] = Path(resumed[name])
+    return argparse.Namespace(**{**resumed, "resume": args.resume, "summary": None,
+                                 "epochs": args.epochs or config["epochs"]})
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -193,7 +222,7 @@ def compile_model(args, jit_compile):
     return model
 
 
-def make_callbacks(args, run_dir, config, val_images, val_labels, val_indices):
+def make_callbacks(args, run_dir, config, val_images, val_labels, val_indices, best, stop):
     shown = np.linspace(0, len(val_indices) - 1, min(IMAGE_SLICES, len(val_indices))).round().astype(int)
     return [
         # Before TensorBoard, which writes the scores it adds to the epoch logs.
@@ -203,13 +232,47 @@ def make_callbacks(args, run_dir, config, val_images, val_labels, val_indices):
         ValidationSliceSummaries(run_dir / "validation_slices", val_images[shown], val_labels[shown],
                                  [val_indices[i] for i in shown], image_every=args.image_every,
                                  histogram_every=args.histogram_freq),
-        RunSummary(run_dir, run_dir.name, runs.hyperparameters(config), runs.run_documents(config)),
-        keras.callbacks.ModelCheckpoint(run_dir / "best.keras", monitor="val_misclassified_pixel_fraction",
-                                        mode="min", save_best_only=True),
+        RunSummary(run_dir, run_dir.name, runs.hyperparameters(config), runs.run_documents(config), best),
+        stop,
+        # Last: a checkpoint is written only once everything the epoch logged is on disk.
+        resume.Checkpoints(run_dir, best.get("misclassified_pixel_fraction", float("inf"))),
     ]
 
 
+def start_run(args, command, images_path, labels_path, train_indices, val_indices, precision, jit_compile, device):
+    """A new run directory with its config.json."""
+    run_dir = create_run_directory(args.logdir, run_name(args.loss, args.lr))
+    config = {**{name: value for name, value in vars(args).items() if name not in ("summary", "resume")},
+              "images": images_path, "labels": labels_path, "precision": precision,
+              "jit_compile": jit_compile, "device": device, "run_dir": run_dir,
+              "train_slices": train_indices, "val_slices": val_indices,
+              "command": command,
+              **runs.provenance(images_path, labels_path, data.mirror_url(args.mirror) if args.images is None else None)}
+    save_config(run_dir, config)
+    return run_dir, config
+
+
+def continue_run(run_dir, config, args, command, jit_compile):
+    """(model, completed epochs, best values so far) of a run to resume, its event files cut back
+    to its last checkpoint and its config.json updated."""
+    model, initial_epoch = resume.restore_model(run_dir, config)
+    if initial_epoch >= args.epochs:
+        raise SetupError(f"{run_dir} has finished its {initial_epoch} epochs: give --epochs with more to train it further")
+    model.jit_compile = jit_compile
+    resume.cut_event_files(run_dir, initial_epoch, int(model.optimizer.iterations.numpy()))
+    best = resume.best_so_far(runs.read_scalars(run_dir / "validation") if (run_dir / "validation").is_dir() else {})
+    config.update(epochs=args.epochs, resumed=[*config.get("resumed", []), command])
+    save_config(run_dir, config)
+    return model, initial_epoch, best
+
+
 def train(args, command):
+    """Run a training, or with --resume continue one; return its run directory."""
+    run_dir = args.resume
+    if run_dir is not None:
+        config = resume.run_config(run_dir)
+        args = resumed_arguments(args, config)
+    args.epochs = args.epochs or DEFAULT_EPOCHS
     precision, jit_compile, device = device_settings(args.precision)
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(args.seed)
@@ -220,31 +283,39 @@ def train(args, command):
     val_images = data.trim_to_multiple(images[val_indices], 2**DEPTH)
     val_labels = data.trim_to_multiple(labels[val_indices], 2**DEPTH)
 
-    run_dir = create_run_directory(args.logdir, run_name(args.loss, args.lr))
-    config = {**{name: value for name, value in vars(args).items() if name != "summary"}, "images": images_path, "labels": labels_path, "precision": precision,
-              "jit_compile": jit_compile, "device": device, "run_dir": run_dir,
-              "train_slices": train_indices, "val_slices": val_indices,
-              "command": command,
-              **runs.provenance(images_path, labels_path, data.mirror_url(args.mirror) if args.images is None else None)}
-    save_config(run_dir, config)
+    if run_dir is None:
+        run_dir, config = start_run(args, command, images_path, labels_path, train_indices, val_indices,
+                                    precision, jit_compile, device)
+        model, initial_epoch, best = compile_model(args, jit_compile), 0, {}
+    else:
+        model, initial_epoch, best = continue_run(run_dir, config, args, command, jit_compile)
     print(f"device: {device}; precision {precision}, XLA {'on' if jit_compile else 'off'}")
     print(f"slices: {len(train_indices)} training, validation {runs.describe_slices(val_indices)} "
           f"of {len(images)} in {images_path}")
-    print(f"run directory: {run_dir}")
+    print(f"run directory: {run_dir}" + (f" (resumed after epoch {initial_epoch})" if initial_epoch else ""))
     print(f"watch it with: tensorboard --logdir {args.logdir}")
 
-    model = compile_model(args, jit_compile)
+    # The crops of epoch k are the same whether or not the run was resumed before it.
     training_batches = data.RandomCrops(images[train_indices], labels[train_indices], args.batch_size,
-                                        args.crop, args.steps_per_epoch, args.seed, workers=2)
+                                        args.crop, args.steps_per_epoch, args.seed, epoch=initial_epoch, workers=2)
     validation_batches = data.WholeSlices(val_images, val_labels)
+    stop = resume.StopOnNonFiniteLoss()
+    # shuffle=False: Keras would reorder the batches with the process's global random state, so a
+    # resumed run (or any second fit) would see them in another order; each batch is random already.
     history = model.fit(training_batches, validation_data=validation_batches, epochs=args.epochs,
-                        callbacks=make_callbacks(args, run_dir, config, val_images, val_labels, val_indices))
+                        initial_epoch=initial_epoch, shuffle=False,
+                        callbacks=make_callbacks(args, run_dir, config, val_images, val_labels, val_indices, best, stop))
+    if stop.message:
+        if (run_dir / resume.LAST).is_file():
+            raise TrainingStopped(f"{stop.message}; the last good checkpoint, {run_dir / resume.LAST}, is kept: "
+                                  f"lower --lr and start again, or continue from it with --resume {run_dir}")
+        raise TrainingStopped(f"{stop.message}, before any epoch ended: start again with a lower --lr")
 
-    best = min(history.history["val_misclassified_pixel_fraction"])
-    v_rands = history.history.get("val_v_rand")
-    print(f"best validation misclassified-pixel fraction {best:.4f}"
+    fractions = history.history["val_misclassified_pixel_fraction"] + [best.get("misclassified_pixel_fraction", np.inf)]
+    v_rands = history.history.get("val_v_rand", []) + ([best["v_rand"]] if "v_rand" in best else [])
+    print(f"best validation misclassified-pixel fraction {min(fractions):.4f}"
           + (f", best validation V_rand {max(v_rands):.4f}" if v_rands else "")
-          + f"; checkpoint {run_dir / 'best.keras'}")
+          + f"; checkpoints {run_dir / resume.BEST}, {run_dir / resume.LAST}")
     return run_dir
 
 
@@ -264,11 +335,14 @@ def main(argv=None):
         return print_summary(args.summary)
     try:
         train(args, shlex.join(["python", "train.py", *argv]))
-    except (data.DataError, SetupError) as error:
+    except (data.DataError, SetupError, resume.ResumeError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
+    except TrainingStopped as error:
+        print(f"train.py: stopped: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("\ntrain.py: interrupted; the run directory keeps what was logged so far", file=sys.stderr)
+        print("\ntrain.py: interrupted; the run continues from its last checkpoint with --resume <run dir>", file=sys.stderr)
         return 130
     return 0
 

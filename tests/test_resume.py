@@ -1,0 +1,180 @@
+"""Never lose a run: resume, kill -9, non-finite loss, full disk, simultaneous starts."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import resume
+import train
+from conftest import ROOT, TINY
+
+
+def tiny_run(isbi_dir, logdir, *flags):
+    return train.main(TINY + ["--lr", "1e-3", "--data", str(isbi_dir), "--logdir", str(logdir), *flags])
+
+
+def raw_events(run_dir):
+    """{subdirectory: {tag: [(step, value)]}} in file order, duplicates and all."""
+    result = {}
+    for directory in [run_dir, *sorted(path for path in run_dir.iterdir() if path.is_dir())]:
+        tags = result.setdefault(directory.name if directory != run_dir else "", {})
+        for path in sorted(directory.glob("events.out.tfevents.*")):
+            for event in tf.compat.v1.train.summary_iterator(str(path)):
+                for value in event.summary.value:
+                    number = tf.make_ndarray(value.tensor) if value.HasField("tensor") else None
+                    tags.setdefault(value.tag, []).append((event.step, number))
+    return result
+
+
+def steps(series):
+    return [step for step, _ in series]
+
+
+@pytest.fixture(scope="module")
+def straight_and_resumed(tmp_path_factory, isbi_dir):
+    """The same 3-epoch run twice: straight through, and stopped after 2 epochs then resumed."""
+    logdir = tmp_path_factory.mktemp("resume")
+    assert tiny_run(isbi_dir, logdir / "straight", "--epochs", "3") == 0
+    assert tiny_run(isbi_dir, logdir / "resumed", "--epochs", "2") == 0
+    assert train.main(["--resume", str(logdir / "resumed" / "bce_lr1e-3"), "--epochs", "3"]) == 0
+    return logdir / "straight" / "bce_lr1e-3", logdir / "resumed" / "bce_lr1e-3"
+
+
+def test_a_resumed_run_writes_the_same_curves_as_one_run_straight_through(straight_and_resumed):
+    straight, resumed = map(raw_events, straight_and_resumed)
+    assert straight.keys() == resumed.keys()
+    for part in straight:
+        assert {tag: steps(series) for tag, series in resumed[part].items()} == \
+               {tag: steps(series) for tag, series in straight[part].items()}, part
+    # Same weights, optimizer state and crops in the same order after the restart: the same losses.
+    for part, tag in (("train", "epoch_loss"), ("validation", "epoch_loss"), ("train", "batch_loss"),
+                      ("validation_slices", "misclassified_pixel_fraction")):
+        np.testing.assert_allclose([value for _, value in resumed[part][tag]],
+                                   [value for _, value in straight[part][tag]], rtol=1e-6, err_msg=tag)
+    assert steps(resumed["train"]["epoch_loss"]) == [0, 1, 2]
+    assert steps(resumed["train"]["batch_loss"]) == [2, 4, 6, 8]
+
+
+def test_a_resumed_run_records_how_it_was_continued(straight_and_resumed):
+    config = json.loads((straight_and_resumed[1] / "config.json").read_text())
+    assert config["epochs"] == 3
+    assert config["resumed"] == [f"python train.py --resume {straight_and_resumed[1]} --epochs 3"]
+
+
+def test_resuming_a_finished_run_asks_for_more_epochs(straight_and_resumed, capsys):
+    assert train.main(["--resume", str(straight_and_resumed[0])]) == 2
+    assert "has finished its 3 epochs: give --epochs with more" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_runs_settings(straight_and_resumed, capsys):
+    assert train.main(["--resume", str(straight_and_resumed[0]), "--lr", "0.1", "--epochs", "4"]) == 2
+    assert "drop --lr (start a new run to change them)" in capsys.readouterr().err
+
+
+def test_resume_of_a_directory_that_is_not_a_run_is_refused(tmp_path, capsys):
+    assert train.main(["--resume", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert f"{tmp_path} is not a run directory (no config.json)" in error and error.count("\n") == 1
+
+
+def test_resume_of_a_run_without_a_finished_epoch_is_refused(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"steps_per_epoch": 3}))
+    assert resume.run_config(tmp_path) == {"steps_per_epoch": 3}
+    with pytest.raises(resume.ResumeError, match="has no last.keras: it stopped before its first epoch ended"):
+        resume.restore_model(tmp_path, {"steps_per_epoch": 3})
+
+
+def test_kill_9_mid_epoch_is_recoverable(tmp_path, isbi_dir):
+    logdir = tmp_path / "logs"
+    run_dir = logdir / "bce_lr1e-3"
+    command = [sys.executable, "train.py", *TINY, "--epochs", "8", "--eval-every", "0", "--update-freq", "1",
+               "--image-every", "1", "--lr", "1e-3", "--data", str(isbi_dir), "--logdir", str(logdir)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (run_dir / resume.LAST).exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the next epoch
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    killed = raw_events(run_dir)
+    best_before = (run_dir / resume.BEST).read_bytes()
+
+    assert train.main(["--resume", str(run_dir)]) == 0
+    events = raw_events(run_dir)
+    assert [path.name for path in logdir.iterdir()] == ["bce_lr1e-3"]
+    for part, tags in events.items():
+        for tag, series in tags.items():
+            assert steps(series) == sorted(set(steps(series))), (part, tag)  # strictly increasing
+    assert steps(events["train"]["epoch_loss"]) == list(range(8))
+    assert steps(events["train"]["batch_loss"]) == list(range(1, 8 * 3 + 1))
+    assert steps(events["validation_slices"]["slice_15/prediction"]) == list(range(8 * 3 + 1))
+    assert len(steps(killed["train"]["batch_loss"])) < 8 * 3  # it was killed before the end
+    assert not list(run_dir.rglob(".*partial*"))
+    model = keras.models.load_model(run_dir / resume.BEST)  # intact, whichever epoch it is from
+    assert model.output_shape == (None, None, None, 1)
+    assert best_before != b""
+
+
+def test_a_non_finite_loss_stops_the_run_with_step_loss_and_lr(tmp_path, isbi_dir, capsys):
+    assert train.main(TINY + ["--loss", "mse", "--lr", "1e30", "--data", str(isbi_dir), "--logdir", str(tmp_path)]) == 1
+    error = capsys.readouterr().err
+    assert "the training loss became nan at step" in error and "with lr 1e+30" in error
+    assert "start again with a lower --lr" in error and "Traceback" not in error
+    assert not (tmp_path / "mse_lr1e+30" / resume.LAST).exists()
+
+
+def test_no_checkpoint_is_written_after_an_epoch_with_a_non_finite_loss(tmp_path):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    checkpoints = resume.Checkpoints(tmp_path)
+    checkpoints.set_model(model)
+    checkpoints.on_epoch_end(0, {"loss": 0.5, resume.MONITOR: 0.2})
+    saved = {name: (tmp_path / name).read_bytes() for name in (resume.LAST, resume.BEST)}
+    model.layers[0].kernel.assign(np.full((4, 1), np.nan))
+    checkpoints.on_epoch_end(1, {"loss": float("nan"), resume.MONITOR: 0.1})
+    assert {name: (tmp_path / name).read_bytes() for name in saved} == saved
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, isbi_dir, monkeypatch, capsys):
+    real_save = keras.Model.save
+    calls = []
+
+    def save_until_the_disk_is_full(model, filepath, *args, **kwargs):
+        calls.append(filepath)
+        if len(calls) <= 2:  # best.keras and last.keras of the first epoch
+            return real_save(model, filepath, *args, **kwargs)
+        Path(filepath).write_bytes(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(keras.Model, "save", save_until_the_disk_is_full)
+    assert tiny_run(isbi_dir, tmp_path, "--eval-every", "0") == 2
+    run_dir = tmp_path / "bce_lr1e-3"
+    error = capsys.readouterr().err
+    assert f"cannot write {run_dir}/" in error and "(No space left on device): free some space, then continue " \
+           f"the run with --resume {run_dir}" in error and error.count("\n") == 1
+    monkeypatch.undo()
+    last = keras.models.load_model(run_dir / resume.LAST)
+    assert int(last.optimizer.iterations.numpy()) == 3  # the first epoch's, whole
+    assert not list(run_dir.glob(".*partial*"))
+
+
+def test_two_runs_started_together_get_two_directories(tmp_path, isbi_dir):
+    command = [sys.executable, "train.py", *TINY, "--epochs", "1", "--eval-every", "0", "--lr", "1e-3",
+               "--data", str(isbi_dir), "--logdir", str(tmp_path)]
+    processes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    assert [process.wait(timeout=300) for process in processes] == [0, 0]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bce_lr1e-3", "bce_lr1e-3_2"]
+    for run_dir in tmp_path.iterdir():
+        assert json.loads((run_dir / "config.json").read_text())["run_dir"] == str(run_dir)
+        assert len(list((run_dir / "train").glob("events.out.tfevents.*"))) == 1
+        assert (run_dir / resume.LAST).is_file()
