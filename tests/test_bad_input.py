@@ -1,0 +1,105 @@
+"""Bad input to train.py: one line naming the problem and the fix, exit code 2, nothing written.
+
+Bad flag values are in test_train.py, a full disk and --resume in test_resume.py, a damaged
+download in test_data.py.
+"""
+
+import numpy as np
+import pytest
+import tifffile
+
+import train
+
+
+def write_stack(path, stack):
+    tifffile.imwrite(path, stack, photometric="minisblack")
+    return path
+
+
+def cells_and_membranes(pages, height=64, width=64):
+    return (np.indices((pages, height, width))[2] % 8 != 0).astype(np.uint8) * 255
+
+
+def missing(tmp_path, isbi_dir):
+    return ["--images", str(tmp_path / "missing.tif"), "--labels", str(isbi_dir / "train-labels.tif")]
+
+
+def not_a_tiff(tmp_path, isbi_dir):
+    (tmp_path / "notes.tif").write_text("not an image")
+    return ["--images", str(tmp_path / "notes.tif"), "--labels", str(isbi_dir / "train-labels.tif")]
+
+
+def truncated(tmp_path, isbi_dir):
+    (tmp_path / "cut.tif").write_bytes((isbi_dir / "train-volume.tif").read_bytes()[:100_000])
+    return ["--images", str(tmp_path / "cut.tif"), "--labels", str(isbi_dir / "train-labels.tif")]
+
+
+def page_counts_differ(tmp_path, isbi_dir):
+    return ["--images", str(write_stack(tmp_path / "i.tif", cells_and_membranes(4))),
+            "--labels", str(write_stack(tmp_path / "l.tif", cells_and_membranes(3)))]
+
+
+def slice_shapes_differ(tmp_path, isbi_dir):
+    return ["--images", str(write_stack(tmp_path / "i.tif", cells_and_membranes(4))),
+            "--labels", str(write_stack(tmp_path / "l.tif", cells_and_membranes(4, width=80)))]
+
+
+def labels_not_binary(tmp_path, isbi_dir):
+    labels = cells_and_membranes(4)
+    labels[:, :, 3] = 128
+    return ["--images", str(write_stack(tmp_path / "i.tif", cells_and_membranes(4))),
+            "--labels", str(write_stack(tmp_path / "l.tif", labels))]
+
+
+def crop_larger_than_a_slice(tmp_path, isbi_dir):
+    return ["--data", str(isbi_dir), "--crop", "1024"]
+
+
+def validation_slice_out_of_range(tmp_path, isbi_dir):
+    return ["--data", str(isbi_dir), "--val-slices", "5,30"]
+
+
+def no_training_slice_left(tmp_path, isbi_dir):
+    return ["--images", str(write_stack(tmp_path / "i.tif", cells_and_membranes(2))),
+            "--labels", str(write_stack(tmp_path / "l.tif", cells_and_membranes(2))), "--val-slices", "0,1",
+            "--crop", "64"]
+
+
+def mirror_unreachable(tmp_path, isbi_dir):
+    return ["--data", str(tmp_path / "isbi"), "--mirror", "http://127.0.0.1:9/"]
+
+
+CASES = [
+    (missing, "missing.tif not found: check the path"),
+    (not_a_tiff, "notes.tif is not a readable TIFF"),
+    (truncated, "cut.tif is not a readable TIFF"),
+    (page_counts_differ, "i.tif has 4 slices but"),
+    (slice_shapes_differ, "must have the same height and width"),
+    (labels_not_binary, "is not a binary mask: 3 distinct values found"),
+    (crop_larger_than_a_slice, "--crop 1024 is larger than the 512x512 slices: use --crop 512 or less"),
+    (validation_slice_out_of_range, "validation slice(s) [30] out of range: the stack has slices 0..29"),
+    (no_training_slice_left, "all 2 slices are validation slices: leave at least one for training"),
+    (mirror_unreachable, "could not fetch http://127.0.0.1:9/"),
+]
+
+
+@pytest.mark.parametrize("case, message", CASES, ids=[case.__name__ for case, _ in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, message, tmp_path, isbi_dir, capsys):
+    logdir = tmp_path / "logs"
+    flags = case(tmp_path, isbi_dir)
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    assert train.main(flags + ["--logdir", str(logdir)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("train.py: error: ") and error.count("\n") == 1 and "Traceback" not in error
+    assert message in error
+    assert not logdir.exists()
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+
+
+def test_an_unwritable_logdir_is_one_line_and_exit_2(tmp_path, isbi_dir, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert train.main(["--data", str(isbi_dir), "--logdir", str(blocker / "logs")]) == 2
+    error = capsys.readouterr().err
+    assert f"cannot create a run directory in {blocker / 'logs'}" in error and "choose a writable --logdir" in error
+    assert error.count("\n") == 1 and blocker.read_text() == ""
