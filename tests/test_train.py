@@ -238,10 +238,10 @@ def test_run_directory_holds_config_and_best_checkpoint(two_run_logdir):
 
 def test_a_second_run_with_the_same_name_gets_its_own_directory(tmp_path, isbi_dir):
     logdir = tmp_path / "logs"
-    assert train.main(TINY + ["--epochs", "1", "--loss", "mse", "--lr", "1e-3",
+    assert train.main(TINY + ["--epochs", "1", "--eval-every", "0", "--loss", "mse", "--lr", "1e-3",
                               "--data", str(isbi_dir), "--logdir", str(logdir)]) == 0
     before = {path: path.stat().st_mtime_ns for path in (logdir / "mse_lr1e-3").rglob("*")}
-    assert train.main(TINY + ["--epochs", "1", "--loss", "mse", "--lr", "1e-3",
+    assert train.main(TINY + ["--epochs", "1", "--eval-every", "0", "--loss", "mse", "--lr", "1e-3",
                               "--data", str(isbi_dir), "--logdir", str(logdir)]) == 0
     assert (logdir / "mse_lr1e-3_2" / "train").is_dir()
     assert {path: path.stat().st_mtime_ns for path in (logdir / "mse_lr1e-3").rglob("*")} == before
