@@ -144,7 +144,7 @@ class IsbiScores(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if not self.every or epoch % self.every or not np.isfinite(logs["loss"]):
             return
-        # One slice at a time: whole slices of the paper-size net need gigabytes each.
+        # One slice at a time, so that large slices and the paper-size net fit in memory.
         probabilities = np.concatenate([np.asarray(self.model.predict_on_batch(image[np.newaxis]), dtype=np.float32)
                                         for image in self.images])[..., 0]
         logs.update({f"val_{name}": value for name, value in isbi_scores(self.labels, probabilities).items()})

@@ -129,6 +129,12 @@ def cut_event_files(run_dir, epoch, step):
         os.replace(temporary, path)
 
 
+def remove_leftovers(run_dir):
+    """Delete the temporary files of checkpoints and event files that a killed process left."""
+    for path in Path(run_dir).rglob(".*.partial*"):
+        path.unlink()
+
+
 def written_before(event, epoch, step):
     tags = [value.tag for value in event.summary.value]
     if tags and all(EPOCH_TAG.search(tag) for tag in tags):

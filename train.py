@@ -259,6 +259,7 @@ def continue_run(run_dir, config, args, command, jit_compile):
     if initial_epoch >= args.epochs:
         raise SetupError(f"{run_dir} has finished its {initial_epoch} epochs: give --epochs with more to train it further")
     model.jit_compile = jit_compile
+    resume.remove_leftovers(run_dir)
     resume.cut_event_files(run_dir, initial_epoch, int(model.optimizer.iterations.numpy()))
     best = resume.best_so_far(runs.read_scalars(run_dir / "validation") if (run_dir / "validation").is_dir() else {})
     config.update(epochs=args.epochs, resumed=[*config.get("resumed", []), command])
