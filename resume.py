@@ -88,10 +88,13 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 # --- resuming ---------------------------------------------------------------------------------
 
 def run_config(run_dir):
-    """The config.json of a run directory to resume; ResumeError if it is none."""
+    """The config.json of a run directory to resume; ResumeError if it is none or has no checkpoint."""
     config_path = Path(run_dir) / "config.json"
     if not config_path.is_file():
         raise ResumeError(f"{run_dir} is not a run directory (no config.json): give a directory that train.py created")
+    if not (Path(run_dir) / LAST).is_file():
+        raise ResumeError(f"{run_dir} has no {LAST}: it stopped before its first epoch ended (or an older train.py "
+                          "ran it); start it anew")
     try:
         return json.loads(config_path.read_text())
     except (OSError, ValueError) as error:
@@ -101,8 +104,6 @@ def run_config(run_dir):
 def restore_model(run_dir, config):
     """(compiled model with its optimizer state, completed epochs) from the run's last checkpoint."""
     path = Path(run_dir) / LAST
-    if not path.is_file():
-        raise ResumeError(f"{run_dir} has no {LAST}: it stopped before its first epoch ended; start it anew")
     try:
         model = keras.models.load_model(path)
     except Exception as error:  # Keras raises several types for files it cannot read

@@ -190,12 +190,12 @@ def resumed_arguments(args, config):
     if changed:
         raise SetupError(f"--resume continues a run with its own settings: drop {' '.join(changed)} "
                          "(start a new run to change them)")
-    resumed = {name: config[name] for name in vars(args) if name in config}
+    # Settings a run's config.json lacks (added to train.py after it started) keep their defaults.
+    resumed = {**vars(args), **{name: config[name] for name in vars(args) if name in config}}
     for name in ("logdir", "data", "images", "labels"):
-        if resumed.get(name) is not None:
+        if resumed[name] is not None:
             resumed[name] = Path(resumed[name])
-    return argparse.Namespace(**{**resumed, "resume": args.resume, "summary": None,
-                                 "epochs": args.epochs or config["epochs"]})
+    return argparse.Namespace(**{**resumed, "resume": args.resume, "epochs": args.epochs or config["epochs"]})
 
 
 # --- the run ----------------------------------------------------------------------------------

@@ -89,8 +89,15 @@ def test_resume_of_a_directory_that_is_not_a_run_is_refused(tmp_path, capsys):
 
 def test_resume_of_a_run_without_a_finished_epoch_is_refused(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"steps_per_epoch": 3}))
-    assert resume.run_config(tmp_path) == {"steps_per_epoch": 3}
-    with pytest.raises(resume.ResumeError, match="has no last.keras: it stopped before its first epoch ended"):
+    assert train.main(["--resume", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "has no last.keras: it stopped before its first epoch ended" in error and error.count("\n") == 1
+
+
+def test_resume_of_a_damaged_checkpoint_is_refused(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"steps_per_epoch": 3}))
+    (tmp_path / resume.LAST).write_bytes(b"half a checkpoint")
+    with pytest.raises(resume.ResumeError, match="last.keras is unreadable .*start a new one"):
         resume.restore_model(tmp_path, {"steps_per_epoch": 3})
 
 
