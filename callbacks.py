@@ -225,6 +225,12 @@ class RunSummary(keras.callbacks.Callback):
         self.best = dict(best or {})
         self._writer = None
 
+    @classmethod
+    def best_of(cls, validation_scalars):
+        """The best values so far, for resuming, from a run's validation scalars {tag: [(step, value)]}."""
+        return {name: better(value for _, value in validation_scalars[f"epoch_{name}"])
+                for name, (better, _) in cls.BEST.items() if validation_scalars.get(f"epoch_{name}")}
+
     def on_train_begin(self, logs=None):
         self._writer = tf.summary.create_file_writer(self.log_dir)
         if int(self.model.optimizer.iterations.numpy()) > 0:

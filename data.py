@@ -10,6 +10,7 @@ expects from a submission.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -92,21 +93,33 @@ def fetch_verified_slice(base_url, relative_path, expected_sha256):
     return skimage.io.imread(io.BytesIO(content))
 
 
+@contextlib.contextmanager
+def replaced_atomically(path):
+    """A temporary path beside `path` to write to: renamed onto `path` when the block ends, deleted
+    if it fails, so that `path` is always either its old content or the complete new one.
+
+    The name keeps the suffix (Keras insists on .keras) and matches `.*.partial*`, the pattern by
+    which `resume.remove_leftovers` finds what a killed process left.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def write_stack_atomically(path, stack, fix="free some space or choose another --data"):
     """Write a multi-page TIFF so that `path` either does not exist or is complete; `fix` ends
     the error message when it cannot be written."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tifffile.imwrite(temporary, stack, photometric="minisblack")
-        os.replace(temporary, path)
-    except BaseException as error:
-        if temporary.exists():
-            temporary.unlink()
-        if isinstance(error, OSError):
-            raise DataError(f"cannot write {path} ({error.strerror}): {fix}") from None
-        raise
+        with replaced_atomically(path) as temporary:
+            tifffile.imwrite(temporary, stack, photometric="minisblack")
+    except OSError as error:
+        raise DataError(f"cannot write {path} ({error.strerror}): {fix}") from None
 
 
 def download_isbi2012(data_dir=DEFAULT_DATA_DIR, mirror=None, verbose=True, overwrite=False):

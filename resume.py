@@ -11,7 +11,6 @@ files first, so that TensorBoard's curves continue without a gap or a duplicated
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import numpy as np
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto import event_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
+
+from data import replaced_atomically
 
 LAST = "last.keras"
 BEST = "best.keras"
@@ -38,16 +39,12 @@ class ResumeError(Exception):
 def save_atomically(model, path):
     """Save `model` to `path` so that `path` is either the old file or the complete new one."""
     path = Path(path)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.partial.keras")
     try:
-        model.save(temporary)
-        os.replace(temporary, path)
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise ResumeError(f"cannot write {path} ({error.strerror or error}): free some space, then continue "
-                              f"the run with --resume {path.parent}") from None
-        raise
+        with replaced_atomically(path) as temporary:
+            model.save(temporary)
+    except OSError as error:
+        raise ResumeError(f"cannot write {path} ({error.strerror or error}): free some space, then continue "
+                          f"the run with --resume {path.parent}") from None
 
 
 class Checkpoints(keras.callbacks.Callback):
@@ -121,13 +118,10 @@ def cut_event_files(run_dir, epoch, step):
         kept = [record for record in records if written_before(event_pb2.Event.FromString(record), epoch, step)]
         if len(kept) == len(records) and path.stat().st_size == sum(len(record) + 16 for record in records):
             continue
-        temporary = path.with_name(f".{path.name}.partial")
-        with open(temporary, "wb") as file:
+        with replaced_atomically(path) as temporary, open(temporary, "wb") as file:
             writer = RecordWriter(file)
             for record in kept:
                 writer.write(record)
-            writer.flush()
-        os.replace(temporary, path)
 
 
 def remove_leftovers(run_dir):
@@ -143,11 +137,3 @@ def written_before(event, epoch, step):
     return event.step <= step
 
 
-def best_so_far(scalars):
-    """Initial bests of `RunSummary` from the validation scalars {tag: [(step, value)]}."""
-    best = {}
-    for name, better in (("misclassified_pixel_fraction", min), ("v_rand", max)):
-        values = [value for _, value in scalars.get(f"epoch_{name}", [])]
-        if values:
-            best[name] = better(values)
-    return best

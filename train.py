@@ -177,9 +177,8 @@ def create_run_directory(logdir, name):
 
 def save_config(run_dir, config):
     """config.json, replaced atomically: a resumed run rewrites it."""
-    temporary = run_dir / ".config.json.partial"
-    temporary.write_text(json.dumps(config, indent=2, default=str))
-    os.replace(temporary, run_dir / "config.json")
+    with data.replaced_atomically(run_dir / "config.json") as temporary:
+        temporary.write_text(json.dumps(config, indent=2, default=str))
 
 
 def resumed_arguments(args, config):
@@ -261,7 +260,7 @@ def continue_run(run_dir, config, args, command, jit_compile):
     model.jit_compile = jit_compile
     resume.remove_leftovers(run_dir)
     resume.cut_event_files(run_dir, initial_epoch, int(model.optimizer.iterations.numpy()))
-    best = resume.best_so_far(runs.read_scalars(run_dir / "validation") if (run_dir / "validation").is_dir() else {})
+    best = RunSummary.best_of(runs.read_scalars(run_dir / "validation") if (run_dir / "validation").is_dir() else {})
     config.update(epochs=args.epochs, resumed=[*config.get("resumed", []), command])
     save_config(run_dir, config)
     return model, initial_epoch, best

@@ -19,7 +19,7 @@ def test_download_writes_three_30_page_stacks_equal_to_the_pngs(isbi_dir, mirror
         assert stack.shape == (30, 512, 512) and stack.dtype == np.uint8
         for index in (0, 17, 29):
             np.testing.assert_array_equal(stack[index], skimage.io.imread(f"{root}/{source_dir}/{index}.png"))
-    assert not list(isbi_dir.glob(".*.part"))
+    assert not list(isbi_dir.glob(".*.partial*"))
 
 
 def test_labels_become_cell_ones_and_membrane_zeros(isbi_dir):
