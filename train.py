@@ -31,8 +31,9 @@ from callbacks import IsbiScores, RunSummary, TensorBoard, ValidationSliceSummar
 from unet import DEPTH, build_unet
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
-DEFAULT_EPOCHS = 30
+DEFAULT_EPOCHS = 15
 IMAGE_SLICES = 3  # validation slices shown as images
+DATA_WORKERS = 2  # threads building training batches
 
 
 class SetupError(Exception):
@@ -87,8 +88,8 @@ def build_parser():
     run.add_argument("--lr", type=positive(float), default=1e-4, help="Adam learning rate (default: %(default)g)")
     run.add_argument("--epochs", type=positive(int), help=f"number of epochs (default: {DEFAULT_EPOCHS}; "
                      "with --resume, the run's own)")
-    run.add_argument("--steps-per-epoch", type=positive(int), default=50, help="training batches per epoch (default: %(default)s)")
-    run.add_argument("--batch-size", type=positive(int), default=8, help="crops per training batch (default: %(default)s)")
+    run.add_argument("--steps-per-epoch", type=positive(int), default=200, help="training batches per epoch (default: %(default)s)")
+    run.add_argument("--batch-size", type=positive(int), default=4, help="crops per training batch (default: %(default)s)")
     run.add_argument("--crop", type=crop_size, default=128, help=f"training crop size in pixels, a multiple of {2**DEPTH} (default: %(default)s)")
     run.add_argument("--filters", type=positive(int), default=16, help="filters of the first U-Net level; the paper has 64 (default: %(default)s)")
     run.add_argument("--seed", type=int, default=0, help="seed for weights, crops and augmentation (default: %(default)s)")
@@ -104,7 +105,7 @@ def build_parser():
     where.add_argument("--val-slices", type=slice_list,
                        help="comma-separated validation slice indices (default: three spread through the stack, 5,15,25 for ISBI)")
     board = parser.add_argument_group("TensorBoard")
-    board.add_argument("--image-every", type=positive(int), default=100, help="write prediction images every N training steps (default: %(default)s)")
+    board.add_argument("--image-every", type=positive(int), default=200, help="write prediction images every N training steps (default: %(default)s)")
     board.add_argument("--histogram-freq", type=non_negative_int, default=1, help="write weight and activation histograms and PR curves every N epochs, 0 for never (default: %(default)s)")
     board.add_argument("--eval-every", type=non_negative_int, default=1,
                        help="score the whole validation slices as the ISBI challenge does (V_rand, V_info, "
@@ -221,8 +222,13 @@ def compile_model(args, jit_compile):
     return model
 
 
+def shown_slices(num_validation_slices):
+    """Positions of the validation slices shown as images: up to IMAGE_SLICES, spread out."""
+    return np.linspace(0, num_validation_slices - 1, min(IMAGE_SLICES, num_validation_slices)).round().astype(int)
+
+
 def make_callbacks(args, run_dir, config, val_images, val_labels, val_indices, best, stop):
-    shown = np.linspace(0, len(val_indices) - 1, min(IMAGE_SLICES, len(val_indices))).round().astype(int)
+    shown = shown_slices(len(val_indices))
     return [
         # Before TensorBoard, which writes the scores it adds to the epoch logs.
         IsbiScores(val_images, val_labels, every=args.eval_every),
@@ -297,7 +303,7 @@ def train(args, command):
 
     # The crops of epoch k are the same whether or not the run was resumed before it.
     training_batches = data.RandomCrops(images[train_indices], labels[train_indices], args.batch_size,
-                                        args.crop, args.steps_per_epoch, args.seed, epoch=initial_epoch, workers=2)
+                                        args.crop, args.steps_per_epoch, args.seed, epoch=initial_epoch, workers=DATA_WORKERS)
     validation_batches = data.WholeSlices(val_images, val_labels)
     stop = resume.StopOnNonFiniteLoss()
     # shuffle=False: Keras would reorder the batches with the process's global random state, so a
