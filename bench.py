@@ -1,0 +1,320 @@
+"""How fast does this U-Net train here, and what holds it back? Measured side by side in one process.
+
+    python bench.py                                   # train.py's defaults
+    python bench.py --filters 32 --crop 256 --batch-size 4 --precision mixed_bfloat16
+
+Takes train.py's flags for the configuration and prints one table (markdown, for the README):
+
+- the machine's 3x3-convolution peak in the run's precision (forward, the best of a few shapes);
+- the training step on a batch already in memory: images/s, GFLOP/s (the U-Net's FLOPs counted
+  from its layers, forward + backward = 3x forward) and the share of the conv peak;
+- the data pipeline on its own (augmentation and batching, train.py's worker threads) against
+  what training consumes;
+- `model.fit` on the real pipeline with and without validation and train.py's TensorBoard
+  callbacks at the chosen settings: the overhead of watching, in wall time;
+- a reference pipeline on the same model: the seed article's approach (float32,
+  ImageDataGenerator-style augmentation in the main thread, a callback that predicts the shown
+  slices after every batch through a new summary writer), and the speed-up over it.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import collections
+import concurrent.futures
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from scipy import ndimage
+
+import data
+import resume
+import train
+from unet import build_unet
+
+CONV_PEAK_SHAPES = [(8, 128, 128, 32), (8, 64, 64, 64), (8, 32, 32, 128), (8, 16, 16, 256)]
+
+
+def build_parser():
+    parser = train.build_parser()
+    parser.description = "Benchmark training speed, data pipeline and TensorBoard overhead for a train.py configuration."
+    bench = parser.add_argument_group("benchmark")
+    bench.add_argument("--timed-steps", type=train.positive(int), default=20,
+                       help="training steps timed per measurement, after warm-up (default: %(default)s)")
+    bench.add_argument("--timed-epochs", type=train.positive(int), default=2,
+                       help="epochs of --steps-per-epoch timed with and without callbacks, after one warm-up "
+                            "epoch each (default: %(default)s)")
+    parser.error = lambda message: (print(f"bench.py: error: {message} (see --help)", file=sys.stderr), sys.exit(2))
+    return parser
+
+
+# --- FLOPs and peak -----------------------------------------------------------------------------
+
+def forward_flops_per_image(model, size):
+    """Multiply-adds x 2 of the convolutions for one `size` x `size` image (pooling, ReLU and
+    concatenation are a rounding error next to them)."""
+    sized = keras.models.clone_model(model, input_tensors=keras.Input((size, size, model.input_shape[-1])))
+    flops = 0
+    for layer in sized.layers:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv2DTranspose)):
+            kernel_h, kernel_w, in_channels, out_channels = layer.kernel.shape
+            if isinstance(layer, keras.layers.Conv2DTranspose):  # kernel (h, w, out, in), one pass per input pixel
+                in_channels, out_channels = out_channels, in_channels
+                positions = np.prod(layer.input.shape[1:3])
+            else:
+                positions = np.prod(layer.output.shape[1:3])
+            flops += 2 * positions * kernel_h * kernel_w * in_channels * out_channels
+    return int(flops)
+
+
+def median_seconds(function, repeats, warmup=2):
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def conv_peak(repeats=10):
+    """(GFLOP/s, shape) of the fastest forward 3x3 'same' convolution among CONV_PEAK_SHAPES, in
+    the global dtype policy's compute precision."""
+    best = (0.0, None)
+    for shape in CONV_PEAK_SHAPES:
+        batch, height, width, channels = shape
+        conv = keras.layers.Conv2D(channels, 3, padding="same")
+        inputs = tf.random.uniform(shape)
+        forward = tf.function(lambda x: conv(x), jit_compile=False)
+        seconds = median_seconds(lambda: forward(inputs).numpy(), repeats)
+        rate = 2 * batch * height * width * 9 * channels * channels / seconds / 1e9
+        best = max(best, (rate, shape), key=lambda pair: pair[0])
+    return best
+
+
+# --- the reference: the seed article's pipeline ---------------------------------------------------
+
+def image_data_generator_pair(rng, image, mask, crop):
+    """A random crop transformed as the seed article's ImageDataGenerator did it (rotation 0.2 deg,
+    shifts 5 %, shear 0.05 deg, zoom 5 % per axis, horizontal flip, nearest fill; one affine_transform
+    per array, linear, mask thresholded at 0.5)."""
+    top, left = rng.integers(image.shape[0] - crop + 1), rng.integers(image.shape[1] - crop + 1)
+    image, mask = image[top:top + crop, left:left + crop], mask[top:top + crop, left:left + crop].astype(np.float32)
+    theta = np.deg2rad(rng.uniform(-0.2, 0.2))
+    shear = np.deg2rad(rng.uniform(-0.05, 0.05))
+    zoom_row, zoom_col = rng.uniform(0.95, 1.05, size=2)
+    shift = rng.uniform(-0.05, 0.05, size=2) * crop
+    rotation = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    shearing = np.array([[1, -np.sin(shear)], [0, np.cos(shear)]])
+    matrix = rotation @ shearing @ np.diag([zoom_row, zoom_col])
+    centre = (crop - 1) / 2
+    offset = np.array([centre, centre]) - matrix @ np.array([centre, centre]) + shift
+    image, mask = (ndimage.affine_transform(array, matrix, offset, order=1, mode="nearest") for array in (image, mask))
+    if rng.random() < 0.5:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    return image.astype(np.float32), (mask > 0.5).astype(np.float32)
+
+
+class PredictionImagesEveryBatch(keras.callbacks.Callback):
+    """The seed article's image callback: after every batch, predict the shown slices and write
+    them through a summary writer opened (and closed) for that batch."""
+
+    def __init__(self, log_dir, images):
+        super().__init__()
+        self.log_dir, self.images = log_dir, images[..., np.newaxis]
+
+    def on_train_batch_end(self, batch, logs=None):
+        writer = tf.summary.create_file_writer(self.log_dir)
+        probabilities = self.model.predict(self.images, verbose=0)
+        with writer.as_default(step=int(self.model.optimizer.iterations.numpy())):
+            tf.summary.image("prediction", probabilities, max_outputs=len(probabilities))
+        writer.close()
+
+
+def reference_step_seconds(args, images, labels, shown_images, log_dir):
+    """Median seconds per step of the reference: float32, batches made in the main thread."""
+    keras.mixed_precision.set_global_policy("float32")
+    model = build_unet(filters=args.filters)
+    model.compile(optimizer=keras.optimizers.Adam(args.lr), loss="binary_crossentropy", metrics=["accuracy"],
+                  jit_compile=False)
+    callback = PredictionImagesEveryBatch(str(log_dir), shown_images)
+    callback.set_model(model)
+    rng = np.random.default_rng(args.seed)
+
+    def step():
+        picks = rng.integers(len(images), size=args.batch_size)
+        pairs = [image_data_generator_pair(rng, images[i], labels[i], args.crop) for i in picks]
+        batch_images, batch_masks = map(np.stack, zip(*pairs))
+        model.train_on_batch(batch_images[..., np.newaxis], batch_masks[..., np.newaxis])
+        callback.on_train_batch_end(0)
+
+    return median_seconds(step, args.timed_steps)
+
+
+# --- this project's pipeline ----------------------------------------------------------------------
+
+def pipeline_images_per_second(batches, workers, repeats):
+    """Images/s of `batches` built by `workers` threads, as the PyDataset's enqueuer runs them."""
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        list(pool.map(batches.__getitem__, range(workers)))  # warm-up
+        start = time.perf_counter()
+        list(pool.map(batches.__getitem__, range(repeats)))
+        return repeats * batches.batch_size / (time.perf_counter() - start)
+
+
+class TimedCallback(keras.callbacks.Callback):
+    """Runs `callback` and adds up the wall seconds spent in its hooks, per epoch."""
+
+    HOOKS = ("on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_train_batch_begin",
+             "on_train_batch_end", "on_test_begin", "on_test_end", "on_test_batch_begin", "on_test_batch_end")
+
+    def __init__(self, callback):
+        super().__init__()
+        self.callback, self.epoch, self.seconds = callback, 0, collections.Counter()
+        for hook in self.HOOKS:
+            setattr(self, hook, self.timed(hook, getattr(callback, hook)))
+
+    def timed(self, name, hook):
+        def run(*arguments, **keywords):
+            if name == "on_epoch_begin":
+                self.epoch = arguments[0]
+            start = time.perf_counter()
+            hook(*arguments, **keywords)
+            self.seconds[self.epoch] += time.perf_counter() - start
+        return run
+
+    def set_model(self, model):
+        super().set_model(model)
+        self.callback.set_model(model)
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.callback.set_params(params)
+
+
+class EpochTimes(keras.callbacks.Callback):
+    """Wall seconds of each epoch (from its first batch to after every other callback's epoch end)
+    and of its validation."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs, self.validations, self._start = [], [], {}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start["epoch"] = time.perf_counter()
+
+    def on_test_begin(self, logs=None):
+        self._start["test"] = time.perf_counter()
+
+    def on_test_end(self, logs=None):
+        self.validations.append(time.perf_counter() - self._start["test"])
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append(time.perf_counter() - self._start["epoch"])
+
+
+def timed_fit(model, batches, epochs, callbacks=(), **fit_arguments):
+    """(median wall seconds per epoch, {what: median seconds per epoch}) of model.fit over `epochs`
+    epochs after a first one (tracing, graph, step-0 images), which is left out."""
+    timer = EpochTimes()
+    timed = [TimedCallback(callback) for callback in callbacks]
+    model.fit(batches, epochs=epochs + 1, shuffle=False, verbose=0, callbacks=[*timed, timer], **fit_arguments)
+    breakdown = {type(callback.callback).__name__: statistics.median(callback.seconds[epoch] for epoch in range(1, epochs + 1))
+                 for callback in timed}
+    if timer.validations:
+        breakdown["validation (Keras)"] = statistics.median(timer.validations[1:])
+    return statistics.median(timer.epochs[1:]), breakdown
+
+
+def measure(args):
+    precision, jit_compile, device = train.device_settings(args.precision)
+    keras.mixed_precision.set_global_policy(precision)
+    keras.utils.set_random_seed(args.seed)
+    images, labels, images_path, labels_path = train.load_data(args)
+    train_indices, val_indices = data.split_slices(len(images), args.val_slices)
+    val_images = data.trim_to_multiple(images[val_indices], 16)
+    val_labels = data.trim_to_multiple(labels[val_indices], 16)
+    batches = data.RandomCrops(images[train_indices], labels[train_indices], args.batch_size, args.crop,
+                               args.steps_per_epoch, args.seed, workers=train.DATA_WORKERS)
+    results = {"device": device, "precision": precision, "XLA": jit_compile}
+
+    peak, peak_shape = conv_peak()
+    results["conv peak"] = (peak, peak_shape)
+    model = train.compile_model(args, jit_compile)
+    flops_per_image = 3 * forward_flops_per_image(model, args.crop)
+    batch = batches[0]
+    step = median_seconds(lambda: model.train_on_batch(*batch), args.timed_steps, warmup=3)
+    results["step"] = step
+    results["train images/s"] = args.batch_size / step
+    results["GFLOP/image"] = flops_per_image / 1e9
+    results["GFLOP/s"] = flops_per_image * args.batch_size / step / 1e9
+
+    results["pipeline images/s"] = pipeline_images_per_second(batches, train.DATA_WORKERS, 4 * args.timed_steps)
+
+    with tempfile.TemporaryDirectory() as logdir:
+        args.logdir = logdir
+        bare, _ = timed_fit(model, batches, args.timed_epochs)
+        run_dir, config = train.start_run(args, "python bench.py", images_path, labels_path, train_indices,
+                                          val_indices, precision, jit_compile, device)
+        watched, breakdown = timed_fit(
+            model, batches, args.timed_epochs, validation_data=data.WholeSlices(val_images, val_labels),
+            callbacks=train.make_callbacks(args, run_dir, config, val_images, val_labels, val_indices, {},
+                                           resume.StopOnNonFiniteLoss()))
+        results["fit images/s"] = args.steps_per_epoch * args.batch_size / bare
+        results["watched images/s"] = args.steps_per_epoch * args.batch_size / watched
+        results["overhead"] = (watched - bare) / watched
+        results["epoch seconds"] = (bare, watched)
+        results["breakdown"] = breakdown
+        shown = val_images[train.shown_slices(len(val_indices))]
+        reference = reference_step_seconds(args, images[train_indices], labels[train_indices], shown, logdir)
+        results["reference images/s"] = args.batch_size / reference
+    return results
+
+
+def format_results(args, r):
+    peak, shape = r["conv peak"]
+    rows = [
+        ("configuration", f"U-Net f={args.filters}, {args.crop}x{args.crop} crops, batch {args.batch_size}, "
+                          f"{r['precision']}, XLA {'on' if r['XLA'] else 'off'}; {r['device']}"),
+        ("3x3 conv peak (forward)", f"{peak:.0f} GFLOP/s (input {'x'.join(map(str, shape))})"),
+        ("training FLOPs", f"{r['GFLOP/image']:.2f} GFLOP per image (3x forward)"),
+        ("training step, batch in memory", f"{r['step']:.3f} s = {r['train images/s']:.1f} images/s = "
+                                           f"{r['GFLOP/s']:.0f} GFLOP/s = {r['GFLOP/s'] / peak:.0%} of the conv peak"),
+        ("data pipeline alone", f"{r['pipeline images/s']:.0f} images/s with {train.DATA_WORKERS} worker threads = "
+                                f"{r['pipeline images/s'] / r['train images/s']:.1f}x what training consumes"),
+        ("fit on the pipeline, no callbacks", f"{r['fit images/s']:.1f} images/s"),
+        ("fit with validation and TensorBoard callbacks", f"{r['watched images/s']:.1f} images/s: "
+                                                          f"overhead {r['overhead']:.1%} of wall time"),
+        ("where the overhead goes, s per epoch", ", ".join(f"{name} {seconds:.2f}" for name, seconds in r["breakdown"].items())
+         + f" (epoch {r['epoch seconds'][0]:.1f} s without, {r['epoch seconds'][1]:.1f} s with)"),
+        ("reference pipeline (seed article)", f"{r['reference images/s']:.2f} images/s"),
+        ("speed-up over the reference", f"{r['watched images/s'] / r['reference images/s']:.1f}x "
+                                        "(fit with callbacks vs reference)"),
+    ]
+    return "\n".join(["| measure | value |", "| --- | --- |", *(f"| {name} | {value} |" for name, value in rows)])
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.epochs = args.epochs or train.DEFAULT_EPOCHS
+    try:
+        results = measure(args)
+    except (data.DataError, train.SetupError) as error:
+        print(f"bench.py: error: {error}", file=sys.stderr)
+        return 2
+    print(f"python bench.py {shlex.join(argv)}".rstrip())
+    print(format_results(args, results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+
+import bench
+from unet import build_unet
+
+
+def unet_forward_flops(filters, size, depth=4):
+    """The U-Net's convolution FLOPs for one image, level by level from the paper's figure."""
+    channels = [filters * 2**level for level in range(depth + 1)]  # levels 1..depth, then the bottleneck
+    sizes = [size // 2**level for level in range(depth + 1)]
+    flops, previous = 0, 1
+    for level in range(depth + 1):  # two 3x3 convolutions on the way down and at the bottom
+        flops += 2 * sizes[level] ** 2 * 9 * (previous * channels[level] + channels[level] ** 2)
+        previous = channels[level]
+    for level in range(depth - 1, -1, -1):
+        c = channels[level]
+        flops += 2 * sizes[level + 1] ** 2 * 4 * channels[level + 1] * c  # 2x2 up-convolution, stride 2
+        flops += 2 * sizes[level] ** 2 * 9 * (2 * c * c + c * c)  # conv on the concatenation, then c -> c
+    return flops + 2 * size**2 * filters  # 1x1 output convolution
+
+
+@pytest.mark.parametrize("filters, size", [(4, 64), (16, 128), (64, 512)])
+def test_forward_flops_counted_from_the_layers_match_the_figure(filters, size):
+    assert bench.forward_flops_per_image(build_unet(filters), size) == unet_forward_flops(filters, size)
+
+
+def test_reference_augmentation_gives_aligned_binary_crops():
+    rng = np.random.default_rng(0)
+    image = np.tile(np.linspace(0, 1, 96, dtype=np.float32), (80, 1))
+    mask = (image > 0.5).astype(np.uint8)
+    for _ in range(5):
+        crop_image, crop_mask = bench.image_data_generator_pair(rng, image, mask, 32)
+        assert crop_image.shape == crop_mask.shape == (32, 32)
+        assert crop_image.dtype == crop_mask.dtype == np.float32
+        assert set(np.unique(crop_mask)) <= {0.0, 1.0}
+        # The transforms are small (0.2 deg, 5 %): the mask still follows the image's ramp.
+        assert np.mean((crop_image > 0.5) == (crop_mask > 0.5)) > 0.95
+
+
+def test_bench_prints_every_measure_for_a_tiny_configuration(isbi_dir, capsys):
+    assert bench.main(["--filters", "4", "--crop", "64", "--batch-size", "2", "--steps-per-epoch", "3",
+                       "--timed-steps", "2", "--timed-epochs", "1", "--precision", "float32",
+                       "--data", str(isbi_dir)]) == 0
+    table = capsys.readouterr().out
+    for row in ("3x3 conv peak", "training FLOPs", "of the conv peak", "data pipeline alone", "no callbacks",
+                "overhead", "IsbiScores", "ValidationSliceSummaries", "validation (Keras)",
+                "reference pipeline", "speed-up over the reference"):
+        assert row in table, row
+    assert "U-Net f=4, 64x64 crops, batch 2, float32" in table
+
+
+def test_bench_refuses_bad_flags_in_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--timed-steps", "0"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
