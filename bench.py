@@ -303,7 +303,10 @@ def format_results(args, r):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume or args.summary:
+        parser.error("--resume and --summary are train.py's; bench.py measures a new configuration")
     args.epochs = args.epochs or train.DEFAULT_EPOCHS
     try:
         results = measure(args)

@@ -50,8 +50,10 @@ def test_bench_prints_every_measure_for_a_tiny_configuration(isbi_dir, capsys):
     assert "U-Net f=4, 64x64 crops, batch 2, float32" in table
 
 
-def test_bench_refuses_bad_flags_in_one_line(capsys):
+@pytest.mark.parametrize("flags", [["--timed-steps", "0"], ["--summary", "logs"]])
+def test_bench_refuses_bad_flags_in_one_line(flags, capsys):
     with pytest.raises(SystemExit) as stop:
-        bench.main(["--timed-steps", "0"])
+        bench.main(flags)
     assert stop.value.code == 2
-    assert capsys.readouterr().err.count("\n") == 1
+    error = capsys.readouterr().err
+    assert error.startswith("bench.py: error:") and error.count("\n") == 1
