@@ -137,6 +137,16 @@ def test_images_show_the_whole_slice_on_a_fixed_scale(events):
     assert prediction.shape == (512, 512)
 
 
+def test_images_at_an_epoch_end_are_the_prediction_of_that_epochs_model(events, two_run_logdir, isbi_dir):
+    # The last step ends an epoch with histograms: its images come from the activation pass, and
+    # last.keras holds the weights of that step.
+    (step, value), = [item for item in events["bce_lr1e-3/validation_slices"]["slice_15/prediction"] if item[0] == TINY_STEPS]
+    model = keras.models.load_model(two_run_logdir / "bce_lr1e-3" / "last.keras", compile=False)
+    images, _ = data.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
+    probability = model.predict(images[[15], ..., np.newaxis], verbose=0)[0, ..., 0]
+    assert np.abs(decode(value) / 255.0 - probability).max() <= 1 / 255 + 1e-6
+
+
 def test_error_overlay_paints_false_and_missed_membrane_on_the_em_slice(events):
     run = events["bce_lr1e-3/validation_slices"]
     wrong = 0
