@@ -37,7 +37,7 @@ from scipy import ndimage
 import data
 import resume
 import train
-from unet import DEPTH, build_unet
+from unet import build_unet
 
 CONV_PEAK_SHAPES = [(8, 128, 128, 32), (8, 64, 64, 64), (8, 32, 32, 128), (8, 16, 16, 256)]
 
@@ -238,11 +238,8 @@ def measure(args):
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(args.seed)
     images, labels, images_path, labels_path = train.load_data(args)
-    train_indices, val_indices = data.split_slices(len(images), args.val_slices)
-    val_images = data.trim_to_multiple(images[val_indices], 2**DEPTH)
-    val_labels = data.trim_to_multiple(labels[val_indices], 2**DEPTH)
-    batches = data.RandomCrops(images[train_indices], labels[train_indices], args.batch_size, args.crop,
-                               args.steps_per_epoch, args.seed, workers=train.DATA_WORKERS)
+    train_indices, val_indices, val_images, val_labels = train.split(args, images, labels)
+    batches = train.random_crops(args, images, labels, train_indices)
     results = {"device": device, "precision": precision, "XLA": jit_compile}
 
     results["conv rates"] = conv_rates()

@@ -215,6 +215,21 @@ def load_data(args):
     return images, labels, images_path, labels_path
 
 
+def split(args, images, labels):
+    """(training indices, validation indices, validation slices, their labels) of the stacks."""
+    train_indices, val_indices = data.split_slices(len(images), args.val_slices)
+    # Whole validation slices go through the net, which needs sides divisible by 2**DEPTH.
+    return (train_indices, val_indices, data.trim_to_multiple(images[val_indices], 2**DEPTH),
+            data.trim_to_multiple(labels[val_indices], 2**DEPTH))
+
+
+def random_crops(args, images, labels, train_indices, epoch=0):
+    """The training batches from epoch `epoch` on: the crops of epoch k are the same whether or not
+    the run was resumed before it."""
+    return data.RandomCrops(images[train_indices], labels[train_indices], args.batch_size, args.crop,
+                            args.steps_per_epoch, args.seed, epoch=epoch, workers=DATA_WORKERS)
+
+
 def compile_model(args, jit_compile):
     model = build_unet(filters=args.filters)
     model.compile(optimizer=keras.optimizers.Adam(args.lr), loss=metrics.LOSSES[args.loss],
@@ -284,10 +299,7 @@ def train(args, command):
     keras.utils.set_random_seed(args.seed)
 
     images, labels, images_path, labels_path = load_data(args)
-    train_indices, val_indices = data.split_slices(len(images), args.val_slices)
-    # Whole validation slices go through the net, which needs sides divisible by 2**DEPTH.
-    val_images = data.trim_to_multiple(images[val_indices], 2**DEPTH)
-    val_labels = data.trim_to_multiple(labels[val_indices], 2**DEPTH)
+    train_indices, val_indices, val_images, val_labels = split(args, images, labels)
 
     if run_dir is None:
         run_dir, config = start_run(args, command, images_path, labels_path, train_indices, val_indices,
@@ -301,9 +313,7 @@ def train(args, command):
     print(f"run directory: {run_dir}" + (f" (resumed after epoch {initial_epoch})" if initial_epoch else ""))
     print(f"watch it with: tensorboard --logdir {args.logdir}")
 
-    # The crops of epoch k are the same whether or not the run was resumed before it.
-    training_batches = data.RandomCrops(images[train_indices], labels[train_indices], args.batch_size,
-                                        args.crop, args.steps_per_epoch, args.seed, epoch=initial_epoch, workers=DATA_WORKERS)
+    training_batches = random_crops(args, images, labels, train_indices, epoch=initial_epoch)
     validation_batches = data.WholeSlices(val_images, val_labels)
     stop = resume.StopOnNonFiniteLoss()
     # shuffle=False: Keras would reorder the batches with the process's global random state, so a
