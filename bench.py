@@ -22,7 +22,6 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import collections
-import concurrent.futures
 import shlex
 import statistics
 import sys
@@ -160,20 +159,21 @@ def reference_step_seconds(args, images, labels, shown_images, log_dir):
 
 # --- this project's pipeline ----------------------------------------------------------------------
 
-def pipeline_images_per_second(batches, workers, repeats):
-    """Images/s of `batches` built by `workers` threads, as the PyDataset's enqueuer runs them."""
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        list(pool.map(batches.__getitem__, range(workers)))  # warm-up
-        start = time.perf_counter()
-        list(pool.map(batches.__getitem__, range(repeats)))
-        return repeats * batches.batch_size / (time.perf_counter() - start)
+def pipeline_images_per_second(batches, batch_size, repeats):
+    """Images/s that the training input pipeline `batches` delivers on its own, after a warm-up."""
+    iterator = iter(batches)
+    next(iterator)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        next(iterator)
+    return repeats * batch_size / (time.perf_counter() - start)
 
 
 class TimedCallback(keras.callbacks.Callback):
     """Runs `callback` and adds up the wall seconds spent in its hooks, per epoch."""
 
     HOOKS = ("on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_train_batch_begin",
-             "on_train_batch_end", "on_test_begin", "on_test_end", "on_test_batch_begin", "on_test_batch_end")
+             "on_train_batch_end")
 
     def __init__(self, callback):
         super().__init__()
@@ -200,36 +200,27 @@ class TimedCallback(keras.callbacks.Callback):
 
 
 class EpochTimes(keras.callbacks.Callback):
-    """Wall seconds of each epoch (from its first batch to after every other callback's epoch end)
-    and of its validation."""
+    """Wall seconds of each epoch, from its first batch to after every other callback's epoch end."""
 
     def __init__(self):
         super().__init__()
-        self.epochs, self.validations, self._start = [], [], {}
+        self.epochs, self._start = [], None
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._start["epoch"] = time.perf_counter()
-
-    def on_test_begin(self, logs=None):
-        self._start["test"] = time.perf_counter()
-
-    def on_test_end(self, logs=None):
-        self.validations.append(time.perf_counter() - self._start["test"])
+        self._start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        self.epochs.append(time.perf_counter() - self._start["epoch"])
+        self.epochs.append(time.perf_counter() - self._start)
 
 
-def timed_fit(model, batches, epochs, callbacks=(), **fit_arguments):
-    """(median wall seconds per epoch, {what: median seconds per epoch}) of model.fit over `epochs`
-    epochs after a first one (tracing, graph, step-0 images), which is left out."""
+def timed_fit(model, batches, epochs, steps_per_epoch, callbacks=()):
+    """(median wall seconds per epoch, {callback: median seconds per epoch}) of model.fit over
+    `epochs` epochs after a first one (tracing, graph, step-0 images), which is left out."""
     timer = EpochTimes()
     timed = [TimedCallback(callback) for callback in callbacks]
-    model.fit(batches, epochs=epochs + 1, shuffle=False, verbose=0, callbacks=[*timed, timer], **fit_arguments)
+    model.fit(batches, epochs=epochs + 1, steps_per_epoch=steps_per_epoch, shuffle=False, verbose=0, callbacks=[*timed, timer])
     breakdown = {type(callback.callback).__name__: statistics.median(callback.seconds[epoch] for epoch in range(1, epochs + 1))
                  for callback in timed}
-    if timer.validations:
-        breakdown["validation (Keras)"] = statistics.median(timer.validations[1:])
     return statistics.median(timer.epochs[1:]), breakdown
 
 
@@ -237,30 +228,33 @@ def measure(args):
     precision, jit_compile, device = train.device_settings(args.precision)
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(args.seed)
-    images, labels, images_path, labels_path = train.load_data(args)
-    train_indices, val_indices, val_images, val_labels = train.split(args, images, labels)
-    batches = train.random_crops(args, images, labels, train_indices)
+    stacks, images_path, labels_path = train.load_data(args)
+    train_indices, val_indices, val_images, val_labels = train.split(args, stacks)
+    strategy = tf.distribute.get_strategy()
+    crops = train.random_crops(args, stacks, train_indices)
+    batches = train.training_batches(strategy, args, crops, first_epoch=0)
     results = {"device": device, "precision": precision, "XLA": jit_compile}
 
     results["conv rates"] = conv_rates()
     model = train.compile_model(args, jit_compile)
     flops_per_image = 3 * forward_flops_per_image(model, args.crop)
-    batch = batches[0]
+    batch = crops.batch(epoch=0, index=0)
     step = median_seconds(lambda: model.train_on_batch(*batch), args.timed_steps, warmup=3)
     results["step"] = step
     results["train images/s"] = args.batch_size / step
     results["GFLOP/image"] = flops_per_image / 1e9
     results["GFLOP/s"] = flops_per_image * args.batch_size / step / 1e9
 
-    results["pipeline images/s"] = pipeline_images_per_second(batches, train.DATA_WORKERS, 4 * args.timed_steps)
+    results["pipeline images/s"] = pipeline_images_per_second(batches, args.batch_size, 4 * args.timed_steps)
 
     with tempfile.TemporaryDirectory() as logdir:
         args.logdir = logdir
-        bare, _ = timed_fit(model, batches, args.timed_epochs)
-        run_dir, config = train.start_run(args, "python bench.py", images_path, labels_path, train_indices,
-                                          val_indices, precision, jit_compile, device)
+        bare, _ = timed_fit(model, batches, args.timed_epochs, args.steps_per_epoch)
+        setup = {"precision": precision, "jit_compile": jit_compile, "device": device}
+        run_dir, config = train.start_run(args, logdir, "python bench.py", images_path, labels_path, train_indices,
+                                          val_indices, setup)
         watched, breakdown = timed_fit(
-            model, batches, args.timed_epochs, validation_data=data.WholeSlices(val_images, val_labels),
+            model, batches, args.timed_epochs, args.steps_per_epoch,
             callbacks=train.make_callbacks(args, run_dir, config, val_images, val_labels, val_indices, {},
                                            resume.StopOnNonFiniteLoss()))
         results["fit images/s"] = args.steps_per_epoch * args.batch_size / bare
@@ -269,7 +263,8 @@ def measure(args):
         results["epoch seconds"] = (bare, watched)
         results["breakdown"] = breakdown
         shown = val_images[train.shown_slices(len(val_indices))]
-        reference = reference_step_seconds(args, images[train_indices], labels[train_indices], shown, logdir)
+        reference = reference_step_seconds(args, np.stack([stacks.image(i) for i in train_indices]),
+                                           np.stack([stacks.mask(i) for i in train_indices]), shown, logdir)
         results["reference images/s"] = args.batch_size / reference
     return results
 
@@ -284,7 +279,7 @@ def format_results(args, r):
         ("training FLOPs", f"{r['GFLOP/image']:.2f} GFLOP per image (3x forward)"),
         ("training step, batch in memory", f"{r['step']:.3f} s = {r['train images/s']:.1f} images/s = "
                                            f"{r['GFLOP/s']:.0f} GFLOP/s = {r['GFLOP/s'] / peak:.0%} of the conv peak"),
-        ("data pipeline alone", f"{r['pipeline images/s']:.0f} images/s with {train.DATA_WORKERS} worker threads = "
+        ("data pipeline alone", f"{r['pipeline images/s']:.0f} images/s (tf.data, {train.DATA_WORKERS} parallel calls) = "
                                 f"{r['pipeline images/s'] / r['train images/s']:.1f}x what training consumes"),
         ("fit on the pipeline, no callbacks", f"{r['fit images/s']:.1f} images/s"),
         ("fit with validation and TensorBoard callbacks", f"{r['watched images/s']:.1f} images/s: "

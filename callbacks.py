@@ -34,6 +34,16 @@ def error_overlay(image, label, probability):
     return overlay
 
 
+def forward_pass(model):
+    """`model` applied to a batch, as a graph run on this process's first device.
+
+    Not `predict_on_batch`: under a tf.distribute strategy Keras (3.15) hands each replica the
+    whole batch and returns one copy of the output per replica, and across workers it gathers
+    the outputs, a collective that every worker would have to join.
+    """
+    return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+
+
 def sample_values(array):
     """At most ACTIVATION_SAMPLE values of `array`, drawn at the same positions every time.
 
@@ -71,6 +81,7 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
         self.image_every = image_every
         self.histogram_every = histogram_every
         self.writer = None
+        self._predict = None
         self._activations = None
         self._epoch = 0
         self._images_deferred_to = None
@@ -80,7 +91,9 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.writer = tf.summary.create_file_writer(self.log_dir)
-        self._activations = keras.Model(self.model.inputs, [self.model.get_layer(name).output for name in ACTIVATION_LAYERS])
+        self._predict = forward_pass(self.model)
+        self._activations = forward_pass(keras.Model(self.model.inputs, [self.model.get_layer(name).output
+                                                                         for name in ACTIVATION_LAYERS]))
         if self.global_step() == 0:  # a resumed run wrote its start already
             self.write(lambda: self.write_images(self.predict()), 0)
 
@@ -107,7 +120,7 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
         images = self._images_deferred_to == step
         if not (histograms or images):
             return
-        outputs = self._activations.predict_on_batch(self.images)
+        outputs = self._activations(self.images)
 
         def summaries():
             if histograms:
@@ -126,7 +139,7 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
         self.writer.flush()
 
     def predict(self):
-        return np.asarray(self.model.predict_on_batch(self.images), dtype=np.float32)
+        return np.asarray(self._predict(self.images), dtype=np.float32)
 
     def write_images(self, probabilities):
         step = tf.summary.experimental.get_step()
@@ -154,28 +167,47 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
         tf.summary.experimental.write_raw_pb(curve.SerializeToString(), step=tf.summary.experimental.get_step())
 
 
-class IsbiScores(keras.callbacks.Callback):
-    """Every `every` epochs, the ISBI challenge's scores of whole validation slices.
+class Validation(keras.callbacks.Callback):
+    """The validation scores of each epoch from one pass of the whole validation slices through the
+    net, added to the epoch logs: the loss and the compiled metrics every epoch (`val_loss`,
+    `val_misclassified_pixel_fraction`, ...) and every `isbi_every` epochs the ISBI challenge's
+    scores (`val_v_rand`, `val_v_info`, `val_pixel_error` and the thresholds that give them).
 
-    They are added to the epoch logs as `val_v_rand`, `val_v_info`, `val_pixel_error` and the
-    thresholds that give them (`val_v_rand_threshold`, ...), so Keras' TensorBoard callback, which
-    must come after this one, writes them to the `validation` run as `epoch_v_rand`, ... beside the
-    validation loss, and the progress bar, History and checkpoints see them too.
+    It stands in for Keras' `validation_data`, which would pass the slices through the net a
+    second time, and which under a tf.distribute strategy (Keras 3.15) splits a batch of one
+    slice across the replicas and fails on the empty share. Keras' TensorBoard callback, which
+    must come after this one, writes the scores to the `validation` run as `epoch_loss`,
+    `epoch_v_rand`, ...; the progress bar, History and checkpoints see them too.
     """
 
-    def __init__(self, images, labels, every):
+    def __init__(self, images, labels, loss, metrics, isbi_every):
         super().__init__()
         self.images = images[..., np.newaxis]
-        self.labels = labels
-        self.every = every
+        self.labels = labels[..., np.newaxis].astype(np.float32)
+        self.loss = loss
+        self.metrics = metrics
+        self.isbi_every = isbi_every
+        self._predict = None
+
+    def on_train_begin(self, logs=None):
+        self._predict = forward_pass(self.model)
 
     def on_epoch_end(self, epoch, logs=None):
-        if not self.every or epoch % self.every or not np.isfinite(logs["loss"]):
-            return
+        for metric in self.metrics:
+            metric.reset_state()
+        losses, probabilities = [], []
         # One slice at a time, so that large slices and the paper-size net fit in memory.
-        probabilities = np.concatenate([np.asarray(self.model.predict_on_batch(image[np.newaxis]), dtype=np.float32)
-                                        for image in self.images])[..., 0]
-        logs.update({f"val_{name}": value for name, value in isbi_scores(self.labels, probabilities).items()})
+        for image, label in zip(self.images, self.labels):
+            probability = np.asarray(self._predict(image[np.newaxis]), dtype=np.float32)
+            losses.append(float(np.mean(self.loss(label[np.newaxis], probability))))
+            for metric in self.metrics:
+                metric.update_state(label[np.newaxis], probability)
+            probabilities.append(probability[0, ..., 0])
+        logs["val_loss"] = float(np.mean(losses))
+        logs.update({f"val_{metric.name}": float(metric.result()) for metric in self.metrics})
+        if self.isbi_every and epoch % self.isbi_every == 0 and np.isfinite(logs["loss"]):
+            scores = isbi_scores(self.labels[..., 0], np.stack(probabilities))
+            logs.update({f"val_{name}": value for name, value in scores.items()})
 
 
 class TensorBoard(keras.callbacks.TensorBoard):
@@ -220,13 +252,14 @@ class TensorBoard(keras.callbacks.TensorBoard):
                 tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=epoch)
         self._train_writer.flush()
 
-    def on_test_end(self, logs=None):
-        with tf.summary.record_if(True):
-            super().on_test_end(logs)
-
     def on_epoch_end(self, epoch, logs=None):
         with tf.summary.record_if(True):
             super().on_epoch_end(epoch, logs)
+            # As Keras writes after its own evaluation, which the Validation callback replaces.
+            with self._val_writer.as_default(step=int(self.model.optimizer.iterations.numpy())):
+                for name, value in logs.items():
+                    if name.startswith("val_"):
+                        tf.summary.scalar(f"evaluation_{name[4:]}_vs_iterations", value)
         self._train_writer.flush()
         self._val_writer.flush()
 

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import math
 import os
 import sys
 import urllib.error
@@ -24,6 +25,7 @@ import keras
 import numpy as np
 import skimage.io
 import skimage.transform
+import tensorflow as tf
 import tifffile
 from scipy import ndimage
 
@@ -160,8 +162,10 @@ def ensure_isbi2012(data_dir=DEFAULT_DATA_DIR, mirror=None, names=tuple(STACK_SO
 
 # --- reading stacks ---------------------------------------------------------------------------
 
-def read_stack(path):
-    """A TIFF as a (pages, height, width) array; one clear DataError for anything else."""
+def read_stack(path, memory_map_above=math.inf):
+    """A TIFF as a (pages, height, width) array; memory-mapped (nothing read until a region is
+    indexed) if its pixels take more than `memory_map_above` bytes. One clear DataError for
+    anything else."""
     path = Path(path)
     if not path.is_file():
         raise DataError(
@@ -169,8 +173,9 @@ def read_stack(path):
         )
     try:
         with tifffile.TiffFile(path) as tiff:
-            axes = tiff.series[0].axes
-            stack = tiff.series[0].asarray()
+            series = tiff.series[0]
+            axes, shape, memory_map = series.axes, series.shape, series.nbytes > memory_map_above
+            stack = None if memory_map else series.asarray()
     except Exception as error:  # tifffile raises several types for damaged files
         raise DataError(
             f"{path} is not a readable TIFF ({type(error).__name__}: {error}): replace it "
@@ -178,37 +183,80 @@ def read_stack(path):
         ) from None
     if "S" in axes:
         raise DataError(f"{path} holds colour pixels (axes {axes}): convert it to greyscale, one slice per page")
-    if stack.ndim == 2:
-        stack = stack[np.newaxis]
-    if stack.ndim != 3:
+    if len(shape) not in (2, 3):
         raise DataError(
-            f"{path} has shape {stack.shape}: expected grey slices, one per page "
+            f"{path} has shape {shape}: expected grey slices, one per page "
             "(pages x height x width)"
         )
-    return stack
+    if memory_map:
+        stack = memory_mapped(path)
+    return stack.reshape((1, *shape) if len(shape) == 2 else shape)
+
+
+def memory_mapped(path):
+    try:
+        return tifffile.memmap(path, mode="r")
+    except ValueError:
+        raise DataError(
+            f"{path} cannot be memory-mapped (its pixels are compressed, tiled or not stored in one "
+            "piece): save it uncompressed, e.g. tifffile.imwrite(path, stack), or load it with --memmap off"
+        ) from None
 
 
 def as_unit_float(stack):
     """Integer pixels scaled by their type's range to float32 in [0, 1]; floats kept."""
     if np.issubdtype(stack.dtype, np.integer):
         return (stack / np.iinfo(stack.dtype).max).astype(np.float32)
-    return stack.astype(np.float32)
+    return np.asarray(stack, dtype=np.float32)
+
+
+def cell_value(stack, path):
+    """The label value that means cell (the higher of two). Read a slice at a time, so that a
+    memory-mapped stack is never loaded whole."""
+    low, high = min(labels.min() for labels in stack), max(labels.max() for labels in stack)
+    for index, labels in enumerate(stack):
+        if np.any((labels != low) & (labels != high)):
+            values = np.union1d(np.unique(labels), [low, high])
+            raise DataError(
+                f"{path} is not a binary mask: slice {index} holds {len(values)} distinct values (expected 2, "
+                "e.g. 0 = membrane and 255 = cell); threshold it first"
+            )
+    # A stack of one value is all cell if that value is positive, else all membrane.
+    return high if high > low or high > 0 else high + 1
 
 
 def as_cell_mask(stack, path):
     """Binary labels as {0, 1} uint8, 1 = cell (the higher of the two values)."""
-    values = np.unique(stack)
-    if len(values) > 2:
-        raise DataError(
-            f"{path} is not a binary mask: {len(values)} distinct values found (expected 2, "
-            "e.g. 0 = membrane and 255 = cell); threshold it first"
-        )
-    return (stack == values[-1]).astype(np.uint8) if len(values) == 2 else (stack > 0).astype(np.uint8)
+    return (stack == cell_value(stack, path)).astype(np.uint8)
 
 
-def load_training_stacks(images_path, labels_path):
-    """Images as float32 in [0, 1] and labels as {0, 1} (1 = cell), both (slices, H, W)."""
-    images, labels = read_stack(images_path), read_stack(labels_path)
+@dataclasses.dataclass(frozen=True)
+class TrainingStacks:
+    """Image slices and their masks as stored, in memory or memory-mapped from the TIFFs, read a
+    slice or a region at a time: images as float32 in [0, 1], masks as {0, 1} uint8 (1 = cell)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    cell_value: float
+
+    def __len__(self):
+        return len(self.images)
+
+    @property
+    def slice_shape(self):
+        return self.images.shape[1:]
+
+    def image(self, index, region=(slice(None), slice(None))):
+        return as_unit_float(self.images[index][region])
+
+    def mask(self, index, region=(slice(None), slice(None))):
+        return (self.labels[index][region] == self.cell_value).astype(np.uint8)
+
+
+def load_training_stacks(images_path, labels_path, memory_map_above=math.inf):
+    """The image and mask stacks as TrainingStacks; each memory-mapped if larger than
+    `memory_map_above` bytes."""
+    images, labels = read_stack(images_path, memory_map_above), read_stack(labels_path, memory_map_above)
     if len(images) != len(labels):
         raise DataError(
             f"{images_path} has {len(images)} slices but {labels_path} has {len(labels)}: "
@@ -219,7 +267,7 @@ def load_training_stacks(images_path, labels_path):
             f"slices of {images_path} are {images.shape[1:]} but masks in {labels_path} are "
             f"{labels.shape[1:]}: image and mask slices must have the same height and width"
         )
-    return as_unit_float(images), as_cell_mask(labels, labels_path)
+    return TrainingStacks(images, labels, cell_value(labels, labels_path))
 
 
 # --- train/validation split -------------------------------------------------------------------
@@ -310,15 +358,29 @@ def sample_coordinates(rng, slice_shape, crop, augmentation):
     return coordinates
 
 
-def augmented_crop(image, mask, crop, rng, augmentation=Augmentation()):
-    """One random crop of (image, mask) with every transform done in a single interpolation.
+def mirrored(coordinates, slice_shape):
+    """(2, ...) coordinates folded into the slice the way scipy.ndimage's 'mirror' mode extends
+    it, about the centres of the edge pixels; for linear interpolation the values are the same."""
+    last = np.reshape(slice_shape, (2,) + (1,) * (coordinates.ndim - 1)) - 1
+    folded = np.mod(coordinates, 2 * last)
+    return np.where(folded > last, 2 * last - folded, folded)
 
-    Pixels that fall outside the slice are mirrored in, as the U-Net paper extrapolates. The mask
-    is interpolated linearly and thresholded at 0.5, so it stays strictly binary and aligned.
+
+def augmented_crop(stacks, index, crop, rng, augmentation=Augmentation()):
+    """One random crop of slice `index` of `stacks` (image and mask) with every transform done in
+    a single interpolation.
+
+    Pixels that fall outside the slice are mirrored in, as the U-Net paper extrapolates. Only the
+    region the crop covers is read, so that a memory-mapped stack is never loaded. The mask is
+    interpolated linearly and thresholded at 0.5, so it stays strictly binary and aligned.
     """
-    coordinates = sample_coordinates(rng, image.shape, crop, augmentation)
-    image_crop = ndimage.map_coordinates(image, coordinates, order=1, mode="mirror")
-    mask_crop = ndimage.map_coordinates(mask.astype(np.float32), coordinates, order=1, mode="mirror")
+    coordinates = mirrored(sample_coordinates(rng, stacks.slice_shape, crop, augmentation), stacks.slice_shape)
+    top, left = np.floor(coordinates.min(axis=(1, 2))).astype(int)
+    bottom, right = np.floor(coordinates.max(axis=(1, 2))).astype(int) + 2  # + the interpolation's neighbour
+    region = (slice(top, bottom), slice(left, right))
+    local = coordinates - np.array([top, left]).reshape(2, 1, 1)
+    image_crop = ndimage.map_coordinates(stacks.image(index, region), local, order=1, mode="nearest")
+    mask_crop = ndimage.map_coordinates(stacks.mask(index, region).astype(np.float32), local, order=1, mode="nearest")
     contrast = rng.uniform(1 - augmentation.contrast, 1 + augmentation.contrast)
     brightness = rng.uniform(-augmentation.brightness, augmentation.brightness)
     image_crop = np.clip((image_crop - 0.5) * contrast + 0.5 + brightness, 0.0, 1.0)
@@ -327,34 +389,58 @@ def augmented_crop(image, mask, crop, rng, augmentation=Augmentation()):
 
 # --- batches ----------------------------------------------------------------------------------
 
-class RandomCrops(keras.utils.PyDataset):
-    """Training batches of augmented random crops, reproducible from (seed, epoch, batch index).
+@dataclasses.dataclass(frozen=True)
+class RandomCrops:
+    """Batches of augmented random crops of the training slices `slices` of `stacks`.
 
-    Each batch draws from its own generator seeded with (seed, epoch, index), so the stream does
-    not depend on how many workers build it or in which order, and a run can be replayed.
+    Batch `index` of epoch `epoch` in stream `stream` draws from a generator seeded with
+    (seed, epoch, index, stream), so the crops do not depend on how many threads build them or in
+    which order, a run can be replayed or resumed, and every replica of a distributed run draws
+    its own stream. (numpy pads a seed with zeros, so stream 0 is seed (seed, epoch, index).)
     """
 
-    def __init__(self, images, labels, batch_size, crop, steps_per_epoch, seed,
-                 augmentation=Augmentation(), epoch=0, **kwargs):
-        super().__init__(**kwargs)
-        self.images, self.labels = images, labels
-        self.batch_size, self.crop = batch_size, crop
-        self.steps_per_epoch, self.seed = steps_per_epoch, seed
-        self.augmentation = augmentation
-        self.epoch = epoch
+    stacks: TrainingStacks
+    slices: list
+    batch_size: int
+    crop: int
+    seed: int
+    augmentation: Augmentation = Augmentation()
 
-    def __len__(self):
-        return self.steps_per_epoch
-
-    def __getitem__(self, index):
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        picks = rng.integers(len(self.images), size=self.batch_size)
-        pairs = [augmented_crop(self.images[i], self.labels[i], self.crop, rng, self.augmentation) for i in picks]
+    def batch(self, epoch, index, stream=0):
+        """(images, masks), each (batch_size, crop, crop, 1) float32."""
+        rng = np.random.default_rng([self.seed, epoch, index, stream])
+        picks = rng.integers(len(self.slices), size=self.batch_size)
+        pairs = [augmented_crop(self.stacks, self.slices[i], self.crop, rng, self.augmentation) for i in picks]
         images, masks = map(np.stack, zip(*pairs))
         return images[..., np.newaxis], masks[..., np.newaxis]
 
-    def on_epoch_end(self):
-        self.epoch += 1
+
+def replica_batches(crops, steps_per_epoch, first_epoch, input_context, workers):
+    """The tf.data input pipeline of one worker of a tf.distribute strategy (see
+    `Strategy.distribute_datasets_from_function`): per-replica batches from `first_epoch` on,
+    built by `workers` threads, in order.
+
+    The worker's replicas take turns at its batches; each draws from its own stream, numbered
+    globally, so that no two replicas or workers train on the same crops, and a single replica
+    draws stream 0: the same crops as a run without a strategy.
+    """
+    local_replicas = input_context.num_replicas_in_sync // input_context.num_input_pipelines
+    first_stream = input_context.input_pipeline_id * local_replicas
+    shape = (crops.batch_size, crops.crop, crops.crop, 1)
+
+    def batch(element):
+        step, replica = divmod(int(element), local_replicas)
+        epoch, index = divmod(step, steps_per_epoch)
+        return crops.batch(epoch, index, first_stream + replica)
+
+    def built(element):
+        images, masks = tf.numpy_function(batch, [element], (tf.float32, tf.float32), stateful=False)
+        return tf.ensure_shape(images, shape), tf.ensure_shape(masks, shape)
+
+    start = first_epoch * steps_per_epoch * local_replicas
+    return (tf.data.Dataset.range(start, np.iinfo(np.int64).max)
+            .map(built, num_parallel_calls=workers, deterministic=True)
+            .prefetch(tf.data.AUTOTUNE))
 
 
 def trim_to_multiple(stack, multiple):
@@ -362,23 +448,6 @@ def trim_to_multiple(stack, multiple):
     height, width = (size - size % multiple for size in stack.shape[1:3])
     top, left = (stack.shape[1] - height) // 2, (stack.shape[2] - width) // 2
     return stack[:, top:top + height, left:left + width]
-
-
-class WholeSlices(keras.utils.PyDataset):
-    """Validation batches of whole slices, in order, without augmentation."""
-
-    def __init__(self, images, labels, batch_size=1, **kwargs):
-        super().__init__(**kwargs)
-        self.images = images[..., np.newaxis]
-        self.labels = labels[..., np.newaxis].astype(np.float32)
-        self.batch_size = batch_size
-
-    def __len__(self):
-        return -(-len(self.images) // self.batch_size)
-
-    def __getitem__(self, index):
-        batch = slice(index * self.batch_size, (index + 1) * self.batch_size)
-        return self.images[batch], self.labels[batch]
 
 
 def main(argv=None):

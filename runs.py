@@ -27,7 +27,8 @@ def hyperparameters(config):
 
 
 def sha256_of(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    with open(path, "rb") as file:  # streamed: a stack may be larger than memory
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def git_commit():

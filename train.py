@@ -15,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -24,16 +25,20 @@ import numpy as np
 import tensorflow as tf
 
 import data
+import distribute
 import metrics
 import resume
 import runs
-from callbacks import IsbiScores, RunSummary, TensorBoard, ValidationSliceSummaries
+from callbacks import RunSummary, TensorBoard, Validation, ValidationSliceSummaries
 from unet import DEPTH, build_unet
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 DEFAULT_EPOCHS = 15
 IMAGE_SLICES = 3  # validation slices shown as images
 DATA_WORKERS = 2  # threads building training batches
+MEMMAP_CHOICES = ("auto", "on", "off")
+MEMMAP_SHARE = 0.25  # --memmap auto maps a stack larger than this share of the machine's memory
+MACHINE_SETTINGS = ("strategy", "memmap")  # may differ when a run is resumed elsewhere
 
 
 class SetupError(Exception):
@@ -95,6 +100,9 @@ def build_parser():
     run.add_argument("--seed", type=int, default=0, help="seed for weights, crops and augmentation (default: %(default)s)")
     run.add_argument("--precision", choices=PRECISIONS, default="auto",
                      help="Keras dtype policy; auto picks one for the device found, see README (default: %(default)s)")
+    run.add_argument("--strategy", choices=distribute.STRATEGIES, default="auto",
+                     help="tf.distribute strategy: mirrored = every GPU of this machine, multiworker = several "
+                          "machines named by TF_CONFIG; auto picks one, see README (default: %(default)s)")
     where = parser.add_argument_group("data and logs")
     where.add_argument("--logdir", type=Path, default=Path("logs"), help="parent directory of the run directories (default: %(default)s)")
     where.add_argument("--data", type=Path, default=data.DEFAULT_DATA_DIR,
@@ -102,6 +110,9 @@ def build_parser():
     where.add_argument("--images", type=Path, help="your own image stack (multi-page TIFF) instead of ISBI's")
     where.add_argument("--labels", type=Path, help="your own binary mask stack, same shape as --images")
     where.add_argument("--mirror", help=f"base URL to download ISBI 2012 from (http(s):// or file://); default ${data.MIRROR_ENV} or GitHub")
+    where.add_argument("--memmap", choices=MEMMAP_CHOICES, default="auto",
+                       help="read training crops straight from the TIFFs instead of loading them; auto does so for "
+                            f"a stack larger than {MEMMAP_SHARE:.0%} of this machine's memory (default: %(default)s)")
     where.add_argument("--val-slices", type=slice_list,
                        help="comma-separated validation slice indices (default: three spread through the stack, 5,15,25 for ISBI)")
     board = parser.add_argument_group("TensorBoard")
@@ -113,7 +124,7 @@ def build_parser():
     board.add_argument("--update-freq", type=positive(int), default=10, help="write batch-level scalars every N steps (default: %(default)s)")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
                         help="continue a run from its last checkpoint, with its own settings (only --epochs may "
-                             "change, to train it further)")
+                             "change, to train it further, and --strategy and --memmap, for the machine)")
     parser.add_argument("--summary", type=Path, metavar="LOGDIR",
                         help="print one row per run under LOGDIR (loss, lr, steps, best and last validation "
                              "metrics) and exit")
@@ -183,15 +194,16 @@ def save_config(run_dir, config):
 
 
 def resumed_arguments(args, config):
-    """The arguments of the run being resumed: its config.json, with --epochs if given."""
+    """The arguments of the run being resumed: its config.json, with --epochs, --strategy and
+    --memmap as given."""
     parser = build_parser()
     changed = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
-               if name not in ("resume", "epochs") and value != parser.get_default(name)]
+               if name not in ("resume", "epochs", *MACHINE_SETTINGS) and value != parser.get_default(name)]
     if changed:
         raise SetupError(f"--resume continues a run with its own settings: drop {' '.join(changed)} "
                          "(start a new run to change them)")
     # Settings a run's config.json lacks (added to train.py after it started) keep their defaults.
-    resumed = {**vars(args), **{name: config[name] for name in vars(args) if name in config}}
+    resumed = {**vars(args), **{name: config[name] for name in vars(args) if name in config and name not in MACHINE_SETTINGS}}
     for name in ("logdir", "data", "images", "labels"):
         if resumed[name] is not None:
             resumed[name] = Path(resumed[name])
@@ -200,34 +212,48 @@ def resumed_arguments(args, config):
 
 # --- the run ----------------------------------------------------------------------------------
 
+def memory_map_above(memmap):
+    """The stack size in bytes above which --memmap `memmap` reads crops straight from the file."""
+    if memmap == "auto":
+        return MEMMAP_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return 0 if memmap == "on" else math.inf
+
+
 def load_data(args):
-    """(images, labels) of the chosen stacks, downloading ISBI 2012 if it is used and missing."""
+    """(stacks, images path, labels path) of the chosen stacks, downloading ISBI 2012 if it is used
+    and missing."""
     if args.images is None and args.labels is None:
         data.ensure_isbi2012(args.data, args.mirror, names=("train-volume.tif", "train-labels.tif"))
     elif args.images is None or args.labels is None:
         raise SetupError("give --images and --labels together, or neither to use ISBI 2012")
     images_path = args.images or args.data / "train-volume.tif"
     labels_path = args.labels or args.data / "train-labels.tif"
-    images, labels = data.load_training_stacks(images_path, labels_path)
-    if min(images.shape[1:]) < args.crop:
-        raise SetupError(f"--crop {args.crop} is larger than the {images.shape[1]}x{images.shape[2]} slices: "
-                         f"use --crop {min(images.shape[1:]) // 2**DEPTH * 2**DEPTH} or less")
-    return images, labels, images_path, labels_path
+    stacks = data.load_training_stacks(images_path, labels_path, memory_map_above(args.memmap))
+    if min(stacks.slice_shape) < args.crop:
+        raise SetupError(f"--crop {args.crop} is larger than the {stacks.slice_shape[0]}x{stacks.slice_shape[1]} "
+                         f"slices: use --crop {min(stacks.slice_shape) // 2**DEPTH * 2**DEPTH} or less")
+    return stacks, images_path, labels_path
 
 
-def split(args, images, labels):
-    """(training indices, validation indices, validation slices, their labels) of the stacks."""
-    train_indices, val_indices = data.split_slices(len(images), args.val_slices)
+def split(args, stacks):
+    """(training indices, validation indices, validation slices, their masks) of the stacks."""
+    train_indices, val_indices = data.split_slices(len(stacks), args.val_slices)
     # Whole validation slices go through the net, which needs sides divisible by 2**DEPTH.
-    return (train_indices, val_indices, data.trim_to_multiple(images[val_indices], 2**DEPTH),
-            data.trim_to_multiple(labels[val_indices], 2**DEPTH))
+    val_images = np.stack([stacks.image(index) for index in val_indices])
+    val_labels = np.stack([stacks.mask(index) for index in val_indices])
+    return (train_indices, val_indices, data.trim_to_multiple(val_images, 2**DEPTH),
+            data.trim_to_multiple(val_labels, 2**DEPTH))
 
 
-def random_crops(args, images, labels, train_indices, epoch=0):
-    """The training batches from epoch `epoch` on: the crops of epoch k are the same whether or not
-    the run was resumed before it."""
-    return data.RandomCrops(images[train_indices], labels[train_indices], args.batch_size, args.crop,
-                            args.steps_per_epoch, args.seed, epoch=epoch, workers=DATA_WORKERS)
+def random_crops(args, stacks, train_indices):
+    return data.RandomCrops(stacks, train_indices, args.batch_size, args.crop, args.seed)
+
+
+def training_batches(strategy, args, crops, first_epoch):
+    """The training batches from epoch `first_epoch` on, one stream per replica: the crops of epoch
+    k are the same whether or not the run was resumed before it."""
+    return strategy.distribute_datasets_from_function(
+        lambda context: data.replica_batches(crops, args.steps_per_epoch, first_epoch, context, DATA_WORKERS))
 
 
 def compile_model(args, jit_compile):
@@ -246,7 +272,7 @@ def make_callbacks(args, run_dir, config, val_images, val_labels, val_indices, b
     shown = shown_slices(len(val_indices))
     return [
         # Before TensorBoard, which writes the scores it adds to the epoch logs.
-        IsbiScores(val_images, val_labels, every=args.eval_every),
+        Validation(val_images, val_labels, metrics.LOSSES[args.loss], metrics.training_metrics(), args.eval_every),
         TensorBoard(log_dir=str(run_dir), histogram_freq=args.histogram_freq, write_graph=True,
                     update_freq=args.update_freq),
         ValidationSliceSummaries(run_dir / "validation_slices", val_images[shown], val_labels[shown],
@@ -259,12 +285,11 @@ def make_callbacks(args, run_dir, config, val_images, val_labels, val_indices, b
     ]
 
 
-def start_run(args, command, images_path, labels_path, train_indices, val_indices, precision, jit_compile, device):
-    """A new run directory with its config.json."""
-    run_dir = create_run_directory(args.logdir, run_name(args.loss, args.lr))
+def start_run(args, logdir, command, images_path, labels_path, train_indices, val_indices, setup):
+    """A new run directory under `logdir` with its config.json."""
+    run_dir = create_run_directory(logdir, run_name(args.loss, args.lr))
     config = {**{name: value for name, value in vars(args).items() if name not in ("summary", "resume")},
-              "images": images_path, "labels": labels_path, "precision": precision,
-              "jit_compile": jit_compile, "device": device, "run_dir": run_dir,
+              "images": images_path, "labels": labels_path, **setup, "run_dir": run_dir,
               "train_slices": train_indices, "val_slices": val_indices,
               "command": command,
               **runs.provenance(images_path, labels_path, data.mirror_url(args.mirror) if args.images is None else None)}
@@ -272,55 +297,87 @@ def start_run(args, command, images_path, labels_path, train_indices, val_indice
     return run_dir, config
 
 
-def continue_run(run_dir, config, args, command, jit_compile):
+def best_so_far(run_dir):
+    """The best validation values a run logged, from its event files."""
+    return RunSummary.best_of(runs.read_scalars(run_dir / "validation") if (run_dir / "validation").is_dir() else {})
+
+
+def continue_run(run_dir, config, args, command, setup):
     """(model, completed epochs, best values so far) of a run to resume, its event files cut back
     to its last checkpoint and its config.json updated."""
     model, initial_epoch = resume.restore_model(run_dir, config)
     if initial_epoch >= args.epochs:
         raise SetupError(f"{run_dir} has finished its {initial_epoch} epochs: give --epochs with more to train it further")
-    model.jit_compile = jit_compile
     resume.remove_leftovers(run_dir)
     resume.cut_event_files(run_dir, initial_epoch, int(model.optimizer.iterations.numpy()))
-    best = RunSummary.best_of(runs.read_scalars(run_dir / "validation") if (run_dir / "validation").is_dir() else {})
-    config.update(epochs=args.epochs, resumed=[*config.get("resumed", []), command])
+    config.update(epochs=args.epochs, resumed=[*config.get("resumed", []), command], **setup)
     save_config(run_dir, config)
-    return model, initial_epoch, best
+    return model, initial_epoch, best_so_far(run_dir)
+
+
+def prepare_model(strategy, args, logdir, command, paths, split_indices):
+    """(model, completed epochs, best values so far, run directory, config) of a new run, or of the
+    run to resume; its variables live on the strategy's replicas.
+
+    A worker other than the chief only reads a run it resumes: it writes to a run directory of
+    its own under `logdir`, a temporary directory."""
+    precision, jit_compile, device = device_settings(args.precision)
+    keras.mixed_precision.set_global_policy(precision)
+    setup = {"precision": precision, "jit_compile": jit_compile, "device": device,
+             "distribution": distribute.describe(strategy),
+             "global_batch_size": args.batch_size * strategy.num_replicas_in_sync}
+    chief = distribute.is_chief(strategy)
+    with strategy.scope():
+        if args.resume is None or not chief:
+            run_dir, config = start_run(args, logdir, command, *paths, *split_indices, setup)
+        if args.resume is None:
+            model, initial_epoch, best = compile_model(args, jit_compile), 0, {}
+        elif chief:
+            run_dir, config = args.resume, resume.run_config(args.resume)
+            model, initial_epoch, best = continue_run(run_dir, config, args, command, setup)
+        else:
+            model, initial_epoch = resume.restore_model(args.resume, config)
+            best = best_so_far(args.resume)
+    model.jit_compile = jit_compile
+    return model, initial_epoch, best, run_dir, config
 
 
 def train(args, command):
-    """Run a training, or with --resume continue one; return its run directory."""
-    run_dir = args.resume
-    if run_dir is not None:
-        config = resume.run_config(run_dir)
-        args = resumed_arguments(args, config)
+    """Run a training, or with --resume continue one; return its run directory (None on a worker
+    other than the chief)."""
+    if args.resume is not None:
+        args = resumed_arguments(args, resume.run_config(args.resume))
     args.epochs = args.epochs or DEFAULT_EPOCHS
-    precision, jit_compile, device = device_settings(args.precision)
-    keras.mixed_precision.set_global_policy(precision)
+    strategy = distribute.make_strategy(args.strategy)  # first: it may configure TensorFlow's runtime
+    chief = distribute.is_chief(strategy)
     keras.utils.set_random_seed(args.seed)
 
-    images, labels, images_path, labels_path = load_data(args)
-    train_indices, val_indices, val_images, val_labels = split(args, images, labels)
+    stacks, images_path, labels_path = load_data(args)
+    train_indices, val_indices, val_images, val_labels = split(args, stacks)
 
-    if run_dir is None:
-        run_dir, config = start_run(args, command, images_path, labels_path, train_indices, val_indices,
-                                    precision, jit_compile, device)
-        model, initial_epoch, best = compile_model(args, jit_compile), 0, {}
-    else:
-        model, initial_epoch, best = continue_run(run_dir, config, args, command, jit_compile)
-    print(f"device: {device}; precision {precision}, XLA {'on' if jit_compile else 'off'}")
-    print(f"slices: {len(train_indices)} training, validation {runs.describe_slices(val_indices)} "
-          f"of {len(images)} in {images_path}")
-    print(f"run directory: {run_dir}" + (f" (resumed after epoch {initial_epoch})" if initial_epoch else ""))
-    print(f"watch it with: tensorboard --logdir {args.logdir}")
+    with distribute.log_directory(strategy, args.logdir) as logdir:
+        model, initial_epoch, best, run_dir, config = prepare_model(
+            strategy, args, logdir, command, (images_path, labels_path), (train_indices, val_indices))
+        print(f"device: {config['device']}; precision {config['precision']}, XLA {'on' if config['jit_compile'] else 'off'}")
+        print(f"distribution: {config['distribution']}; global batch {config['global_batch_size']} crops")
+        print(f"slices: {len(train_indices)} training, validation {runs.describe_slices(val_indices)} "
+              f"of {len(stacks)} in {images_path}" + (" (memory-mapped)" if isinstance(stacks.images, np.memmap) else ""))
+        if chief:
+            print(f"run directory: {run_dir}" + (f" (resumed after epoch {initial_epoch})" if initial_epoch else ""))
+            print(f"watch it with: tensorboard --logdir {args.logdir}")
+        else:
+            print(f"this worker logs to {logdir}, removed at the end; the chief writes the run")
 
-    training_batches = random_crops(args, images, labels, train_indices, epoch=initial_epoch)
-    validation_batches = data.WholeSlices(val_images, val_labels)
-    stop = resume.StopOnNonFiniteLoss()
-    # shuffle=False: Keras would reorder the batches with the process's global random state, so a
-    # resumed run (or any second fit) would see them in another order; each batch is random already.
-    history = model.fit(training_batches, validation_data=validation_batches, epochs=args.epochs,
-                        initial_epoch=initial_epoch, shuffle=False,
-                        callbacks=make_callbacks(args, run_dir, config, val_images, val_labels, val_indices, best, stop))
+        stop = resume.StopOnNonFiniteLoss()
+        # shuffle=False: the batches come in the order of their seeds (Keras would only warn that it
+        # cannot shuffle a tf.data pipeline).
+        history = model.fit(training_batches(strategy, args, random_crops(args, stacks, train_indices), initial_epoch),
+                            epochs=args.epochs, initial_epoch=initial_epoch, steps_per_epoch=args.steps_per_epoch,
+                            shuffle=False, callbacks=make_callbacks(args, run_dir, config, val_images, val_labels, val_indices, best, stop))
+    if not chief:
+        if stop.message:
+            raise TrainingStopped(f"{stop.message}; the chief says how to go on")
+        return None
     if stop.message:
         if (run_dir / resume.LAST).is_file():
             raise TrainingStopped(f"{stop.message}; the last good checkpoint, {run_dir / resume.LAST}, is kept: "
@@ -351,7 +408,7 @@ def main(argv=None):
         return print_summary(args.summary)
     try:
         train(args, shlex.join(["python", "train.py", *argv]))
-    except (data.DataError, SetupError, resume.ResumeError) as error:
+    except (data.DataError, SetupError, resume.ResumeError, distribute.ClusterError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
     except TrainingStopped as error:

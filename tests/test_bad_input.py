@@ -75,7 +75,7 @@ CASES = [
     (truncated, "cut.tif is not a readable TIFF"),
     (page_counts_differ, "i.tif has 4 slices but"),
     (slice_shapes_differ, "must have the same height and width"),
-    (labels_not_binary, "is not a binary mask: 3 distinct values found"),
+    (labels_not_binary, "is not a binary mask: slice 0 holds 3 distinct values"),
     (crop_larger_than_a_slice, "--crop 1024 is larger than the 512x512 slices: use --crop 512 or less"),
     (validation_slice_out_of_range, "validation slice(s) [30] out of range: the stack has slices 0..29"),
     (no_training_slice_left, "all 2 slices are validation slices: leave at least one for training"),

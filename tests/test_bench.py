@@ -44,7 +44,7 @@ def test_bench_prints_every_measure_for_a_tiny_configuration(isbi_dir, capsys):
                        "--data", str(isbi_dir)]) == 0
     table = capsys.readouterr().out
     for row in ("3x3 conv peak", "training FLOPs", "of the conv peak", "data pipeline alone", "no callbacks",
-                "overhead", "IsbiScores", "ValidationSliceSummaries", "validation (Keras)",
+                "overhead", "Validation", "ValidationSliceSummaries",
                 "reference pipeline", "speed-up over the reference"):
         assert row in table, row
     assert "U-Net f=4, 64x64 crops, batch 2, float32" in table

@@ -3,7 +3,9 @@ import shutil
 import numpy as np
 import pytest
 import skimage.io
+import tensorflow as tf
 import tifffile
+from scipy import ndimage
 
 import data
 
@@ -23,8 +25,9 @@ def test_download_writes_three_30_page_stacks_equal_to_the_pngs(isbi_dir, mirror
 
 
 def test_labels_become_cell_ones_and_membrane_zeros(isbi_dir):
-    images, labels = data.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
-    assert images.dtype == np.float32 and 0 <= images.min() and images.max() <= 1
+    stacks = data.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
+    image, labels = stacks.image(3), stacks.mask(3)
+    assert image.dtype == np.float32 and 0 <= image.min() and image.max() <= 1
     assert set(np.unique(labels)) == {0, 1}
     assert 0.7 < labels.mean() < 0.85  # ISBI: about 78 % of pixels are cells
 
@@ -132,9 +135,31 @@ def test_page_counts_and_slice_shapes_must_match(tmp_path):
 def test_any_stack_size_works_and_16_bit_images_are_scaled(tmp_path):
     write_stack(tmp_path / "images.tif", np.full((4, 40, 72), 65535, np.uint16))
     write_stack(tmp_path / "labels.tif", np.tile([0, 1], (4, 40, 36)).astype(np.uint8))
-    images, labels = data.load_training_stacks(tmp_path / "images.tif", tmp_path / "labels.tif")
-    assert images.shape == labels.shape == (4, 40, 72)
-    assert images.max() == 1.0 and labels.mean() == 0.5
+    stacks = data.load_training_stacks(tmp_path / "images.tif", tmp_path / "labels.tif")
+    assert len(stacks) == 4 and stacks.slice_shape == (40, 72)
+    assert stacks.image(3).max() == 1.0 and stacks.mask(3).mean() == 0.5
+
+
+def test_large_stacks_are_memory_mapped_and_read_the_same(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (3, 64, 80), dtype=np.uint8)
+    write_stack(tmp_path / "images.tif", images)
+    write_stack(tmp_path / "labels.tif", (images > 100).astype(np.uint8) * 255)
+    loaded = data.load_training_stacks(tmp_path / "images.tif", tmp_path / "labels.tif")
+    mapped = data.load_training_stacks(tmp_path / "images.tif", tmp_path / "labels.tif",
+                                       memory_map_above=images.nbytes - 1)
+    assert isinstance(mapped.images, np.memmap) and isinstance(mapped.labels, np.memmap)
+    assert not isinstance(loaded.images, np.memmap)
+    for index in range(3):
+        np.testing.assert_array_equal(mapped.image(index), loaded.image(index))
+        np.testing.assert_array_equal(mapped.mask(index), images[index] > 100)
+    crops = [data.RandomCrops(stacks, [0, 2], batch_size=2, crop=32, seed=1).batch(1, 2) for stacks in (loaded, mapped)]
+    np.testing.assert_array_equal(crops[0][0], crops[1][0])
+
+
+def test_a_compressed_stack_cannot_be_memory_mapped(tmp_path):
+    tifffile.imwrite(tmp_path / "images.tif", np.zeros((2, 32, 32), np.uint8), compression="zlib")
+    with pytest.raises(data.DataError, match="cannot be memory-mapped .*save it uncompressed.*--memmap off"):
+        data.read_stack(tmp_path / "images.tif", memory_map_above=0)
 
 
 # --- split ------------------------------------------------------------------------------------
@@ -164,12 +189,16 @@ def stripes_and_blobs(size=128):
 SHAPE_ONLY = data.Augmentation(brightness=0.0, contrast=0.0)
 
 
+def one_slice(image, mask):
+    return data.TrainingStacks(image[np.newaxis], mask[np.newaxis], cell_value=1)
+
+
 def test_image_and_mask_stay_aligned_through_every_transform():
     mask = stripes_and_blobs()
     image = mask.astype(np.float32)  # the image is the mask: after augmentation they must agree
     rng = np.random.default_rng(1)
     for _ in range(10):
-        image_crop, mask_crop = data.augmented_crop(image, mask, 64, rng, SHAPE_ONLY)
+        image_crop, mask_crop = data.augmented_crop(one_slice(image, mask), 0, 64, rng, SHAPE_ONLY)
         np.testing.assert_array_equal(image_crop >= 0.5, mask_crop == 1)
 
 
@@ -177,17 +206,17 @@ def test_masks_stay_strictly_binary():
     rng = np.random.default_rng(2)
     mask = stripes_and_blobs()
     for _ in range(5):
-        _, mask_crop = data.augmented_crop(rng.random(mask.shape, dtype=np.float32), mask, 64, rng)
+        _, mask_crop = data.augmented_crop(one_slice(rng.random(mask.shape, dtype=np.float32), mask), 0, 64, rng)
         assert set(np.unique(mask_crop)) <= {0.0, 1.0}
 
 
 def test_augmentation_changes_the_geometry_and_intensity():
     mask = stripes_and_blobs()
     image = mask * 0.5 + 0.25
-    plain = data.augmented_crop(image, mask, 128, np.random.default_rng(3), data.NO_AUGMENTATION)
+    plain = data.augmented_crop(one_slice(image, mask), 0, 128, np.random.default_rng(3), data.NO_AUGMENTATION)
     np.testing.assert_array_equal(plain[1], mask)  # no augmentation, whole slice: the identity
     np.testing.assert_allclose(plain[0], image, atol=1e-6)
-    augmented = data.augmented_crop(image, mask, 128, np.random.default_rng(3))
+    augmented = data.augmented_crop(one_slice(image, mask), 0, 128, np.random.default_rng(3))
     assert np.mean(augmented[1] != mask) > 0.2
     assert not np.isclose(augmented[0].mean(), image.mean(), atol=1e-3)
 
@@ -200,26 +229,43 @@ def test_elastic_deformation_alone_moves_pixels_by_about_sigma():
     assert 2 < displacement.mean() < 20
 
 
-def test_random_crops_are_reproducible_and_differ_between_epochs():
+def test_crops_outside_the_slice_are_mirrored_in_as_scipy_does():
+    # Only the region a crop covers is read; folding the coordinates into the slice first must give
+    # what interpolating the whole slice in scipy's 'mirror' mode gives.
+    rng = np.random.default_rng(6)
+    image = rng.random((40, 56), dtype=np.float32)
+    coordinates = rng.uniform(-30, 80, size=(2, 16, 16))
+    folded = data.mirrored(coordinates, image.shape)
+    assert folded.min() >= 0 and (folded.max(axis=(1, 2)) <= np.array([39, 55])).all()
+    np.testing.assert_allclose(ndimage.map_coordinates(image, folded, order=1, mode="nearest"),
+                               ndimage.map_coordinates(image, coordinates, order=1, mode="mirror"), atol=1e-6)
+
+
+def test_random_crops_are_reproducible_and_differ_between_batches_epochs_and_streams():
     images = np.random.default_rng(5).random((3, 96, 96), dtype=np.float32)
-    labels = (images > 0.5).astype(np.uint8)
-    crops = data.RandomCrops(images, labels, batch_size=2, crop=32, steps_per_epoch=4, seed=7)
-    assert len(crops) == 4
-    x, y = crops[1]
+    crops = data.RandomCrops(data.TrainingStacks(images, (images > 0.5).astype(np.uint8), 1), [0, 2],
+                             batch_size=2, crop=32, seed=7)
+    x, y = crops.batch(epoch=0, index=1)
     assert x.shape == y.shape == (2, 32, 32, 1) and x.dtype == y.dtype == np.float32
-    np.testing.assert_array_equal(crops[1][0], x)
-    assert not np.array_equal(crops[2][0], x)
-    crops.on_epoch_end()
-    assert not np.array_equal(crops[1][0], x)
-    replay = data.RandomCrops(images, labels, batch_size=2, crop=32, steps_per_epoch=4, seed=7, epoch=0)
-    np.testing.assert_array_equal(replay[1][0], x)
+    np.testing.assert_array_equal(crops.batch(0, 1)[0], x)
+    for other in ((0, 2, 0), (1, 1, 0), (0, 1, 1)):
+        assert not np.array_equal(crops.batch(*other)[0], x)
 
 
-def test_whole_slices_are_batched_in_order():
-    images = np.arange(3 * 16 * 16, dtype=np.float32).reshape(3, 16, 16)
-    slices = data.WholeSlices(images, np.ones((3, 16, 16), np.uint8), batch_size=2)
-    assert len(slices) == 2
-    np.testing.assert_array_equal(slices[1][0][0, ..., 0], images[2])
+def test_replica_batches_take_each_replica_its_own_stream_in_order():
+    images = np.random.default_rng(8).random((2, 64, 64), dtype=np.float32)
+    crops = data.RandomCrops(data.TrainingStacks(images, (images > 0.5).astype(np.uint8), 1), [0, 1],
+                             batch_size=2, crop=16, seed=3)
+    # Worker 1 of 2 with 2 replicas each: its replicas are streams 2 and 3; from epoch 1 of 3-step epochs.
+    batches = data.replica_batches(crops, steps_per_epoch=3, first_epoch=1, input_context=tf.distribute.InputContext(2, 1, 4), workers=2)
+    elements = [images.numpy() for images, _ in batches.take(8)]
+    expected = [crops.batch(epoch, index, stream)[0] for epoch, index in ((1, 0), (1, 1), (1, 2), (2, 0))
+                for stream in (2, 3)]
+    for element, batch in zip(elements, expected, strict=True):
+        np.testing.assert_array_equal(element, batch)
+    # A single replica draws stream 0 from step 0.
+    single = data.replica_batches(crops, 3, 0, tf.distribute.InputContext(1, 0, 1), workers=2)
+    np.testing.assert_array_equal(next(iter(single))[0].numpy(), crops.batch(0, 0)[0])
 
 
 def test_trim_to_multiple_keeps_the_centre():

@@ -75,15 +75,30 @@ def test_isbi_scores_every_eval_every_epochs_beside_the_validation_loss(events):
     assert float(best[-1][1]) == max(float(value) for _, value in events["bce_lr1e-3/validation"]["epoch_v_rand"])
 
 
+def test_validation_scores_are_what_keras_evaluate_gives_for_that_epochs_model(events, two_run_logdir, isbi_dir):
+    # callbacks.Validation stands in for Keras' validation_data; last.keras holds the last epoch's model.
+    model = keras.models.load_model(two_run_logdir / "bce_lr1e-3" / "last.keras")
+    stacks = data.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
+    images, labels = (np.stack([read(index) for index in (5, 15, 25)]) for read in (stacks.image, stacks.mask))
+    expected = model.evaluate(images[..., np.newaxis], labels[..., np.newaxis].astype(np.float32), batch_size=1,
+                              verbose=0, return_dict=True)
+    validation = events["bce_lr1e-3/validation"]
+    for name in ("loss", "accuracy", "misclassified_pixel_fraction", "membrane_dice"):
+        (step, value), = [item for item in validation[f"epoch_{name}"] if item[0] == 1]
+        assert float(value) == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
+    assert steps(validation["evaluation_loss_vs_iterations"]) == [3, TINY_STEPS]
+
+
 def test_logged_isbi_scores_are_those_of_the_model_at_that_epoch(events, two_run_logdir, isbi_dir):
     # best.keras is the model of the first epoch with the lowest misclassified fraction.
     validation = events["bce_lr1e-3/validation"]
     fractions = [float(value) for _, value in validation["epoch_misclassified_pixel_fraction"]]
     epoch = int(np.argmin(fractions))
     model = keras.models.load_model(two_run_logdir / "bce_lr1e-3" / "best.keras", compile=False)
-    images, labels = data.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
-    probabilities = model.predict(images[[5, 15, 25], ..., np.newaxis], batch_size=1, verbose=0)[..., 0]
-    expected = metrics.isbi_scores(labels[[5, 15, 25]], probabilities)
+    stacks = data.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
+    images, labels = (np.stack([read(index) for index in (5, 15, 25)]) for read in (stacks.image, stacks.mask))
+    probabilities = model.predict(images[..., np.newaxis], batch_size=1, verbose=0)[..., 0]
+    expected = metrics.isbi_scores(labels, probabilities)
     for score in ("v_rand", "v_info", "pixel_error"):
         assert float(validation[f"epoch_{score}"][epoch][1]) == pytest.approx(expected[score], rel=1e-5)
 
@@ -142,8 +157,8 @@ def test_images_at_an_epoch_end_are_the_prediction_of_that_epochs_model(events, 
     # last.keras holds the weights of that step.
     (step, value), = [item for item in events["bce_lr1e-3/validation_slices"]["slice_15/prediction"] if item[0] == TINY_STEPS]
     model = keras.models.load_model(two_run_logdir / "bce_lr1e-3" / "last.keras", compile=False)
-    images, _ = data.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
-    probability = model.predict(images[[15], ..., np.newaxis], verbose=0)[0, ..., 0]
+    stacks = data.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
+    probability = model.predict(stacks.image(15)[np.newaxis, ..., np.newaxis], verbose=0)[0, ..., 0]
     assert np.abs(decode(value) / 255.0 - probability).max() <= 1 / 255 + 1e-6
 
 

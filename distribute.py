@@ -1,0 +1,117 @@
+"""Training on several GPUs or machines with tf.distribute: which strategy, which process is the
+chief, and where each process writes.
+
+`--strategy mirrored` keeps a copy of the model on every GPU of the machine (every logical CPU
+device where there is no GPU) and averages their gradients each step; `--strategy multiworker`
+does the same across machines, one train.py process per machine, with the cluster and the
+process's own place in it given by the TF_CONFIG environment variable (see README, "Scaling
+out"). Every replica trains on its own `--batch-size` crops, so a step takes batch size x
+replicas crops.
+"""
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import tensorflow as tf
+
+STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+
+
+class ClusterError(Exception):
+    """A strategy that cannot start; one line naming the problem and the fix."""
+
+
+class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """TensorFlow's strategy, with `reduce` taking what Keras 3 gives it (keras-team/keras#20585).
+
+    Keras' (3.15) `fit` reduces the first batch, an (images, masks) pair, and every step's scalar
+    logs along axis 0; TensorFlow's (2.21) collective reduce takes one tensor and no axis for a
+    scalar. Here each value of a nested structure is reduced on its own, a scalar along no axis,
+    as MirroredStrategy does.
+    """
+
+    def reduce(self, reduce_op, value, axis):
+        def reduce_one(per_replica):
+            scalar = self.experimental_local_results(per_replica)[0].shape.rank == 0
+            return super(MultiWorkerMirroredStrategy, self).reduce(reduce_op, per_replica, None if scalar else axis)
+        return tf.nest.map_structure(reduce_one, value)
+
+
+def cluster_tasks():
+    """The number of training processes (chief and workers) that TF_CONFIG names; 0 without it."""
+    text = os.environ.get("TF_CONFIG")
+    if not text:
+        return 0
+    try:
+        cluster = json.loads(text)["cluster"]
+        return sum(len(cluster.get(role, [])) for role in ("chief", "worker"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ClusterError(f"TF_CONFIG is not valid JSON with a \"cluster\" ({text[:60]!r}): "
+                           "see README, Scaling out, for its form") from None
+
+
+def make_strategy(name):
+    """The tf.distribute strategy `name` (one of STRATEGIES). Create it before anything else
+    touches TensorFlow: a multi-worker strategy configures the runtime, which it can only do
+    before the runtime starts.
+
+    auto: multiworker if TF_CONFIG names more than one process, else mirrored if the machine has
+    more than one GPU, else TensorFlow's default (one device).
+    """
+    tasks = cluster_tasks()
+    if name == "auto":
+        name = ("multiworker" if tasks > 1 else
+                "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "default")
+    if name == "multiworker":
+        if not tasks:
+            raise ClusterError("--strategy multiworker needs TF_CONFIG naming the cluster and this process's "
+                               "task: see README, Scaling out")
+        return MultiWorkerMirroredStrategy()
+    if name == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([device.name for device in devices])
+    return tf.distribute.get_strategy()
+
+
+def task(strategy):
+    """(task type, task index) of this process in a multi-worker cluster; (None, None) otherwise."""
+    resolver = strategy.cluster_resolver
+    if resolver is None or not resolver.task_type:
+        return None, None
+    return resolver.task_type, resolver.task_id
+
+
+def is_chief(strategy):
+    """Whether this process writes the run: the "chief" task, or worker 0 of a cluster without one."""
+    task_type, task_id = task(strategy)
+    if task_type is None:
+        return True
+    has_chief = "chief" in strategy.cluster_resolver.cluster_spec().as_dict()
+    return task_type == "chief" or (not has_chief and task_type == "worker" and task_id == 0)
+
+
+def describe(strategy):
+    """One line: the strategy, its replicas and this process's part."""
+    replicas = strategy.num_replicas_in_sync
+    task_type, task_id = task(strategy)
+    where = f"; this process: {task_type} {task_id}{' (chief)' if is_chief(strategy) else ''}" if task_type else ""
+    name = ("MultiWorkerMirroredStrategy" if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) else
+            "MirroredStrategy" if isinstance(strategy, tf.distribute.MirroredStrategy) else "default strategy")
+    return f"{name}, {replicas} replica{'s' if replicas > 1 else ''}{where}"
+
+
+@contextlib.contextmanager
+def log_directory(strategy, logdir):
+    """Where this process writes its run: `logdir` on the chief; on every other worker a temporary
+    directory, removed at the end. All workers run the same callbacks, as Keras' multi-worker
+    guide has it (a worker that skipped one could leave the others waiting in a collective), but
+    only the chief's events and checkpoints are kept."""
+    if is_chief(strategy):
+        yield Path(logdir)
+        return
+    task_type, task_id = task(strategy)
+    with tempfile.TemporaryDirectory(prefix=f"train-{task_type}{task_id}-") as temporary:
+        yield Path(temporary)

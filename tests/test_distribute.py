@@ -1,0 +1,132 @@
+"""tf.distribute on CPUs: two logical devices under MirroredStrategy, and two processes on this
+machine under MultiWorkerMirroredStrategy, as two machines would run it."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+from tensorboard.backend.event_processing import plugin_event_multiplexer
+
+import train
+from conftest import ROOT, TINY, TINY_STEPS
+
+RUN_TIMEOUT = 300  # seconds; a tiny run takes about 40
+RUN_PARTS = ("", "/train", "/validation", "/validation_slices")
+
+# Logical devices must be set up before TensorFlow starts, so the run gets a process of its own.
+ON_TWO_CPU_DEVICES = """
+import sys
+import tensorflow as tf
+cpu, = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def tiny_run_arguments(isbi_dir, logdir, strategy):
+    return TINY + ["--loss", "bce", "--lr", "1e-3", "--eval-every", "1", "--strategy", strategy,
+                   "--data", str(isbi_dir), "--logdir", str(logdir)]
+
+
+def finished(processes):
+    """[(exit code, output)] of `processes`, each killed if it runs past RUN_TIMEOUT."""
+    results = []
+    try:
+        for process in processes:
+            output, _ = process.communicate(timeout=RUN_TIMEOUT)
+            results.append((process.returncode, output))
+    finally:
+        for process in processes:
+            process.kill()
+    return results
+
+
+def start(arguments, **environment):
+    return subprocess.Popen([sys.executable, *arguments], cwd=ROOT, env={**os.environ, **environment},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def tags_by_part(logdir, run):
+    """{part of the run: {plugin: sorted tags}} as TensorBoard reads the run directory."""
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    result = {}
+    for part in RUN_PARTS:
+        tags = multiplexer.Runs()[run + part]["tensors"]
+        by_plugin = {}
+        for tag in tags:
+            plugin = multiplexer.SummaryMetadata(run + part, tag).plugin_data.plugin_name
+            by_plugin.setdefault(plugin, []).append(tag)
+        result[part] = {plugin: sorted(names) for plugin, names in by_plugin.items()}
+    return result
+
+
+def batch_loss_steps(logdir, run):
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    return [event.step for event in multiplexer.Tensors(run + "/train", "batch_loss")]
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for each in sockets:
+        each.bind(("127.0.0.1", 0))
+    ports = [each.getsockname()[1] for each in sockets]
+    for each in sockets:
+        each.close()
+    return ports
+
+
+def test_two_devices_under_mirrored_strategy_log_what_one_device_logs(isbi_dir, two_run_logdir, tmp_path):
+    (code, output), = finished([start(["-c", ON_TWO_CPU_DEVICES, *tiny_run_arguments(isbi_dir, tmp_path, "mirrored")])])
+    assert code == 0, output
+    assert "distribution: MirroredStrategy, 2 replicas; global batch 4 crops" in output
+    config = json.loads((tmp_path / "bce_lr1e-3" / "config.json").read_text())
+    assert config["global_batch_size"] == 4 and config["distribution"].startswith("MirroredStrategy, 2 replicas")
+    # two_run_logdir's bce run: the same tiny run on one device.
+    assert tags_by_part(tmp_path, "bce_lr1e-3") == tags_by_part(two_run_logdir, "bce_lr1e-3")
+    assert batch_loss_steps(tmp_path, "bce_lr1e-3") == batch_loss_steps(two_run_logdir, "bce_lr1e-3")
+
+
+def test_two_workers_train_one_run_that_only_the_chief_writes(isbi_dir, two_run_logdir, tmp_path):
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    processes = [start(["train.py", *tiny_run_arguments(isbi_dir, tmp_path, "multiworker")],
+                       TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
+                 for index in range(2)]
+    (chief_code, chief_output), (worker_code, worker_output) = finished(processes)
+    assert chief_code == 0, chief_output
+    assert worker_code == 0, worker_output
+    assert "MultiWorkerMirroredStrategy, 2 replicas; this process: worker 0 (chief)" in chief_output
+    assert f"run directory: {tmp_path / 'bce_lr1e-3'}" in chief_output
+    assert "this process: worker 1;" in worker_output
+    # Only the chief wrote: one run directory, with checkpoints and events of every part.
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bce_lr1e-3"]
+    run_dir = tmp_path / "bce_lr1e-3"
+    assert (run_dir / "last.keras").is_file() and (run_dir / "best.keras").is_file()
+    assert tags_by_part(tmp_path, "bce_lr1e-3") == tags_by_part(two_run_logdir, "bce_lr1e-3")
+    assert batch_loss_steps(tmp_path, "bce_lr1e-3")[-1] == TINY_STEPS
+    # The other worker wrote to a temporary directory, and removed it.
+    worker_dir = re.search(r"this worker logs to (\S+), removed at the end", worker_output).group(1)
+    assert not os.path.exists(worker_dir)
+
+
+def test_multiworker_without_a_cluster_is_one_clear_line(isbi_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert train.main(tiny_run_arguments(isbi_dir, tmp_path, "multiworker")) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--strategy multiworker needs TF_CONFIG" in error
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("tf_config", ["{not json", '{"task": {"type": "worker", "index": 0}}'])
+def test_a_malformed_tf_config_is_one_clear_line(isbi_dir, tmp_path, monkeypatch, capsys, tf_config):
+    monkeypatch.setenv("TF_CONFIG", tf_config)
+    assert train.main(tiny_run_arguments(isbi_dir, tmp_path, "auto")) == 2
+    assert "TF_CONFIG is not valid JSON with a \"cluster\"" in capsys.readouterr().err
