@@ -12,6 +12,7 @@ replicas crops.
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -101,6 +102,15 @@ def describe(strategy):
     name = ("MultiWorkerMirroredStrategy" if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) else
             "MirroredStrategy" if isinstance(strategy, tf.distribute.MirroredStrategy) else "default strategy")
     return f"{name}, {replicas} replica{'s' if replicas > 1 else ''}{where}"
+
+
+def lost_worker(error):
+    """In a few words, what a tf.errors.UnavailableError says the cluster lost: the tasks that
+    stopped sending heartbeats, or why a collective was aborted."""
+    if "unhealthy" in error.message:
+        return ", ".join(sorted(set(re.findall(r"/job:\w+/replica:\d+/task:\d+", error.message.split("unhealthy")[1]))))
+    aborted = re.search(r"aborted by: ([^\n]+)", error.message)
+    return aborted.group(1) if aborted else error.message.splitlines()[0][:120]
 
 
 @contextlib.contextmanager

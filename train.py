@@ -371,12 +371,20 @@ def train(args, command):
         stop = resume.StopOnNonFiniteLoss()
         # shuffle=False: the batches come in the order of their seeds (Keras would only warn that it
         # cannot shuffle a tf.data pipeline).
-        history = model.fit(training_batches(strategy, args, random_crops(args, stacks, train_indices), initial_epoch),
-                            epochs=args.epochs, initial_epoch=initial_epoch, steps_per_epoch=args.steps_per_epoch,
-                            shuffle=False, callbacks=make_callbacks(args, run_dir, config, val_images, val_labels, val_indices, best, stop))
+        try:
+            history = model.fit(training_batches(strategy, args, random_crops(args, stacks, train_indices), initial_epoch),
+                                epochs=args.epochs, initial_epoch=initial_epoch, steps_per_epoch=args.steps_per_epoch,
+                                shuffle=False, callbacks=make_callbacks(args, run_dir, config, val_images, val_labels,
+                                                                        val_indices, best, stop))
+        except tf.errors.UnavailableError as error:  # a worker of the cluster died or cannot be reached
+            how = ("the chief says how to go on" if not chief else
+                   f"continue the run from its last checkpoint with --resume {run_dir} on every worker"
+                   if (run_dir / resume.LAST).is_file() else "it stopped before its first epoch ended: start it again")
+            raise TrainingStopped(f"the cluster lost a worker ({distribute.lost_worker(error)}); {how}") from None
     if not chief:
         if stop.message:
             raise TrainingStopped(f"{stop.message}; the chief says how to go on")
+        print("this worker has finished; the chief wrote the run")
         return None
     if stop.message:
         if (run_dir / resume.LAST).is_file():

@@ -130,3 +130,26 @@ def test_a_malformed_tf_config_is_one_clear_line(isbi_dir, tmp_path, monkeypatch
     monkeypatch.setenv("TF_CONFIG", tf_config)
     assert train.main(tiny_run_arguments(isbi_dir, tmp_path, "auto")) == 2
     assert "TF_CONFIG is not valid JSON with a \"cluster\"" in capsys.readouterr().err
+
+
+def test_a_lost_worker_stops_the_chief_with_one_line(isbi_dir, tmp_path):
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    arguments = TINY + ["--epochs", "50", "--strategy", "multiworker", "--data", str(isbi_dir), "--logdir", str(tmp_path)]
+    chief, worker = [start(["train.py", *arguments], PYTHONUNBUFFERED="1",
+                           TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
+                     for index in range(2)]
+    try:
+        for line in worker.stdout:  # training has begun on both once the worker starts its first epoch
+            if line.startswith("Epoch 1/"):
+                break
+        worker.kill()
+        (code, output), = finished([chief])
+    finally:
+        worker.kill()
+    assert code == 1, output
+    last = output.strip().splitlines()[-1]
+    # TensorFlow names the lost task (its heartbeats stopped) or the address it cannot reach, by timing.
+    assert last.startswith("train.py: stopped: the cluster lost a worker (")
+    # Killed as its first epoch began: no checkpoint to continue from.
+    assert last.endswith("); it stopped before its first epoch ended: start it again")
+    assert "Traceback" not in output
