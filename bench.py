@@ -8,7 +8,7 @@ Takes train.py's flags for the configuration and prints one table (markdown, for
 - the machine's 3x3-convolution peak in the run's precision (forward, the best of a few shapes);
 - the training step on a batch already in memory: images/s, GFLOP/s (the U-Net's FLOPs counted
   from its layers, forward + backward = 3x forward) and the share of the conv peak;
-- the data pipeline on its own (augmentation and batching, train.py's worker threads) against
+- the data pipeline on its own (augmentation and batching, train.py's tf.data pipeline) against
   what training consumes;
 - `model.fit` on the real pipeline with and without validation and train.py's TensorBoard
   callbacks at the chosen settings: the overhead of watching, in wall time;

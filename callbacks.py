@@ -214,9 +214,11 @@ class TensorBoard(keras.callbacks.TensorBoard):
     """`keras.callbacks.TensorBoard` with every epoch summary kept, one global step and a graph.
 
     Keras (3.15) enters `record_if(step % update_freq == 0)` for batch-level scalars and leaves it
-    open through `on_epoch_end` and `on_test_end`, so epoch scalars and weight histograms are
-    silently dropped whenever the step at hand is not a multiple of `update_freq`; those writes are
-    forced here. Its batch step restarts at 0 on every `fit`; here it starts from the optimizer's
+    open through `on_epoch_end`, so epoch scalars and weight histograms are silently dropped
+    whenever the step at hand is not a multiple of `update_freq`; those writes are forced here.
+    The validation scores (from the Validation callback, not Keras' evaluation) are also written
+    against the training step, as `evaluation_<name>_vs_iterations`, as Keras does after its own
+    evaluation. Its batch step restarts at 0 on every `fit`; here it starts from the optimizer's
     iteration count, the step the other callbacks use. And its graph (a conceptual `keras` graph)
     opens in the Graphs tab as "Malformed GraphDef"; here `write_graph` writes the op graph of one
     forward pass instead, drawn with a box per named layer (once: a resumed run has it). Its

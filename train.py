@@ -6,7 +6,9 @@
 Each run writes to its own directory <logdir>/<loss>_lr<lr>/ (a numbered sibling if that name is
 taken) with the resolved configuration, the TensorBoard event files and the best and last
 checkpoints, so that runs with other losses and learning rates sit side by side on the same plots.
-A run that was killed or crashed continues with `python train.py --resume <run dir>`.
+A run that was killed or crashed continues with `python train.py --resume <run dir>`. The same
+command trains on several GPUs or machines (`--strategy`, distribute.py) and on stacks larger than
+memory (`--memmap`); see README, "Scaling out".
 """
 
 import os
@@ -35,7 +37,7 @@ from unet import DEPTH, build_unet
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 DEFAULT_EPOCHS = 15
 IMAGE_SLICES = 3  # validation slices shown as images
-DATA_WORKERS = 2  # threads building training batches
+DATA_WORKERS = 2  # parallel calls building training batches
 MEMMAP_CHOICES = ("auto", "on", "off")
 MEMMAP_SHARE = 0.25  # --memmap auto maps a stack larger than this share of the machine's memory
 MACHINE_SETTINGS = ("strategy", "memmap")  # may differ when a run is resumed elsewhere
@@ -315,7 +317,7 @@ def continue_run(run_dir, config, args, command, setup):
     return model, initial_epoch, best_so_far(run_dir)
 
 
-def prepare_model(strategy, args, logdir, command, paths, split_indices):
+def prepare_model(strategy, args, resumed_config, logdir, command, paths, split_indices):
     """(model, completed epochs, best values so far, run directory, config) of a new run, or of the
     run to resume; its variables live on the strategy's replicas.
 
@@ -333,7 +335,7 @@ def prepare_model(strategy, args, logdir, command, paths, split_indices):
         if args.resume is None:
             model, initial_epoch, best = compile_model(args, jit_compile), 0, {}
         elif chief:
-            run_dir, config = args.resume, resume.run_config(args.resume)
+            run_dir, config = args.resume, resumed_config
             model, initial_epoch, best = continue_run(run_dir, config, args, command, setup)
         else:
             model, initial_epoch = resume.restore_model(args.resume, config)
@@ -345,8 +347,9 @@ def prepare_model(strategy, args, logdir, command, paths, split_indices):
 def train(args, command):
     """Run a training, or with --resume continue one; return its run directory (None on a worker
     other than the chief)."""
-    if args.resume is not None:
-        args = resumed_arguments(args, resume.run_config(args.resume))
+    resumed_config = None if args.resume is None else resume.run_config(args.resume)
+    if resumed_config is not None:
+        args = resumed_arguments(args, resumed_config)
     args.epochs = args.epochs or DEFAULT_EPOCHS
     strategy = distribute.make_strategy(args.strategy)  # first: it may configure TensorFlow's runtime
     chief = distribute.is_chief(strategy)
@@ -357,7 +360,7 @@ def train(args, command):
 
     with distribute.log_directory(strategy, args.logdir) as logdir:
         model, initial_epoch, best, run_dir, config = prepare_model(
-            strategy, args, logdir, command, (images_path, labels_path), (train_indices, val_indices))
+            strategy, args, resumed_config, logdir, command, (images_path, labels_path), (train_indices, val_indices))
         print(f"device: {config['device']}; precision {config['precision']}, XLA {'on' if config['jit_compile'] else 'off'}")
         print(f"distribution: {config['distribution']}; global batch {config['global_batch_size']} crops")
         print(f"slices: {len(train_indices)} training, validation {runs.describe_slices(val_indices)} "

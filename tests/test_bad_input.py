@@ -65,6 +65,12 @@ def no_training_slice_left(tmp_path, isbi_dir):
             "--crop", "64"]
 
 
+def compressed_stack_to_memory_map(tmp_path, isbi_dir):
+    tifffile.imwrite(tmp_path / "z.tif", cells_and_membranes(4), photometric="minisblack", compression="zlib")
+    return ["--images", str(tmp_path / "z.tif"), "--labels", str(write_stack(tmp_path / "l.tif", cells_and_membranes(4))),
+            "--memmap", "on", "--crop", "64"]
+
+
 def mirror_unreachable(tmp_path, isbi_dir):
     return ["--data", str(tmp_path / "isbi"), "--mirror", "http://127.0.0.1:9/"]
 
@@ -79,6 +85,7 @@ CASES = [
     (crop_larger_than_a_slice, "--crop 1024 is larger than the 512x512 slices: use --crop 512 or less"),
     (validation_slice_out_of_range, "validation slice(s) [30] out of range: the stack has slices 0..29"),
     (no_training_slice_left, "all 2 slices are validation slices: leave at least one for training"),
+    (compressed_stack_to_memory_map, "z.tif cannot be memory-mapped (its pixels are compressed"),
     (mirror_unreachable, "could not fetch http://127.0.0.1:9/"),
 ]
 
