@@ -4,9 +4,11 @@
     python data.py --mirror file:///path/to/mirror
 
 Layout on disk (the challenge's): train-volume.tif and test-volume.tif hold 30 uint8 slices of
-512x512, one per page; train-labels.tif holds the masks, 255 = cell and 0 = membrane. In memory,
-images are float32 in [0, 1] and labels are {0, 1} with 1 = cell, the polarity the challenge
-expects from a submission.
+512x512, one per page; train-labels.tif holds the masks, 255 = cell and 0 = membrane. Stacks are
+kept as stored (in memory, or memory-mapped when larger than memory allows) and read a slice or a
+crop at a time: images as float32 in [0, 1], labels as {0, 1} with 1 = cell, the polarity the
+challenge expects from a submission. Training batches come from a tf.data pipeline, one stream of
+crops per replica of a tf.distribute strategy.
 """
 
 import argparse
