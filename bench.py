@@ -225,18 +225,17 @@ def timed_fit(model, batches, epochs, steps_per_epoch, callbacks=()):
 
 
 def measure(args):
-    precision, jit_compile, device = train.device_settings(args.precision)
-    keras.mixed_precision.set_global_policy(precision)
+    strategy = tf.distribute.get_strategy()
+    setup = train.machine_setup(args, strategy)
     keras.utils.set_random_seed(args.seed)
     stacks, images_path, labels_path = train.load_data(args)
     train_indices, val_indices, val_images, val_labels = train.split(args, stacks)
-    strategy = tf.distribute.get_strategy()
     crops = train.random_crops(args, stacks, train_indices)
     batches = train.training_batches(strategy, args, crops, first_epoch=0)
-    results = {"device": device, "precision": precision, "XLA": jit_compile}
+    results = {"device": setup["device"], "precision": setup["precision"], "XLA": setup["jit_compile"]}
 
     results["conv rates"] = conv_rates()
-    model = train.compile_model(args, jit_compile)
+    model = train.compile_model(args, setup["jit_compile"])
     flops_per_image = 3 * forward_flops_per_image(model, args.crop)
     batch = crops.batch(epoch=0, index=0)
     step = median_seconds(lambda: model.train_on_batch(*batch), args.timed_steps, warmup=3)
@@ -250,7 +249,6 @@ def measure(args):
     with tempfile.TemporaryDirectory() as logdir:
         args.logdir = logdir
         bare, _ = timed_fit(model, batches, args.timed_epochs, args.steps_per_epoch)
-        setup = {"precision": precision, "jit_compile": jit_compile, "device": device}
         run_dir, config = train.start_run(args, logdir, "python bench.py", images_path, labels_path, train_indices,
                                           val_indices, setup)
         watched, breakdown = timed_fit(

@@ -239,7 +239,7 @@ class TensorBoard(keras.callbacks.TensorBoard):
             self.write_forward_pass_graph()
 
     def write_forward_pass_graph(self):
-        forward = tf.function(lambda images: self.model(images, training=False))
+        forward = forward_pass(self.model)
         example = tf.zeros((1, 2**DEPTH, 2**DEPTH, self.model.input_shape[-1]))
         tf.summary.trace_on(graph=True, profiler=False)
         forward(example)

@@ -215,7 +215,8 @@ def as_unit_float(stack):
 def cell_value(stack, path):
     """The label value that means cell (the higher of two). Read a slice at a time, so that a
     memory-mapped stack is never loaded whole."""
-    low, high = min(labels.min() for labels in stack), max(labels.max() for labels in stack)
+    extremes = np.array([(labels.min(), labels.max()) for labels in stack])
+    low, high = extremes[:, 0].min(), extremes[:, 1].max()
     for index, labels in enumerate(stack):
         if np.any((labels != low) & (labels != high)):
             values = np.union1d(np.unique(labels), [low, high])

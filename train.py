@@ -317,17 +317,24 @@ def continue_run(run_dir, config, args, command, setup):
     return model, initial_epoch, best_so_far(run_dir)
 
 
+def machine_setup(args, strategy):
+    """What the run does on this machine, for config.json: precision (set as Keras' global policy),
+    XLA, device, distribution and global batch."""
+    precision, jit_compile, device = device_settings(args.precision)
+    keras.mixed_precision.set_global_policy(precision)
+    return {"precision": precision, "jit_compile": jit_compile, "device": device,
+            "distribution": distribute.describe(strategy),
+            "global_batch_size": args.batch_size * strategy.num_replicas_in_sync}
+
+
 def prepare_model(strategy, args, resumed_config, logdir, command, paths, split_indices):
     """(model, completed epochs, best values so far, run directory, config) of a new run, or of the
     run to resume; its variables live on the strategy's replicas.
 
     A worker other than the chief only reads a run it resumes: it writes to a run directory of
     its own under `logdir`, a temporary directory."""
-    precision, jit_compile, device = device_settings(args.precision)
-    keras.mixed_precision.set_global_policy(precision)
-    setup = {"precision": precision, "jit_compile": jit_compile, "device": device,
-             "distribution": distribute.describe(strategy),
-             "global_batch_size": args.batch_size * strategy.num_replicas_in_sync}
+    setup = machine_setup(args, strategy)
+    jit_compile = setup["jit_compile"]
     chief = distribute.is_chief(strategy)
     with strategy.scope():
         if args.resume is None or not chief:

@@ -1,6 +1,5 @@
 """A stack larger than memory allows trains from its memory-mapped files."""
 
-import os
 import subprocess
 import sys
 import threading
