@@ -17,9 +17,7 @@ Takes train.py's flags for the configuration and prints one table (markdown, for
   slices after every batch through a new summary writer), and the speed-up over it.
 """
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import cli  # noqa: F401  (first: it keeps TensorFlow's start-up lines off the terminal)
 
 import collections
 import shlex
@@ -33,24 +31,26 @@ import numpy as np
 import tensorflow as tf
 from scipy import ndimage
 
-import data
-import resume
+import callbacks
+import device
+import distribute
+import runs
+import settings
 import train
+import unet
 from unet import build_unet
 
 CONV_PEAK_SHAPES = [(8, 128, 128, 32), (8, 64, 64, 64), (8, 32, 32, 128), (8, 16, 16, 256)]
 
 
 def build_parser():
-    parser = train.build_parser()
+    parser = train.build_parser(prog="bench.py")
     parser.description = "Benchmark training speed, data pipeline and TensorBoard overhead for a train.py configuration."
     bench = parser.add_argument_group("benchmark")
-    bench.add_argument("--timed-steps", type=train.positive(int), default=20,
-                       help="training steps timed per measurement, after warm-up (default: %(default)s)")
-    bench.add_argument("--timed-epochs", type=train.positive(int), default=2,
-                       help="epochs of --steps-per-epoch timed with and without callbacks, after one warm-up "
-                            "epoch each (default: %(default)s)")
-    parser.error = lambda message: (print(f"bench.py: error: {message} (see --help)", file=sys.stderr), sys.exit(2))
+    bench.add_argument("--timed-steps", type=cli.positive(int), default=20,
+                       help="training steps timed per measurement, after warm-up")
+    bench.add_argument("--timed-epochs", type=cli.positive(int), default=2,
+                       help="epochs of --steps-per-epoch timed with and without callbacks, after one warm-up epoch each")
     return parser
 
 
@@ -225,17 +225,17 @@ def timed_fit(model, batches, epochs, steps_per_epoch, callbacks=()):
 
 
 def measure(args):
+    stacks, images_path, labels_path, mirror = train.load_data(args)
+    train_indices, val_indices, val_images, val_labels = train.split(args, stacks, labels_path)
     strategy = tf.distribute.get_strategy()
-    setup = train.machine_setup(args, strategy)
+    setup = device.machine_setup(args.precision, args.batch_size, strategy)
     keras.utils.set_random_seed(args.seed)
-    stacks, images_path, labels_path = train.load_data(args)
-    train_indices, val_indices, val_images, val_labels = train.split(args, stacks)
     crops = train.random_crops(args, stacks, train_indices)
-    batches = train.training_batches(strategy, args, crops, first_epoch=0)
+    batches = distribute.training_batches(strategy, crops, args.steps_per_epoch, 0, train.DATA_WORKERS)
     results = {"device": setup["device"], "precision": setup["precision"], "XLA": setup["jit_compile"]}
 
     results["conv rates"] = conv_rates()
-    model = train.compile_model(args, setup["jit_compile"])
+    model = unet.compiled_unet(args.filters, args.loss, args.lr, setup["jit_compile"])
     flops_per_image = 3 * forward_flops_per_image(model, args.crop)
     batch = crops.batch(epoch=0, index=0)
     step = median_seconds(lambda: model.train_on_batch(*batch), args.timed_steps, warmup=3)
@@ -249,20 +249,22 @@ def measure(args):
     with tempfile.TemporaryDirectory() as logdir:
         args.logdir = logdir
         bare, _ = timed_fit(model, batches, args.timed_epochs, args.steps_per_epoch)
-        run_dir, config = train.start_run(args, logdir, "python bench.py", images_path, labels_path, train_indices,
-                                          val_indices, setup)
+        run_dir, config = train.start_run(args, logdir, "python bench.py",
+                                          (stacks, images_path, labels_path, mirror, train_indices, val_indices),
+                                          setup, runs.provenance(images_path, labels_path))
+        shown = train.shown_slices(len(val_indices))
         watched, breakdown = timed_fit(
             model, batches, args.timed_epochs, args.steps_per_epoch,
-            callbacks=train.make_callbacks(args, run_dir, config, val_images, val_labels, val_indices, {},
-                                           resume.StopOnNonFiniteLoss()))
+            callbacks=callbacks.for_run(args, run_dir, (val_images, val_labels, val_indices), shown, {},
+                                        callbacks.StopOnNonFiniteLoss(), runs.hyperparameters(config),
+                                        runs.run_documents(config)))
         results["fit images/s"] = args.steps_per_epoch * args.batch_size / bare
         results["watched images/s"] = args.steps_per_epoch * args.batch_size / watched
         results["overhead"] = (watched - bare) / watched
         results["epoch seconds"] = (bare, watched)
         results["breakdown"] = breakdown
-        shown = val_images[train.shown_slices(len(val_indices))]
         reference = reference_step_seconds(args, np.stack([stacks.image(i) for i in train_indices]),
-                                           np.stack([stacks.mask(i) for i in train_indices]), shown, logdir)
+                                           np.stack([stacks.mask(i) for i in train_indices]), val_images[shown], logdir)
         results["reference images/s"] = args.batch_size / reference
     return results
 
@@ -291,21 +293,20 @@ def format_results(args, r):
     return "\n".join(["| measure | value |", "| --- | --- |", *(f"| {name} | {value} |" for name, value in rows)])
 
 
+def benchmark(args, argv):
+    results = measure(args)
+    print(f"python bench.py {shlex.join(argv)}".rstrip())
+    print(format_results(args, results))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume or args.summary:
         parser.error("--resume and --summary are train.py's; bench.py measures a new configuration")
-    args.epochs = args.epochs or train.DEFAULT_EPOCHS
-    try:
-        results = measure(args)
-    except (data.DataError, train.SetupError) as error:
-        print(f"bench.py: error: {error}", file=sys.stderr)
-        return 2
-    print(f"python bench.py {shlex.join(argv)}".rstrip())
-    print(format_results(args, results))
-    return 0
+    args.epochs = args.epochs or settings.DEFAULT_EPOCHS
+    return cli.run("bench.py", lambda: benchmark(args, argv))
 
 
 if __name__ == "__main__":

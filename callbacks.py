@@ -1,4 +1,8 @@
-"""TensorBoard callbacks: where the network is wrong, what a run was, and Keras' own callback mended."""
+"""The Keras callbacks of a run: where the network is wrong, what a run was, Keras' own TensorBoard
+callback mended, checkpoints a kill cannot damage, and a stop on a non-finite loss."""
+
+import math
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -7,8 +11,13 @@ from tensorboard.plugins.histogram import summary as histogram_summary
 from tensorboard.plugins.hparams import api as hp
 from tensorboard.plugins.pr_curve import summary as pr_curve_summary
 
-from metrics import THRESHOLD, isbi_scores, misclassified_pixel_fraction
-from unet import DEPTH
+import files
+from cli import InputError
+from metrics import LOSSES, THRESHOLD, isbi_scores, misclassified_pixel_fraction, training_metrics
+from rundir import BEST, LAST, VALIDATION_SLICES
+from settings import DEPTH
+
+MONITOR = "val_misclassified_pixel_fraction"  # the validation score that makes a checkpoint best.keras
 
 
 # Block outputs whose activations are histogrammed: the last convolution of each level.
@@ -329,3 +338,79 @@ class RunSummary(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._writer.close()
+
+
+# --- checkpoints and stops ----------------------------------------------------------------------
+
+class CheckpointError(InputError):
+    """A checkpoint that cannot be written (a full disk, ...): the run stops, and the line says
+    how to go on."""
+
+
+def save_atomically(model, path):
+    """Save `model` to `path` so that `path` is either the old file or the complete new one."""
+    path = Path(path)
+    try:
+        with files.replaced_atomically(path) as temporary:
+            model.save(temporary)
+    except OSError as error:
+        how = (f"continue the run from its last checkpoint with --resume {path.parent}"
+               if (path.parent / LAST).is_file() else "start the run again")
+        raise CheckpointError(f"cannot write {path} ({error.strerror or error}): free some space, then {how}") from None
+
+
+class Checkpoints(keras.callbacks.Callback):
+    """`best.keras` when the validation misclassified fraction improves on `best`, then
+    `last.keras`, after every epoch whose loss is finite (weights that produced NaN are no
+    checkpoint to go back to). Must be the last callback, after every summary of the epoch."""
+
+    def __init__(self, run_dir, best=math.inf):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.best = best
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not np.isfinite(logs["loss"]):
+            return
+        if logs[MONITOR] < self.best:
+            self.best = logs[MONITOR]
+            save_atomically(self.model, self.run_dir / BEST)
+        save_atomically(self.model, self.run_dir / LAST)
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stop training at the first batch whose loss is NaN or infinite, and say where it happened."""
+
+    def __init__(self):
+        super().__init__()
+        self.message = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = logs.get("loss")
+        if loss is not None and not np.isfinite(loss):
+            step = int(self.model.optimizer.iterations.numpy())
+            learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            self.message = f"the training loss became {loss} at step {step} with lr {learning_rate:g}"
+            self.model.stop_training = True
+
+
+# --- a run's callbacks --------------------------------------------------------------------------
+
+def for_run(args, run_dir, validation, shown, best, stop, hyperparameters, documents):
+    """The callbacks of a run in the order they must run: `validation` is (slices, masks, indices),
+    `shown` the positions of those shown as images, `best` the best values so far ({} for a new
+    run), `stop` the run's StopOnNonFiniteLoss."""
+    images, labels, indices = validation
+    return [
+        # Before TensorBoard, which writes the scores it adds to the epoch logs.
+        Validation(images, labels, LOSSES[args.loss], training_metrics(), args.eval_every),
+        TensorBoard(log_dir=str(run_dir), histogram_freq=args.histogram_freq, write_graph=True,
+                    update_freq=args.update_freq),
+        ValidationSliceSummaries(Path(run_dir) / VALIDATION_SLICES, images[shown], labels[shown],
+                                 [indices[i] for i in shown], image_every=args.image_every,
+                                 histogram_every=args.histogram_freq),
+        RunSummary(run_dir, Path(run_dir).name, hyperparameters, documents, best),
+        stop,
+        # Last: a checkpoint is written only once everything the epoch logged is on disk.
+        Checkpoints(run_dir, best.get("misclassified_pixel_fraction", math.inf)),
+    ]

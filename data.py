@@ -7,12 +7,11 @@ Layout on disk (the challenge's): train-volume.tif and test-volume.tif hold 30 u
 512x512, one per page; train-labels.tif holds the masks, 255 = cell and 0 = membrane. Stacks are
 kept as stored (in memory, or memory-mapped when larger than memory allows) and read a slice or a
 crop at a time: images as float32 in [0, 1], labels as {0, 1} with 1 = cell, the polarity the
-challenge expects from a submission. Training batches come from a tf.data pipeline, one stream of
-crops per replica of a tf.distribute strategy.
+challenge expects from a submission. Batches of augmented random crops are numpy arrays, which
+distribute.py feeds to each replica through tf.data. Imports no TensorFlow: every stack is
+checked before it loads.
 """
 
-import argparse
-import contextlib
 import dataclasses
 import hashlib
 import io
@@ -23,13 +22,15 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import keras
 import numpy as np
 import skimage.io
 import skimage.transform
-import tensorflow as tf
 import tifffile
 from scipy import ndimage
+from skimage.measure import label as connected_components
+
+import cli
+from files import replaced_atomically
 
 # The 30 training slices, their masks and the 30 test slices as PNGs, pinned to one commit of
 # zhixuhao/unet so that the bytes can be checked against isbi2012.sha256.
@@ -46,7 +47,7 @@ STACK_SOURCES = {
 }
 
 
-class DataError(Exception):
+class DataError(cli.InputError):
     """Bad or unreachable data; the message names the problem and the fix in one line."""
 
 
@@ -97,23 +98,6 @@ def fetch_verified_slice(base_url, relative_path, expected_sha256):
     return skimage.io.imread(io.BytesIO(content))
 
 
-@contextlib.contextmanager
-def replaced_atomically(path):
-    """A temporary path beside `path` to write to: renamed onto `path` when the block ends, deleted
-    if it fails, so that `path` is always either its old content or the complete new one.
-
-    The name keeps the suffix (Keras insists on .keras) and matches `.*.partial*`, the pattern by
-    which `resume.remove_leftovers` finds what a killed process left.
-    """
-    path = Path(path)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def write_stack_atomically(path, stack, fix="free some space or choose another --data"):
     """Write a multi-page TIFF so that `path` either does not exist or is complete; `fix` ends
     the error message when it cannot be written."""
@@ -137,15 +121,15 @@ def download_isbi2012(data_dir=DEFAULT_DATA_DIR, mirror=None, verbose=True, over
     checksums = read_checksums()
     if verbose:
         print(f"Downloading ISBI 2012 from {base_url} into {data_dir}/")
-    progress = keras.utils.Progbar(NUM_SLICES * len(missing), unit_name="file", verbose=int(verbose))
     stacks = {}
     for tiff_name, source_dir in missing.items():
         slices = []
         for index in range(NUM_SLICES):
             relative_path = f"{source_dir}/{index}.png"
             slices.append(fetch_verified_slice(base_url, relative_path, checksums[relative_path]))
-            progress.add(1)
         stacks[tiff_name] = np.stack(slices)
+        if verbose:
+            print(f"  {tiff_name}: {NUM_SLICES} slices fetched and verified")
     for tiff_name, stack in stacks.items():
         write_stack_atomically(Path(data_dir) / tiff_name, stack)
     return [Path(data_dir) / name for name in missing]
@@ -164,10 +148,19 @@ def ensure_isbi2012(data_dir=DEFAULT_DATA_DIR, mirror=None, names=tuple(STACK_SO
 
 # --- reading stacks ---------------------------------------------------------------------------
 
+def sha256_of(path):
+    """The SHA-256 of a file, streamed: a stack may be larger than memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_stack(path, memory_map_above=math.inf):
-    """A TIFF as a (pages, height, width) array; memory-mapped (nothing read until a region is
-    indexed) if its pixels take more than `memory_map_above` bytes. One clear DataError for
-    anything else."""
+    """A TIFF as a (pages, height, width) array of every page; memory-mapped (nothing read until a
+    region is indexed) if its pixels take more than `memory_map_above` bytes. One clear DataError
+    for anything else: a file that is no TIFF, colour, or pages of different shapes."""
     path = Path(path)
     if not path.is_file():
         raise DataError(
@@ -175,9 +168,28 @@ def read_stack(path, memory_map_above=math.inf):
         )
     try:
         with tifffile.TiffFile(path) as tiff:
-            series = tiff.series[0]
-            axes, shape, memory_map = series.axes, series.shape, series.nbytes > memory_map_above
-            stack = None if memory_map else series.asarray()
+            series = tiff.series
+            axes, shape, dtype = series[0].axes, series[0].shape, series[0].dtype
+            if len(series) > 1:  # pages appended one by one, or several stacks in one file
+                shapes = {(s.shape[-2:] if "S" not in s.axes else s.shape, s.dtype) for s in series}
+                if len(shapes) > 1 or any(len(s.shape) not in (2, 3) for s in series):
+                    raise DataError(
+                        f"{path} holds {len(series)} image series of different shapes or types "
+                        f"({', '.join(f'{s.shape} {s.dtype}' for s in series[:3])}...): save one stack of grey "
+                        "slices, one per page"
+                    )
+                shape = (sum(1 if len(s.shape) == 2 else s.shape[0] for s in series), *series[0].shape[-2:])
+                axes = "IYX"
+            memory_map = math.prod(shape) * np.dtype(dtype).itemsize > memory_map_above
+            if memory_map and len(series) > 1:
+                raise DataError(
+                    f"{path} holds its {shape[0]} slices as {len(series)} separate series, which cannot be "
+                    "memory-mapped: save it as one stack, e.g. tifffile.imwrite(path, stack), or use --memmap off"
+                )
+            stack = None if memory_map else np.concatenate(
+                [s.asarray().reshape(-1, *s.shape[-2:]) for s in series]) if len(series) > 1 else series[0].asarray()
+    except DataError:
+        raise
     except Exception as error:  # tifffile raises several types for damaged files
         raise DataError(
             f"{path} is not a readable TIFF ({type(error).__name__}: {error}): replace it "
@@ -190,6 +202,8 @@ def read_stack(path, memory_map_above=math.inf):
             f"{path} has shape {shape}: expected grey slices, one per page "
             "(pages x height x width)"
         )
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or dtype == bool):
+        raise DataError(f"{path} holds {dtype} pixels: save grey values as integers or real floats")
     if memory_map:
         stack = memory_mapped(path)
     return stack.reshape((1, *shape) if len(shape) == 2 else shape)
@@ -205,18 +219,65 @@ def memory_mapped(path):
         ) from None
 
 
-def as_unit_float(stack):
-    """Integer pixels scaled by their type's range to float32 in [0, 1]; floats kept."""
-    if np.issubdtype(stack.dtype, np.integer):
-        return (stack / np.iinfo(stack.dtype).max).astype(np.float32)
-    return np.asarray(stack, dtype=np.float32)
+@dataclasses.dataclass(frozen=True)
+class ImageScaling:
+    """How stored grey values become the net's input in [0, 1]: clip((value - offset) / scale, 0, 1),
+    the same for training crops, validation slices and predict.py (which takes it from the run).
+
+    Decided from the stack (`of`): unsigned integers (and signed ones without negative values)
+    by the bit depth their values use, the smallest of 8 or more bits that holds the largest value
+    (so 8-bit data in uint8 is divided by 255, 12-bit data in uint16 by 4095); floats as stored if
+    they lie in [0, 1]; anything else (floats outside [0, 1], negative integers) from its minimum
+    to its maximum. bool is 0 and 1 as stored.
+    """
+
+    offset: float
+    scale: float
+    rule: str
+
+    def apply(self, values):
+        return np.clip((np.asarray(values, dtype=np.float32) - self.offset) / self.scale, 0.0, 1.0)
+
+    def describe(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_description(cls, description):
+        return cls(float(description["offset"]), float(description["scale"]), str(description["rule"]))
+
+    @classmethod
+    def of(cls, stack, path):
+        """The scaling of `stack`, read a slice at a time; DataError naming the slice and position
+        of a NaN or infinite value."""
+        if stack.dtype == bool:
+            return cls(0.0, 1.0, "bool values: 0 and 1 as stored")
+        if stack.dtype == np.uint8:  # 8 bits whatever its values: no pass over the stack
+            return cls(0.0, 255.0, "uint8 values: 8-bit, divided by 255")
+        low, high = math.inf, -math.inf
+        for index, page in enumerate(stack):
+            if np.issubdtype(page.dtype, np.floating) and not np.all(np.isfinite(page)):
+                row, column = np.argwhere(~np.isfinite(page))[0]
+                raise DataError(f"{path} holds {page[row, column]} at slice {index}, row {row}, column {column}: "
+                                "replace the values that are not finite (e.g. by the slice's median) and save it again")
+            low, high = min(low, float(page.min())), max(high, float(page.max()))
+        if np.issubdtype(stack.dtype, np.integer):
+            if low >= 0:
+                bits = max(8, int(high).bit_length())
+                return cls(0.0, float(2**bits - 1), f"{stack.dtype} values up to {high:g}: {bits}-bit, divided by {2**bits - 1}")
+        elif 0 <= low and high <= 1:
+            return cls(0.0, 1.0, f"{stack.dtype} values in [0, 1]: as stored")
+        return cls(low, (high - low) or 1.0, f"{stack.dtype} values from {low:g} to {high:g}: scaled from min to max")
 
 
-def cell_value(stack, path):
-    """The label value that means cell (the higher of two). Read a slice at a time, so that a
-    memory-mapped stack is never loaded whole."""
+def label_values(stack, path):
+    """(low, high, per-slice count of `high`) of a binary mask stack, read a slice at a time;
+    DataError for more than two values, or one value only."""
     extremes = np.array([(labels.min(), labels.max()) for labels in stack])
     low, high = extremes[:, 0].min(), extremes[:, 1].max()
+    if low == high:
+        raise DataError(f"{path} holds the value {low:g} only: a mask needs both cell and membrane pixels "
+                        "(e.g. 255 = cell, 0 = membrane)")
+    high_counts = []
     for index, labels in enumerate(stack):
         if np.any((labels != low) & (labels != high)):
             values = np.union1d(np.unique(labels), [low, high])
@@ -224,23 +285,54 @@ def cell_value(stack, path):
                 f"{path} is not a binary mask: slice {index} holds {len(values)} distinct values (expected 2, "
                 "e.g. 0 = membrane and 255 = cell); threshold it first"
             )
-    # A stack of one value is all cell if that value is positive, else all membrane.
-    return high if high > low or high > 0 else high + 1
+        high_counts.append(np.count_nonzero(labels == high))
+    return low, high, np.array(high_counts)
 
 
-def as_cell_mask(stack, path):
-    """Binary labels as {0, 1} uint8, 1 = cell (the higher of the two values)."""
-    return (stack == cell_value(stack, path)).astype(np.uint8)
+REGION_SAMPLE = 8  # slices whose connected regions are counted to tell cells from membranes
+
+
+def cell_value(stack, path, polarity="cells-high"):
+    """(the label value that means cell, cell pixels per slice): the cell value is the higher of
+    the two for `polarity` "cells-high", the lower for "membranes-high".
+
+    Refused when the cell value does not look like cells: EM cells cover most of a slice in many
+    separate regions, while membranes are a thin connected network. The regions are counted
+    (4-connected) on REGION_SAMPLE slices spread through the stack.
+    """
+    low, high, high_counts = label_values(stack, path)
+    cell, membrane = (high, low) if polarity == "cells-high" else (low, high)
+    slice_pixels = math.prod(stack.shape[1:])
+    cell_pixels = high_counts if cell == high else slice_pixels - high_counts
+    cell_share = cell_pixels.sum() / (len(stack) * slice_pixels)
+    sample = np.unique(np.linspace(0, len(stack) - 1, min(REGION_SAMPLE, len(stack))).round().astype(int))
+    cell_regions = np.mean([connected_components(stack[i] == cell, connectivity=1).max() for i in sample])
+    membrane_regions = np.mean([connected_components(stack[i] == membrane, connectivity=1).max() for i in sample])
+    if cell_share <= 0.5 or cell_regions <= membrane_regions:
+        other = LABEL_POLARITY_FLIP[polarity]
+        raise DataError(
+            f"{path}: the cell value {cell:g} ({polarity}) covers {cell_share:.0%} of the pixels in "
+            f"{cell_regions:.0f} connected region(s) per slice, {membrane:g} covers {1 - cell_share:.0%} in "
+            f"{membrane_regions:.0f}: this looks like {'membranes' if cell_share <= 0.5 else 'no cells'}; "
+            f"pass --labels-polarity {other} if that is what they are"
+        )
+    return cell, cell_pixels
+
+
+LABEL_POLARITY_FLIP = {"cells-high": "membranes-high", "membranes-high": "cells-high"}
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainingStacks:
     """Image slices and their masks as stored, in memory or memory-mapped from the TIFFs, read a
-    slice or a region at a time: images as float32 in [0, 1], masks as {0, 1} uint8 (1 = cell)."""
+    slice or a region at a time: images scaled by `scaling` to float32 in [0, 1], masks as {0, 1}
+    uint8 (1 = cell); `cell_pixels` counts the cell pixels of each slice."""
 
     images: np.ndarray
     labels: np.ndarray
     cell_value: float
+    cell_pixels: np.ndarray
+    scaling: ImageScaling
 
     def __len__(self):
         return len(self.images)
@@ -250,15 +342,15 @@ class TrainingStacks:
         return self.images.shape[1:]
 
     def image(self, index, region=(slice(None), slice(None))):
-        return as_unit_float(self.images[index][region])
+        return self.scaling.apply(self.images[index][region])
 
     def mask(self, index, region=(slice(None), slice(None))):
         return (self.labels[index][region] == self.cell_value).astype(np.uint8)
 
 
-def load_training_stacks(images_path, labels_path, memory_map_above=math.inf):
+def load_training_stacks(images_path, labels_path, memory_map_above=math.inf, polarity="cells-high"):
     """The image and mask stacks as TrainingStacks; each memory-mapped if larger than
-    `memory_map_above` bytes."""
+    `memory_map_above` bytes. `polarity` says which label value is cell (settings.LABEL_POLARITIES)."""
     images, labels = read_stack(images_path, memory_map_above), read_stack(labels_path, memory_map_above)
     if len(images) != len(labels):
         raise DataError(
@@ -270,7 +362,20 @@ def load_training_stacks(images_path, labels_path, memory_map_above=math.inf):
             f"slices of {images_path} are {images.shape[1:]} but masks in {labels_path} are "
             f"{labels.shape[1:]}: image and mask slices must have the same height and width"
         )
-    return TrainingStacks(images, labels, cell_value(labels, labels_path))
+    return TrainingStacks(images, labels, *cell_value(labels, labels_path, polarity), ImageScaling.of(images, images_path))
+
+
+def check_masks(stacks, train_indices, val_indices, labels_path):
+    """Refuse a validation slice whose mask has no membrane or no cell (its scores would mean
+    nothing); warn of such a training slice."""
+    for index in [*val_indices, *train_indices]:
+        cells = stacks.cell_pixels[index]
+        missing = "membrane" if cells == math.prod(stacks.slice_shape) else "cell" if cells == 0 else None
+        if missing and index in val_indices:
+            raise DataError(f"validation slice {index} of {labels_path} has no {missing}: its scores would mean "
+                            "nothing; choose other --val-slices")
+        if missing:
+            print(f"warning: training slice {index} of {labels_path} has no {missing}", file=sys.stderr)
 
 
 # --- train/validation split -------------------------------------------------------------------
@@ -418,34 +523,6 @@ class RandomCrops:
         return images[..., np.newaxis], masks[..., np.newaxis]
 
 
-def replica_batches(crops, steps_per_epoch, first_epoch, input_context, workers):
-    """The tf.data input pipeline of one worker of a tf.distribute strategy (see
-    `Strategy.distribute_datasets_from_function`): per-replica batches from `first_epoch` on,
-    built by `workers` threads, in order.
-
-    The worker's replicas take turns at its batches; each draws from its own stream, numbered
-    globally, so that no two replicas or workers train on the same crops, and a single replica
-    draws stream 0: the same crops as a run without a strategy.
-    """
-    local_replicas = input_context.num_replicas_in_sync // input_context.num_input_pipelines
-    first_stream = input_context.input_pipeline_id * local_replicas
-    shape = (crops.batch_size, crops.crop, crops.crop, 1)
-
-    def batch(element):
-        step, replica = divmod(int(element), local_replicas)
-        epoch, index = divmod(step, steps_per_epoch)
-        return crops.batch(epoch, index, first_stream + replica)
-
-    def built(element):
-        images, masks = tf.numpy_function(batch, [element], (tf.float32, tf.float32), stateful=False)
-        return tf.ensure_shape(images, shape), tf.ensure_shape(masks, shape)
-
-    start = first_epoch * steps_per_epoch * local_replicas
-    return (tf.data.Dataset.range(start, np.iinfo(np.int64).max)
-            .map(built, num_parallel_calls=workers, deterministic=True)
-            .prefetch(tf.data.AUTOTUNE))
-
-
 def trim_to_multiple(stack, multiple):
     """Centre-crop the slices of (N, H, W) to the largest height and width divisible by `multiple`."""
     height, width = (size - size % multiple for size in stack.shape[1:3])
@@ -453,22 +530,25 @@ def trim_to_multiple(stack, multiple):
     return stack[:, top:top + height, left:left + width]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Download ISBI 2012 as the challenge's TIFF stacks.")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help="directory for the TIFFs (default: %(default)s)")
+def build_parser():
+    parser = cli.ArgumentParser("data.py", "Download ISBI 2012 as the challenge's TIFF stacks.")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help="directory for the TIFFs")
     parser.add_argument("--mirror", help=f"base URL of a copy of zhixuhao/unet (http(s):// or file://); default ${MIRROR_ENV} or GitHub")
     parser.add_argument("--force", action="store_true", help="download even if the TIFFs are there")
-    args = parser.parse_args(argv)
-    try:
-        if not missing_stacks(args.data) and not args.force:
-            print(f"ISBI 2012 already in {args.data}/ (use --force to download again)")
-            return 0
-        for path in download_isbi2012(args.data, args.mirror, overwrite=args.force):
-            print(f"wrote {path}")
-    except DataError as error:
-        print(f"data.py: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return parser
+
+
+def download(args):
+    if not missing_stacks(args.data) and not args.force:
+        print(f"ISBI 2012 already in {args.data}/ (use --force to download again)")
+        return
+    for path in download_isbi2012(args.data, args.mirror, overwrite=args.force):
+        print(f"wrote {path}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return cli.run("data.py", lambda: download(args))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ device where there is no GPU) and averages their gradients each step; `--strateg
 does the same across machines, one train.py process per machine, with the cluster and the
 process's own place in it given by the TF_CONFIG environment variable (see README, "Scaling
 out"). Every replica trains on its own `--batch-size` crops, so a step takes batch size x
-replicas crops.
+replicas crops, fed to it through tf.data from its own stream of random crops.
 """
 
 import contextlib
@@ -16,12 +16,13 @@ import re
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
-STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+from cli import InputError
 
 
-class ClusterError(Exception):
+class ClusterError(InputError):
     """A strategy that cannot start; one line naming the problem and the fix."""
 
 
@@ -55,7 +56,7 @@ def cluster_tasks():
 
 
 def make_strategy(name):
-    """The tf.distribute strategy `name` (one of STRATEGIES). Create it before anything else
+    """The tf.distribute strategy `name` (one of settings.STRATEGIES). Create it before anything else
     touches TensorFlow: a multi-worker strategy configures the runtime, which it can only do
     before the runtime starts.
 
@@ -105,10 +106,13 @@ def describe(strategy):
 
 
 def lost_worker(error):
-    """In a few words, what a tf.errors.UnavailableError says the cluster lost: the tasks that
-    stopped sending heartbeats, or why a collective was aborted."""
+    """In a few words, what the cluster lost if `error` is a tf.errors.UnavailableError (a worker
+    died or cannot be reached): the tasks that stopped sending heartbeats, or why a collective was
+    aborted; None for any other error."""
+    if not isinstance(error, tf.errors.UnavailableError):
+        return None
     if "unhealthy" in error.message:
-        return ", ".join(sorted(set(re.findall(r"/job:\w+/replica:\d+/task:\d+", error.message.split("unhealthy")[1]))))
+        return ", ".join(sorted(set(re.findall(r"/job:\w+/replica:\d+/task:\d+", error.message.split("unhealthy")[1])))) or "a worker"
     aborted = re.search(r"aborted by: ([^\n]+)", error.message)
     return aborted.group(1) if aborted else error.message.splitlines()[0][:120]
 
@@ -125,3 +129,40 @@ def log_directory(strategy, logdir):
     task_type, task_id = task(strategy)
     with tempfile.TemporaryDirectory(prefix=f"train-{task_type}{task_id}-") as temporary:
         yield Path(temporary)
+
+
+# --- input -------------------------------------------------------------------------------------
+
+def training_batches(strategy, crops, steps_per_epoch, first_epoch, workers):
+    """The training batches from epoch `first_epoch` on, one stream per replica: the crops of epoch
+    k are the same whether or not the run was resumed before it."""
+    return strategy.distribute_datasets_from_function(
+        lambda context: replica_batches(crops, steps_per_epoch, first_epoch, context, workers))
+
+
+def replica_batches(crops, steps_per_epoch, first_epoch, input_context, workers):
+    """The tf.data input pipeline of one worker of a tf.distribute strategy (see
+    `Strategy.distribute_datasets_from_function`): per-replica batches from `first_epoch` on,
+    built by `workers` threads, in order.
+
+    The worker's replicas take turns at its batches; each draws from its own stream, numbered
+    globally, so that no two replicas or workers train on the same crops, and a single replica
+    draws stream 0: the same crops as a run without a strategy.
+    """
+    local_replicas = input_context.num_replicas_in_sync // input_context.num_input_pipelines
+    first_stream = input_context.input_pipeline_id * local_replicas
+    shape = (crops.batch_size, crops.crop, crops.crop, 1)
+
+    def batch(element):
+        step, replica = divmod(int(element), local_replicas)
+        epoch, index = divmod(step, steps_per_epoch)
+        return crops.batch(epoch, index, first_stream + replica)
+
+    def built(element):
+        images, masks = tf.numpy_function(batch, [element], (tf.float32, tf.float32), stateful=False)
+        return tf.ensure_shape(images, shape), tf.ensure_shape(masks, shape)
+
+    start = first_epoch * steps_per_epoch * local_replicas
+    return (tf.data.Dataset.range(start, np.iinfo(np.int64).max)
+            .map(built, num_parallel_calls=workers, deterministic=True)
+            .prefetch(tf.data.AUTOTUNE))

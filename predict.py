@@ -9,31 +9,30 @@ challenge's submission polarity). Slices of any size work: one that fits in a --
 whole, a larger one in overlapping tiles whose borders are discarded (the U-Net paper's
 overlap-tile strategy); beyond a slice's edges the image is mirrored. --tta averages the predictions of the 8
 flips and rotations. With --labels it also prints the challenge's V_rand, V_info and pixel error.
+
+Grey values are scaled to [0, 1] as the run's training scaled them (its config.json's
+`image_scaling`); a checkpoint outside a run directory scales the stack by its own values
+(data.ImageScaling). Everything is checked before TensorFlow loads.
 """
-
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the way
 
 import argparse
 import sys
 from pathlib import Path
 
-import keras
 import numpy as np
 
+import cli
 import data
-import metrics
-from unet import DEPTH
-
-MULTIPLE = 2**DEPTH  # the U-Net halves a slice DEPTH times
+import rundir
+import settings
+from settings import MULTIPLE
 # 1024 takes a 512x512 ISBI slice whole; f=64 needs about 3 GB for it.
 DEFAULT_TILE = 1024
 CONTEXT = 32  # mirrored pixels around a slice predicted whole
 TILE_BATCH = 4
 
 
-class PredictError(Exception):
+class PredictError(cli.InputError):
     """A prediction that cannot run; the message names the problem and the fix in one line."""
 
 
@@ -43,15 +42,25 @@ def checkpoint_path(run_or_checkpoint):
     """The checkpoint a run directory holds (best.keras), or the .keras file given."""
     path = Path(run_or_checkpoint)
     if path.is_dir():
-        path = path / "best.keras"
+        path = path / rundir.BEST
         if not path.is_file():
-            raise PredictError(f"{run_or_checkpoint} holds no best.keras: give a run directory of train.py or a .keras checkpoint")
+            raise PredictError(f"{run_or_checkpoint} holds no {rundir.BEST}: give a run directory of train.py or a .keras checkpoint")
     elif not path.is_file():
         raise PredictError(f"{path} not found: give a run directory of train.py or a .keras checkpoint")
     return path
 
 
+def run_scaling(checkpoint):
+    """The image scaling of the run a checkpoint belongs to, or None if it has no run directory."""
+    if not (checkpoint.parent / rundir.CONFIG).is_file():
+        return None
+    description = rundir.read_config(checkpoint.parent).get("image_scaling")
+    return None if description is None else data.ImageScaling.from_description(description)
+
+
 def load_model(path):
+    import keras  # TensorFlow loads only once the inputs are known to be good
+
     try:
         # compile=False: inference needs no loss, so the project's custom losses need not be registered.
         return keras.models.load_model(path, compile=False)
@@ -125,45 +134,48 @@ def predict_stack(model, images, tile=DEFAULT_TILE, tta=False, progress=None):
 # --- command line -----------------------------------------------------------------------------
 
 def tile_size(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
-    if value < 4 * MULTIPLE or value % MULTIPLE:
-        raise argparse.ArgumentTypeError(f"{value} must be a multiple of {MULTIPLE} and at least {4 * MULTIPLE}")
+    value = cli.multiple_of(MULTIPLE, f"the U-Net halves it {settings.DEPTH} times")(text)
+    if value < 4 * MULTIPLE:
+        raise argparse.ArgumentTypeError(f"{value} is too small to predict with context: use {4 * MULTIPLE} or more")
     return value
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Write the cell probabilities of a TIFF stack predicted by a trained U-Net.")
+    parser = cli.ArgumentParser("predict.py", "Write the cell probabilities of a TIFF stack predicted by a trained U-Net.")
     parser.add_argument("model", type=Path, help="run directory of train.py (uses its best.keras) or a .keras checkpoint")
     parser.add_argument("images", type=Path, help="multi-page TIFF of grey slices, e.g. data/isbi2012/test-volume.tif")
     parser.add_argument("-o", "--output", type=Path, required=True, help="the float32 multi-page TIFF to write")
     parser.add_argument("--tta", action="store_true", help="average the predictions of the 8 flips and rotations")
     parser.add_argument("--labels", type=Path, help="binary masks of the same slices: also print V_rand, V_info and pixel error")
-    parser.add_argument("--tile", type=tile_size, default=DEFAULT_TILE,
-                        help="largest side predicted in one piece; larger slices go in overlapping tiles (default: %(default)s)")
+    parser.add_argument("--labels-polarity", choices=settings.LABEL_POLARITIES, default="cells-high",
+                        help="which of the two --labels values is cell, as for train.py")
+    parser.add_argument("--tile", type=tile_size, default=DEFAULT_TILE, help="largest side predicted in one piece; larger slices go in overlapping tiles")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    # One line naming the problem, as for every other bad input.
-    parser.error = lambda message: (print(f"predict.py: error: {message} (see --help)", file=sys.stderr), sys.exit(2))
     return parser
 
 
 def run(args):
     if args.output.exists() and not args.overwrite:
         raise PredictError(f"{args.output} exists: choose another -o or add --overwrite")
-    images = data.as_unit_float(data.read_stack(args.images))
+    checkpoint = checkpoint_path(args.model)
+    stack = data.read_stack(args.images)
+    scaling = run_scaling(checkpoint) or data.ImageScaling.of(stack, args.images)
+    images = scaling.apply(stack)
     labels = None
     if args.labels is not None:
-        labels = data.as_cell_mask(data.read_stack(args.labels), args.labels)
-        if labels.shape != images.shape:
-            raise PredictError(f"{args.labels} holds {labels.shape} masks but {args.images} holds {images.shape} slices: "
-                               "give the masks of the same slices")
-    model = load_model(checkpoint_path(args.model))
+        label_stack = data.read_stack(args.labels)
+        if label_stack.shape != images.shape:
+            raise PredictError(f"{args.labels} holds {label_stack.shape} masks but {args.images} holds {images.shape} "
+                               "slices: give the masks of the same slices")
+        labels = (label_stack == data.cell_value(label_stack, args.labels, args.labels_polarity)[0]).astype(np.uint8)
 
+    from keras.utils import Progbar  # TensorFlow loads only once the inputs are known to be good
+
+    import metrics
+    model = load_model(checkpoint)
     print(f"predicting {len(images)} slices of {images.shape[1]}x{images.shape[2]}"
-          + (" with 8-fold test-time augmentation" if args.tta else ""))
-    probabilities = predict_stack(model, images, args.tile, args.tta, progress=keras.utils.Progbar(len(images)))
+          + (" with 8-fold test-time augmentation" if args.tta else "") + f"; grey values: {scaling.rule}")
+    probabilities = predict_stack(model, images, args.tile, args.tta, progress=Progbar(len(images)))
     data.write_stack_atomically(args.output, probabilities, fix="free some space or choose another -o")
     print(f"wrote {args.output}: {len(probabilities)} pages of float32 cell probability")
 
@@ -178,12 +190,7 @@ def run(args):
 
 def main(argv=None):
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        run(args)
-    except (data.DataError, PredictError) as error:
-        print(f"predict.py: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.run("predict.py", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,6 @@ from the event files, how it went (`python train.py --summary logs`).
 """
 
 import dataclasses
-import hashlib
-import json
 import platform
 import subprocess
 from pathlib import Path
@@ -16,6 +14,7 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 import data
+import rundir
 
 HYPERPARAMETERS = ("loss", "lr", "filters", "crop", "batch_size", "epochs", "steps_per_epoch", "precision", "seed")
 
@@ -24,11 +23,6 @@ def hyperparameters(config):
     """The HParams tab's columns: training settings and the augmentation ranges."""
     augmentation = {f"augment_{name}": value for name, value in dataclasses.asdict(data.Augmentation()).items()}
     return {**{name: config[name] for name in HYPERPARAMETERS}, **augmentation}
-
-
-def sha256_of(path):
-    with open(path, "rb") as file:  # streamed: a stack may be larger than memory
-        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def git_commit():
@@ -44,15 +38,14 @@ def git_commit():
     return head.stdout.strip() + (" (uncommitted changes)" if status.stdout.strip() else "")
 
 
-def provenance(images_path, labels_path, mirror):
+def provenance(images_path, labels_path):
     """Versions, code and data a run used, for config.json and the Text tab."""
     return {
         "versions": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
                      "tensorboard": tensorboard.__version__, "numpy": np.__version__},
         "git_commit": git_commit(),
-        "data_files": {"images": str(images_path), "images_sha256": sha256_of(images_path),
-                 "labels": str(labels_path), "labels_sha256": sha256_of(labels_path),
-                 "isbi_mirror": mirror},
+        "data_files": {"images": str(images_path), "images_sha256": data.sha256_of(images_path),
+                       "labels": str(labels_path), "labels_sha256": data.sha256_of(labels_path)},
     }
 
 
@@ -98,8 +91,8 @@ def last(series):
 
 
 def run_row(run_dir):
-    config = json.loads((run_dir / "config.json").read_text())
-    validation = read_scalars(run_dir / "validation") if (run_dir / "validation").is_dir() else {}
+    config = rundir.read_config(run_dir)
+    validation = read_scalars(run_dir / rundir.VALIDATION) if (run_dir / rundir.VALIDATION).is_dir() else {}
     fractions = [value for _, value in validation.get("epoch_misclassified_pixel_fraction", [])]
     v_rands = [value for _, value in validation.get("epoch_v_rand", [])]
     evaluations = validation.get("evaluation_loss_vs_iterations", [])
@@ -117,7 +110,7 @@ def run_row(run_dir):
 
 def summarize(logdir):
     """One row per run directory (one holding config.json) under `logdir`, sorted by name."""
-    return [run_row(config.parent) for config in sorted(Path(logdir).glob("*/config.json"))]
+    return [run_row(config.parent) for config in sorted(Path(logdir).glob(f"*/{rundir.CONFIG}"))]
 
 
 def format_table(rows):

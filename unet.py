@@ -11,7 +11,8 @@ slices.
 import keras
 from keras import layers
 
-DEPTH = 4
+import metrics
+from settings import DEPTH
 
 
 def conv_block(x, filters, prefix):
@@ -42,3 +43,12 @@ def build_unet(filters=64, depth=DEPTH, channels=1):
     # Kept in float32 under mixed precision so probabilities near 0 and 1 stay exact.
     outputs = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="output")(x)
     return keras.Model(inputs, outputs, name="unet")
+
+
+def compiled_unet(filters, loss, lr, jit_compile):
+    """A new U-Net compiled for training: Adam at `lr`, the loss named `loss` (metrics.LOSSES) and
+    the training metrics."""
+    model = build_unet(filters=filters)
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss=metrics.LOSSES[loss],
+                  metrics=metrics.training_metrics(), jit_compile=jit_compile)
+    return model

@@ -2,6 +2,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -10,25 +11,61 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 
 SHARED_MIRROR = ROOT.parent / "shared" / "data" / "isbi2012-mirror"
+CHECKOUT_DATA = ROOT / data.DEFAULT_DATA_DIR
+
+
+def given_mirror():
+    """The ISBI 2012 mirror the tests are pointed at: $ISBI2012_MIRROR, else ../shared beside the
+    checkout (as in CI); None if neither."""
+    if os.environ.get(data.MIRROR_ENV):
+        return os.environ[data.MIRROR_ENV]
+    return SHARED_MIRROR.as_uri() if SHARED_MIRROR.is_dir() else None
 
 
 @pytest.fixture(scope="session")
 def mirror_url():
-    """file:// URL of the ISBI 2012 mirror: $ISBI2012_MIRROR, else ../shared beside the checkout."""
-    url = os.environ.get(data.MIRROR_ENV)
-    if url:
-        return url
-    if not SHARED_MIRROR.is_dir():
-        pytest.skip(f"no ISBI 2012 mirror: set {data.MIRROR_ENV} or place shared/ beside the checkout")
-    return SHARED_MIRROR.as_uri()
+    """A URL to download ISBI 2012 from: the given mirror, else the real download (GitHub) if it
+    answers."""
+    url = data.mirror_url(given_mirror())
+    try:
+        data.fetch(url + "data/membrane/test/0.png")
+    except data.DataError as error:
+        if given_mirror() is not None:
+            raise
+        pytest.skip(f"no ISBI 2012 mirror given and the real download failed ({error})")
+    return url
 
 
 @pytest.fixture(scope="session")
-def isbi_dir(tmp_path_factory, mirror_url):
-    """The three ISBI 2012 TIFFs, downloaded once per session from the mirror."""
+def local_mirror(mirror_url):
+    """The given mirror as a directory, for tests that compare or damage its files."""
+    if not mirror_url.startswith("file://"):
+        pytest.skip(f"needs a file:// mirror ({data.MIRROR_ENV} or ../shared), not {mirror_url}")
+    return Path(mirror_url.removeprefix("file://").rstrip("/"))
+
+
+@pytest.fixture(scope="session")
+def isbi_dir(tmp_path_factory):
+    """The three ISBI 2012 TIFFs, from the given mirror, else those that `python data.py` put in
+    the checkout, else the real download. Skipped, with the reason in pytest's summary, only when
+    none of these can be had."""
+    if given_mirror() is None and not data.missing_stacks(CHECKOUT_DATA):
+        return CHECKOUT_DATA
     directory = tmp_path_factory.mktemp("isbi2012")
-    data.download_isbi2012(directory, mirror_url, verbose=False)
+    try:
+        data.download_isbi2012(directory, given_mirror(), verbose=False)
+    except data.DataError as error:
+        if given_mirror() is not None:
+            raise
+        pytest.skip(f"no ISBI 2012 data: no mirror given, none in {CHECKOUT_DATA}, and the download failed ({error})")
     return directory
+
+
+def cells_and_membranes(pages, height=64, width=64, spacing=8):
+    """Labels as EM masks look: (spacing-1)-pixel square cells (255) in a connected grid of 1-pixel
+    membranes (0)."""
+    _, rows, columns = np.indices((pages, height, width))
+    return ((rows % spacing != 0) & (columns % spacing != 0)).astype(np.uint8) * 255
 
 
 TINY = ["--filters", "4", "--crop", "64", "--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "2",

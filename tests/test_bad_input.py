@@ -9,15 +9,12 @@ import pytest
 import tifffile
 
 import train
+from conftest import cells_and_membranes
 
 
 def write_stack(path, stack):
     tifffile.imwrite(path, stack, photometric="minisblack")
     return path
-
-
-def cells_and_membranes(pages, height=64, width=64):
-    return (np.indices((pages, height, width))[2] % 8 != 0).astype(np.uint8) * 255
 
 
 def missing(tmp_path, isbi_dir):

@@ -8,19 +8,20 @@ import tifffile
 from scipy import ndimage
 
 import data
+import distribute
+from conftest import cells_and_membranes
 
 
 # --- download ---------------------------------------------------------------------------------
 
-def test_download_writes_three_30_page_stacks_equal_to_the_pngs(isbi_dir, mirror_url):
-    root = mirror_url.removeprefix("file://")
+def test_download_writes_three_30_page_stacks_equal_to_the_pngs(isbi_dir, local_mirror):
     for tiff_name, source_dir in data.STACK_SOURCES.items():
         with tifffile.TiffFile(isbi_dir / tiff_name) as tiff:
             assert len(tiff.pages) == 30
             stack = tiff.asarray()
         assert stack.shape == (30, 512, 512) and stack.dtype == np.uint8
         for index in (0, 17, 29):
-            np.testing.assert_array_equal(stack[index], skimage.io.imread(f"{root}/{source_dir}/{index}.png"))
+            np.testing.assert_array_equal(stack[index], skimage.io.imread(local_mirror / source_dir / f"{index}.png"))
     assert not list(isbi_dir.glob(".*.partial*"))
 
 
@@ -33,9 +34,9 @@ def test_labels_become_cell_ones_and_membrane_zeros(isbi_dir):
 
 
 @pytest.fixture
-def copied_mirror(tmp_path, mirror_url):
+def copied_mirror(tmp_path, local_mirror):
     copy = tmp_path / "mirror"
-    shutil.copytree(mirror_url.removeprefix("file://"), copy)
+    shutil.copytree(local_mirror, copy)
     return copy
 
 
@@ -134,16 +135,19 @@ def test_page_counts_and_slice_shapes_must_match(tmp_path):
 
 def test_any_stack_size_works_and_16_bit_images_are_scaled(tmp_path):
     write_stack(tmp_path / "images.tif", np.full((4, 40, 72), 65535, np.uint16))
-    write_stack(tmp_path / "labels.tif", np.tile([0, 1], (4, 40, 36)).astype(np.uint8))
+    labels = cells_and_membranes(4, 40, 72) // 255
+    write_stack(tmp_path / "labels.tif", labels)
     stacks = data.load_training_stacks(tmp_path / "images.tif", tmp_path / "labels.tif")
     assert len(stacks) == 4 and stacks.slice_shape == (40, 72)
-    assert stacks.image(3).max() == 1.0 and stacks.mask(3).mean() == 0.5
+    assert stacks.image(3).max() == 1.0
+    np.testing.assert_array_equal(stacks.mask(3), labels[3])
 
 
 def test_large_stacks_are_memory_mapped_and_read_the_same(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (3, 64, 80), dtype=np.uint8)
     write_stack(tmp_path / "images.tif", images)
-    write_stack(tmp_path / "labels.tif", (images > 100).astype(np.uint8) * 255)
+    labels = cells_and_membranes(3, 64, 80)
+    write_stack(tmp_path / "labels.tif", labels)
     loaded = data.load_training_stacks(tmp_path / "images.tif", tmp_path / "labels.tif")
     mapped = data.load_training_stacks(tmp_path / "images.tif", tmp_path / "labels.tif",
                                        memory_map_above=images.nbytes - 1)
@@ -151,7 +155,7 @@ def test_large_stacks_are_memory_mapped_and_read_the_same(tmp_path):
     assert not isinstance(loaded.images, np.memmap)
     for index in range(3):
         np.testing.assert_array_equal(mapped.image(index), loaded.image(index))
-        np.testing.assert_array_equal(mapped.mask(index), images[index] > 100)
+        np.testing.assert_array_equal(mapped.mask(index), labels[index] == 255)
     crops = [data.RandomCrops(stacks, [0, 2], batch_size=2, crop=32, seed=1).batch(1, 2) for stacks in (loaded, mapped)]
     np.testing.assert_array_equal(crops[0][0], crops[1][0])
 
@@ -190,7 +194,13 @@ SHAPE_ONLY = data.Augmentation(brightness=0.0, contrast=0.0)
 
 
 def one_slice(image, mask):
-    return data.TrainingStacks(image[np.newaxis], mask[np.newaxis], cell_value=1)
+    return in_memory(image[np.newaxis], mask[np.newaxis])
+
+
+def in_memory(images, masks):
+    """TrainingStacks of float images in [0, 1], taken as stored, and {0, 1} masks."""
+    return data.TrainingStacks(images, masks, cell_value=1, cell_pixels=masks.sum(axis=(1, 2)),
+                               scaling=data.ImageScaling(0.0, 1.0, "as stored"))
 
 
 def test_image_and_mask_stay_aligned_through_every_transform():
@@ -243,7 +253,7 @@ def test_crops_outside_the_slice_are_mirrored_in_as_scipy_does():
 
 def test_random_crops_are_reproducible_and_differ_between_batches_epochs_and_streams():
     images = np.random.default_rng(5).random((3, 96, 96), dtype=np.float32)
-    crops = data.RandomCrops(data.TrainingStacks(images, (images > 0.5).astype(np.uint8), 1), [0, 2],
+    crops = data.RandomCrops(in_memory(images, (images > 0.5).astype(np.uint8)), [0, 2],
                              batch_size=2, crop=32, seed=7)
     x, y = crops.batch(epoch=0, index=1)
     assert x.shape == y.shape == (2, 32, 32, 1) and x.dtype == y.dtype == np.float32
@@ -254,17 +264,17 @@ def test_random_crops_are_reproducible_and_differ_between_batches_epochs_and_str
 
 def test_replica_batches_take_each_replica_its_own_stream_in_order():
     images = np.random.default_rng(8).random((2, 64, 64), dtype=np.float32)
-    crops = data.RandomCrops(data.TrainingStacks(images, (images > 0.5).astype(np.uint8), 1), [0, 1],
+    crops = data.RandomCrops(in_memory(images, (images > 0.5).astype(np.uint8)), [0, 1],
                              batch_size=2, crop=16, seed=3)
     # Worker 1 of 2 with 2 replicas each: its replicas are streams 2 and 3; from epoch 1 of 3-step epochs.
-    batches = data.replica_batches(crops, steps_per_epoch=3, first_epoch=1, input_context=tf.distribute.InputContext(2, 1, 4), workers=2)
+    batches = distribute.replica_batches(crops, steps_per_epoch=3, first_epoch=1, input_context=tf.distribute.InputContext(2, 1, 4), workers=2)
     elements = [images.numpy() for images, _ in batches.take(8)]
     expected = [crops.batch(epoch, index, stream)[0] for epoch, index in ((1, 0), (1, 1), (1, 2), (2, 0))
                 for stream in (2, 3)]
     for element, batch in zip(elements, expected, strict=True):
         np.testing.assert_array_equal(element, batch)
     # A single replica draws stream 0 from step 0.
-    single = data.replica_batches(crops, 3, 0, tf.distribute.InputContext(1, 0, 1), workers=2)
+    single = distribute.replica_batches(crops, 3, 0, tf.distribute.InputContext(1, 0, 1), workers=2)
     np.testing.assert_array_equal(next(iter(single))[0].numpy(), crops.batch(0, 0)[0])
 
 

@@ -116,4 +116,4 @@ def test_a_tile_that_the_net_cannot_take_is_refused(identity_checkpoint, tmp_pat
     with pytest.raises(SystemExit) as exit_:
         predict.main([str(identity_checkpoint), "in.tif", "-o", str(tmp_path / "p.tif"), "--tile", "100"])
     assert exit_.value.code == 2
-    assert "must be a multiple of 16" in one_error_line(capsys)
+    assert "100 is not a multiple of 16" in one_error_line(capsys)

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import callbacks
 import resume
+import rundir
 import train
 from conftest import ROOT, TINY
 
@@ -96,7 +98,7 @@ def test_resume_of_a_run_without_a_finished_epoch_is_refused(tmp_path, capsys):
 
 def test_resume_of_a_damaged_checkpoint_is_refused(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"steps_per_epoch": 3}))
-    (tmp_path / resume.LAST).write_bytes(b"half a checkpoint")
+    (tmp_path / rundir.LAST).write_bytes(b"half a checkpoint")
     with pytest.raises(resume.ResumeError, match="last.keras is unreadable .*start a new one"):
         resume.restore_model(tmp_path, {"steps_per_epoch": 3})
 
@@ -108,13 +110,13 @@ def test_kill_9_mid_epoch_is_recoverable(tmp_path, isbi_dir):
                "--image-every", "1", "--lr", "1e-3", "--data", str(isbi_dir), "--logdir", str(logdir)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
-    while not (run_dir / resume.LAST).exists() and time.monotonic() < deadline and process.poll() is None:
+    while not (run_dir / rundir.LAST).exists() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
     time.sleep(1.0)  # into the next epoch
     os.kill(process.pid, signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     killed = raw_events(run_dir)
-    best_before = (run_dir / resume.BEST).read_bytes()
+    best_before = (run_dir / rundir.BEST).read_bytes()
 
     assert train.main(["--resume", str(run_dir)]) == 0
     events = raw_events(run_dir)
@@ -127,7 +129,7 @@ def test_kill_9_mid_epoch_is_recoverable(tmp_path, isbi_dir):
     assert steps(events["validation_slices"]["slice_15/prediction"]) == list(range(5 * 3 + 1))
     assert len(steps(killed["train"]["batch_loss"])) < 5 * 3  # it was killed before the end
     assert not list(run_dir.rglob(".*partial*"))
-    model = keras.models.load_model(run_dir / resume.BEST)  # intact, whichever epoch it is from
+    model = keras.models.load_model(run_dir / rundir.BEST)  # intact, whichever epoch it is from
     assert model.output_shape == (None, None, None, 1)
     assert best_before != b""
 
@@ -137,18 +139,18 @@ def test_a_non_finite_loss_stops_the_run_with_step_loss_and_lr(tmp_path, isbi_di
     error = capsys.readouterr().err
     assert "the training loss became nan at step" in error and "with lr 1e+30" in error
     assert "start again with a lower --lr" in error and "Traceback" not in error
-    assert not (tmp_path / "mse_lr1e+30" / resume.LAST).exists()
+    assert not (tmp_path / "mse_lr1e+30" / rundir.LAST).exists()
 
 
 def test_no_checkpoint_is_written_after_an_epoch_with_a_non_finite_loss(tmp_path):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     model.compile(optimizer="adam", loss="mse")
-    checkpoints = resume.Checkpoints(tmp_path)
+    checkpoints = callbacks.Checkpoints(tmp_path)
     checkpoints.set_model(model)
-    checkpoints.on_epoch_end(0, {"loss": 0.5, resume.MONITOR: 0.2})
-    saved = {name: (tmp_path / name).read_bytes() for name in (resume.LAST, resume.BEST)}
+    checkpoints.on_epoch_end(0, {"loss": 0.5, callbacks.MONITOR: 0.2})
+    saved = {name: (tmp_path / name).read_bytes() for name in (rundir.LAST, rundir.BEST)}
     model.layers[0].kernel.assign(np.full((4, 1), np.nan))
-    checkpoints.on_epoch_end(1, {"loss": float("nan"), resume.MONITOR: 0.1})
+    checkpoints.on_epoch_end(1, {"loss": float("nan"), callbacks.MONITOR: 0.1})
     assert {name: (tmp_path / name).read_bytes() for name in saved} == saved
 
 
@@ -168,9 +170,9 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, isb
     run_dir = tmp_path / "bce_lr1e-3"
     error = capsys.readouterr().err
     assert f"cannot write {run_dir}/" in error and "(No space left on device): free some space, then continue " \
-           f"the run with --resume {run_dir}" in error and error.count("\n") == 1
+           f"the run from its last checkpoint with --resume {run_dir}" in error and error.count("\n") == 1
     monkeypatch.undo()
-    last = keras.models.load_model(run_dir / resume.LAST)
+    last = keras.models.load_model(run_dir / rundir.LAST)
     assert int(last.optimizer.iterations.numpy()) == 3  # the first epoch's, whole
     assert not list(run_dir.glob(".*partial*"))
 
@@ -184,4 +186,4 @@ def test_two_runs_started_together_get_two_directories(tmp_path, isbi_dir):
     for run_dir in tmp_path.iterdir():
         assert json.loads((run_dir / "config.json").read_text())["run_dir"] == str(run_dir)
         assert len(list((run_dir / "train").glob("events.out.tfevents.*"))) == 1
-        assert (run_dir / resume.LAST).is_file()
+        assert (run_dir / rundir.LAST).is_file()

@@ -16,6 +16,7 @@ from tensorflow.core.protobuf.config_pb2 import RunMetadata
 
 import data
 import metrics
+import rundir
 import runs
 import train
 from conftest import ROOT, TINY, TINY_STEPS
@@ -275,16 +276,21 @@ def test_a_second_run_with_the_same_name_gets_its_own_directory(tmp_path, isbi_d
 @pytest.mark.parametrize("lr, name", [(1e-4, "bce_lr1e-4"), (3e-4, "bce_lr3e-4"), (0.001, "bce_lr1e-3"),
                                       (1.5e-4, "bce_lr1.5e-4"), (1.00001e-4, "bce_lr1.00001e-4")])
 def test_run_names_keep_distinct_learning_rates_apart(lr, name):
-    assert train.run_name("bce", lr) == name
+    assert rundir.run_name("bce", lr) == name
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--crop", "100"], "not a multiple of 16"),
-    (["--lr", "-1"], "must be greater than 0"),
+    (["--lr", "-1"], "must be a finite number greater than 0"),
     (["--lr", "fast"], "is not a float"),
-    (["--lr", "nan"], "must be greater than 0"),
-    (["--epochs", "0"], "must be greater than 0"),
-    (["--loss", "hinge"], "invalid choice: 'hinge' (choose from 'bce', 'bce_dice', 'dice', 'mse')"),
+    (["--lr", "nan"], "must be a finite number greater than 0"),
+    (["--lr", "inf"], "must be a finite number greater than 0"),
+    (["--epochs", "0"], "must be a finite number greater than 0"),
+    (["--seed", "-1"], "must be a finite number from 0 to 4294967295"),
+    (["--val-slices", ","], "names no slice"),
+    (["--val-slices", "3,3"], "names a slice twice"),
+    (["--val-slices", "-2"], "holds a negative index"),
+    (["--loss", "hinge"], "invalid choice: 'hinge' (choose from 'bce', 'mse', 'dice', 'bce_dice')"),
     (["--val-slices", "5,x"], "comma-separated list"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(flags, message, capsys):

@@ -1,0 +1,156 @@
+"""What every command of this project does the same way: flags checked to their real range at parse
+time, `--help` text written as it reads (no `%` escaping, defaults appended), and every refusal or
+stop told in one line on stderr with its exit code: 2 for bad input, 1 for a run that stopped, 130
+for Ctrl-C.
+
+Imports nothing but the standard library: every command checks its input with it before
+TensorFlow loads, so that bad input is answered in about a second.
+"""
+
+import argparse
+import math
+import os
+import sys
+
+# TensorFlow's C++ INFO and WARNING lines (which CPU instructions its binary was built for, ...)
+# stay off a user's terminal; its errors still show. Every command imports this module before
+# TensorFlow, and TF_CPP_MIN_LOG_LEVEL=0 in the environment brings the lines back.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+class InputError(Exception):
+    """Bad input, or a run that cannot start: one line naming the problem and the fix."""
+
+    label, exit_code = "error", 2
+
+
+class Stopped(Exception):
+    """A run that stopped before its end: one line saying why and how to go on."""
+
+    label, exit_code = "stopped", 1
+
+
+class Interrupted(Stopped):
+    """Ctrl-C: one line saying what was kept."""
+
+    label, exit_code = "interrupted", 130
+
+
+# --- argument types ------------------------------------------------------------------------------
+
+def checked_number(kind, text, condition, requirement):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a{'n' if kind is int else ''} {kind.__name__}") from None
+    if not (math.isfinite(value) and condition(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number {requirement}")
+    return value
+
+
+def positive(kind):
+    return lambda text: checked_number(kind, text, lambda value: value > 0, "greater than 0")
+
+
+def non_negative_int(text):
+    return checked_number(int, text, lambda value: value >= 0, "of 0 or more")
+
+
+def seed(text):
+    # numpy's generators and Keras' set_random_seed take seeds in [0, 2**32).
+    return checked_number(int, text, lambda value: 0 <= value < 2**32, f"from 0 to {2**32 - 1}")
+
+
+def multiple_of(multiple, why):
+    def check(text):
+        value = positive(int)(text)
+        if value % multiple:
+            raise argparse.ArgumentTypeError(
+                f"{value} is not a multiple of {multiple} ({why}); try {max(multiple, value - value % multiple)}")
+        return value
+    return check
+
+
+def index_list(text):
+    """Comma-separated indices, at least one, none negative, none twice."""
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        indices = [int(part) for part in parts if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of slice indices") from None
+    if not indices:
+        raise argparse.ArgumentTypeError(f"{text!r} names no slice: give at least one index, e.g. 5,15,25")
+    if min(indices) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} holds a negative index: slices count from 0")
+    if len(set(indices)) < len(indices):
+        raise argparse.ArgumentTypeError(f"{text!r} names a slice twice")
+    return indices
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Help as written: a `%` in a help text is a percent sign, and a flag's default, when it has
+    one, is appended as "(default: ...)".
+
+    argparse %-formats every help string; `_get_help_string` is the hook that its own
+    ArgumentDefaultsHelpFormatter overrides for the same purpose (test_cli runs every --help).
+    """
+
+    def _get_help_string(self, action):
+        text = (action.help or "").replace("%", "%%")
+        if action.option_strings and not any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS)):
+            text += " (default: %(default)s)"
+        return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's help format, and a bad flag told in one line with exit code 2."""
+
+    def __init__(self, prog, description, **kwargs):
+        super().__init__(prog=prog, description=description, formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message):
+        say(self.prog, "error", f"{message} (see --help)")
+        sys.exit(InputError.exit_code)
+
+
+def parse_with_given(parser, argv):
+    """(arguments, names of the arguments that `argv` gives): a flag given at its default value is
+    given all the same. For a parser without required arguments."""
+    unset = object()
+    # argparse fills in a default only where the namespace has no value yet.
+    namespace = argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), unset))
+    arguments = vars(parser.parse_args(argv, namespace))
+    given = {name for name, value in arguments.items() if value is not unset}
+    defaults = vars(parser.parse_args([]))
+    return argparse.Namespace(**{name: value if name in given else defaults[name]
+                                 for name, value in arguments.items()}), given
+
+
+# --- messages ------------------------------------------------------------------------------------
+
+def say(prog, label, message):
+    """One line on stderr, on a line of its own: `<prog>: <label>: <message>`."""
+    sys.stdout.flush()
+    print(f"{prog}: {label}: {message}", file=sys.stderr, flush=True)
+
+
+def end_progress_line():
+    """End the line a Keras progress bar leaves open (it starts each update with the newline of the
+    previous one), so that what follows starts on a line of its own."""
+    print(flush=True)
+
+
+def run(prog, body):
+    """Call `body()` and return the command's exit code: 0, or the code of what it raised, told in
+    one line."""
+    try:
+        body()
+    except (InputError, Stopped) as error:
+        say(prog, error.label, error)
+        return error.exit_code
+    except KeyboardInterrupt:
+        say(prog, Interrupted.label, "nothing was written")
+        return Interrupted.exit_code
+    return 0

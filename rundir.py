@@ -1,0 +1,120 @@
+"""A run directory: its name, the files it holds, its config.json, and the lock that lets one
+process at a time write it.
+
+    <logdir>/<loss>_lr<lr>/         config.json, best.keras, last.keras; the HParams, Text and
+                                    best-so-far summaries
+        train/  validation/         Keras' TensorBoard runs: epoch and batch scalars, histograms
+        validation_slices/          images, activation histograms and PR curve of shown slices
+
+Imports nothing heavier than numpy: `--resume` is checked before TensorFlow loads.
+"""
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+
+from cli import InputError
+from files import replaced_atomically
+
+CONFIG = "config.json"
+LAST = "last.keras"
+BEST = "best.keras"
+LOCK = ".lock"
+# The TensorBoard runs of a run directory; Keras' callback names its two, "train" and "validation".
+TRAIN = "train"
+VALIDATION = "validation"
+VALIDATION_SLICES = "validation_slices"
+EVENT_DIRECTORIES = ("", TRAIN, VALIDATION, VALIDATION_SLICES)
+
+
+def run_name(loss, lr):
+    """`bce_lr1e-4`: the shortest exact scientific form, so distinct rates never share a name."""
+    return f"{loss}_lr{np.format_float_scientific(lr, trim='-', exp_digits=1)}"
+
+
+def event_directories(run_dir):
+    """The directories of `run_dir` that hold its own event files (never a run nested in it)."""
+    return [Path(run_dir) / name for name in EVENT_DIRECTORIES if (Path(run_dir) / name).is_dir()]
+
+
+def writable_directory(logdir):
+    """Refuse a --logdir in which no run directory can be made, before anything is written."""
+    existing = Path(logdir).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"cannot create a run directory in {logdir} ({existing} is a file): choose a writable --logdir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot create a run directory in {logdir} ({existing} is not writable for you): "
+                         "choose a writable --logdir")
+
+
+def create(logdir, name):
+    """Create <logdir>/<name>, or <name>_2, _3, ... if taken; never reuses an existing directory."""
+    try:
+        Path(logdir).mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, 10_000):
+            path = Path(logdir) / (name if attempt == 1 else f"{name}_{attempt}")
+            try:
+                path.mkdir()  # atomic: two runs starting together cannot both get it
+                return path
+            except FileExistsError:
+                continue
+    except OSError as error:
+        raise InputError(f"cannot create a run directory in {logdir} ({error.strerror}): choose a writable --logdir") from None
+    raise InputError(f"{logdir} already holds 9999 runs named {name}: choose another --logdir")
+
+
+def save_config(run_dir, config):
+    """config.json, replaced atomically: a resumed run rewrites it."""
+    path = Path(run_dir) / CONFIG
+    try:
+        with replaced_atomically(path) as temporary:
+            temporary.write_text(json.dumps(config, indent=2, default=str))
+    except OSError as error:
+        raise InputError(f"cannot write {path} ({error.strerror}): free some space or fix its permissions") from None
+
+
+def read_config(run_dir):
+    """A run directory's config.json; InputError if it is none or the file is unreadable."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise InputError(f"{run_dir} is not a run directory (no {CONFIG}): give a directory that train.py created")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path} is unreadable ({getattr(error, 'strerror', None) or error}): "
+                         "restore it, or move the run out of the way") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path} holds no settings (a JSON {type(config).__name__}): restore it, or move the run "
+                         "out of the way")
+    return config
+
+
+@contextlib.contextmanager
+def locked(run_dir):
+    """Hold the run directory's lock while the block runs: an OS file lock (flock), which dies
+    with its process, so that a kill never leaves a stale lock. A second process that tries to
+    take it is refused with one line naming the process that holds it; it writes nothing."""
+    path = Path(run_dir) / LOCK
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise InputError(f"cannot open {path} ({error.strerror}): the run directory must be writable for you") from None
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 200, 0).decode(errors="replace").strip() or "another process"
+            raise InputError(f"{run_dir} is being trained by {holder}: wait for it to end, or stop it, "
+                             "then resume the run") from None
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock

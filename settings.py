@@ -1,0 +1,22 @@
+"""What a run can be set to, declared once with its domain: train.py's flags take their choices and
+defaults from here, and the modules that implement a choice (metrics.LOSSES, device.py,
+distribute.make_strategy) are checked against it by the tests.
+
+Imports nothing but the standard library, so that a command line is checked before TensorFlow
+loads.
+"""
+
+DEPTH = 4  # poolings of the U-Net: crops and whole slices must be multiples of 2**DEPTH
+MULTIPLE = 2**DEPTH
+
+LOSSES = ("bce", "mse", "dice", "bce_dice")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+MEMMAP_CHOICES = ("auto", "on", "off")
+LABEL_POLARITIES = ("cells-high", "membranes-high")
+
+DEFAULT_EPOCHS = 15
+MEMMAP_SHARE = 0.25  # --memmap auto maps a stack larger than this share of the machine's memory
+
+# Settings that may differ when a run is resumed: how far to train, and how this machine runs it.
+RESUMABLE = ("epochs", "strategy", "memmap")
