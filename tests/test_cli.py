@@ -1,0 +1,186 @@
+"""First touch, as a new user meets each command in a terminal: --help works, bad input is one
+line on stderr with exit code 2 before TensorFlow loads, a run's terminal holds no TensorFlow
+start-up lines, and a stop or Ctrl-C says on a line of its own what was kept."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tifffile
+
+import data
+import metrics
+import predict
+import settings
+import train
+from conftest import ROOT, TINY, cells_and_membranes
+
+ENTRY_POINTS = ["train.py", "predict.py", "bench.py", "data.py"]
+TENSORFLOW_START_UP = ("I0000", "W0000", "E0000", "WARNING: All log messages")
+
+
+def option_strings(script):
+    import bench  # its parser is train.py's with the benchmark's flags added
+
+    parser = {"train.py": train.build_parser, "predict.py": predict.build_parser, "bench.py": bench.build_parser,
+              "data.py": data.build_parser}[script]()
+    return [option for action in parser._actions for option in action.option_strings]
+
+
+@pytest.mark.parametrize("script", ENTRY_POINTS)
+def test_help_of_every_command_lists_every_flag(script):
+    result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: {script}") and result.stderr == ""
+    for option in option_strings(script):
+        assert option in result.stdout, option
+
+
+def test_help_text_is_printed_as_written_with_its_default():
+    help_text = " ".join(train.build_parser().format_help().split())
+    assert f"larger than {settings.MEMMAP_SHARE:.0%} of this machine's memory" in help_text  # a literal %
+    assert "(default: 200)" in help_text and "(default: 0)" in help_text  # --steps-per-epoch, --seed
+
+
+def test_the_losses_offered_are_those_metrics_implements():
+    assert tuple(metrics.LOSSES) == settings.LOSSES
+
+
+# What a subprocess runs: the command's main(), then whether TensorFlow was imported by then.
+MAIN_THEN_REPORT = ("import sys, {module}\n"
+                    "try:\n    code = {module}.main(sys.argv[1:])\n"
+                    "finally:\n    print('tensorflow imported:', 'tensorflow' in sys.modules)\n"
+                    "sys.exit(code)")
+
+
+def run_command(module, arguments):
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", MAIN_THEN_REPORT.format(module=module), *map(str, arguments)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return result, time.monotonic() - start
+
+
+def write_stack(path, stack):
+    tifffile.imwrite(path, stack, photometric="minisblack")
+    return path
+
+
+def own_stacks(tmp_path, images=None, labels=None, pages=4):
+    images = np.random.default_rng(0).integers(0, 256, (pages, 64, 64), dtype=np.uint8) if images is None else images
+    labels = cells_and_membranes(pages) if labels is None else labels
+    return ["--images", write_stack(tmp_path / "images.tif", images), "--labels", write_stack(tmp_path / "labels.tif", labels)]
+
+
+def not_an_image(path):
+    path.write_text("not an image")
+    return path
+
+
+def nan_patch(tmp_path, isbi_dir):
+    images = np.random.default_rng(0).random((4, 64, 64), dtype=np.float32)
+    images[2, 10:20, 30:40] = np.nan
+    return own_stacks(tmp_path, images=images)
+
+
+def appended_pages_of_two_sizes(tmp_path, isbi_dir):
+    path = tmp_path / "appended.tif"
+    tifffile.imwrite(path, np.zeros((2, 64, 64), np.uint8), photometric="minisblack")
+    tifffile.imwrite(path, np.zeros((80, 64), np.uint8), photometric="minisblack", append=True)
+    return ["--images", path, "--labels", write_stack(tmp_path / "labels.tif", cells_and_membranes(3))]
+
+
+def resume_with_a_flag_at_its_default(tmp_path, isbi_dir):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"loss": "mse", "steps_per_epoch": 3}))
+    (run_dir / "last.keras").write_bytes(b"")
+    return ["--resume", run_dir, "--loss", "bce"]
+
+
+TRAIN_CASES = {
+    "bad flag value": (lambda tmp_path, isbi_dir: ["--lr", "inf"], "argument --lr: 'inf' must be a finite number"),
+    "empty slice list": (lambda tmp_path, isbi_dir: ["--val-slices", ","], "argument --val-slices: ',' names no slice"),
+    "missing TIFF": (lambda tmp_path, isbi_dir: ["--images", tmp_path / "missing.tif", "--labels", isbi_dir / "train-labels.tif"],
+                     "missing.tif not found"),
+    "not a TIFF": (lambda tmp_path, isbi_dir: ["--images", not_an_image(tmp_path / "no.tif"), "--labels",
+                                               isbi_dir / "train-labels.tif"], "no.tif is not a readable TIFF"),
+    "mismatched stacks": (lambda tmp_path, isbi_dir: ["--images", isbi_dir / "train-volume.tif",
+                                                      "--labels", write_stack(tmp_path / "l.tif", cells_and_membranes(3))],
+                          "has 30 slices but"),
+    "not a run directory": (lambda tmp_path, isbi_dir: ["--resume", tmp_path], "is not a run directory (no config.json)"),
+    "inverted labels": (lambda tmp_path, isbi_dir: own_stacks(tmp_path, labels=255 - cells_and_membranes(4)),
+                        "this looks like membranes; pass --labels-polarity membranes-high"),
+    "NaN in an image": (nan_patch, "images.tif holds nan at slice 2, row 10, column 30"),
+    "pages of two sizes": (appended_pages_of_two_sizes, "appended.tif holds 2 image series of different shapes"),
+    "resume with a default flag": (resume_with_a_flag_at_its_default, "drop --logdir --loss (start a new run to change them)"),
+}
+
+
+@pytest.mark.parametrize("case", TRAIN_CASES)
+def test_bad_input_is_one_line_exit_2_within_seconds_before_tensorflow(case, tmp_path, isbi_dir):
+    make_flags, message = TRAIN_CASES[case]
+    flags = make_flags(tmp_path, isbi_dir)
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    result, seconds = run_command("train", [*flags, "--logdir", tmp_path / "logs"])
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("train.py: error: "), result.stderr
+    assert message in result.stderr
+    assert result.stdout.endswith("tensorflow imported: False\n")
+    assert seconds < 3, f"{seconds:.1f} s"
+    assert not (tmp_path / "logs").exists()
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+
+
+def test_predict_refuses_bad_input_before_tensorflow(tmp_path, isbi_dir):
+    result, seconds = run_command("predict", [tmp_path / "nothing.keras", isbi_dir / "test-volume.tif", "-o", tmp_path / "p.tif"])
+    assert result.returncode == 2 and seconds < 3
+    assert result.stderr == f"predict.py: error: {tmp_path / 'nothing.keras'} not found: give a run directory of train.py " \
+                            "or a .keras checkpoint\n"
+    assert result.stdout.endswith("tensorflow imported: False\n")
+
+
+def test_a_tiny_run_shows_no_tensorflow_start_up_lines_and_records_its_mirror(tmp_path, mirror_url):
+    result = subprocess.run(
+        [sys.executable, "train.py", *TINY, "--epochs", "1", "--data", str(tmp_path / "isbi"), "--logdir", str(tmp_path / "logs")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, data.MIRROR_ENV: mirror_url})
+    assert result.returncode == 0, result.stderr
+    noise = [line for line in result.stderr.splitlines() if line.startswith(TENSORFLOW_START_UP)]
+    assert noise == [] and "Traceback" not in result.stderr, result.stderr
+    config = json.loads((tmp_path / "logs" / "bce_lr1e-4" / "config.json").read_text())
+    assert config["mirror"] == data.mirror_url(mirror_url)
+    assert config["image_scaling"] == {"offset": 0.0, "scale": 255.0, "rule": "uint8 values: 8-bit, divided by 255"}
+
+
+def interrupt_when(tmp_path, isbi_dir, ready):
+    """Ctrl-C (SIGINT) a training once `ready(run_dir)`; (exit code, stdout and stderr as one stream)."""
+    run_dir = tmp_path / "logs" / "bce_lr1e-3"
+    process = subprocess.Popen([sys.executable, "train.py", *TINY, "--epochs", "50", "--lr", "1e-3", "--eval-every", "0",
+                                "--data", str(isbi_dir), "--logdir", str(tmp_path / "logs")],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 240
+    while not ready(run_dir) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    return process.returncode, output, run_dir
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_kept(tmp_path, isbi_dir):
+    code, output, run_dir = interrupt_when(tmp_path, isbi_dir, lambda run_dir: (run_dir / "train").is_dir())
+    assert code == 130, output
+    assert output.endswith(f"\ntrain.py: interrupted: no epoch of {run_dir} had ended, so nothing was kept: "
+                           "start the run again\n"), output[-400:]
+    assert not run_dir.exists()
+
+
+def test_ctrl_c_after_a_checkpoint_names_the_run_to_resume_on_a_line_of_its_own(tmp_path, isbi_dir):
+    code, output, run_dir = interrupt_when(tmp_path, isbi_dir, lambda run_dir: (run_dir / "last.keras").is_file())
+    assert code == 130, output
+    assert output.endswith(f"\ntrain.py: interrupted: continue the run from its last checkpoint with --resume {run_dir}\n")
+    assert (run_dir / "last.keras").is_file()
