@@ -159,7 +159,8 @@ def run(args):
         raise PredictError(f"{args.output} exists: choose another -o or add --overwrite")
     checkpoint = checkpoint_path(args.model)
     stack = data.read_stack(args.images)
-    scaling = run_scaling(checkpoint) or data.ImageScaling.of(stack, args.images)
+    own_scaling = data.ImageScaling.of(stack, args.images)  # refuses NaN and infinite values
+    scaling = run_scaling(checkpoint) or own_scaling
     images = scaling.apply(stack)
     labels = None
     if args.labels is not None:

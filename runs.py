@@ -97,7 +97,7 @@ def run_row(run_dir):
     v_rands = [value for _, value in validation.get("epoch_v_rand", [])]
     evaluations = validation.get("evaluation_loss_vs_iterations", [])
     return {
-        "run": run_dir.name, "loss": config["loss"], "lr": config["lr"],
+        "run": run_dir.name, "loss": config.get("loss", "?"), "lr": config.get("lr", "?"),
         "steps": evaluations[-1][0] if evaluations else 0,
         "best_val_mpf": min(fractions, default=float("nan")),
         "last_val_mpf": fractions[-1] if fractions else float("nan"),

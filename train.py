@@ -222,6 +222,8 @@ def stopped(error, run_dir, chief, new_run, distribute):
 def train(args, given, command):
     """Run a training, or with --resume continue one; return its run directory (None on a worker
     other than the chief)."""
+    if args.accept_new_data and args.resume is None:
+        raise cli.InputError("--accept-new-data goes with --resume: a new run records the data it starts with")
     config = None if args.resume is None else resumable_config(args.resume)
     if config is not None:
         args = resumed_arguments(args, given, config)
@@ -260,6 +262,8 @@ def train(args, given, command):
                 model, initial_epoch, best = unet.compiled_unet(args.filters, args.loss, args.lr, setup["jit_compile"]), 0, {}
             elif chief:
                 run_dir = args.resume
+                if args.accept_new_data:  # the new data is the run's from now on
+                    config["data_files"] = runs.provenance(images_path, labels_path)["data_files"]
                 model, initial_epoch, best = resume.continue_run(run_dir, config, args.epochs, command, setup)
             else:
                 model, initial_epoch = resume.restore_model(args.resume, config)

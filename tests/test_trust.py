@@ -1,0 +1,215 @@
+"""Curves you can trust: what would train silently wrong is refused, grey values are scaled the
+same way everywhere, one process at a time writes a run, and --resume touches only its own run
+on the data it started with."""
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+import keras
+
+import data
+import predict
+import rundir
+import train
+from conftest import ROOT, TINY, cells_and_membranes
+from test_resume import raw_events, steps
+
+
+def write_stack(path, stack):
+    tifffile.imwrite(path, stack, photometric="minisblack")
+    return path
+
+
+def one_line_exit_2(flags, capsys):
+    assert train.main(flags) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Traceback" not in error
+    return error
+
+
+# --- labels ---------------------------------------------------------------------------------------
+
+def test_inverted_isbi_labels_are_refused_and_taken_with_the_polarity_flag(tmp_path, isbi_dir, capsys):
+    inverted = write_stack(tmp_path / "inverted.tif", 255 - tifffile.imread(isbi_dir / "train-labels.tif"))
+    error = one_line_exit_2(["--images", str(isbi_dir / "train-volume.tif"), "--labels", str(inverted),
+                             "--logdir", str(tmp_path / "logs")], capsys)
+    assert "the cell value 255 (cells-high) covers 22% of the pixels" in error
+    assert "this looks like membranes; pass --labels-polarity membranes-high if that is what they are" in error
+    stacks = data.load_training_stacks(isbi_dir / "train-volume.tif", inverted, polarity="membranes-high")
+    straight = data.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
+    np.testing.assert_array_equal(stacks.mask(7), straight.mask(7))
+
+
+@pytest.mark.parametrize("value", [0, 255])
+def test_labels_of_one_value_are_refused(value, tmp_path):
+    write_stack(tmp_path / "labels.tif", np.full((3, 32, 32), value, np.uint8))
+    with pytest.raises(data.DataError, match=f"holds the value {value} only: a mask needs both cell and membrane"):
+        data.cell_value(data.read_stack(tmp_path / "labels.tif"), tmp_path / "labels.tif")
+
+
+def test_a_validation_slice_without_membrane_is_refused_and_a_training_one_warned_of(tmp_path, capsys):
+    labels = cells_and_membranes(6)
+    labels[1] = 255  # no membrane
+    images = np.random.default_rng(0).integers(0, 256, labels.shape, dtype=np.uint8)
+    flags = ["--images", str(write_stack(tmp_path / "i.tif", images)), "--labels", str(write_stack(tmp_path / "l.tif", labels)),
+             "--crop", "64", "--logdir", str(tmp_path / "logs")]
+    error = one_line_exit_2(flags + ["--val-slices", "1,3"], capsys)
+    assert f"validation slice 1 of {tmp_path / 'l.tif'} has no membrane: its scores would mean nothing" in error
+    stacks = data.load_training_stacks(tmp_path / "i.tif", tmp_path / "l.tif")
+    data.check_masks(stacks, [0, 1, 2], [3], tmp_path / "l.tif")
+    assert capsys.readouterr().err == f"warning: training slice 1 of {tmp_path / 'l.tif'} has no membrane\n"
+
+
+# --- images ---------------------------------------------------------------------------------------
+
+GREY = np.random.default_rng(1).random((4, 64, 64))
+
+
+@pytest.mark.parametrize("stored, expected", [
+    (np.round(GREY * 255).astype(np.uint8), np.round(GREY * 255) / 255),
+    (np.round(GREY * 4095).astype(np.uint16), np.round(GREY * 4095) / 4095),  # 12-bit data in uint16
+    ((GREY * 255).astype(np.float32), None),  # floats in 0..255: min to max
+])
+def test_one_scaling_for_training_crops_validation_and_predict(stored, expected, tmp_path):
+    images = write_stack(tmp_path / "images.tif", stored)
+    stacks = data.load_training_stacks(images, write_stack(tmp_path / "labels.tif", cells_and_membranes(4)))
+    validation = stacks.image(2)
+    if expected is None:
+        low, high = stored.min(), stored.max()
+        expected = (stored.astype(np.float64) - low) / (high - low)
+    np.testing.assert_allclose(validation, expected[2], atol=1e-6)
+    assert validation.min() >= 0 and validation.max() <= 1 and validation.max() > 0.99
+    # Training: a whole-slice crop without augmentation is the slice as the net sees it.
+    crop, _ = data.augmented_crop(stacks, 2, 64, np.random.default_rng(0), data.NO_AUGMENTATION)
+    np.testing.assert_allclose(crop, validation, atol=1e-6)
+    # predict.py: the scaling the run recorded in its config.json, applied to the same stack.
+    rundir.save_config(tmp_path, {"image_scaling": stacks.scaling.describe()})
+    scaling = predict.run_scaling(tmp_path / rundir.BEST)
+    np.testing.assert_array_equal(scaling.apply(data.read_stack(images))[2], validation)
+
+
+def test_a_stack_of_one_float_value_is_not_divided_by_zero(tmp_path):
+    stack = np.full((2, 16, 16), 7.0, np.float32)
+    assert np.all(np.isfinite(data.ImageScaling.of(stack, "flat.tif").apply(stack)))
+
+
+def test_predict_refuses_a_nan_patch_even_with_the_runs_scaling(two_epoch_run, tmp_path, capsys):
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64)).astype(np.float32)
+    images[1, 20:30, 40:50] = np.nan
+    assert predict.main([str(two_epoch_run), str(write_stack(tmp_path / "nan.tif", images)), "-o", str(tmp_path / "p.tif")]) == 2
+    assert capsys.readouterr().err == (f"predict.py: error: {tmp_path / 'nan.tif'} holds nan at slice 1, row 20, column 40: "
+                                       "replace the values that are not finite (e.g. by the slice's median) and save it again\n")
+    assert not (tmp_path / "p.tif").exists()
+
+
+# --- stacks ---------------------------------------------------------------------------------------
+
+def test_pages_appended_one_by_one_are_all_read(tmp_path):
+    path = tmp_path / "appended.tif"
+    pages = np.arange(3 * 16 * 16, dtype=np.uint16).reshape(3, 16, 16)
+    for page in pages:
+        tifffile.imwrite(path, page, photometric="minisblack", append=True)
+    with tifffile.TiffFile(path) as tiff:
+        assert len(tiff.series) == 3  # what tifffile's series[0] alone would have read: one page
+    np.testing.assert_array_equal(data.read_stack(path), pages)
+    with pytest.raises(data.DataError, match="3 slices as 3 separate series, which cannot be memory-mapped"):
+        data.read_stack(path, memory_map_above=0)
+
+
+# --- one writer per run, and --resume -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tmp_path_factory, isbi_dir):
+    logdir = tmp_path_factory.mktemp("trust")
+    assert train.main(TINY + ["--lr", "1e-3", "--eval-every", "0", "--data", str(isbi_dir), "--logdir", str(logdir)]) == 0
+    return logdir / "bce_lr1e-3"
+
+
+def copy_of(run_dir, tmp_path):
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+def test_two_resumes_started_together_train_once(two_epoch_run, tmp_path):
+    run_dir = copy_of(two_epoch_run, tmp_path)
+    command = [sys.executable, "train.py", "--resume", str(run_dir), "--epochs", "4"]
+    processes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    results = sorted((process.wait(timeout=300), process.stderr.read()) for process in processes)
+    assert [code for code, _ in results] == [0, 2], results
+    assert results[1][1].startswith(f"train.py: error: {run_dir} is being trained by process ")
+    assert results[1][1].count("\n") == 1
+    for part, tags in raw_events(run_dir).items():
+        for tag, series in tags.items():
+            assert steps(series) == sorted(set(steps(series))), (part, tag)  # strictly increasing
+    assert steps(raw_events(run_dir)["train"]["epoch_loss"]) == [0, 1, 2, 3]
+
+
+def test_a_run_held_by_a_process_is_refused_and_left_as_it_was(two_epoch_run, tmp_path, capsys):
+    run_dir = copy_of(two_epoch_run, tmp_path)
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    with rundir.locked(run_dir):
+        error = one_line_exit_2(["--resume", str(run_dir), "--epochs", "3"], capsys)
+    assert error.startswith(f"train.py: error: {run_dir} is being trained by process ")
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+
+
+def test_resume_refuses_data_that_changed_unless_told(two_epoch_run, tmp_path, isbi_dir, capsys):
+    run_dir = copy_of(two_epoch_run, tmp_path)
+    labels = tmp_path / "labels.tif"
+    shutil.copy(isbi_dir / "train-labels.tif", labels)
+    config = json.loads((run_dir / "config.json").read_text())
+    config.update(labels=str(labels), images=str(isbi_dir / "train-volume.tif"))
+    (run_dir / "config.json").write_text(json.dumps(config))
+    stack = tifffile.imread(labels)
+    stack[3, :10, :10] = 255
+    write_stack(labels, stack)
+    error = one_line_exit_2(["--resume", str(run_dir), "--epochs", "3"], capsys)
+    assert f"{labels} has changed since the run started" in error and "--accept-new-data" in error
+    assert train.main(["--resume", str(run_dir), "--epochs", "3", "--accept-new-data"]) == 0
+    # The new data is now the run's: a later --resume takes it without the flag.
+    assert json.loads((run_dir / "config.json").read_text())["data_files"]["labels_sha256"] == data.sha256_of(labels)
+    assert train.main(["--resume", str(run_dir), "--epochs", "4"]) == 0
+
+
+def test_accept_new_data_goes_with_resume(tmp_path, capsys):
+    error = one_line_exit_2(["--accept-new-data", "--logdir", str(tmp_path)], capsys)
+    assert "--accept-new-data goes with --resume" in error
+
+
+def test_resume_leaves_a_run_nested_in_it_alone(two_epoch_run, tmp_path):
+    longer = copy_of(two_epoch_run, tmp_path / "longer")
+    assert train.main(["--resume", str(longer), "--epochs", "3"]) == 0
+    run_dir = copy_of(two_epoch_run, tmp_path)
+    # A run with an epoch more than the one around it: resuming the outer run after its second
+    # epoch would cut the nested run's third.
+    nested = shutil.copytree(longer, run_dir / "old" / "bce_lr1e-3")
+    before = {path: path.read_bytes() for path in nested.rglob("*") if path.is_file()}
+    assert train.main(["--resume", str(run_dir), "--epochs", "3"]) == 0
+    assert {path: path.read_bytes() for path in nested.rglob("*") if path.is_file()} == before
+
+
+def test_summary_of_a_damaged_config_is_one_line(two_epoch_run, tmp_path, capsys):
+    run_dir = copy_of(two_epoch_run, tmp_path)
+    (run_dir / "config.json").write_text("{ half")
+    error = one_line_exit_2(["--summary", str(tmp_path)], capsys)
+    assert f"{run_dir / 'config.json'} is unreadable" in error
+
+
+def test_a_full_disk_at_the_first_checkpoint_advises_a_new_start_and_keeps_nothing(tmp_path, isbi_dir, monkeypatch, capsys):
+    def disk_full(model, filepath, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(keras.Model, "save", disk_full)
+    error = one_line_exit_2(TINY + ["--lr", "1e-3", "--eval-every", "0", "--data", str(isbi_dir), "--logdir", str(tmp_path)], capsys)
+    assert error.endswith("(No space left on device): free some space, then start the run again\n")
+    assert list(tmp_path.iterdir()) == []  # no run directory without a checkpoint left behind
