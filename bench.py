@@ -3,7 +3,7 @@
     python bench.py                                   # train.py's defaults
     python bench.py --filters 32 --crop 256 --batch-size 4 --precision mixed_bfloat16
 
-Takes train.py's flags for the configuration and prints one table (markdown, for the README):
+Takes train.py's flags for the configuration and prints one table (markdown, for docs/performance.md):
 
 - the machine's 3x3-convolution peak in the run's precision (forward, the best of a few shapes);
 - the training step on a batch already in memory: images/s, GFLOP/s (the U-Net's FLOPs counted

@@ -4,9 +4,9 @@ chief, and where each process writes.
 `--strategy mirrored` keeps a copy of the model on every GPU of the machine (every logical CPU
 device where there is no GPU) and averages their gradients each step; `--strategy multiworker`
 does the same across machines, one train.py process per machine, with the cluster and the
-process's own place in it given by the TF_CONFIG environment variable (see README, "Scaling
-out"). Every replica trains on its own `--batch-size` crops, so a step takes batch size x
-replicas crops, fed to it through tf.data from its own stream of random crops.
+process's own place in it given by the TF_CONFIG environment variable (see docs/scaling.md).
+Every replica trains on its own `--batch-size` crops, so a step takes batch size x replicas crops,
+fed to it through tf.data from its own stream of random crops.
 """
 
 import contextlib
@@ -52,7 +52,7 @@ def cluster_tasks():
         return sum(len(cluster.get(role, [])) for role in ("chief", "worker"))
     except (ValueError, KeyError, TypeError, AttributeError):
         raise ClusterError(f"TF_CONFIG is not valid JSON with a \"cluster\" ({text[:60]!r}): "
-                           "see README, Scaling out, for its form") from None
+                           "see docs/scaling.md for its form") from None
 
 
 def make_strategy(name):
@@ -70,7 +70,7 @@ def make_strategy(name):
     if name == "multiworker":
         if not tasks:
             raise ClusterError("--strategy multiworker needs TF_CONFIG naming the cluster and this process's "
-                               "task: see README, Scaling out")
+                               "task: see docs/scaling.md")
         return MultiWorkerMirroredStrategy()
     if name == "mirrored":
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
