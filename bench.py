@@ -17,7 +17,7 @@ Takes train.py's flags for the configuration and prints one table (markdown, for
   slices after every batch through a new summary writer), and the speed-up over it.
 """
 
-import cli  # noqa: F401  (first: it keeps TensorFlow's start-up lines off the terminal)
+import cli  # first: it keeps TensorFlow's start-up lines off the terminal
 
 import collections
 import shlex

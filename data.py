@@ -171,13 +171,12 @@ def read_stack(path, memory_map_above=math.inf):
             series = tiff.series
             axes, shape, dtype = series[0].axes, series[0].shape, series[0].dtype
             if len(series) > 1:  # pages appended one by one, or several stacks in one file
-                shapes = {(s.shape[-2:] if "S" not in s.axes else s.shape, s.dtype) for s in series}
-                if len(shapes) > 1 or any(len(s.shape) not in (2, 3) for s in series):
-                    raise DataError(
-                        f"{path} holds {len(series)} image series of different shapes or types "
-                        f"({', '.join(f'{s.shape} {s.dtype}' for s in series[:3])}...): save one stack of grey "
-                        "slices, one per page"
-                    )
+                if any("S" in s.axes for s in series):
+                    raise DataError(f"{path} holds colour pixels: convert it to greyscale, one slice per page")
+                if len({(s.shape[-2:], s.dtype) for s in series}) > 1 or any(len(s.shape) not in (2, 3) for s in series):
+                    listed = ", ".join(f"{s.shape} {s.dtype}" for s in series[:3]) + (", ..." if len(series) > 3 else "")
+                    raise DataError(f"{path} holds {len(series)} image series of different shapes or types ({listed}): "
+                                    "save one stack of grey slices, one per page")
                 shape = (sum(1 if len(s.shape) == 2 else s.shape[0] for s in series), *series[0].shape[-2:])
                 axes = "IYX"
             memory_map = math.prod(shape) * np.dtype(dtype).itemsize > memory_map_above

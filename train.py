@@ -196,10 +196,11 @@ def start_run(args, logdir, command, inputs, setup, provenance):
     return run_dir, config
 
 
-def stopped(error, run_dir, chief, new_run, distribute):
+def stopped(error, run_dir, chief, new_run, lost_worker):
     """What to raise for `error`, raised while the run trained: one line that says how to go on.
-    A new run stopped by Ctrl-C or a write error before its first checkpoint is removed: there is
-    nothing in it to resume."""
+    `lost_worker` is what the cluster lost if the error says so (distribute.lost_worker). A new run
+    stopped by Ctrl-C or a write error before its first checkpoint is removed: there is nothing in
+    it to resume."""
     checkpoint = (run_dir / rundir.LAST).is_file()
     removed = chief and new_run and not checkpoint and isinstance(error, (KeyboardInterrupt, cli.InputError, OSError))
     if removed:
@@ -207,10 +208,9 @@ def stopped(error, run_dir, chief, new_run, distribute):
     go_on = (f"continue the run from its last checkpoint with --resume {run_dir}" if checkpoint
              else f"no epoch of {run_dir} had ended, so nothing was kept: start the run again" if removed
              else "it stopped before its first epoch ended: start it again")
-    lost = distribute.lost_worker(error)
-    if lost:
-        return cli.Stopped(f"the cluster lost a worker ({lost}); "
-                           + (f"{go_on} on every worker" if chief else "the chief says how to go on"))
+    if lost_worker:
+        return cli.Stopped(f"the cluster lost a worker ({lost_worker}); "
+                           + (go_on + (" on every worker" if checkpoint else "") if chief else "the chief says how to go on"))
     if isinstance(error, KeyboardInterrupt):
         return cli.Interrupted(go_on)
     if isinstance(error, OSError):
@@ -293,7 +293,7 @@ def train(args, given, command):
                                             runs.hyperparameters(config), runs.run_documents(config)))
         except BaseException as error:
             cli.end_progress_line()
-            raise stopped(error, run_dir, chief, new_run, distribute) from None
+            raise stopped(error, run_dir, chief, new_run, distribute.lost_worker(error)) from None
     if not chief:
         if stop.message:
             raise cli.Stopped(f"{stop.message}; the chief says how to go on")

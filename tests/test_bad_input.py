@@ -4,7 +4,6 @@ Bad flag values are in test_train.py, a full disk and --resume in test_resume.py
 download in test_data.py.
 """
 
-import numpy as np
 import pytest
 import tifffile
 
