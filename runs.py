@@ -61,7 +61,9 @@ def run_documents(config):
         "run/command": f"    {config['command']}",
         "run/configuration": markdown_table(settings),
         "run/versions": markdown_table({**config["versions"], "project commit": config["git_commit"]}),
-        "run/data": markdown_table(config["data_files"]),
+        "run/data": markdown_table({**config["data_files"],
+                                    "image scaling": config.get("image_scaling", {}).get("rule", "unknown"),
+                                    "labels polarity": config.get("labels_polarity", "cells-high")}),
         "run/split": markdown_table({"training slices": describe_slices(config["train_slices"]),
                                      "validation slices": describe_slices(config["val_slices"])}),
     }

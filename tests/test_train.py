@@ -232,6 +232,8 @@ def test_text_tab_records_command_versions_data_and_split(events, isbi_dir):
     assert f"| tensorflow | `{tf.__version__}` |" in text["run/versions"]
     assert "project commit" in text["run/versions"]
     assert hashlib.sha256((isbi_dir / "train-volume.tif").read_bytes()).hexdigest() in text["run/data"]
+    assert "| image scaling | `uint8 values: 8-bit, divided by 255` |" in text["run/data"]
+    assert "| labels polarity | `cells-high` |" in text["run/data"]
     assert "| validation slices | `5,15,25` |" in text["run/split"]
     assert "| crop | `64` |" in text["run/configuration"]
 
