@@ -251,49 +251,54 @@ def train(args, given, command):
     keras.utils.set_random_seed(args.seed)
     setup = device.machine_setup(args.precision, args.batch_size, strategy)
     new_run = args.resume is None or not chief  # a worker other than the chief writes a run of its own
-    with contextlib.ExitStack() as held:
-        logdir = held.enter_context(distribute.log_directory(strategy, args.logdir))
-        with strategy.scope():
-            if new_run:
-                run_dir, config = start_run(args, logdir, command, inputs, setup,
-                                            runs.provenance(images_path, labels_path))
-            held.enter_context(rundir.locked(run_dir if new_run else args.resume))
-            if args.resume is None:
-                model, initial_epoch, best = unet.compiled_unet(args.filters, args.loss, args.lr, setup["jit_compile"]), 0, {}
-            elif chief:
-                run_dir = args.resume
-                if args.accept_new_data:  # the new data is the run's from now on
-                    config["data_files"] = runs.provenance(images_path, labels_path)["data_files"]
-                model, initial_epoch, best = resume.continue_run(run_dir, config, args.epochs, command, setup)
+    run_dir, fitting = None, False
+    try:
+        with contextlib.ExitStack() as held:
+            logdir = held.enter_context(distribute.log_directory(strategy, args.logdir))
+            with strategy.scope():
+                if new_run:
+                    run_dir, config = start_run(args, logdir, command, inputs, setup,
+                                                runs.provenance(images_path, labels_path))
+                held.enter_context(rundir.locked(run_dir if new_run else args.resume))
+                if args.resume is None:
+                    model, initial_epoch, best = unet.compiled_unet(args.filters, args.loss, args.lr, setup["jit_compile"]), 0, {}
+                elif chief:
+                    run_dir = args.resume
+                    if args.accept_new_data:  # the new data is the run's from now on
+                        config["data_files"] = runs.provenance(images_path, labels_path)["data_files"]
+                    model, initial_epoch, best = resume.continue_run(run_dir, config, args.epochs, command, setup)
+                else:
+                    model, initial_epoch = resume.restore_model(args.resume, config)
+                    best = resume.best_so_far(args.resume)
+            model.jit_compile = setup["jit_compile"]
+
+            print(f"device: {config['device']}; precision {config['precision']}, XLA {'on' if config['jit_compile'] else 'off'}")
+            print(f"distribution: {config['distribution']}; global batch {config['global_batch_size']} crops")
+            print(f"slices: {len(train_indices)} training, validation {runs.describe_slices(val_indices)} "
+                  f"of {len(stacks)} in {images_path}" + (" (memory-mapped)" if isinstance(stacks.images, np.memmap) else ""))
+            if chief:
+                print(f"run directory: {run_dir}" + (f" (resumed after epoch {initial_epoch})" if initial_epoch else ""))
+                print(f"watch it with: tensorboard --logdir {args.logdir}")
             else:
-                model, initial_epoch = resume.restore_model(args.resume, config)
-                best = resume.best_so_far(args.resume)
-        model.jit_compile = setup["jit_compile"]
+                print(f"this worker logs to {logdir}, removed at the end; the chief writes the run")
 
-        print(f"device: {config['device']}; precision {config['precision']}, XLA {'on' if config['jit_compile'] else 'off'}")
-        print(f"distribution: {config['distribution']}; global batch {config['global_batch_size']} crops")
-        print(f"slices: {len(train_indices)} training, validation {runs.describe_slices(val_indices)} "
-              f"of {len(stacks)} in {images_path}" + (" (memory-mapped)" if isinstance(stacks.images, np.memmap) else ""))
-        if chief:
-            print(f"run directory: {run_dir}" + (f" (resumed after epoch {initial_epoch})" if initial_epoch else ""))
-            print(f"watch it with: tensorboard --logdir {args.logdir}")
-        else:
-            print(f"this worker logs to {logdir}, removed at the end; the chief writes the run")
-
-        stop = callbacks.StopOnNonFiniteLoss()
-        shown = shown_slices(len(val_indices))
-        try:
-            # shuffle=False: the batches come in the order of their seeds (Keras would only warn that
-            # it cannot shuffle a tf.data pipeline).
+            stop = callbacks.StopOnNonFiniteLoss()
+            shown = shown_slices(len(val_indices))
+            fitting = True
+            # shuffle=False: the batches come in the order of their seeds (Keras would only warn that it
+            # cannot shuffle a tf.data pipeline).
             history = model.fit(
                 distribute.training_batches(strategy, random_crops(args, stacks, train_indices), args.steps_per_epoch,
                                             initial_epoch, DATA_WORKERS),
                 epochs=args.epochs, initial_epoch=initial_epoch, steps_per_epoch=args.steps_per_epoch, shuffle=False,
                 callbacks=callbacks.for_run(args, run_dir, (val_images, val_labels, val_indices), shown, best, stop,
                                             runs.hyperparameters(config), runs.run_documents(config)))
-        except BaseException as error:
+    except BaseException as error:
+        if run_dir is None:  # nothing of the run is on disk yet
+            raise
+        if fitting:
             cli.end_progress_line()
-            raise stopped(error, run_dir, chief, new_run, distribute.lost_worker(error)) from None
+        raise stopped(error, run_dir, chief, new_run, distribute.lost_worker(error)) from None
     if not chief:
         if stop.message:
             raise cli.Stopped(f"{stop.message}; the chief says how to go on")
