@@ -80,6 +80,16 @@ def predict_batch(model, tiles):
     return np.asarray(model.predict_on_batch(tiles[..., np.newaxis]), dtype=np.float32)[..., 0]
 
 
+def with_context(image):
+    """A slice with CONTEXT mirrored pixels on each side, and more below and to the right up to sides
+    that the net takes (multiples of 16): the net's output, cropped by CONTEXT at the top and left,
+    is the slice's prediction."""
+    height, width = image.shape
+    bottom = round_up(height + 2 * CONTEXT, MULTIPLE) - height - CONTEXT
+    right = round_up(width + 2 * CONTEXT, MULTIPLE) - width - CONTEXT
+    return np.pad(image, ((CONTEXT, bottom), (CONTEXT, right)), mode="reflect")
+
+
 def predict_slice(model, image, tile=DEFAULT_TILE):
     """(H, W) float32 cell probability of one slice of any size.
 
@@ -91,10 +101,7 @@ def predict_slice(model, image, tile=DEFAULT_TILE):
     """
     height, width = image.shape
     if height + 2 * CONTEXT <= tile and width + 2 * CONTEXT <= tile:
-        bottom = round_up(height + 2 * CONTEXT, MULTIPLE) - height - CONTEXT
-        right = round_up(width + 2 * CONTEXT, MULTIPLE) - width - CONTEXT
-        padded = np.pad(image, ((CONTEXT, bottom), (CONTEXT, right)), mode="reflect")
-        return predict_batch(model, padded[np.newaxis])[0, CONTEXT:CONTEXT + height, CONTEXT:CONTEXT + width]
+        return predict_batch(model, with_context(image)[np.newaxis])[0, CONTEXT:CONTEXT + height, CONTEXT:CONTEXT + width]
     margin = tile // 8
     core = tile - 2 * margin
     rows, columns = round_up(height, core), round_up(width, core)

@@ -20,15 +20,16 @@ import settings
 import train
 from conftest import ROOT, TINY, cells_and_membranes
 
-ENTRY_POINTS = ["train.py", "predict.py", "bench.py", "data.py"]
+ENTRY_POINTS = ["train.py", "predict.py", "bench.py", "data.py", "export.py"]
 TENSORFLOW_START_UP = ("I0000", "W0000", "E0000", "WARNING: All log messages")
 
 
 def option_strings(script):
     import bench  # its parser is train.py's with the benchmark's flags added
+    import export
 
     parser = {"train.py": train.build_parser, "predict.py": predict.build_parser, "bench.py": bench.build_parser,
-              "data.py": data.build_parser}[script]()
+              "data.py": data.build_parser, "export.py": export.build_parser}[script]()
     return [option for action in parser._actions for option in action.option_strings]
 
 

@@ -1,0 +1,229 @@
+"""A run's U-Net as a bioimage.io model package, for Fiji (deepImageJ), ilastik, napari and the other
+tools that read the bioimage.io model format.
+
+    python export.py logs/bce_lr1e-4 -o models/bce_lr1e-4.zip
+    bioimageio test models/bce_lr1e-4.zip
+
+The package (format 0.5, built and validated with the `bioimageio.spec` and `bioimageio.core`
+packages) holds the net's weights in the Keras 3 format (`keras_v3`: bioimageio.core runs it with
+the Keras and TensorFlow installed here; no conversion to other formats), the grey-value scaling
+the run trained with as the input's preprocessing (scale_linear, then clip to [0, 1]), the output
+as cell probability, and the context the net needs: sides a multiple of 16, and 32 mirrored
+pixels around a slice (the output's halo), as predict.py predicts. Its test input is a validation
+slice of the run with that context, its test output the net's prediction, its cover that slice's
+input, prediction and errors, and its README the training data, the run's settings and the
+exported net's challenge scores on the run's validation slices. The package is refused (and not
+written) if bioimageio.core's own test does not reproduce the test output.
+"""
+
+import getpass
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import cli
+import data
+import files
+import predict
+import rundir
+
+CITATIONS = {
+    "U-Net: Ronneberger, Fischer and Brox, MICCAI 2015": "10.1007/978-3-319-24574-4_28",
+    "ISBI 2012 challenge: Arganda-Carreras et al., Front. Neuroanat. 2015": "10.3389/fnana.2015.00142",
+}
+HALO = predict.CONTEXT
+
+
+class ExportError(cli.InputError):
+    """A package that cannot be made; one line naming the problem and the fix."""
+
+
+# --- before TensorFlow ------------------------------------------------------------------------
+
+def export_inputs(args):
+    """(checkpoint, run directory, config, raw validation slices, their masks, validation indices)."""
+    if args.output.exists() and not args.overwrite:
+        raise ExportError(f"{args.output} exists: choose another -o or add --overwrite")
+    if args.output.suffix != ".zip":
+        raise ExportError(f"{args.output} is no .zip: a bioimage.io package is a zip file, e.g. -o model.zip")
+    checkpoint = predict.checkpoint_path(args.model)
+    run_dir = checkpoint.parent
+    if not (run_dir / rundir.CONFIG).is_file():
+        raise ExportError(f"{checkpoint} is not in a run directory of train.py: the package needs the run's "
+                          "config.json (its data, scaling and validation slices)")
+    config = rundir.read_config(run_dir)
+    images, labels = data.read_stack(config["images"]), data.read_stack(config["labels"])
+    cell, _ = data.cell_value(labels, config["labels"], config.get("labels_polarity", "cells-high"))
+    indices = config["val_slices"]
+    return checkpoint, run_dir, config, images[indices], (labels[indices] == cell).astype(np.uint8), indices
+
+
+# --- the package --------------------------------------------------------------------------------
+
+def cover_image(image, mask, probability):
+    """(H, 3W, 3) uint8: the slice, the cell probability and the error overlay side by side."""
+    from callbacks import error_overlay
+
+    grey = np.repeat(np.stack([image, probability])[..., np.newaxis], 3, axis=-1)
+    panels = [grey[0], grey[1], error_overlay(image, mask, probability)]
+    return np.round(np.concatenate(panels, axis=1) * 255).astype(np.uint8)
+
+
+def documentation(config, scores, slice_index):
+    import runs  # loads TensorFlow: called once the inputs are known to be good
+
+    settings_rows = {name: config.get(name) for name in ("loss", "lr", "epochs", "steps_per_epoch", "batch_size",
+                                                          "crop", "filters", "seed", "precision", "labels_polarity")}
+    return f"""# U-Net for EM membranes ({config['run_dir']})
+
+A same-padded U-Net (Ronneberger et al. 2015) trained with this project's `train.py` to tell
+cells (1) from membranes (0) in electron-microscopy slices.
+
+- **Input**: one grey slice, scaled as in training: {config['image_scaling']['rule']}, then
+  clipped to [0, 1]. Sides must be multiples of 16; give the slice 32 mirrored pixels on each side
+  (the output's halo), as the test input has.
+- **Output**: the probability of cell per pixel; crop 32 pixels (the halo) from each side.
+
+## Training data
+
+Images `{config['images']}` (SHA-256 `{config['data_files']['images_sha256']}`), labels
+`{config['labels']}` (SHA-256 `{config['data_files']['labels_sha256']}`); validation slices
+{runs.describe_slices(config['val_slices'])}, training slices {runs.describe_slices(config['train_slices'])}.
+
+## Validation scores of these weights
+
+On the validation slices, scored as the ISBI 2012 challenge does: V_rand {scores['v_rand']:.4f},
+V_info {scores['v_info']:.4f}, pixel error {scores['pixel_error']:.4f}. The test input is validation
+slice {slice_index}.
+
+## Settings of the run
+
+{runs.markdown_table(settings_rows)}
+
+Command: `{config['command']}`
+"""
+
+
+def model_description(args, config, files, scaling, shape, scores, slice_index):
+    """The bioimage.io model description (format 0.5) of the files written in `files`."""
+    import keras
+    import tensorflow as tf
+    from bioimageio.spec.model import v0_5
+
+    preprocessing = []
+    if (scaling.offset, scaling.scale) != (0.0, 1.0):
+        preprocessing.append(v0_5.ScaleLinearDescr(kwargs=v0_5.ScaleLinearKwargs(
+            gain=1.0 / scaling.scale, offset=-scaling.offset / scaling.scale)))
+    preprocessing.append(v0_5.ClipDescr(kwargs=v0_5.ClipKwargs(min=0.0, max=1.0)))
+    image, probability = v0_5.TensorId("image"), v0_5.TensorId("cell_probability")
+    spatial = [v0_5.AxisId("y"), v0_5.AxisId("x")]
+    return v0_5.ModelDescr(
+        name=args.name or f"ISBI 2012 membrane U-Net {Path(config['run_dir']).name}",
+        description="Same-padded U-Net that segments cells and membranes in EM slices (ISBI 2012 style); "
+                    "outputs the probability of cell.",
+        authors=[v0_5.Author(name=name) for name in args.author],
+        cite=[v0_5.CiteEntry(text=text, doi=v0_5.Doi(doi)) for text, doi in CITATIONS.items()],
+        license=v0_5.LicenseId(args.license),
+        tags=["unet", "segmentation", "electron-microscopy", "membranes", "isbi2012", "2d", "keras"],
+        documentation=v0_5.FileDescr(source=files["README.md"]),
+        covers=[v0_5.FileDescr(source=files["cover.png"])],
+        inputs=[v0_5.InputTensorDescr(
+            id=image, description="grey EM slice, stored values (scaled by the preprocessing)",
+            axes=[v0_5.BatchAxis(), *(v0_5.SpaceInputAxis(id=axis, size=v0_5.ParameterizedSize(
+                min=2 * HALO + predict.MULTIPLE, step=predict.MULTIPLE)) for axis in spatial),
+                  v0_5.ChannelAxis(channel_names=[v0_5.Identifier("grey")])],
+            test_tensor=v0_5.FileDescr(source=files["test-input.npy"]),
+            data=v0_5.IntervalOrRatioDataDescr(type="float32"),
+            preprocessing=preprocessing)],
+        outputs=[v0_5.OutputTensorDescr(
+            id=probability, description="probability of cell (1) versus membrane (0)",
+            axes=[v0_5.BatchAxis(), *(v0_5.SpaceOutputAxisWithHalo(
+                id=axis, halo=HALO, size=v0_5.SizeReference(tensor_id=image, axis_id=axis)) for axis in spatial),
+                  v0_5.ChannelAxis(channel_names=[v0_5.Identifier("cell")])],
+            test_tensor=v0_5.FileDescr(source=files["test-output.npy"]),
+            data=v0_5.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)))],
+        weights=v0_5.WeightsDescr(keras_v3=v0_5.KerasV3WeightsDescr(
+            source=files["unet.keras"], keras_version=v0_5.Version(keras.__version__),
+            backend=("tensorflow", v0_5.Version(tf.__version__)))),
+        training_data=None,
+        config={"isbi_unet": {"validation_scores": {name: float(value) for name, value in scores.items()},
+                              "test_slice": int(slice_index), "input_shape": list(shape)}},
+    )
+
+
+def export(args):
+    checkpoint, run_dir, config, images, masks, indices = export_inputs(args)
+    scaling = data.ImageScaling.from_description(config["image_scaling"])
+
+    # TensorFlow and bioimageio.core take seconds to load: only now, once the inputs are good.
+    # bioimageio.core sets Keras' backend from KERAS_BACKEND, "torch" unless told; the weights are
+    # TensorFlow's.
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import bioimageio.core
+    import keras
+    import skimage.io
+    import tensorflow as tf
+    from bioimageio.spec import save_bioimageio_package
+    from loguru import logger
+
+    import metrics
+
+    logger.disable("bioimageio")  # its test's log lines; the summary says what failed
+    tf.get_logger().setLevel("ERROR")  # retracing warnings: the test predicts inputs of six sizes
+
+    model = predict.load_model(checkpoint)
+    scaled = scaling.apply(images)
+    probabilities = predict.predict_stack(model, scaled)
+    scores = metrics.isbi_scores(masks, probabilities)
+    shown = len(indices) // 2
+    test_input = predict.with_context(images[shown].astype(np.float32))[np.newaxis, ..., np.newaxis]
+    test_output = predict.predict_batch(model, scaling.apply(test_input[..., 0]))[..., np.newaxis]
+
+    with tempfile.TemporaryDirectory() as folder:
+        written = {name: Path(folder) / name for name in ("unet.keras", "test-input.npy", "test-output.npy",
+                                                            "cover.png", "README.md")}
+        model.save(written["unet.keras"])
+        np.save(written["test-input.npy"], test_input)
+        np.save(written["test-output.npy"], test_output)
+        skimage.io.imsave(written["cover.png"], cover_image(scaled[shown], masks[shown], probabilities[shown]),
+                          check_contrast=False)
+        written["README.md"].write_text(documentation(config, scores, indices[shown]))
+        description = model_description(args, config, written, scaling, test_input.shape, scores, indices[shown])
+        keras.config.disable_interactive_logging()  # the test's predictions draw progress bars
+        summary = bioimageio.core.test_model(description)
+        keras.config.enable_interactive_logging()
+        if summary.status != "passed":
+            failed = [detail for detail in summary.details if detail.status != "passed"]
+            raise ExportError(f"bioimage.io's test of the package failed ({failed[0].name}: "
+                              f"{(failed[0].errors or [None])[0]}): no package written")
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        with files.replaced_atomically(args.output) as temporary:
+            save_bioimageio_package(description, output_path=temporary)
+    print(f"wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MiB): weights keras_v3, test slice "
+          f"{indices[shown]}, validation V_rand {scores['v_rand']:.4f}, V_info {scores['v_info']:.4f}, pixel error "
+          f"{scores['pixel_error']:.4f}; bioimage.io's test passed")
+
+
+def build_parser():
+    parser = cli.ArgumentParser("export.py", "Package a run's U-Net as a bioimage.io model (the model zoo's zip format).")
+    parser.add_argument("model", type=Path, help="run directory of train.py (its best.keras) or a .keras checkpoint in one")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="the .zip to write")
+    parser.add_argument("--name", help="the model's name (default: from the run directory)")
+    parser.add_argument("--author", action="append", default=None,
+                        help="an author's name; repeat for several (default: the user name)")
+    parser.add_argument("--license", default="MIT", help="SPDX license identifier of the weights")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args.author = args.author or [getpass.getuser()]
+    return cli.run("export.py", lambda: export(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

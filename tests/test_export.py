@@ -1,0 +1,75 @@
+"""export.py: a run's net as a bioimage.io model package that the model zoo's own test accepts."""
+
+import zipfile
+
+import numpy as np
+import pytest
+
+from bioimageio.spec import load_model_description
+
+import data
+import export
+import predict
+import rundir
+
+
+@pytest.fixture(scope="module")
+def package(two_run_logdir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("export") / "model.zip"
+    assert export.main([str(two_run_logdir / "bce_lr1e-3"), "-o", str(path), "--author", "A. Tester"]) == 0
+    return path
+
+
+def test_the_package_passes_bioimageio_cores_own_test(package):
+    import bioimageio.core
+
+    summary = bioimageio.core.test_model(str(package))
+    assert summary.status == "passed", summary.format()
+    with zipfile.ZipFile(package) as archive:
+        assert sorted(archive.namelist()) == ["README.md", "cover.png", "rdf.yaml", "test-input.npy",
+                                              "test-output.npy", "unet.keras"]
+    description = load_model_description(package)
+    assert description.format_version.startswith("0.5") and description.weights.keras_v3 is not None
+    assert [author.name for author in description.authors] == ["A. Tester"]
+    assert {str(cite.doi) for cite in description.cite} == set(export.CITATIONS.values())
+    (input_tensor,), (output_tensor,) = description.inputs, description.outputs
+    steps = {step.id: step.kwargs for step in input_tensor.preprocessing if step.id != "ensure_dtype"}
+    assert list(steps) == ["scale_linear", "clip"]  # the run's scaling: uint8 divided by 255, then [0, 1]
+    assert steps["scale_linear"].gain == pytest.approx(1 / 255) and (steps["clip"].min, steps["clip"].max) == (0, 1)
+    assert [getattr(axis, "halo", None) for axis in output_tensor.axes] == [None, export.HALO, export.HALO, None]
+
+
+def test_the_test_output_is_predict_pys_prediction_of_that_slice(package, two_run_logdir, isbi_dir):
+    with zipfile.ZipFile(package) as archive:
+        test_input = np.load(archive.open("test-input.npy"))
+        test_output = np.load(archive.open("test-output.npy"))
+    run_dir = two_run_logdir / "bce_lr1e-3"
+    stack = data.read_stack(isbi_dir / "train-volume.tif")
+    np.testing.assert_array_equal(test_input[0, 32:32 + 512, 32:32 + 512, 0], stack[15])  # slice 15 with its context
+    scaling = predict.run_scaling(run_dir / rundir.BEST)
+    model = predict.load_model(run_dir / rundir.BEST)
+    expected = predict.predict_slice(model, scaling.apply(stack[15]))
+    np.testing.assert_allclose(test_output[0, 32:32 + 512, 32:32 + 512, 0], expected, atol=1e-5)
+
+
+def test_an_existing_package_is_kept(package, two_run_logdir, capsys):
+    before = package.read_bytes()
+    assert export.main([str(two_run_logdir / "bce_lr1e-3"), "-o", str(package)]) == 2
+    assert capsys.readouterr().err == f"export.py: error: {package} exists: choose another -o or add --overwrite\n"
+    assert package.read_bytes() == before
+
+
+def test_a_directory_that_is_not_a_run_is_refused(tmp_path, capsys):
+    assert export.main([str(tmp_path), "-o", str(tmp_path / "m.zip")]) == 2
+    assert capsys.readouterr().err == f"export.py: error: {tmp_path} holds no best.keras: give a run directory of " \
+                                      "train.py or a .keras checkpoint\n"
+
+
+def test_a_package_whose_test_output_does_not_reproduce_is_not_written(two_run_logdir, tmp_path, monkeypatch, capsys):
+    real_predict_batch = predict.predict_batch
+    monkeypatch.setattr(predict, "predict_batch", lambda model, tiles: real_predict_batch(model, tiles) + 0.1)
+    assert export.main([str(two_run_logdir / "bce_lr1e-3"), "-o", str(tmp_path / "m.zip")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("export.py: error: bioimage.io's test of the package failed (") and error.count("\n") == 1
+    assert error.endswith("no package written\n")
+    assert list(tmp_path.iterdir()) == []
