@@ -1,23 +1,28 @@
-"""A run's U-Net as a bioimage.io model package, for Fiji (deepImageJ), ilastik, napari and the other
-tools that read the bioimage.io model format.
+"""A run's U-Net as a bioimage.io model package, for the tools that read the bioimage.io model
+format (bioimageio.core and the napari plugins on it, deepImageJ in Fiji, ...).
 
     python export.py logs/bce_lr1e-4 -o models/bce_lr1e-4.zip
-    bioimageio test models/bce_lr1e-4.zip
+    KERAS_BACKEND=tensorflow bioimageio test models/bce_lr1e-4.zip
 
-The package (format 0.5, built and validated with the `bioimageio.spec` and `bioimageio.core`
-packages) holds the net's weights in the Keras 3 format (`keras_v3`: bioimageio.core runs it with
-the Keras and TensorFlow installed here; no conversion to other formats), the grey-value scaling
-the run trained with as the input's preprocessing (scale_linear, then clip to [0, 1]), the output
-as cell probability, and the context the net needs: sides a multiple of 16, and 32 mirrored
-pixels around a slice (the output's halo), as predict.py predicts. Its test input is a validation
-slice of the run with that context, its test output the net's prediction, its cover that slice's
-input, prediction and errors, and its README the training data, the run's settings and the
-exported net's challenge scores on the run's validation slices. The package is refused (and not
-written) if bioimageio.core's own test does not reproduce the test output.
+The package (format 0.5, built and tested with the `bioimageio.spec` and `bioimageio.core`
+packages) holds:
+- the weights twice, in the two formats that bioimageio.core runs with the Keras 3 and
+  TensorFlow 2.21 installed here: Keras 3 (`keras_v3`) and a TensorFlow SavedModel
+  (`tensorflow_saved_model_bundle`, the TensorFlow format Java tools such as deepImageJ read).
+  ONNX would need a converter (tf2onnx) beyond this project's dependencies;
+- the grey-value scaling the run trained with, as the input's preprocessing (scale_linear, then
+  clip to [0, 1]); the output as cell probability; the context the net needs: sides a multiple of
+  16, and 32 mirrored pixels around a slice (the output's halo), as predict.py predicts;
+- a validation slice of the run with that context as test input, the net's prediction of it as
+  test output, a cover (the slice, its prediction and errors), and a README with the training
+  data, the run's settings and the exported net's challenge scores on the run's validation slices.
+
+Nothing is written unless bioimageio.core's own model test reproduces the test output.
 """
 
 import getpass
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -145,13 +150,39 @@ def model_description(args, config, files, scaling, shape, scores, slice_index):
                   v0_5.ChannelAxis(channel_names=[v0_5.Identifier("cell")])],
             test_tensor=v0_5.FileDescr(source=files["test-output.npy"]),
             data=v0_5.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)))],
-        weights=v0_5.WeightsDescr(keras_v3=v0_5.KerasV3WeightsDescr(
-            source=files["unet.keras"], keras_version=v0_5.Version(keras.__version__),
-            backend=("tensorflow", v0_5.Version(tf.__version__)))),
+        weights=v0_5.WeightsDescr(
+            keras_v3=v0_5.KerasV3WeightsDescr(
+                source=files["unet.keras"], keras_version=v0_5.Version(keras.__version__),
+                backend=("tensorflow", v0_5.Version(tf.__version__))),
+            tensorflow_saved_model_bundle=v0_5.TensorflowSavedModelBundleWeightsDescr(
+                source=files["tf-saved-model.zip"], tensorflow_version=v0_5.Version(tf.__version__),
+                parent="keras_v3")),
         training_data=None,
         config={"isbi_unet": {"validation_scores": {name: float(value) for name, value in scores.items()},
                               "test_slice": int(slice_index), "input_shape": list(shape)}},
     )
+
+
+def saved_model(model, path):
+    """The net as a TensorFlow SavedModel whose "serve" endpoint maps an (N, H, W, 1) float32 batch
+    to {"cell_probability": ...}: bioimage.io's TensorFlow backend calls that endpoint and takes a
+    dict of outputs."""
+    import keras
+    import tensorflow as tf
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", lambda images: {"cell_probability": model(images, training=False)},
+                         input_signature=[tf.TensorSpec((None, None, None, 1), tf.float32)])
+    archive.write_out(str(path), verbose=False)
+
+
+def first_failure(summary):
+    """In a few words, the first check of a bioimage.io validation summary that failed."""
+    detail = next(detail for detail in summary.details if detail.status != "passed")
+    error = (detail.errors or [None])[0]
+    reason = error and (error.msg or (error.traceback_md or "").strip().splitlines()[-1])
+    return f"{detail.name}: {' '.join(reason.split())[:300]}" if reason else detail.name
 
 
 def export(args):
@@ -183,9 +214,11 @@ def export(args):
     test_output = predict.predict_batch(model, scaling.apply(test_input[..., 0]))[..., np.newaxis]
 
     with tempfile.TemporaryDirectory() as folder:
-        written = {name: Path(folder) / name for name in ("unet.keras", "test-input.npy", "test-output.npy",
-                                                            "cover.png", "README.md")}
+        written = {name: Path(folder) / name for name in ("unet.keras", "tf-saved-model.zip", "test-input.npy",
+                                                            "test-output.npy", "cover.png", "README.md")}
         model.save(written["unet.keras"])
+        saved_model(model, Path(folder) / "tf-saved-model")
+        shutil.make_archive(str(written["tf-saved-model.zip"].with_suffix("")), "zip", Path(folder) / "tf-saved-model")
         np.save(written["test-input.npy"], test_input)
         np.save(written["test-output.npy"], test_output)
         skimage.io.imsave(written["cover.png"], cover_image(scaled[shown], masks[shown], probabilities[shown]),
@@ -196,13 +229,12 @@ def export(args):
         summary = bioimageio.core.test_model(description)
         keras.config.enable_interactive_logging()
         if summary.status != "passed":
-            failed = [detail for detail in summary.details if detail.status != "passed"]
-            raise ExportError(f"bioimage.io's test of the package failed ({failed[0].name}: "
-                              f"{(failed[0].errors or [None])[0]}): no package written")
+            raise ExportError(f"bioimage.io's test of the package failed ({first_failure(summary)}): no package written")
         args.output.parent.mkdir(parents=True, exist_ok=True)
         with files.replaced_atomically(args.output) as temporary:
             save_bioimageio_package(description, output_path=temporary)
-    print(f"wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MiB): weights keras_v3, test slice "
+    print(f"wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MiB): weights keras_v3 and "
+          f"tensorflow_saved_model_bundle, test slice "
           f"{indices[shown]}, validation V_rand {scores['v_rand']:.4f}, V_info {scores['v_info']:.4f}, pixel error "
           f"{scores['pixel_error']:.4f}; bioimage.io's test passed")
 

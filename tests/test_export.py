@@ -27,9 +27,10 @@ def test_the_package_passes_bioimageio_cores_own_test(package):
     assert summary.status == "passed", summary.format()
     with zipfile.ZipFile(package) as archive:
         assert sorted(archive.namelist()) == ["README.md", "cover.png", "rdf.yaml", "test-input.npy",
-                                              "test-output.npy", "unet.keras"]
+                                              "test-output.npy", "tf-saved-model.zip", "unet.keras"]
     description = load_model_description(package)
-    assert description.format_version.startswith("0.5") and description.weights.keras_v3 is not None
+    assert description.format_version.startswith("0.5")
+    assert description.weights.keras_v3 is not None and description.weights.tensorflow_saved_model_bundle is not None
     assert [author.name for author in description.authors] == ["A. Tester"]
     assert {str(cite.doi) for cite in description.cite} == set(export.CITATIONS.values())
     (input_tensor,), (output_tensor,) = description.inputs, description.outputs
