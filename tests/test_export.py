@@ -1,5 +1,6 @@
 """export.py: a run's net as a bioimage.io model package that the model zoo's own test accepts."""
 
+import shutil
 import zipfile
 
 import numpy as np
@@ -74,3 +75,16 @@ def test_a_package_whose_test_output_does_not_reproduce_is_not_written(two_run_l
     assert error.startswith("export.py: error: bioimage.io's test of the package failed (") and error.count("\n") == 1
     assert error.endswith("no package written\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_that_is_not_a_model_or_not_in_a_run_is_refused(two_run_logdir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_run_logdir / "bce_lr1e-3", run_dir)
+    (run_dir / rundir.BEST).write_bytes(b"half a checkpoint")
+    assert export.main([str(run_dir), "-o", str(tmp_path / "m.zip")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"export.py: error: {run_dir / rundir.BEST} is not a Keras model") and error.count("\n") == 1
+    alone = shutil.copy(two_run_logdir / "bce_lr1e-3" / rundir.BEST, tmp_path / "alone.keras")
+    assert export.main([str(alone), "-o", str(tmp_path / "m.zip")]) == 2
+    assert "is not in a run directory of train.py" in capsys.readouterr().err
+    assert not (tmp_path / "m.zip").exists()
