@@ -30,6 +30,7 @@ from scipy import ndimage
 from skimage.measure import label as connected_components
 
 import cli
+import settings
 from files import replaced_atomically
 
 # The 30 training slices, their masks and the 30 test slices as PNGs, pinned to one commit of
@@ -308,7 +309,7 @@ def cell_value(stack, path, polarity="cells-high"):
     cell_regions = np.mean([connected_components(stack[i] == cell, connectivity=1).max() for i in sample])
     membrane_regions = np.mean([connected_components(stack[i] == membrane, connectivity=1).max() for i in sample])
     if cell_share <= 0.5 or cell_regions <= membrane_regions:
-        other = LABEL_POLARITY_FLIP[polarity]
+        other = next(choice for choice in settings.LABEL_POLARITIES if choice != polarity)
         raise DataError(
             f"{path}: the cell value {cell:g} ({polarity}) covers {cell_share:.0%} of the pixels in "
             f"{cell_regions:.0f} connected region(s) per slice, {membrane:g} covers {1 - cell_share:.0%} in "
@@ -316,9 +317,6 @@ def cell_value(stack, path, polarity="cells-high"):
             f"pass --labels-polarity {other} if that is what they are"
         )
     return cell, cell_pixels
-
-
-LABEL_POLARITY_FLIP = {"cells-high": "membranes-high", "membranes-high": "cells-high"}
 
 
 @dataclasses.dataclass(frozen=True)
