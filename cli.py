@@ -119,13 +119,11 @@ def parse_with_given(parser, argv):
     """(arguments, names of the arguments that `argv` gives): a flag given at its default value is
     given all the same. For a parser without required arguments."""
     unset = object()
-    # argparse fills in a default only where the namespace has no value yet.
-    namespace = argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), unset))
-    arguments = vars(parser.parse_args(argv, namespace))
-    given = {name for name, value in arguments.items() if value is not unset}
     defaults = vars(parser.parse_args([]))
-    return argparse.Namespace(**{name: value if name in given else defaults[name]
-                                 for name, value in arguments.items()}), given
+    # argparse fills in a default only where the namespace has no value yet.
+    arguments = vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(defaults, unset))))
+    given = {name for name, value in arguments.items() if value is not unset}
+    return argparse.Namespace(**{**defaults, **{name: arguments[name] for name in given}}), given
 
 
 # --- messages ------------------------------------------------------------------------------------

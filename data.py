@@ -209,6 +209,14 @@ def read_stack(path, memory_map_above=math.inf):
     return stack.reshape((1, *shape) if len(shape) == 2 else shape)
 
 
+def memory_map_above(memmap):
+    """The stack size in bytes above which --memmap `memmap` (settings.MEMMAP_CHOICES) reads a
+    stack region by region from its file instead of loading it."""
+    if memmap == "auto":
+        return settings.MEMMAP_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return 0 if memmap == "on" else math.inf
+
+
 def memory_mapped(path):
     try:
         return tifffile.memmap(path, mode="r")
@@ -217,6 +225,14 @@ def memory_mapped(path):
             f"{path} cannot be memory-mapped (its pixels are compressed, tiled or not stored in one "
             "piece): save it uncompressed, e.g. tifffile.imwrite(path, stack), or load it with --memmap off"
         ) from None
+
+
+def refuse_non_finite(page, index, path):
+    """DataError naming the first NaN or infinite value of slice `index`, if it has one."""
+    if np.issubdtype(page.dtype, np.floating) and not np.all(np.isfinite(page)):
+        row, column = np.argwhere(~np.isfinite(page))[0]
+        raise DataError(f"{path} holds {page[row, column]} at slice {index}, row {row}, column {column}: "
+                        "replace the values that are not finite (e.g. by the slice's median) and save it again")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,10 +271,7 @@ class ImageScaling:
             return cls(0.0, 255.0, "uint8 values: 8-bit, divided by 255")
         low, high = math.inf, -math.inf
         for index, page in enumerate(stack):
-            if np.issubdtype(page.dtype, np.floating) and not np.all(np.isfinite(page)):
-                row, column = np.argwhere(~np.isfinite(page))[0]
-                raise DataError(f"{path} holds {page[row, column]} at slice {index}, row {row}, column {column}: "
-                                "replace the values that are not finite (e.g. by the slice's median) and save it again")
+            refuse_non_finite(page, index, path)
             low, high = min(low, float(page.min())), max(high, float(page.max()))
         if np.issubdtype(stack.dtype, np.integer):
             if low >= 0:
@@ -272,7 +285,11 @@ class ImageScaling:
 def label_values(stack, path):
     """(low, high, per-slice count of `high`) of a binary mask stack, read a slice at a time;
     DataError for more than two values, or one value only."""
-    extremes = np.array([(labels.min(), labels.max()) for labels in stack])
+    extremes = []
+    for index, labels in enumerate(stack):
+        refuse_non_finite(labels, index, path)
+        extremes.append((labels.min(), labels.max()))
+    extremes = np.array(extremes)
     low, high = extremes[:, 0].min(), extremes[:, 1].max()
     if low == high:
         raise DataError(f"{path} holds the value {low:g} only: a mask needs both cell and membrane pixels "

@@ -60,7 +60,10 @@ def export_inputs(args):
         raise ExportError(f"{checkpoint} is not in a run directory of train.py: the package needs the run's "
                           "config.json (its data, scaling and validation slices)")
     config = rundir.read_config(run_dir)
-    images, labels = data.read_stack(config["images"]), data.read_stack(config["labels"])
+    # As training read them: a stack larger than memory allows stays on disk, only its validation
+    # slices are read.
+    images, labels = (data.read_stack(config[name], data.memory_map_above(config.get("memmap", "auto")))
+                      for name in ("images", "labels"))
     cell, _ = data.cell_value(labels, config["labels"], config.get("labels_polarity", "cells-high"))
     indices = config["val_slices"]
     return checkpoint, run_dir, config, images[indices], (labels[indices] == cell).astype(np.uint8), indices

@@ -18,8 +18,6 @@ trains.
 
 import argparse
 import contextlib
-import math
-import os
 import shlex
 import shutil
 import sys
@@ -121,13 +119,6 @@ def resumed_arguments(args, given, config):
     return argparse.Namespace(**resumed)
 
 
-def memory_map_above(memmap):
-    """The stack size in bytes above which --memmap `memmap` reads crops straight from the file."""
-    if memmap == "auto":
-        return settings.MEMMAP_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return 0 if memmap == "on" else math.inf
-
-
 def load_data(args):
     """(stacks, images path, labels path, the mirror downloaded from or None) of the chosen stacks,
     downloading ISBI 2012 if it is used and missing."""
@@ -141,7 +132,8 @@ def load_data(args):
         raise cli.InputError("give --images and --labels together, or neither to use ISBI 2012")
     images_path = args.images or args.data / "train-volume.tif"
     labels_path = args.labels or args.data / "train-labels.tif"
-    stacks = data.load_training_stacks(images_path, labels_path, memory_map_above(args.memmap), args.labels_polarity)
+    stacks = data.load_training_stacks(images_path, labels_path, data.memory_map_above(args.memmap),
+                                        args.labels_polarity)
     if min(stacks.slice_shape) < args.crop:
         raise cli.InputError(f"--crop {args.crop} is larger than the {stacks.slice_shape[0]}x{stacks.slice_shape[1]} "
                              f"slices: use --crop {min(stacks.slice_shape) // MULTIPLE * MULTIPLE} or less")

@@ -55,6 +55,14 @@ def test_labels_of_one_value_are_refused(value, tmp_path):
         data.cell_value(data.read_stack(tmp_path / "labels.tif"), tmp_path / "labels.tif")
 
 
+def test_labels_with_a_nan_name_its_place(tmp_path):
+    labels = cells_and_membranes(3).astype(np.float32)
+    labels[1, 3, 5] = np.nan
+    write_stack(tmp_path / "labels.tif", labels)
+    with pytest.raises(data.DataError, match="labels.tif holds nan at slice 1, row 3, column 5"):
+        data.cell_value(data.read_stack(tmp_path / "labels.tif"), tmp_path / "labels.tif")
+
+
 def test_a_validation_slice_without_membrane_is_refused_and_a_training_one_warned_of(tmp_path, capsys):
     labels = cells_and_membranes(6)
     labels[1] = 255  # no membrane
