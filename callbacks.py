@@ -1,5 +1,13 @@
-"""The Keras callbacks of a run: where the network is wrong, what a run was, Keras' own TensorBoard
-callback mended, checkpoints a kill cannot damage, and a stop on a non-finite loss."""
+"""The Keras callbacks of a run: the curves and the net's insides (TrainingSummaries), the
+validation pass (Validation), where the network is wrong on a few shown slices
+(ValidationSliceSummaries), what a run was and how to compare runs (RunSummary), the event writers
+they share (SummaryWriters), checkpoints a kill cannot damage and a stop on a non-finite loss.
+
+Tags are named so that TensorBoard's Time Series tab, which groups tags by their first `/` part
+and sorts the groups by name, opens on the best-so-far scalars, then the epoch curves
+(`epoch_*`, `evaluation_*`, Keras' names), the shown slices' scalars and images (`shown_slices/`,
+`slice_NN/`), the per-batch curves (`train_batch/`) and last the histograms (`unet/`).
+"""
 
 import math
 from pathlib import Path
@@ -7,25 +15,32 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
 from tensorboard.plugins.histogram import summary as histogram_summary
 from tensorboard.plugins.hparams import api as hp
 from tensorboard.plugins.pr_curve import summary as pr_curve_summary
 
 import files
 from cli import InputError
-from metrics import LOSSES, THRESHOLD, isbi_scores, misclassified_pixel_fraction, training_metrics
-from rundir import BEST, LAST, VALIDATION_SLICES
+from metrics import (LOSSES, THRESHOLD, isbi_scores, merges_and_splits, misclassified_pixel_fraction, thinned_segments,
+                     training_metrics, true_cells_of)
+from rundir import BEST, LAST, TRAIN, VALIDATION
 from settings import DEPTH
+from unet import block_outputs
 
 MONITOR = "val_misclassified_pixel_fraction"  # the validation score that makes a checkpoint best.keras
+BATCH_GROUP = "train_batch"   # the loss and metrics of single training batches
+SHOWN_GROUP = "shown_slices"  # scalars over the slices shown as images
+WEIGHTS_GROUP = "unet/weights"
+ACTIVATIONS_GROUP = "unet/activations"
 
-
-# Block outputs whose activations are histogrammed: the last convolution of each level.
-ACTIVATION_LAYERS = [f"enc{level}_conv2" for level in range(1, DEPTH + 1)] + ["bottleneck_conv2"] + [
-    f"dec{level}_conv2" for level in range(DEPTH, 0, -1)] + ["output"]
 FALSE_MEMBRANE_RGB = (1.0, 0.0, 1.0)   # magenta: membrane predicted where the label says cell
 MISSED_MEMBRANE_RGB = (0.0, 1.0, 0.0)  # green: label says membrane, prediction says cell
+MERGE_RGB = (1.0, 0.5, 0.0)            # orange: one segment over two or more true cells
+SPLIT_RGB = (0.0, 0.45, 1.0)           # blue: one true cell cut into two or more segments
 ERROR_OPACITY = 0.75
+TOPOLOGY_OPACITY = 0.6
 # EM texture barely compresses: 16 grey levels under the colours keep the structure recognisable
 # and make the PNG about 40 % smaller than full 8-bit grey.
 OVERLAY_GREY_LEVELS = 16
@@ -43,6 +58,17 @@ def error_overlay(image, label, probability):
     return overlay
 
 
+def topology_overlay(segments, true_cells, merging_segments, split_cells):
+    """(H, W, 3) in [0, 1]: the proposed segments in shades of grey on black 1-pixel borders, the
+    segments that merge true cells painted orange and the true cells that are split blue."""
+    shades = np.random.default_rng(0).uniform(0.45, 0.9, segments.max() + 1)
+    shades[0] = 0.0
+    overlay = np.repeat(shades[segments][..., np.newaxis], 3, axis=-1)
+    for wrong, colour in ((np.isin(segments, merging_segments), MERGE_RGB), (np.isin(true_cells, split_cells), SPLIT_RGB)):
+        overlay[wrong] = (1 - TOPOLOGY_OPACITY) * overlay[wrong] + TOPOLOGY_OPACITY * np.asarray(colour)
+    return overlay
+
+
 def forward_pass(model):
     """`model` applied to a batch, as a graph run on this process's first device.
 
@@ -51,6 +77,12 @@ def forward_pass(model):
     the outputs, a collective that every worker would have to join.
     """
     return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+
+
+def global_step(model):
+    """The optimizer's iteration count: the step every summary but the `epoch_*` ones is written
+    at, so that curves, images and histograms line up and continue across resumed runs."""
+    return int(model.optimizer.iterations.numpy())
 
 
 def sample_values(array):
@@ -66,44 +98,154 @@ def sample_values(array):
     return values[np.random.default_rng(0).integers(values.size, size=ACTIVATION_SAMPLE)]
 
 
+class SummaryWriters(keras.callbacks.Callback):
+    """The event-file writers of a run directory, one per TensorBoard run (`writers[""]` for the
+    run itself, `writers[TRAIN]`, `writers[VALIDATION]`), created when first used, shared by the
+    callbacks that write there, flushed at every epoch end and closed when training ends.
+
+    Shared, so that a run directory gets one event file per process: TensorBoard reads the files
+    of a directory one after the other, and a second file written at the same time would be read
+    only up to the point it had reached when the first one grew.
+    Must come after every callback that writes and before Checkpoints: a checkpoint is written
+    only once everything the epoch logged is on disk.
+    """
+
+    def __init__(self, run_dir):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self._writers = {}
+
+    def __getitem__(self, part):
+        if part not in self._writers:
+            self._writers[part] = tf.summary.create_file_writer(str(self.run_dir / part))
+        return self._writers[part]
+
+    def write(self, part, step, summaries):
+        """Call `summaries()` with `part`'s writer as the default at `step`. Recorded whatever an
+        enclosing `record_if` says."""
+        with tf.summary.record_if(True), self[part].as_default(step=step):
+            summaries()
+
+    def on_epoch_end(self, epoch, logs=None):
+        for writer in self._writers.values():
+            writer.flush()
+
+    def on_train_end(self, logs=None):
+        for writer in self._writers.values():
+            writer.close()
+        self._writers = {}
+
+
+class TrainingSummaries(keras.callbacks.Callback):
+    """The curves of a run and the net's weights, in place of Keras' TensorBoard callback, with
+    Keras' tag names where it has them:
+
+    - `epoch_<name>` at the epoch index, in `train` (the epoch means of the loss and metrics, and
+      `epoch_learning_rate`) and `validation` (every `val_<name>` of the epoch logs);
+    - `evaluation_<name>_vs_iterations` in `validation`: the same validation values at the
+      global step, the axis of the comparison dashboard, on which runs with other batch sizes or
+      epoch lengths line up;
+    - `train_batch/<name>` in `train` every `update_freq` steps: the loss and metrics of that
+      batch alone, and the learning rate it was trained with. (Keras' `batch_<name>` are running
+      means since the epoch began: they jump at each epoch start.) Keras reports the running
+      means; with batches of equal size the batch's own value is n m_n - (n - 1) m_(n-1).
+    - every `histogram_freq` epochs, `unet/weights/<layer>/<weight>` histograms at the global step;
+    - once, the op graph of one forward pass, drawn with a box per named layer (Keras' own graph
+      opens in the Graphs tab as "Malformed GraphDef").
+
+    Weight histograms are bucketed by TensorBoard's numpy `histogram_pb` (the same 30 buckets as
+    `tf.summary.histogram`), a quarter of the time of `tf.summary.histogram`'s eager ops.
+    """
+
+    def __init__(self, writers, update_freq, histogram_freq):
+        super().__init__()
+        self.writers = writers
+        self.update_freq = update_freq
+        self.histogram_freq = histogram_freq
+        self._running_means = {}
+
+    def on_train_begin(self, logs=None):
+        if global_step(self.model) == 0:  # a resumed run has its graph
+            self.write_forward_pass_graph()
+
+    def on_train_batch_end(self, batch, logs=None):
+        means = {name: float(value) for name, value in logs.items()}
+        step = global_step(self.model)
+        if step % self.update_freq == 0:
+            def summaries():
+                for name, mean in means.items():
+                    tf.summary.scalar(f"{BATCH_GROUP}/{name}", (batch + 1) * mean - batch * self._running_means.get(name, 0.0),
+                                      description="This training batch alone (not a mean since the epoch began).")
+                tf.summary.scalar(f"{BATCH_GROUP}/learning_rate", self.learning_rate())
+            self.writers.write(TRAIN, step, summaries)
+        self._running_means = means
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = global_step(self.model)
+        training = {name: value for name, value in logs.items() if not name.startswith("val_")}
+        validation = {name[4:]: value for name, value in logs.items() if name.startswith("val_")}
+
+        def epoch_scalars(values):
+            return lambda: [tf.summary.scalar(f"epoch_{name}", value) for name, value in values.items()]
+        self.writers.write(TRAIN, epoch, epoch_scalars({**training, "learning_rate": self.learning_rate()}))
+        self.writers.write(VALIDATION, epoch, epoch_scalars(validation))
+        self.writers.write(VALIDATION, step, lambda: [tf.summary.scalar(f"evaluation_{name}_vs_iterations", value)
+                                                      for name, value in validation.items()])
+        if self.histogram_freq and epoch % self.histogram_freq == 0:
+            self.writers.write(TRAIN, step, self.write_weight_histograms)
+
+    def learning_rate(self):
+        return float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+    def write_weight_histograms(self):
+        # np.errstate: the weights of a run stopped by a NaN loss are NaN, bucketed as such without a warning.
+        with np.errstate(invalid="ignore"):
+            for weight in self.model.weights:
+                summary = histogram_summary.histogram_pb(f"{WEIGHTS_GROUP}/{weight.path.replace(':', '_')}", weight.numpy())
+                tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=tf.summary.experimental.get_step())
+
+    def write_forward_pass_graph(self):
+        forward = forward_pass(self.model)
+        example = tf.zeros((1, 2**DEPTH, 2**DEPTH, self.model.input_shape[-1]))
+        tf.summary.trace_on(graph=True, profiler=False)
+        forward(example)
+        self.writers.write(TRAIN, 0, lambda: tf.summary.trace_export("unet"))
+
+
 class ValidationSliceSummaries(keras.callbacks.Callback):
-    """What the network makes of a few fixed validation slices, written to one run directory.
+    """What the network makes of a few fixed validation slices, written to the `validation` run.
 
     Every `image_every` training steps, per slice under the tag group `slice_<index>`: `prediction`,
     the probability of cell (black 0 to white 1 on a fixed scale, so a flat prediction shows as
     flat grey); `error`, the EM slice with false membrane in magenta and missed membrane in green;
-    `input` and `label` once; and the misclassified-pixel fraction over the slices as a scalar.
-    Every `histogram_every` epochs: histograms of each block's activations (`activations/...`) and
-    the precision-recall curve of membrane detection (`membrane_pr`).
-
-    The step is always the optimizer's iteration count, the global training step of Keras'
-    batch-level scalars, so images, curves and histograms line up and continue across `fit` calls
-    and resumed runs.
+    `merges_and_splits`, the segmentation the challenge's scorer sees (metrics.thinned_segments at
+    the best V_rand threshold of the latest evaluation, 0.5 before the first) with the segments
+    that merge true cells in orange and the true cells that are split in blue; `input` and `label`
+    once. Under `shown_slices/`: the misclassified-pixel fraction over the slices and the number
+    of merges and splits. Every `histogram_every` epochs: histograms of each block's activations
+    (`unet/activations/...`) and the precision-recall curve of membrane detection (`membrane_pr`).
     """
 
-    def __init__(self, log_dir, images, labels, slice_indices, image_every, histogram_every):
+    def __init__(self, writers, images, labels, slice_indices, image_every, histogram_every, v_rand_threshold=THRESHOLD):
         super().__init__()
-        self.log_dir = str(log_dir)
+        self.writers = writers
         self.images = images[..., np.newaxis]
         self.labels = labels[..., np.newaxis].astype(np.float32)
+        self.true_cells = [true_cells_of(label) for label in labels]
         self.slice_indices = list(slice_indices)
         self.image_every = image_every
         self.histogram_every = histogram_every
-        self.writer = None
+        self.v_rand_threshold = v_rand_threshold
         self._predict = None
         self._activations = None
         self._epoch = 0
         self._images_deferred_to = None
 
-    def global_step(self):
-        return int(self.model.optimizer.iterations.numpy())
-
     def on_train_begin(self, logs=None):
-        self.writer = tf.summary.create_file_writer(self.log_dir)
         self._predict = forward_pass(self.model)
         self._activations = forward_pass(keras.Model(self.model.inputs, [self.model.get_layer(name).output
-                                                                         for name in ACTIVATION_LAYERS]))
-        if self.global_step() == 0:  # a resumed run wrote its start already
+                                                                         for name in block_outputs()]))
+        if global_step(self.model) == 0:  # a resumed run wrote its start already
             self.write(lambda: self.write_images(self.predict()), 0)
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -113,7 +255,7 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
         return self.histogram_every and epoch % self.histogram_every == 0
 
     def on_train_batch_end(self, batch, logs=None):
-        step = self.global_step()
+        step = global_step(self.model)
         if step % self.image_every:
             return
         # Images due at the last step of an epoch with histograms come from the epoch end's pass
@@ -124,7 +266,8 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
             self.write(lambda: self.write_images(self.predict()), step)
 
     def on_epoch_end(self, epoch, logs=None):
-        step = self.global_step()
+        self.v_rand_threshold = logs.get("val_v_rand_threshold", self.v_rand_threshold)
+        step = global_step(self.model)
         histograms = self.histograms_due(epoch) and np.isfinite(logs["loss"])
         images = self._images_deferred_to == step
         if not (histograms or images):
@@ -138,36 +281,47 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
                 self.write_images(np.asarray(outputs[-1], dtype=np.float32))
         self.write(summaries, step)
 
-    def on_train_end(self, logs=None):
-        self.writer.close()
-
     def write(self, summaries, step):
-        # Recorded whatever Keras' batch-level `record_if` says about this step.
-        with tf.summary.record_if(True), self.writer.as_default(step=step):
-            summaries()
-        self.writer.flush()
+        self.writers.write(VALIDATION, step, summaries)
 
     def predict(self):
         return np.asarray(self._predict(self.images), dtype=np.float32)
 
     def write_images(self, probabilities):
         step = tf.summary.experimental.get_step()
-        tf.summary.scalar("misclassified_pixel_fraction", np.mean(misclassified_pixel_fraction(self.labels, probabilities)),
+        tf.summary.scalar(f"{SHOWN_GROUP}/misclassified_pixel_fraction",
+                          np.mean(misclassified_pixel_fraction(self.labels, probabilities)),
                           description="Misclassified-pixel fraction on the slices shown as images.")
+        merges = splits = 0
         for position, index in enumerate(self.slice_indices):
             group = f"slice_{index:02d}"
             if step == 0:
                 tf.summary.image(f"{group}/input", self.images[position:position + 1])
                 tf.summary.image(f"{group}/label", self.labels[position:position + 1])
+            probability = probabilities[position, ..., 0]
             tf.summary.image(f"{group}/prediction", probabilities[position:position + 1],
                              description="Probability of cell: black 0, white 1.")
-            overlay = error_overlay(self.images[position, ..., 0], self.labels[position, ..., 0], probabilities[position, ..., 0])
+            overlay = error_overlay(self.images[position, ..., 0], self.labels[position, ..., 0], probability)
             tf.summary.image(f"{group}/error", overlay[np.newaxis],
                              description="Errors on the EM slice: magenta = false membrane, green = missed membrane.")
+            # In double precision, as the challenge's scorer compares (metrics.isbi_scores_by_threshold).
+            segments = thinned_segments(probability.astype(np.float64) > self.v_rand_threshold)
+            merging_segments, split_cells = merges_and_splits(self.true_cells[position], segments)
+            merges, splits = merges + len(merging_segments), splits + len(split_cells)
+            tf.summary.image(f"{group}/merges_and_splits",
+                             topology_overlay(segments, self.true_cells[position], merging_segments, split_cells)[np.newaxis],
+                             description="The cells the ISBI scorer sees in the prediction (grey, black 1-pixel "
+                                         "borders) at the best V_rand threshold of the latest evaluation: orange = a "
+                                         "segment that merges true cells (missing membrane), blue = a true cell split "
+                                         "into segments (false membrane). Both cost V_rand.")
+        tf.summary.scalar(f"{SHOWN_GROUP}/merges", merges,
+                          description="Segments that merge two or more true cells, over the shown slices.")
+        tf.summary.scalar(f"{SHOWN_GROUP}/splits", splits,
+                          description="True cells split into two or more segments, over the shown slices.")
 
     def write_activations_and_pr_curve(self, outputs):
-        for name, activation in zip(ACTIVATION_LAYERS, outputs):
-            tf.summary.histogram(f"activations/{name}", sample_values(activation))
+        for name, activation in zip(block_outputs(), outputs):
+            tf.summary.histogram(f"{ACTIVATIONS_GROUP}/{name}", sample_values(activation))
         membrane = self.labels[..., 0] < THRESHOLD
         membrane_probability = 1.0 - np.asarray(outputs[-1], dtype=np.float32)[..., 0]
         curve = pr_curve_summary.pb("membrane_pr", labels=membrane, predictions=membrane_probability,
@@ -184,9 +338,9 @@ class Validation(keras.callbacks.Callback):
 
     It stands in for Keras' `validation_data`, which would pass the slices through the net a
     second time, and which under a tf.distribute strategy (Keras 3.15) splits a batch of one
-    slice across the replicas and fails on the empty share. Keras' TensorBoard callback, which
-    must come after this one, writes the scores to the `validation` run as `epoch_loss`,
-    `epoch_v_rand`, ...; the progress bar, History and checkpoints see them too.
+    slice across the replicas and fails on the empty share. TrainingSummaries, which must come
+    after this one, writes the scores to the `validation` run as `epoch_loss`, `epoch_v_rand`,
+    ...; the progress bar, History and checkpoints see them too.
     """
 
     def __init__(self, images, labels, loss, metrics, isbi_every):
@@ -219,70 +373,45 @@ class Validation(keras.callbacks.Callback):
             logs.update({f"val_{name}": value for name, value in scores.items()})
 
 
-class TensorBoard(keras.callbacks.TensorBoard):
-    """`keras.callbacks.TensorBoard` with every epoch summary kept, one global step and a graph.
+def comparison_layout():
+    """The Custom Scalars tab's dashboard: one chart per question, every run on it, all against the
+    global training step. TensorBoard merges the layouts that the runs of a logdir carry."""
+    def chart(title, *tags):
+        return layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(
+            tag=[f"^{tag}$" for tag in tags]))
 
-    Keras (3.15) enters `record_if(step % update_freq == 0)` for batch-level scalars and leaves it
-    open through `on_epoch_end`, so epoch scalars and weight histograms are silently dropped
-    whenever the step at hand is not a multiple of `update_freq`; those writes are forced here.
-    The validation scores (from the Validation callback, not Keras' evaluation) are also written
-    against the training step, as `evaluation_<name>_vs_iterations`, as Keras does after its own
-    evaluation. Its batch step restarts at 0 on every `fit`; here it starts from the optimizer's
-    iteration count, the step the other callbacks use. And its graph (a conceptual `keras` graph)
-    opens in the Graphs tab as "Malformed GraphDef"; here `write_graph` writes the op graph of one
-    forward pass instead, drawn with a box per named layer (once: a resumed run has it). Its
-    writers are flushed after every epoch, so that a checkpoint never gets ahead of the curves.
-    Weight histograms are bucketed by TensorBoard's numpy `histogram_pb` (the same 30 buckets as
-    `tf.summary.histogram`), which takes a quarter of the time of the ~80 eager ops per weight of
-    `tf.summary.histogram` (1 s per epoch for the default net on two cores).
-    """
-
-    def __init__(self, log_dir, write_graph=True, **kwargs):
-        super().__init__(log_dir, write_graph=False, **kwargs)
-        self.write_forward_graph = write_graph
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        self._global_train_batch = int(self.model.optimizer.iterations.numpy())
-        if self.write_forward_graph and self._global_train_batch == 0:
-            self.write_forward_pass_graph()
-
-    def write_forward_pass_graph(self):
-        forward = forward_pass(self.model)
-        example = tf.zeros((1, 2**DEPTH, 2**DEPTH, self.model.input_shape[-1]))
-        tf.summary.trace_on(graph=True, profiler=False)
-        forward(example)
-        with tf.summary.record_if(True), self._train_writer.as_default():
-            tf.summary.trace_export("unet", step=0)
-
-    def _log_weights(self, epoch):
-        # np.errstate: the weights of a run stopped by a NaN loss are NaN, bucketed as such without a warning.
-        with self._train_writer.as_default(), np.errstate(invalid="ignore"):
-            for weight in self.model.weights:
-                summary = histogram_summary.histogram_pb(f"{weight.path.replace(':', '_')}/histogram", weight.numpy())
-                tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=epoch)
-        self._train_writer.flush()
-
-    def on_epoch_end(self, epoch, logs=None):
-        with tf.summary.record_if(True):
-            super().on_epoch_end(epoch, logs)
-            # As Keras writes after its own evaluation, which the Validation callback replaces.
-            with self._val_writer.as_default(step=int(self.model.optimizer.iterations.numpy())):
-                for name, value in logs.items():
-                    if name.startswith("val_"):
-                        tf.summary.scalar(f"evaluation_{name[4:]}_vs_iterations", value)
-        self._train_writer.flush()
-        self._val_writer.flush()
+    def evaluation(name):
+        return f"evaluation_{name}_vs_iterations"
+    return layout_pb2.Layout(category=[
+        layout_pb2.Category(title="Which run learns better (validation slices, against the training step)", chart=[
+            chart("misclassified-pixel fraction (lower is better)", evaluation("misclassified_pixel_fraction")),
+            chart("V_rand, the ISBI challenge's main score (higher is better)", evaluation("v_rand")),
+            chart("V_info (higher is better)", evaluation("v_info")),
+            chart("pixel error, 1 - best F-score of cells (lower is better)", evaluation("pixel_error")),
+            chart("loss: training batches and validation", f"{BATCH_GROUP}/loss", evaluation("loss")),
+            chart("learning rate", f"{BATCH_GROUP}/learning_rate"),
+        ]),
+        layout_pb2.Category(title="Where the net is wrong (slices shown as images)", chart=[
+            chart("merges (missing membrane) and splits (false membrane)", f"{SHOWN_GROUP}/merges", f"{SHOWN_GROUP}/splits"),
+            chart("misclassified-pixel fraction", f"{SHOWN_GROUP}/misclassified_pixel_fraction"),
+        ]),
+        layout_pb2.Category(title="Training batches, each alone", closed=True, chart=[
+            chart("misclassified-pixel fraction", f"{BATCH_GROUP}/misclassified_pixel_fraction"),
+            chart("membrane Dice", f"{BATCH_GROUP}/membrane_dice"),
+            chart("accuracy", f"{BATCH_GROUP}/accuracy"),
+        ]),
+    ])
 
 
 class RunSummary(keras.callbacks.Callback):
-    """What the run was, in the run directory itself: HParams and Text tabs, and its best epochs.
+    """What the run was, in the run directory itself: HParams and Text tabs, the comparison
+    dashboard, and its best epochs.
 
     At the start of a run (not of a resumed one, which has them): the hyperparameters for the
-    HParams tab (with the metrics it should show for every run) and the markdown `documents` for
-    the Text tab. After each epoch: the best validation value so far of each metric in BEST
-    (`best_misclassified_pixel_fraction`, `best_v_rand`), when the epoch has it, starting from
-    `best` ({name: value}) when resuming.
+    HParams tab (with the metrics it should show for every run), the markdown `documents` for the
+    Text tab and the Custom Scalars layout (comparison_layout). After each epoch: the best
+    validation value so far of each metric in BEST (`best_misclassified_pixel_fraction`,
+    `best_v_rand`), when the epoch has it, starting from those `reached` when resuming.
     """
 
     BEST = {"misclassified_pixel_fraction": (min, "Lowest validation misclassified-pixel fraction so far."),
@@ -299,45 +428,47 @@ class RunSummary(keras.callbacks.Callback):
         ("train", "epoch_loss", "last training loss"),
     ]
 
-    def __init__(self, log_dir, trial_id, hyperparameters, documents, best=None):
+    def __init__(self, writers, trial_id, hyperparameters, documents, reached=None):
         super().__init__()
-        self.log_dir = str(log_dir)
+        self.writers = writers
         self.trial_id = trial_id
         self.hyperparameters = hyperparameters
         self.documents = documents
-        self.best = dict(best or {})
-        self._writer = None
+        self.best = {name: value for name, value in (reached or {}).items() if name in self.BEST}
 
     @classmethod
-    def best_of(cls, validation_scalars):
-        """The best values so far, for resuming, from a run's validation scalars {tag: [(step, value)]}."""
-        return {name: better(value for _, value in validation_scalars[f"epoch_{name}"])
-                for name, (better, _) in cls.BEST.items() if validation_scalars.get(f"epoch_{name}")}
+    def reached(cls, validation_scalars):
+        """What a run to resume had reached, from its validation scalars {tag: [(step, value)]}: the
+        best value so far of each metric in BEST, and the V_rand threshold of its latest evaluation
+        (`v_rand_threshold`), where it has them."""
+        reached = {name: better(value for _, value in validation_scalars[f"epoch_{name}"])
+                   for name, (better, _) in cls.BEST.items() if validation_scalars.get(f"epoch_{name}")}
+        if validation_scalars.get("epoch_v_rand_threshold"):
+            reached["v_rand_threshold"] = validation_scalars["epoch_v_rand_threshold"][-1][1]
+        return reached
 
     def on_train_begin(self, logs=None):
-        self._writer = tf.summary.create_file_writer(self.log_dir)
-        if int(self.model.optimizer.iterations.numpy()) > 0:
-            return
-        with tf.summary.record_if(True), self._writer.as_default(step=0):
-            hp.hparams_config(
-                hparams=[hp.HParam(name) for name in self.hyperparameters],
-                metrics=[hp.Metric(tag, group=group or None, display_name=name) for group, tag, name in self.METRICS])
-            hp.hparams(self.hyperparameters, trial_id=self.trial_id)
-            for name, markdown in self.documents.items():
-                tf.summary.text(name, markdown)
-        self._writer.flush()
+        if global_step(self.model) == 0:
+            self.writers.write("", 0, self.write_run)
+
+    def write_run(self):
+        hp.hparams_config(
+            hparams=[hp.HParam(name) for name in self.hyperparameters],
+            metrics=[hp.Metric(tag, group=group or None, display_name=name) for group, tag, name in self.METRICS])
+        hp.hparams(self.hyperparameters, trial_id=self.trial_id)
+        for name, markdown in self.documents.items():
+            tf.summary.text(name, markdown)
+        layout = custom_scalar_summary.pb(comparison_layout())
+        tf.summary.experimental.write_raw_pb(layout.SerializeToString(), step=0)
 
     def on_epoch_end(self, epoch, logs=None):
-        with tf.summary.record_if(True), self._writer.as_default(step=epoch):
+        def best_scalars():
             for name, (better, description) in self.BEST.items():
                 if f"val_{name}" in logs:
                     value = logs[f"val_{name}"]
                     self.best[name] = better(self.best.get(name, value), value)
                     tf.summary.scalar(f"best_{name}", self.best[name], description=description)
-        self._writer.flush()
-
-    def on_train_end(self, logs=None):
-        self._writer.close()
+        self.writers.write("", epoch, best_scalars)
 
 
 # --- checkpoints and stops ----------------------------------------------------------------------
@@ -396,21 +527,22 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 
 # --- a run's callbacks --------------------------------------------------------------------------
 
-def for_run(args, run_dir, validation, shown, best, stop, hyperparameters, documents):
+def for_run(args, run_dir, validation, shown, reached, stop, hyperparameters, documents):
     """The callbacks of a run in the order they must run: `validation` is (slices, masks, indices),
-    `shown` the positions of those shown as images, `best` the best values so far ({} for a new
-    run), `stop` the run's StopOnNonFiniteLoss."""
+    `shown` the positions of those shown as images, `reached` what a resumed run had reached
+    (RunSummary.reached; {} for a new run), `stop` the run's StopOnNonFiniteLoss."""
     images, labels, indices = validation
+    writers = SummaryWriters(run_dir)
     return [
-        # Before TensorBoard, which writes the scores it adds to the epoch logs.
+        # Before the summaries, which write the scores it adds to the epoch logs.
         Validation(images, labels, LOSSES[args.loss], training_metrics(), args.eval_every),
-        TensorBoard(log_dir=str(run_dir), histogram_freq=args.histogram_freq, write_graph=True,
-                    update_freq=args.update_freq),
-        ValidationSliceSummaries(Path(run_dir) / VALIDATION_SLICES, images[shown], labels[shown],
-                                 [indices[i] for i in shown], image_every=args.image_every,
-                                 histogram_every=args.histogram_freq),
-        RunSummary(run_dir, Path(run_dir).name, hyperparameters, documents, best),
+        TrainingSummaries(writers, args.update_freq, args.histogram_freq),
+        ValidationSliceSummaries(writers, images[shown], labels[shown], [indices[i] for i in shown],
+                                 image_every=args.image_every, histogram_every=args.histogram_freq,
+                                 v_rand_threshold=reached.get("v_rand_threshold", THRESHOLD)),
+        RunSummary(writers, Path(run_dir).name, hyperparameters, documents, reached),
         stop,
+        writers,
         # Last: a checkpoint is written only once everything the epoch logged is on disk.
-        Checkpoints(run_dir, best.get("misclassified_pixel_fraction", math.inf)),
+        Checkpoints(run_dir, reached.get("misclassified_pixel_fraction", math.inf)),
     ]

@@ -164,6 +164,32 @@ def pixel_f_score(true_cell, predicted_cell):
     return 2 * precision * recall / (precision + recall)
 
 
+# A piece of a true cell counts in a merge or split when it holds this share of the cell and at
+# least this many pixels: slivers along a border cost V_rand almost nothing.
+SIGNIFICANT_SHARE = 0.1
+SIGNIFICANT_PIXELS = 50
+
+
+def true_cells_of(label):
+    """The true cells of a binary mask (cell > 0) as the scores count them: 4-connected components."""
+    return connected_components(np.asarray(label) > 0, connectivity=1)
+
+
+def merges_and_splits(true_cells, segments):
+    """(merging segment labels, split cell labels) of a proposal: a merge is a proposed segment
+    holding a significant piece of two or more true cells (a missing stretch of membrane), a
+    split a true cell with significant pieces in two or more segments (a false membrane). These
+    are the errors that cost V_rand's merge and split parts; `segments` as from
+    `thinned_segments` (label 0 = border), `true_cells` as from `true_cells_of`."""
+    table = contingency_table(true_cells, segments, ignore_labels=[0]).tocoo()
+    cell_sizes = np.bincount(np.asarray(true_cells).ravel())
+    piece = (table.col > 0) & (table.data >= np.maximum(SIGNIFICANT_SHARE * cell_sizes[table.row], SIGNIFICANT_PIXELS))
+    cells, pieces_segments = table.row[piece], table.col[piece]
+    merging_segments, counts = np.unique(pieces_segments, return_counts=True)
+    split_cells, cell_counts = np.unique(cells, return_counts=True)
+    return merging_segments[counts > 1], split_cells[cell_counts > 1]
+
+
 def isbi_scores_by_threshold(labels, probabilities, thresholds=ISBI_THRESHOLDS):
     """Per threshold: V_rand and V_info averaged over the slices, and the pixel F-score.
 
@@ -176,7 +202,7 @@ def isbi_scores_by_threshold(labels, probabilities, thresholds=ISBI_THRESHOLDS):
     if labels.shape != probabilities.shape or labels.ndim != 3:
         raise ValueError(f"labels {labels.shape} and probabilities {probabilities.shape} must both be (slices, H, W)")
     true_cell = labels > 0
-    true_cells = [connected_components(mask, connectivity=1) for mask in true_cell]
+    true_cells = [true_cells_of(mask) for mask in true_cell]
 
     def slice_scores(threshold, index):
         return rand_and_info_scores(true_cells[index], thinned_segments(probabilities[index] > threshold))

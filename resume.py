@@ -22,8 +22,9 @@ from callbacks import RunSummary
 from cli import InputError
 from rundir import LAST
 
-# Summaries written at the epoch index (Keras' epoch scalars and weight histograms, the best-so-far
-# scalars); all others are written at the global training step.
+# Summaries written at the epoch index (Keras' epoch scalars, the best-so-far scalars, and the weight
+# histograms of runs started before they moved to the global step); all others are written at the
+# global training step.
 EPOCH_TAG = re.compile(r"^(epoch_|best_)|/histogram$")
 
 
@@ -72,14 +73,14 @@ def written_before(event, epoch, step):
     return event.step <= step
 
 
-def best_so_far(run_dir):
-    """The best validation values a run logged, from its event files."""
+def reached(run_dir):
+    """What a run had reached (RunSummary.reached), from its event files."""
     validation = Path(run_dir) / rundir.VALIDATION
-    return RunSummary.best_of(runs.read_scalars(validation) if validation.is_dir() else {})
+    return RunSummary.reached(runs.read_scalars(validation) if validation.is_dir() else {})
 
 
 def continue_run(run_dir, config, epochs, command, setup):
-    """(model, completed epochs, best values so far) of a run to resume to `epochs` epochs, its
+    """(model, completed epochs, what it had reached) of a run to resume to `epochs` epochs, its
     event files cut back to its last checkpoint and its config.json updated. The caller holds the
     run's lock."""
     model, initial_epoch = restore_model(run_dir, config)
@@ -89,4 +90,4 @@ def continue_run(run_dir, config, epochs, command, setup):
     cut_event_files(run_dir, initial_epoch, int(model.optimizer.iterations.numpy()))
     config.update(epochs=epochs, resumed=[*config.get("resumed", []), command], **setup)
     rundir.save_config(run_dir, config)
-    return model, initial_epoch, best_so_far(run_dir)
+    return model, initial_epoch, reached(run_dir)

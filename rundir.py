@@ -1,10 +1,11 @@
 """A run directory: its name, the files it holds, its config.json, and the lock that lets one
 process at a time write it.
 
-    <logdir>/<loss>_lr<lr>/         config.json, best.keras, last.keras; the HParams, Text and
-                                    best-so-far summaries
-        train/  validation/         Keras' TensorBoard runs: epoch and batch scalars, histograms
-        validation_slices/          images, activation histograms and PR curve of shown slices
+    <logdir>/<loss>_lr<lr>/         config.json, best.keras, last.keras; the HParams, Text,
+                                    comparison-dashboard and best-so-far summaries
+        train/                      training curves (epoch and batch), weight histograms, graph
+        validation/                 validation curves and scores; images, activation histograms
+                                    and PR curve of the shown slices
 
 Imports nothing heavier than numpy: `--resume` is checked before TensorFlow loads.
 """
@@ -25,11 +26,12 @@ CONFIG = "config.json"
 LAST = "last.keras"
 BEST = "best.keras"
 LOCK = ".lock"
-# The TensorBoard runs of a run directory; Keras' callback names its two, "train" and "validation".
+# The TensorBoard runs of a run directory, named as Keras' TensorBoard callback names its two.
 TRAIN = "train"
 VALIDATION = "validation"
-VALIDATION_SLICES = "validation_slices"
-EVENT_DIRECTORIES = ("", TRAIN, VALIDATION, VALIDATION_SLICES)
+# Runs started before the shown slices moved into `validation` have their images here.
+OLDER_VALIDATION_SLICES = "validation_slices"
+EVENT_DIRECTORIES = ("", TRAIN, VALIDATION, OLDER_VALIDATION_SLICES)
 
 
 def run_name(loss, lr):

@@ -33,6 +33,7 @@ from settings import MULTIPLE
 
 IMAGE_SLICES = 3  # validation slices shown as images
 DATA_WORKERS = 2  # parallel calls building training batches
+TENSORBOARD_PORT = 6006  # TensorBoard's default
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -253,15 +254,15 @@ def train(args, given, command):
                                                 runs.provenance(images_path, labels_path))
                 held.enter_context(rundir.locked(run_dir if new_run else args.resume))
                 if args.resume is None:
-                    model, initial_epoch, best = unet.compiled_unet(args.filters, args.loss, args.lr, setup["jit_compile"]), 0, {}
+                    model, initial_epoch, reached = unet.compiled_unet(args.filters, args.loss, args.lr, setup["jit_compile"]), 0, {}
                 elif chief:
                     run_dir = args.resume
                     if args.accept_new_data:  # the new data is the run's from now on
                         config["data_files"] = runs.provenance(images_path, labels_path)["data_files"]
-                    model, initial_epoch, best = resume.continue_run(run_dir, config, args.epochs, command, setup)
+                    model, initial_epoch, reached = resume.continue_run(run_dir, config, args.epochs, command, setup)
                 else:
                     model, initial_epoch = resume.restore_model(args.resume, config)
-                    best = resume.best_so_far(args.resume)
+                    reached = resume.reached(args.resume)
             model.jit_compile = setup["jit_compile"]
 
             print(f"device: {config['device']}; precision {config['precision']}, XLA {'on' if config['jit_compile'] else 'off'}")
@@ -270,7 +271,8 @@ def train(args, given, command):
                   f"of {len(stacks)} in {images_path}" + (" (memory-mapped)" if isinstance(stacks.images, np.memmap) else ""))
             if chief:
                 print(f"run directory: {run_dir}" + (f" (resumed after epoch {initial_epoch})" if initial_epoch else ""))
-                print(f"watch it with: tensorboard --logdir {args.logdir}")
+                print(f"watch it with: tensorboard --logdir {args.logdir}, then open "
+                      f"http://localhost:{TENSORBOARD_PORT}/#custom_scalars to compare the runs")
             else:
                 print(f"this worker logs to {logdir}, removed at the end; the chief writes the run")
 
@@ -283,7 +285,7 @@ def train(args, given, command):
                 distribute.training_batches(strategy, random_crops(args, stacks, train_indices), args.steps_per_epoch,
                                             initial_epoch, DATA_WORKERS),
                 epochs=args.epochs, initial_epoch=initial_epoch, steps_per_epoch=args.steps_per_epoch, shuffle=False,
-                callbacks=callbacks.for_run(args, run_dir, (val_images, val_labels, val_indices), shown, best, stop,
+                callbacks=callbacks.for_run(args, run_dir, (val_images, val_labels, val_indices), shown, reached, stop,
                                             runs.hyperparameters(config), runs.run_documents(config)))
     except BaseException as error:
         if run_dir is None:  # nothing of the run is on disk yet
@@ -302,8 +304,8 @@ def train(args, given, command):
                               f"lower --lr and start again, or continue from it with --resume {run_dir}")
         raise cli.Stopped(f"{stop.message}, before any epoch ended: start again with a lower --lr")
 
-    fractions = history.history["val_misclassified_pixel_fraction"] + [best.get("misclassified_pixel_fraction", np.inf)]
-    v_rands = history.history.get("val_v_rand", []) + ([best["v_rand"]] if "v_rand" in best else [])
+    fractions = history.history["val_misclassified_pixel_fraction"] + [reached.get("misclassified_pixel_fraction", np.inf)]
+    v_rands = history.history.get("val_v_rand", []) + ([reached["v_rand"]] if "v_rand" in reached else [])
     print(f"best validation misclassified-pixel fraction {min(fractions):.4f}"
           + (f", best validation V_rand {max(v_rands):.4f}" if v_rands else "")
           + f"; checkpoints {run_dir / rundir.BEST}, {run_dir / rundir.LAST}")

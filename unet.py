@@ -15,6 +15,13 @@ import metrics
 from settings import DEPTH
 
 
+def block_outputs(depth=DEPTH):
+    """The names of the layers that end each block (a level's second convolution) and the
+    output, from the top of the encoder down and back up."""
+    return ([f"enc{level}_conv2" for level in range(1, depth + 1)] + ["bottleneck_conv2"]
+            + [f"dec{level}_conv2" for level in range(depth, 0, -1)] + ["output"])
+
+
 def conv_block(x, filters, prefix):
     for i in (1, 2):
         x = layers.Conv2D(

@@ -15,7 +15,7 @@ import train
 from conftest import ROOT, TINY, TINY_STEPS
 
 RUN_TIMEOUT = 300  # seconds; a tiny run takes about 40
-RUN_PARTS = ("", "/train", "/validation", "/validation_slices")
+RUN_PARTS = ("", "/train", "/validation")
 
 # Logical devices must be set up before TensorFlow starts, so the run gets a process of its own.
 ON_TWO_CPU_DEVICES = """
@@ -71,7 +71,7 @@ def batch_loss_steps(logdir, run):
     multiplexer = plugin_event_multiplexer.EventMultiplexer()
     multiplexer.AddRunsFromDirectory(str(logdir))
     multiplexer.Reload()
-    return [event.step for event in multiplexer.Tensors(run + "/train", "batch_loss")]
+    return [event.step for event in multiplexer.Tensors(run + "/train", "train_batch/loss")]
 
 
 def free_ports(count):

@@ -59,12 +59,12 @@ def test_a_resumed_run_writes_the_same_curves_as_one_run_straight_through(straig
         assert {tag: steps(series) for tag, series in resumed[part].items()} == \
                {tag: steps(series) for tag, series in straight[part].items()}, part
     # Same weights, optimizer state and crops in the same order after the restart: the same losses.
-    for part, tag in (("train", "epoch_loss"), ("validation", "epoch_loss"), ("train", "batch_loss"),
-                      ("validation_slices", "misclassified_pixel_fraction")):
+    for part, tag in (("train", "epoch_loss"), ("validation", "epoch_loss"), ("train", "train_batch/loss"),
+                      ("validation", "shown_slices/misclassified_pixel_fraction")):
         np.testing.assert_allclose([value for _, value in resumed[part][tag]],
                                    [value for _, value in straight[part][tag]], rtol=1e-6, err_msg=tag)
     assert steps(resumed["train"]["epoch_loss"]) == [0, 1, 2]
-    assert steps(resumed["train"]["batch_loss"]) == [2, 4, 6, 8]
+    assert steps(resumed["train"]["train_batch/loss"]) == [2, 4, 6, 8]
 
 
 def test_a_resumed_run_records_how_it_was_continued(straight_and_resumed):
@@ -125,9 +125,9 @@ def test_kill_9_mid_epoch_is_recoverable(tmp_path, isbi_dir):
         for tag, series in tags.items():
             assert steps(series) == sorted(set(steps(series))), (part, tag)  # strictly increasing
     assert steps(events["train"]["epoch_loss"]) == list(range(5))
-    assert steps(events["train"]["batch_loss"]) == list(range(1, 5 * 3 + 1))
-    assert steps(events["validation_slices"]["slice_15/prediction"]) == list(range(5 * 3 + 1))
-    assert len(steps(killed["train"]["batch_loss"])) < 5 * 3  # it was killed before the end
+    assert steps(events["train"]["train_batch/loss"]) == list(range(1, 5 * 3 + 1))
+    assert steps(events["validation"]["slice_15/prediction"]) == list(range(5 * 3 + 1))
+    assert len(steps(killed["train"]["train_batch/loss"])) < 5 * 3  # it was killed before the end
     assert not list(run_dir.rglob(".*partial*"))
     model = keras.models.load_model(run_dir / rundir.BEST)  # intact, whichever epoch it is from
     assert model.output_shape == (None, None, None, 1)

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-RUNS = [f"{loss}_lr1e-3{part}" for loss in ("bce", "mse") for part in ("", "/train", "/validation", "/validation_slices")]
+RUNS = [f"{loss}_lr1e-3{part}" for loss in ("bce", "mse") for part in ("", "/train", "/validation")]
 START_TIMEOUT_S = 90
 
 
@@ -65,15 +65,16 @@ def test_scalars_of_both_runs(tensorboard):
         points = get_json(tensorboard, "/data/plugin/scalars/scalars",
                           run=f"{loss}_lr1e-3/validation", tag="epoch_misclassified_pixel_fraction")
         assert [step for _, step, _ in points] == [0, 1]
-        assert "misclassified_pixel_fraction" in tags[f"{loss}_lr1e-3/validation_slices"]
+        assert {"shown_slices/misclassified_pixel_fraction", "shown_slices/merges"} <= set(tags[f"{loss}_lr1e-3/validation"])
     v_rand = get_json(tensorboard, "/data/plugin/scalars/scalars", run="bce_lr1e-3/validation", tag="epoch_v_rand")
     assert [step for _, step, _ in v_rand] == [0, 1] and all(0 <= value <= 1 for _, _, value in v_rand)
 
 
 def test_prediction_and_error_images(tensorboard):
-    run = "bce_lr1e-3/validation_slices"
+    run = "bce_lr1e-3/validation"
     tags = get_json(tensorboard, "/data/plugin/images/tags")[run]
-    assert {f"slice_{i:02d}/{kind}" for i in (5, 15, 25) for kind in ("input", "label", "prediction", "error")} <= set(tags)
+    assert {f"slice_{i:02d}/{kind}" for i in (5, 15, 25)
+            for kind in ("input", "label", "prediction", "error", "merges_and_splits")} <= set(tags)
     entries = get_json(tensorboard, "/data/plugin/images/images", run=run, tag="slice_15/error", sample=0)
     assert [entry["step"] for entry in entries] == [0, 2, 4, 6]
     png = tensorboard("/data/plugin/images/individualImage?" + entries[-1]["query"])
@@ -82,8 +83,8 @@ def test_prediction_and_error_images(tensorboard):
 
 def test_weight_histograms(tensorboard):
     points = get_json(tensorboard, "/data/plugin/histograms/histograms",
-                      run="mse_lr1e-3/train", tag="dec1_conv2/kernel/histogram")
-    assert [step for _, step, _ in points] == [0, 1]
+                      run="mse_lr1e-3/train", tag="unet/weights/dec1_conv2/kernel")
+    assert [step for _, step, _ in points] == [3, 6]
 
 
 def test_forward_pass_graph_with_the_paper_layer_names(tensorboard):
@@ -114,11 +115,22 @@ def test_text_and_pr_curves(tensorboard):
     text = get_json(tensorboard, "/data/plugin/text/text", run="mse_lr1e-3", tag="run/command")
     assert "--loss mse" in text[0]["text"]
     pr_tags = get_json(tensorboard, "/data/plugin/pr_curves/tags")
-    assert "membrane_pr/pr_curves" in pr_tags["bce_lr1e-3/validation_slices"]
-    curves = get_json(tensorboard, "/data/plugin/pr_curves/pr_curves", run="bce_lr1e-3/validation_slices", tag="membrane_pr/pr_curves")
-    assert [entry["step"] for entry in curves["bce_lr1e-3/validation_slices"]] == [3, 6]
+    assert "membrane_pr/pr_curves" in pr_tags["bce_lr1e-3/validation"]
+    curves = get_json(tensorboard, "/data/plugin/pr_curves/pr_curves", run="bce_lr1e-3/validation", tag="membrane_pr/pr_curves")
+    assert [entry["step"] for entry in curves["bce_lr1e-3/validation"]] == [3, 6]
 
 
 def test_activation_histograms(tensorboard):
-    tags = get_json(tensorboard, "/data/plugin/histograms/tags")["bce_lr1e-3/validation_slices"]
-    assert {"activations/enc1_conv2", "activations/bottleneck_conv2", "activations/output"} <= set(tags)
+    tags = get_json(tensorboard, "/data/plugin/histograms/tags")["bce_lr1e-3/validation"]
+    assert {"unet/activations/enc1_conv2", "unet/activations/bottleneck_conv2", "unet/activations/output"} <= set(tags)
+
+
+def test_comparison_dashboard_serves_both_runs_on_one_chart(tensorboard):
+    layout = get_json(tensorboard, "/data/plugin/custom_scalars/layout")
+    first = layout["category"][0]
+    assert first["title"].startswith("Which run learns better")
+    v_rand, = [chart for chart in first["chart"] if chart["title"].startswith("V_rand")]
+    pattern, = v_rand["multiline"]["tag"]
+    for loss, steps in (("bce", [3, 6]), ("mse", [3])):
+        series = get_json(tensorboard, "/data/plugin/custom_scalars/scalars", run=f"{loss}_lr1e-3/validation", tag=pattern)
+        assert [step for _, step, _ in series["tag_to_events"]["evaluation_v_rand_vs_iterations"]] == steps

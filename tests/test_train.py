@@ -3,6 +3,7 @@
 import collections
 import hashlib
 import json
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import plugin_event_multiplexer
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorflow.core.protobuf.config_pb2 import RunMetadata
 
@@ -45,9 +48,8 @@ def steps(series):
     return [step for step, _ in series]
 
 
-def test_each_loss_is_its_own_run_with_train_validation_and_image_subdirectories(events):
-    assert sorted(events) == sorted(f"{loss}_lr1e-3{part}" for loss in ("bce", "mse")
-                                    for part in ("", "/train", "/validation", "/validation_slices"))
+def test_each_loss_is_its_own_run_with_train_and_validation_subdirectories(events):
+    assert sorted(events) == sorted(f"{loss}_lr1e-3{part}" for loss in ("bce", "mse") for part in ("", "/train", "/validation"))
 
 
 @pytest.mark.parametrize("loss", ["bce", "mse"])
@@ -106,15 +108,24 @@ def test_logged_isbi_scores_are_those_of_the_model_at_that_epoch(events, two_run
 
 def test_batch_scalars_at_the_global_step(events):
     run = events["bce_lr1e-3/train"]
-    assert steps(run["batch_loss"]) == [2, 4, 6]
-    assert steps(run["batch_misclassified_pixel_fraction"]) == [2, 4, 6]
+    for name in ("loss", "misclassified_pixel_fraction", "membrane_dice", "accuracy", "learning_rate"):
+        assert steps(run[f"train_batch/{name}"]) == [2, 4, 6]
+    assert [float(value) for _, value in run["train_batch/learning_rate"]] == pytest.approx([1e-3] * 3)
+    assert not any(tag.startswith("batch_") for tag in run)  # Keras' running means are not written
+
+
+def test_validation_curves_also_against_the_global_step(events):
+    run = events["mse_lr1e-3/validation"]
+    assert steps(run["evaluation_loss_vs_iterations"]) == [3, 6]
+    assert steps(run["evaluation_v_rand_vs_iterations"]) == [3]  # scored every second epoch
+    assert [value for _, value in run["evaluation_loss_vs_iterations"]] == [value for _, value in run["epoch_loss"]]
 
 
 def test_weight_histograms_for_every_layer_each_epoch(events):
     run = events["bce_lr1e-3/train"]
     for layer in ("enc1_conv1", "bottleneck_conv2", "dec1_up", "output"):
-        histogram = run[f"{layer}/kernel/histogram"]
-        assert steps(histogram) == [0, 1]
+        histogram = run[f"unet/weights/{layer}/kernel"]
+        assert steps(histogram) == [3, 6]
         assert histogram[0][1].shape[1] == 3  # (bucket left, bucket right, count) rows
 
 
@@ -126,13 +137,14 @@ def test_forward_pass_graph_with_the_layer_names(events):
         assert any(f"/{layer}" in name for name in nodes), layer
 
 
-def test_prediction_images_and_their_error_scalar_share_the_global_step(events):
-    run = events["bce_lr1e-3/validation_slices"]
+def test_prediction_images_and_their_error_scalars_share_the_global_step(events):
+    run = events["bce_lr1e-3/validation"]
     image_steps = list(range(0, TINY_STEPS + 1, 2))
-    assert steps(run["misclassified_pixel_fraction"]) == image_steps
+    for name in ("misclassified_pixel_fraction", "merges", "splits"):
+        assert steps(run[f"shown_slices/{name}"]) == image_steps
     for index in (5, 15, 25):
-        assert steps(run[f"slice_{index:02d}/prediction"]) == image_steps
-        assert steps(run[f"slice_{index:02d}/error"]) == image_steps
+        for kind in ("prediction", "error", "merges_and_splits"):
+            assert steps(run[f"slice_{index:02d}/{kind}"]) == image_steps
         assert steps(run[f"slice_{index:02d}/input"]) == [0]
         assert steps(run[f"slice_{index:02d}/label"]) == [0]
 
@@ -145,7 +157,7 @@ def decode(image_summary_value, channels=1):
 
 
 def test_images_show_the_whole_slice_on_a_fixed_scale(events):
-    run = events["bce_lr1e-3/validation_slices"]
+    run = events["bce_lr1e-3/validation"]
     label = decode(run["slice_15/label"][0][1])
     assert label.shape == (512, 512)
     assert set(np.unique(label)) == {0, 255} and 0.7 < (label == 255).mean() < 0.85
@@ -156,7 +168,7 @@ def test_images_show_the_whole_slice_on_a_fixed_scale(events):
 def test_images_at_an_epoch_end_are_the_prediction_of_that_epochs_model(events, two_run_logdir, isbi_dir):
     # The last step ends an epoch with histograms: its images come from the activation pass, and
     # last.keras holds the weights of that step.
-    (step, value), = [item for item in events["bce_lr1e-3/validation_slices"]["slice_15/prediction"] if item[0] == TINY_STEPS]
+    (step, value), = [item for item in events["bce_lr1e-3/validation"]["slice_15/prediction"] if item[0] == TINY_STEPS]
     model = keras.models.load_model(two_run_logdir / "bce_lr1e-3" / "last.keras", compile=False)
     stacks = data.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
     probability = model.predict(stacks.image(15)[np.newaxis, ..., np.newaxis], verbose=0)[0, ..., 0]
@@ -164,7 +176,7 @@ def test_images_at_an_epoch_end_are_the_prediction_of_that_epochs_model(events, 
 
 
 def test_error_overlay_paints_false_and_missed_membrane_on_the_em_slice(events):
-    run = events["bce_lr1e-3/validation_slices"]
+    run = events["bce_lr1e-3/validation"]
     wrong = 0
     for index in (5, 15, 25):
         label = decode(run[f"slice_{index:02d}/label"][0][1]) == 255
@@ -178,28 +190,29 @@ def test_error_overlay_paints_false_and_missed_membrane_on_the_em_slice(events):
         assert np.all(np.abs(red - blue)[~(false_membrane | missed_membrane)] == 0)  # grey elsewhere
         wrong += (false_membrane | missed_membrane).sum()
     # The scalar is the fraction of painted pixels over the shown slices.
-    assert float(run["misclassified_pixel_fraction"][-1][1]) == pytest.approx(wrong / (3 * 512 * 512), abs=1e-6)
+    assert float(run["shown_slices/misclassified_pixel_fraction"][-1][1]) == pytest.approx(wrong / (3 * 512 * 512), abs=1e-6)
 
 
 def test_images_per_step_are_few_and_small(events):
-    run = events["bce_lr1e-3/validation_slices"]
+    run = events["bce_lr1e-3/validation"]
     images = [(step, value) for tag in run if tag.startswith("slice_") for step, value in run[tag]]
     per_step = collections.Counter(step for step, _ in images)
-    assert per_step == {0: 12, 2: 6, 4: 6, 6: 6}  # 3 slices: prediction and error, input and label once
+    assert per_step == {0: 15, 2: 9, 4: 9, 6: 9}  # 3 slices: prediction, error, merges and splits; input and label once
     # A 512x512 RGB image is 768 KiB raw; the error overlay's 16 grey levels keep it far below.
     assert max(len(value[2]) for _, value in images) < 512 * 1024
 
 
 def test_activation_histograms_and_membrane_pr_curve_at_each_epoch_end(events):
-    run = events["bce_lr1e-3/validation_slices"]
+    run = events["bce_lr1e-3/validation"]
     for layer in ("enc1_conv2", "enc4_conv2", "bottleneck_conv2", "dec4_conv2", "dec1_conv2", "output"):
-        assert steps(run[f"activations/{layer}"]) == [3, 6]
-    output = run["activations/output"][-1][1]
+        assert steps(run[f"unet/activations/{layer}"]) == [3, 6]
+    output = run["unet/activations/output"][-1][1]
     assert output[:, 0].min() >= 0 and output[:, 1].max() <= 1  # sigmoid outputs
     curves = run["membrane_pr/pr_curves"]
     assert steps(curves) == [3, 6]
     precision, recall = curves[-1][1][4], curves[-1][1][5]
     assert len(recall) == 51 and np.all((0 <= recall) & (recall <= 1)) and recall[0] == pytest.approx(1.0)
+    assert np.all((0 <= precision) & (precision <= 1))
 
 
 def test_hparams_for_the_hparams_tab(multiplexer):
@@ -314,3 +327,31 @@ def test_bad_data_is_reported_without_a_traceback(tmp_path):
     assert f"train.py: error: {images} is not a readable TIFF" in result.stderr
     assert not (tmp_path / "logs").exists()
     assert images.read_bytes() == b"II*\x00garbage"
+
+
+def test_comparison_dashboard_charts_only_tags_the_runs_have(events):
+    layouts = [layout_pb2.Layout.FromString(events[run][custom_scalar_metadata.CONFIG_SUMMARY_TAG][0][1].item())
+               for run in ("bce_lr1e-3", "mse_lr1e-3")]
+    assert layouts[0] == layouts[1]
+    first, *_ = layouts[0].category
+    assert first.title.startswith("Which run learns better")
+    assert [chart.title.split(" (")[0].split(":")[0] for chart in first.chart] == [
+        "misclassified-pixel fraction", "V_rand, the ISBI challenge's main score", "V_info", "pixel error, 1 - best F-score of cells",
+        "loss", "learning rate"]
+    scalar_tags = {tag for run in events.values() for tag, series in run.items() if series and series[0][1].ndim == 0
+                   and series[0][1].dtype != object}
+    for category in layouts[0].category:
+        for chart in category.chart:
+            for pattern in chart.multiline.tag:
+                assert [tag for tag in scalar_tags if re.fullmatch(pattern, tag)], (chart.title, pattern)
+
+
+def test_time_series_groups_put_curves_and_images_before_histograms(multiplexer):
+    # The Time Series tab groups tags by their first "/" part, sorts the groups by name (the same
+    # order as Python's for these names) and opens the first two.
+    groups = {plugin: {tag.split("/")[0] for tags in multiplexer.PluginRunToTagToContent(plugin).values() for tag in tags}
+              for plugin in ("scalars", "images", "histograms")}
+    order = sorted(set().union(*groups.values()))
+    assert groups["histograms"] == {"unet"} and order[-1] == "unet"
+    assert order[:2] == ["best_misclassified_pixel_fraction", "best_v_rand"]
+    assert {"slice_05", "slice_15", "slice_25"} <= groups["images"]
