@@ -34,9 +34,11 @@ from scipy import ndimage
 import callbacks
 import device
 import distribute
+import flags
+import inputs
+import rundir
 import runs
 import settings
-import train
 import unet
 from unet import build_unet
 
@@ -44,7 +46,7 @@ CONV_PEAK_SHAPES = [(8, 128, 128, 32), (8, 64, 64, 64), (8, 32, 32, 128), (8, 16
 
 
 def build_parser():
-    parser = train.build_parser(prog="bench.py")
+    parser = flags.build_parser(prog="bench.py")
     parser.description = "Benchmark training speed, data pipeline and TensorBoard overhead for a train.py configuration."
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--timed-steps", type=cli.positive(int), default=20,
@@ -225,13 +227,13 @@ def timed_fit(model, batches, epochs, steps_per_epoch, callbacks=()):
 
 
 def measure(args):
-    stacks, images_path, labels_path, mirror = train.load_data(args)
-    train_indices, val_indices, val_images, val_labels = train.split(args, stacks, labels_path)
+    run_inputs = inputs.load(args)
+    stacks, train_indices, val_images, shown = run_inputs.stacks, run_inputs.train_indices, run_inputs.val_images, run_inputs.shown()
     strategy = tf.distribute.get_strategy()
     setup = device.machine_setup(args.precision, args.batch_size, strategy)
     keras.utils.set_random_seed(args.seed)
-    crops = train.random_crops(args, stacks, train_indices)
-    batches = distribute.training_batches(strategy, crops, args.steps_per_epoch, 0, train.DATA_WORKERS)
+    crops = run_inputs.crops(args.batch_size, args.crop, args.seed)
+    batches = distribute.training_batches(strategy, crops, args.steps_per_epoch, 0)
     results = {"device": setup["device"], "precision": setup["precision"], "XLA": setup["jit_compile"]}
 
     results["conv rates"] = conv_rates()
@@ -249,15 +251,12 @@ def measure(args):
     with tempfile.TemporaryDirectory() as logdir:
         args.logdir = logdir
         bare, _ = timed_fit(model, batches, args.timed_epochs, args.steps_per_epoch)
-        run_dir, config = train.start_run(args, logdir, "python bench.py",
-                                          (stacks, images_path, labels_path, mirror, train_indices, val_indices),
-                                          setup, runs.provenance(images_path, labels_path))
-        shown = train.shown_slices(len(val_indices))
+        config = runs.run_config(args, run_inputs, "python bench.py", setup)
+        run = rundir.Run(rundir.start(logdir, rundir.run_name(args.loss, args.lr), config), config, model)
         watched, breakdown = timed_fit(
             model, batches, args.timed_epochs, args.steps_per_epoch,
-            callbacks=callbacks.for_run(args, run_dir, (val_images, val_labels, val_indices), shown, {},
-                                        callbacks.StopOnNonFiniteLoss(), runs.hyperparameters(config),
-                                        runs.run_documents(config)))
+            callbacks=callbacks.for_run(args, run, run_inputs, callbacks.StopOnNonFiniteLoss(),
+                                        runs.hyperparameters(config), runs.run_documents(config)))
         results["fit images/s"] = args.steps_per_epoch * args.batch_size / bare
         results["watched images/s"] = args.steps_per_epoch * args.batch_size / watched
         results["overhead"] = (watched - bare) / watched
@@ -279,7 +278,7 @@ def format_results(args, r):
         ("training FLOPs", f"{r['GFLOP/image']:.2f} GFLOP per image (3x forward)"),
         ("training step, batch in memory", f"{r['step']:.3f} s = {r['train images/s']:.1f} images/s = "
                                            f"{r['GFLOP/s']:.0f} GFLOP/s = {r['GFLOP/s'] / peak:.0%} of the conv peak"),
-        ("data pipeline alone", f"{r['pipeline images/s']:.0f} images/s (tf.data, {train.DATA_WORKERS} parallel calls) = "
+        ("data pipeline alone", f"{r['pipeline images/s']:.0f} images/s (tf.data, {distribute.DATA_WORKERS} parallel calls) = "
                                 f"{r['pipeline images/s'] / r['train images/s']:.1f}x what training consumes"),
         ("fit on the pipeline, no callbacks", f"{r['fit images/s']:.1f} images/s"),
         ("fit with validation and TensorBoard callbacks", f"{r['watched images/s']:.1f} images/s: "

@@ -9,7 +9,6 @@ and sorts the groups by name, opens on the best-so-far scalars, then the epoch c
 `slice_NN/`), the per-batch curves (`train_batch/`) and last the histograms (`unet/`).
 """
 
-import math
 from pathlib import Path
 
 import keras
@@ -26,10 +25,10 @@ from cli import InputError
 from metrics import (LOSSES, THRESHOLD, isbi_scores, merges_and_splits, misclassified_pixel_fraction, thinned_segments,
                      training_metrics, true_cells_of)
 from rundir import BEST, LAST, TRAIN, VALIDATION
-from settings import DEPTH
+from settings import BEST as BEST_SCORES
+from settings import CHECKPOINT_SCORE, DEPTH
 from unet import block_outputs
 
-MONITOR = "val_misclassified_pixel_fraction"  # the validation score that makes a checkpoint best.keras
 BATCH_GROUP = "train_batch"   # the loss and metrics of single training batches
 SHOWN_GROUP = "shown_slices"  # scalars over the slices shown as images
 WEIGHTS_GROUP = "unet/weights"
@@ -410,12 +409,10 @@ class RunSummary(keras.callbacks.Callback):
     At the start of a run (not of a resumed one, which has them): the hyperparameters for the
     HParams tab (with the metrics it should show for every run), the markdown `documents` for the
     Text tab and the Custom Scalars layout (comparison_layout). After each epoch: the best
-    validation value so far of each metric in BEST (`best_misclassified_pixel_fraction`,
+    validation value so far of each score in settings.BEST (`best_misclassified_pixel_fraction`,
     `best_v_rand`), when the epoch has it, starting from those `reached` when resuming.
     """
 
-    BEST = {"misclassified_pixel_fraction": (min, "Lowest validation misclassified-pixel fraction so far."),
-            "v_rand": (max, "Highest validation V_rand (ISBI challenge score) so far.")}
     METRICS = [
         ("", "best_misclassified_pixel_fraction", "best validation misclassified-pixel fraction"),
         ("", "best_v_rand", "best validation V_rand"),
@@ -434,15 +431,15 @@ class RunSummary(keras.callbacks.Callback):
         self.trial_id = trial_id
         self.hyperparameters = hyperparameters
         self.documents = documents
-        self.best = {name: value for name, value in (reached or {}).items() if name in self.BEST}
+        self.best = {name: value for name, value in (reached or {}).items() if name in BEST_SCORES}
 
     @classmethod
     def reached(cls, validation_scalars):
         """What a run to resume had reached, from its validation scalars {tag: [(step, value)]}: the
-        best value so far of each metric in BEST, and the V_rand threshold of its latest evaluation
+        best value so far of each score in settings.BEST, and the V_rand threshold of its latest evaluation
         (`v_rand_threshold`), where it has them."""
         reached = {name: better(value for _, value in validation_scalars[f"epoch_{name}"])
-                   for name, (better, _) in cls.BEST.items() if validation_scalars.get(f"epoch_{name}")}
+                   for name, (better, _) in BEST_SCORES.items() if validation_scalars.get(f"epoch_{name}")}
         if validation_scalars.get("epoch_v_rand_threshold"):
             reached["v_rand_threshold"] = validation_scalars["epoch_v_rand_threshold"][-1][1]
         return reached
@@ -463,11 +460,11 @@ class RunSummary(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         def best_scalars():
-            for name, (better, description) in self.BEST.items():
+            for name, (better, description) in BEST_SCORES.items():
                 if f"val_{name}" in logs:
                     value = logs[f"val_{name}"]
                     self.best[name] = better(self.best.get(name, value), value)
-                    tf.summary.scalar(f"best_{name}", self.best[name], description=description)
+                    tf.summary.scalar(f"best_{name}", self.best[name], description=f"The {description} so far.")
         self.writers.write("", epoch, best_scalars)
 
 
@@ -491,20 +488,25 @@ def save_atomically(model, path):
 
 
 class Checkpoints(keras.callbacks.Callback):
-    """`best.keras` when the validation misclassified fraction improves on `best`, then
+    """`best.keras` when the validation score settings.CHECKPOINT_SCORE improves on `best`, then
     `last.keras`, after every epoch whose loss is finite (weights that produced NaN are no
     checkpoint to go back to). Must be the last callback, after every summary of the epoch."""
 
-    def __init__(self, run_dir, best=math.inf):
+    def __init__(self, run_dir, best=None):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.best = best
 
+    def improves(self, score):
+        better, _ = BEST_SCORES[CHECKPOINT_SCORE]
+        return np.isfinite(score) and (self.best is None or (score != self.best and better(score, self.best) == score))
+
     def on_epoch_end(self, epoch, logs=None):
         if not np.isfinite(logs["loss"]):
             return
-        if logs[MONITOR] < self.best:
-            self.best = logs[MONITOR]
+        score = logs[f"val_{CHECKPOINT_SCORE}"]
+        if self.improves(score):
+            self.best = score
             save_atomically(self.model, self.run_dir / BEST)
         save_atomically(self.model, self.run_dir / LAST)
 
@@ -527,22 +529,21 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 
 # --- a run's callbacks --------------------------------------------------------------------------
 
-def for_run(args, run_dir, validation, shown, reached, stop, hyperparameters, documents):
-    """The callbacks of a run in the order they must run: `validation` is (slices, masks, indices),
-    `shown` the positions of those shown as images, `reached` what a resumed run had reached
-    (RunSummary.reached; {} for a new run), `stop` the run's StopOnNonFiniteLoss."""
-    images, labels, indices = validation
-    writers = SummaryWriters(run_dir)
+def for_run(args, run, inputs, stop, hyperparameters, documents):
+    """The callbacks of `run` (rundir.Run) on `inputs` (inputs.RunInputs) in the order they must
+    run; `stop` is the run's StopOnNonFiniteLoss."""
+    images, labels, indices, shown = inputs.val_images, inputs.val_labels, inputs.val_indices, inputs.shown()
+    writers = SummaryWriters(run.directory)
     return [
         # Before the summaries, which write the scores it adds to the epoch logs.
         Validation(images, labels, LOSSES[args.loss], training_metrics(), args.eval_every),
         TrainingSummaries(writers, args.update_freq, args.histogram_freq),
         ValidationSliceSummaries(writers, images[shown], labels[shown], [indices[i] for i in shown],
                                  image_every=args.image_every, histogram_every=args.histogram_freq,
-                                 v_rand_threshold=reached.get("v_rand_threshold", THRESHOLD)),
-        RunSummary(writers, Path(run_dir).name, hyperparameters, documents, reached),
+                                 v_rand_threshold=run.reached.get("v_rand_threshold", THRESHOLD)),
+        RunSummary(writers, run.directory.name, hyperparameters, documents, run.reached),
         stop,
         writers,
         # Last: a checkpoint is written only once everything the epoch logged is on disk.
-        Checkpoints(run_dir, reached.get("misclassified_pixel_fraction", math.inf)),
+        Checkpoints(run.directory, run.reached.get(CHECKPOINT_SCORE)),
     ]

@@ -133,7 +133,10 @@ def log_directory(strategy, logdir):
 
 # --- input -------------------------------------------------------------------------------------
 
-def training_batches(strategy, crops, steps_per_epoch, first_epoch, workers):
+DATA_WORKERS = 2  # parallel calls building training batches
+
+
+def training_batches(strategy, crops, steps_per_epoch, first_epoch, workers=DATA_WORKERS):
     """The training batches from epoch `first_epoch` on, one stream per replica: the crops of epoch
     k are the same whether or not the run was resumed before it."""
     return strategy.distribute_datasets_from_function(

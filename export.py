@@ -32,6 +32,7 @@ import numpy as np
 import cli
 import data
 import files
+import inputs
 import predict
 import rundir
 
@@ -99,7 +100,7 @@ cells (1) from membranes (0) in electron-microscopy slices.
 
 Images `{config['images']}` (SHA-256 `{config['data_files']['images_sha256']}`), labels
 `{config['labels']}` (SHA-256 `{config['data_files']['labels_sha256']}`); validation slices
-{runs.describe_slices(config['val_slices'])}, training slices {runs.describe_slices(config['train_slices'])}.
+{inputs.describe_slices(config['val_slices'])}, training slices {inputs.describe_slices(config['train_slices'])}.
 
 ## Validation scores of these weights
 

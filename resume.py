@@ -80,9 +80,8 @@ def reached(run_dir):
 
 
 def continue_run(run_dir, config, epochs, command, setup):
-    """(model, completed epochs, what it had reached) of a run to resume to `epochs` epochs, its
-    event files cut back to its last checkpoint and its config.json updated. The caller holds the
-    run's lock."""
+    """The rundir.Run of a run to resume to `epochs` epochs, its event files cut back to its last
+    checkpoint and its config.json updated. The caller holds the run's lock."""
     model, initial_epoch = restore_model(run_dir, config)
     if initial_epoch >= epochs:
         raise ResumeError(f"{run_dir} has finished its {initial_epoch} epochs: give --epochs with more to train it further")
@@ -90,4 +89,4 @@ def continue_run(run_dir, config, epochs, command, setup):
     cut_event_files(run_dir, initial_epoch, int(model.optimizer.iterations.numpy()))
     config.update(epochs=epochs, resumed=[*config.get("resumed", []), command], **setup)
     rundir.save_config(run_dir, config)
-    return model, initial_epoch, reached(run_dir)
+    return rundir.Run(Path(run_dir), config, model, initial_epoch, reached(run_dir))

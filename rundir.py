@@ -11,9 +11,11 @@ Imports nothing heavier than numpy: `--resume` is checked before TensorFlow load
 """
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -70,6 +72,31 @@ def create(logdir, name):
     except OSError as error:
         raise InputError(f"cannot create a run directory in {logdir} ({error.strerror}): choose a writable --logdir") from None
     raise InputError(f"{logdir} already holds 9999 runs named {name}: choose another --logdir")
+
+
+@dataclasses.dataclass
+class Run:
+    """A run being trained: its directory and config.json, its model, the epochs it has done and
+    what it had reached before (callbacks.RunSummary.reached: best scores; empty for a new run)."""
+
+    directory: Path
+    config: dict
+    model: object = None
+    initial_epoch: int = 0
+    reached: dict = dataclasses.field(default_factory=dict)
+
+
+def start(logdir, name, config):
+    """A new run directory under `logdir` (named `name`, or a numbered sibling) with `config` as
+    its config.json, its path added as `run_dir`; nothing is left behind if it cannot be written."""
+    run_dir = create(logdir, name)
+    config["run_dir"] = run_dir
+    try:
+        save_config(run_dir, config)
+    except InputError:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return run_dir
 
 
 def save_config(run_dir, config):

@@ -14,7 +14,9 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 import data
+import inputs
 import rundir
+import settings
 
 HYPERPARAMETERS = ("loss", "lr", "filters", "crop", "batch_size", "epochs", "steps_per_epoch", "precision", "seed")
 
@@ -49,6 +51,17 @@ def provenance(images_path, labels_path):
     }
 
 
+def run_config(args, run_inputs, command, setup):
+    """A new run's config.json: the flags as resolved, the data and split (`run_inputs`,
+    inputs.RunInputs), the `command` that started it, the machine `setup` (device.machine_setup)
+    and its provenance."""
+    return {**{name: value for name, value in vars(args).items() if name not in ("summary", "resume", "accept_new_data")},
+            "mirror": run_inputs.mirror, "images": run_inputs.images_path, "labels": run_inputs.labels_path,
+            "image_scaling": run_inputs.stacks.scaling.describe(), **setup, "train_slices": run_inputs.train_indices,
+            "val_slices": run_inputs.val_indices, "command": command,
+            **provenance(run_inputs.images_path, run_inputs.labels_path)}
+
+
 def markdown_table(rows):
     return "| name | value |\n|---|---|\n" + "\n".join(f"| {key} | `{value}` |" for key, value in rows.items())
 
@@ -64,19 +77,16 @@ def run_documents(config):
         "run/data": markdown_table({**config["data_files"],
                                     "image scaling": config.get("image_scaling", {}).get("rule", "unknown"),
                                     "labels polarity": config.get("labels_polarity", "cells-high")}),
-        "run/split": markdown_table({"training slices": describe_slices(config["train_slices"]),
-                                     "validation slices": describe_slices(config["val_slices"])}),
+        "run/split": markdown_table({"training slices": inputs.describe_slices(config["train_slices"]),
+                                     "validation slices": inputs.describe_slices(config["val_slices"])}),
     }
-
-
-def describe_slices(indices):
-    return ",".join(map(str, indices))
 
 
 # --- reading runs back ------------------------------------------------------------------------
 
-COLUMNS = ("run", "loss", "lr", "steps", "best_val_mpf", "last_val_mpf", "best_val_v_rand", "last_val_v_rand",
-           "last_val_loss", "last_val_dice")
+COLUMN_NAMES = {"misclassified_pixel_fraction": "mpf", "v_rand": "v_rand"}  # of the scores in settings.BEST
+COLUMNS = ("run", "loss", "lr", "steps", *(f"{which}_val_{COLUMN_NAMES[name]}" for name in settings.BEST
+                                             for which in ("best", "last")), "last_val_loss", "last_val_dice")
 
 
 def read_scalars(directory):
@@ -95,16 +105,15 @@ def last(series):
 def run_row(run_dir):
     config = rundir.read_config(run_dir)
     validation = read_scalars(run_dir / rundir.VALIDATION) if (run_dir / rundir.VALIDATION).is_dir() else {}
-    fractions = [value for _, value in validation.get("epoch_misclassified_pixel_fraction", [])]
-    v_rands = [value for _, value in validation.get("epoch_v_rand", [])]
     evaluations = validation.get("evaluation_loss_vs_iterations", [])
+    row = {"run": run_dir.name, "loss": config.get("loss", "?"), "lr": config.get("lr", "?"),
+           "steps": evaluations[-1][0] if evaluations else 0}
+    for name, (better, _) in settings.BEST.items():
+        values = [value for _, value in validation.get(f"epoch_{name}", [])]
+        row[f"best_val_{COLUMN_NAMES[name]}"] = better(values) if values else float("nan")
+        row[f"last_val_{COLUMN_NAMES[name]}"] = values[-1] if values else float("nan")
     return {
-        "run": run_dir.name, "loss": config.get("loss", "?"), "lr": config.get("lr", "?"),
-        "steps": evaluations[-1][0] if evaluations else 0,
-        "best_val_mpf": min(fractions, default=float("nan")),
-        "last_val_mpf": fractions[-1] if fractions else float("nan"),
-        "best_val_v_rand": max(v_rands, default=float("nan")),
-        "last_val_v_rand": v_rands[-1] if v_rands else float("nan"),
+        **row,
         "last_val_loss": last(validation.get("epoch_loss", [])),
         "last_val_dice": last(validation.get("epoch_membrane_dice", [])),
     }

@@ -17,7 +17,7 @@ import data
 import metrics
 import predict
 import settings
-import train
+import flags
 from conftest import ROOT, TINY, cells_and_membranes
 
 ENTRY_POINTS = ["train.py", "predict.py", "bench.py", "data.py", "export.py"]
@@ -28,7 +28,7 @@ def option_strings(script):
     import bench  # its parser is train.py's with the benchmark's flags added
     import export
 
-    parser = {"train.py": train.build_parser, "predict.py": predict.build_parser, "bench.py": bench.build_parser,
+    parser = {"train.py": flags.build_parser, "predict.py": predict.build_parser, "bench.py": bench.build_parser,
               "data.py": data.build_parser, "export.py": export.build_parser}[script]()
     return [option for action in parser._actions for option in action.option_strings]
 
@@ -43,7 +43,7 @@ def test_help_of_every_command_lists_every_flag(script):
 
 
 def test_help_text_is_printed_as_written_with_its_default():
-    help_text = " ".join(train.build_parser().format_help().split())
+    help_text = " ".join(flags.build_parser().format_help().split())
     assert f"larger than {settings.MEMMAP_SHARE:.0%} of this machine's memory" in help_text  # a literal %
     assert "(default: 200)" in help_text and "(default: 0)" in help_text  # --steps-per-epoch, --seed
 

@@ -1,0 +1,84 @@
+"""What a run trains and validates on: the stacks its flags choose (ISBI 2012, downloaded when
+missing, or the user's own), checked, and split into training slices, from which random crops are
+drawn, and whole validation slices, of which a few are shown as images.
+
+Imports no TensorFlow: every input is checked before it loads.
+"""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+import cli
+import data
+from settings import MULTIPLE
+
+IMAGE_SLICES = 3  # validation slices shown as images
+ISBI_STACKS = ("train-volume.tif", "train-labels.tif")
+
+
+@dataclasses.dataclass
+class RunInputs:
+    """The checked stacks of a run and its split. `val_images` and `val_labels` are the whole
+    validation slices, trimmed to sides the U-Net takes (multiples of 2**DEPTH)."""
+
+    stacks: data.TrainingStacks
+    images_path: Path
+    labels_path: Path
+    mirror: str | None  # the URL the stacks were downloaded from, None if they were on disk
+    train_indices: list
+    val_indices: list
+    val_images: np.ndarray
+    val_labels: np.ndarray
+
+    def crops(self, batch_size, crop, seed):
+        """The training batches: augmented random crops of the training slices."""
+        return data.RandomCrops(self.stacks, self.train_indices, batch_size, crop, seed)
+
+    def shown(self):
+        """Positions, in the validation slices, of those shown as images: up to IMAGE_SLICES, spread out."""
+        count = len(self.val_indices)
+        return np.linspace(0, count - 1, min(IMAGE_SLICES, count)).round().astype(int)
+
+
+def describe_slices(indices):
+    return ",".join(map(str, indices))
+
+
+def load(args, resumed_config=None):
+    """The RunInputs that the flags `args` choose, downloading ISBI 2012 if it is used and missing;
+    InputError if anything about them is wrong, or if a run to resume (`resumed_config`, its
+    config.json) started on other files and `args.accept_new_data` is not given."""
+    mirror = None
+    if args.images is None and args.labels is None:
+        if data.missing_stacks(args.data, ISBI_STACKS):
+            mirror = data.mirror_url(args.mirror)
+            data.download_isbi2012(args.data, mirror)
+    elif args.images is None or args.labels is None:
+        raise cli.InputError("give --images and --labels together, or neither to use ISBI 2012")
+    images_path = Path(args.images or args.data / ISBI_STACKS[0])
+    labels_path = Path(args.labels or args.data / ISBI_STACKS[1])
+    if resumed_config is not None and not args.accept_new_data:
+        check_unchanged(resumed_config, images_path, labels_path)
+    stacks = data.load_training_stacks(images_path, labels_path, data.memory_map_above(args.memmap),
+                                        args.labels_polarity)
+    if min(stacks.slice_shape) < args.crop:
+        raise cli.InputError(f"--crop {args.crop} is larger than the {stacks.slice_shape[0]}x{stacks.slice_shape[1]} "
+                             f"slices: use --crop {min(stacks.slice_shape) // MULTIPLE * MULTIPLE} or less")
+    train_indices, val_indices = data.split_slices(len(stacks), args.val_slices)
+    data.check_masks(stacks, train_indices, val_indices, labels_path)
+    val_images = np.stack([stacks.image(index) for index in val_indices])
+    val_labels = np.stack([stacks.mask(index) for index in val_indices])
+    return RunInputs(stacks, images_path, labels_path, mirror, train_indices, val_indices,
+                     data.trim_to_multiple(val_images, MULTIPLE), data.trim_to_multiple(val_labels, MULTIPLE))
+
+
+def check_unchanged(config, images_path, labels_path):
+    """Refuse to resume on image or label files that differ from those the run started with."""
+    recorded = config.get("data_files", {})
+    for name, path in (("images", images_path), ("labels", labels_path)):
+        expected = recorded.get(f"{name}_sha256")
+        if expected and path.is_file() and data.sha256_of(path) != expected:  # a missing file: load() says so
+            raise cli.InputError(f"{path} has changed since the run started (its SHA-256 differs from config.json's): "
+                                 "restore the file, or add --accept-new-data to continue on the new data")
