@@ -4,6 +4,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.util import tensor_util
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -59,6 +61,26 @@ def isbi_dir(tmp_path_factory):
             raise
         pytest.skip(f"no ISBI 2012 data: no mirror given, none in {CHECKOUT_DATA}, and the download failed ({error})")
     return directory
+
+
+def read_events(directory):
+    """What one TensorBoard run directory holds, read as TensorBoard reads it (every event file in
+    name order, values upgraded to tensors): ({tag: [(step, value as a numpy array)]} in file
+    order, duplicates and all; {tag: (plugin name, plugin content)}). The one reader of the tests."""
+    series, plugins = {}, {}
+    for path in sorted(Path(directory).glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name:
+                    plugins.setdefault(value.tag, (value.metadata.plugin_data.plugin_name, value.metadata.plugin_data.content))
+                series.setdefault(value.tag, []).append((event.step, tensor_util.make_ndarray(value.tensor)))
+    return series, plugins
+
+
+def runs_in(logdir):
+    """{TensorBoard run name: directory} of the directories under `logdir` that hold event files."""
+    return {str(path.parent.relative_to(logdir)).replace(os.sep, "/"): path.parent
+            for path in sorted(Path(logdir).rglob("events.out.tfevents.*"))}
 
 
 def cells_and_membranes(pages, height=64, width=64, spacing=8):

@@ -7,12 +7,12 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing import plugin_event_multiplexer
 
 import train
-from conftest import ROOT, TINY, TINY_STEPS
+from conftest import ROOT, TINY, TINY_STEPS, read_events
 
 RUN_TIMEOUT = 300  # seconds; a tiny run takes about 40
 RUN_PARTS = ("", "/train", "/validation")
@@ -53,25 +53,17 @@ def start(arguments, **environment):
 
 def tags_by_part(logdir, run):
     """{part of the run: {plugin: sorted tags}} as TensorBoard reads the run directory."""
-    multiplexer = plugin_event_multiplexer.EventMultiplexer()
-    multiplexer.AddRunsFromDirectory(str(logdir))
-    multiplexer.Reload()
     result = {}
     for part in RUN_PARTS:
-        tags = multiplexer.Runs()[run + part]["tensors"]
         by_plugin = {}
-        for tag in tags:
-            plugin = multiplexer.SummaryMetadata(run + part, tag).plugin_data.plugin_name
+        for tag, (plugin, _) in read_events(Path(logdir) / (run + part))[1].items():
             by_plugin.setdefault(plugin, []).append(tag)
         result[part] = {plugin: sorted(names) for plugin, names in by_plugin.items()}
     return result
 
 
 def batch_loss_steps(logdir, run):
-    multiplexer = plugin_event_multiplexer.EventMultiplexer()
-    multiplexer.AddRunsFromDirectory(str(logdir))
-    multiplexer.Reload()
-    return [event.step for event in multiplexer.Tensors(run + "/train", "train_batch/loss")]
+    return [step for step, _ in read_events(Path(logdir) / run / "train")[0]["train_batch/loss"]]
 
 
 def free_ports(count):

@@ -12,13 +12,12 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import callbacks
 import resume
 import rundir
 import train
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, read_events
 
 
 def tiny_run(isbi_dir, logdir, *flags):
@@ -27,15 +26,8 @@ def tiny_run(isbi_dir, logdir, *flags):
 
 def raw_events(run_dir):
     """{subdirectory: {tag: [(step, value)]}} in file order, duplicates and all."""
-    result = {}
-    for directory in [run_dir, *sorted(path for path in run_dir.iterdir() if path.is_dir())]:
-        tags = result.setdefault(directory.name if directory != run_dir else "", {})
-        for path in sorted(directory.glob("events.out.tfevents.*")):
-            for event in tf.compat.v1.train.summary_iterator(str(path)):
-                for value in event.summary.value:
-                    number = tf.make_ndarray(value.tensor) if value.HasField("tensor") else None
-                    tags.setdefault(value.tag, []).append((event.step, number))
-    return result
+    return {("" if directory == run_dir else directory.name): read_events(directory)[0]
+            for directory in [run_dir, *sorted(path for path in run_dir.iterdir() if path.is_dir())]}
 
 
 def steps(series):

@@ -11,7 +11,6 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorboard.backend.event_processing import plugin_event_multiplexer
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 from tensorboard.plugins.hparams import metadata as hparams_metadata
@@ -22,26 +21,24 @@ import metrics
 import rundir
 import runs
 import train
-from conftest import ROOT, TINY, TINY_STEPS
+from conftest import ROOT, TINY_STEPS, read_events, runs_in
 
 @pytest.fixture(scope="module")
-def multiplexer(two_run_logdir):
-    """TensorBoard's own reader over the two-run log directory."""
-    multiplexer = plugin_event_multiplexer.EventMultiplexer(
-        tensor_size_guidance={"scalars": 0, "images": 0, "histograms": 0, "pr_curves": 0})
-    multiplexer.AddRunsFromDirectory(str(two_run_logdir))
-    multiplexer.Reload()
-    return multiplexer
+def read_back(two_run_logdir):
+    """{TensorBoard run: (series, plugins)} of the two-run log directory (conftest.read_events)."""
+    return {run: read_events(directory) for run, directory in runs_in(two_run_logdir).items()}
 
 
 @pytest.fixture(scope="module")
-def events(multiplexer):
+def events(read_back):
     """{run: {tag: [(step, value)]}} as TensorBoard reads the log directory."""
-    return {
-        run: {tag: [(event.step, tf.make_ndarray(event.tensor_proto)) for event in multiplexer.Tensors(run, tag)]
-              for tag in tags["tensors"]}
-        for run, tags in multiplexer.Runs().items()
-    }
+    return {run: series for run, (series, _) in read_back.items()}
+
+
+def tags_of_plugin(read_back, plugin):
+    """{run: {tag: plugin content}} of the tags written for `plugin`."""
+    return {run: {tag: content for tag, (name, content) in plugins.items() if name == plugin}
+            for run, (_, plugins) in read_back.items()}
 
 
 def steps(series):
@@ -215,9 +212,9 @@ def test_activation_histograms_and_membrane_pr_curve_at_each_epoch_end(events):
     assert np.all((0 <= precision) & (precision <= 1))
 
 
-def test_hparams_for_the_hparams_tab(multiplexer):
+def test_hparams_for_the_hparams_tab(read_back):
     for loss in ("bce", "mse"):
-        content = multiplexer.PluginRunToTagToContent(hparams_metadata.PLUGIN_NAME)[f"{loss}_lr1e-3"]
+        content = tags_of_plugin(read_back, hparams_metadata.PLUGIN_NAME)[f"{loss}_lr1e-3"]
         session = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
         assert session.hparams["loss"].string_value == loss
         assert session.hparams["lr"].number_value == pytest.approx(1e-3)
@@ -277,15 +274,15 @@ def test_run_directory_holds_config_and_best_checkpoint(two_run_logdir):
     assert (run_dir / "best.keras").stat().st_size > 0
 
 
-def test_a_second_run_with_the_same_name_gets_its_own_directory(tmp_path, isbi_dir):
-    logdir = tmp_path / "logs"
-    assert train.main(TINY + ["--epochs", "1", "--eval-every", "0", "--loss", "mse", "--lr", "1e-3",
-                              "--data", str(isbi_dir), "--logdir", str(logdir)]) == 0
-    before = {path: path.stat().st_mtime_ns for path in (logdir / "mse_lr1e-3").rglob("*")}
-    assert train.main(TINY + ["--epochs", "1", "--eval-every", "0", "--loss", "mse", "--lr", "1e-3",
-                              "--data", str(isbi_dir), "--logdir", str(logdir)]) == 0
-    assert (logdir / "mse_lr1e-3_2" / "train").is_dir()
-    assert {path: path.stat().st_mtime_ns for path in (logdir / "mse_lr1e-3").rglob("*")} == before
+def test_a_second_run_with_the_same_name_gets_its_own_directory(tmp_path, two_run_logdir):
+    # Two real runs of one name starting together: tests/test_resume.py.
+    first = rundir.start(tmp_path, "mse_lr1e-3", {"loss": "mse"})
+    (first / "last.keras").write_bytes(b"weights")
+    before = {path: path.read_bytes() for path in first.rglob("*")}
+    second = rundir.start(tmp_path, "mse_lr1e-3", {"loss": "mse", "seed": 1})
+    assert second == tmp_path / "mse_lr1e-3_2" and rundir.read_config(second)["seed"] == 1
+    assert {path: path.read_bytes() for path in first.rglob("*")} == before
+    assert rundir.read_config(two_run_logdir / "mse_lr1e-3")["run_dir"] == str(two_run_logdir / "mse_lr1e-3")
 
 
 @pytest.mark.parametrize("lr, name", [(1e-4, "bce_lr1e-4"), (3e-4, "bce_lr3e-4"), (0.001, "bce_lr1e-3"),
@@ -346,10 +343,10 @@ def test_comparison_dashboard_charts_only_tags_the_runs_have(events):
                 assert [tag for tag in scalar_tags if re.fullmatch(pattern, tag)], (chart.title, pattern)
 
 
-def test_time_series_groups_put_curves_and_images_before_histograms(multiplexer):
+def test_time_series_groups_put_curves_and_images_before_histograms(read_back):
     # The Time Series tab groups tags by their first "/" part, sorts the groups by name (the same
     # order as Python's for these names) and opens the first two.
-    groups = {plugin: {tag.split("/")[0] for tags in multiplexer.PluginRunToTagToContent(plugin).values() for tag in tags}
+    groups = {plugin: {tag.split("/")[0] for tags in tags_of_plugin(read_back, plugin).values() for tag in tags}
               for plugin in ("scalars", "images", "histograms")}
     order = sorted(set().union(*groups.values()))
     assert groups["histograms"] == {"unet"} and order[-1] == "unet"
