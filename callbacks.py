@@ -414,15 +414,14 @@ class RunSummary(keras.callbacks.Callback):
     """
 
     METRICS = [
-        ("", "best_misclassified_pixel_fraction", "best validation misclassified-pixel fraction"),
-        ("", "best_v_rand", "best validation V_rand"),
-        ("validation", "epoch_v_rand", "last validation V_rand"),
-        ("validation", "epoch_v_info", "last validation V_info"),
-        ("validation", "epoch_pixel_error", "last validation pixel error"),
-        ("validation", "epoch_misclassified_pixel_fraction", "last validation misclassified-pixel fraction"),
-        ("validation", "epoch_loss", "last validation loss"),
-        ("validation", "epoch_membrane_dice", "last validation membrane Dice"),
-        ("train", "epoch_loss", "last training loss"),
+        *(("", f"best_{name}", description) for name, (_, description) in BEST_SCORES.items()),
+        (VALIDATION, "epoch_v_rand", "last validation V_rand"),
+        (VALIDATION, "epoch_v_info", "last validation V_info"),
+        (VALIDATION, "epoch_pixel_error", "last validation pixel error"),
+        (VALIDATION, "epoch_misclassified_pixel_fraction", "last validation misclassified-pixel fraction"),
+        (VALIDATION, "epoch_loss", "last validation loss"),
+        (VALIDATION, "epoch_membrane_dice", "last validation membrane Dice"),
+        (TRAIN, "epoch_loss", "last training loss"),
     ]
 
     def __init__(self, writers, trial_id, hyperparameters, documents, reached=None):

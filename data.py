@@ -41,10 +41,11 @@ MIRROR_ENV = "ISBI2012_MIRROR"
 CHECKSUMS = Path(__file__).with_name("isbi2012.sha256")
 DEFAULT_DATA_DIR = Path("data/isbi2012")
 NUM_SLICES = 30
+TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES = "train-volume.tif", "train-labels.tif", "test-volume.tif"
 STACK_SOURCES = {
-    "train-volume.tif": "data/membrane/train/image",
-    "train-labels.tif": "data/membrane/train/label",
-    "test-volume.tif": "data/membrane/test",
+    TRAIN_IMAGES: "data/membrane/train/image",
+    TRAIN_LABELS: "data/membrane/train/label",
+    TEST_IMAGES: "data/membrane/test",
 }
 
 

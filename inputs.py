@@ -15,7 +15,6 @@ import data
 from settings import MULTIPLE
 
 IMAGE_SLICES = 3  # validation slices shown as images
-ISBI_STACKS = ("train-volume.tif", "train-labels.tif")
 
 
 @dataclasses.dataclass
@@ -52,13 +51,13 @@ def load(args, resumed_config=None):
     config.json) started on other files and `args.accept_new_data` is not given."""
     mirror = None
     if args.images is None and args.labels is None:
-        if data.missing_stacks(args.data, ISBI_STACKS):
+        if data.missing_stacks(args.data, (data.TRAIN_IMAGES, data.TRAIN_LABELS)):
             mirror = data.mirror_url(args.mirror)
             data.download_isbi2012(args.data, mirror)
     elif args.images is None or args.labels is None:
         raise cli.InputError("give --images and --labels together, or neither to use ISBI 2012")
-    images_path = Path(args.images or args.data / ISBI_STACKS[0])
-    labels_path = Path(args.labels or args.data / ISBI_STACKS[1])
+    images_path = Path(args.images or args.data / data.TRAIN_IMAGES)
+    labels_path = Path(args.labels or args.data / data.TRAIN_LABELS)
     if resumed_config is not None and not args.accept_new_data:
         check_unchanged(resumed_config, images_path, labels_path)
     stacks = data.load_training_stacks(images_path, labels_path, data.memory_map_above(args.memmap),

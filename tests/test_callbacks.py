@@ -3,12 +3,13 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import callbacks
 import metrics
 import unet
 from conftest import read_events
-from rundir import TRAIN
+from rundir import TRAIN, VALIDATION
 
 BATCHES, BATCH_SIZE, SIDE = 4, 2, 32
 
@@ -86,3 +87,95 @@ def test_merges_and_splits_image_paints_them_in_two_colours():
     np.testing.assert_array_equal(painted_blue, true_cells == true_cells[10, 80])
     grey = ~(orange | painted_blue)
     assert np.all(red[grey] == blue[grey]) and np.all(red[segments == 0][grey[segments == 0]] == 0)
+
+
+# --- the other callbacks, each on its own, hooks called as Keras calls them ---------------------
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def slices(count=2, side=48):
+    """Validation slices as EM slices look: cells (1) in a grid of membranes (0), a grey image of them."""
+    labels = (np.indices((count, side, side))[1:] % 12 != 0).all(axis=0).astype(np.uint8)
+    images = (0.2 + 0.6 * labels + 0.1 * np.random.default_rng(1).random(labels.shape)).astype(np.float32)
+    return images, labels
+
+
+def attached(callback, model, steps=3):
+    callback.set_model(model)
+    callback.set_params({"steps": steps, "epochs": 1})
+    return callback
+
+
+def test_validation_adds_the_loss_metrics_and_challenge_scores_of_the_whole_slices(model):
+    images, labels = slices()
+    validation = attached(callbacks.Validation(images, labels, metrics.LOSSES["bce"], metrics.training_metrics(), 1), model)
+    validation.on_train_begin()
+    logs = {"loss": 0.5}
+    validation.on_epoch_end(0, logs)
+    probabilities = model.predict(images[..., np.newaxis], verbose=0)
+    expected = np.mean(metrics.misclassified_pixel_fraction(labels[..., np.newaxis], probabilities))
+    assert logs["val_misclassified_pixel_fraction"] == pytest.approx(float(expected), rel=1e-5)
+    assert logs["val_v_rand"] == pytest.approx(metrics.isbi_scores(labels, probabilities[..., 0])["v_rand"], rel=1e-5)
+    logs = {"loss": 0.5}
+    validation.isbi_every = 2
+    validation.on_epoch_end(1, logs)  # not an evaluation epoch: the loss and metrics only
+    assert "val_loss" in logs and "val_v_rand" not in logs
+
+
+def test_validation_slice_summaries_write_images_counts_and_histograms_into_validation(model, tmp_path):
+    images, labels = slices()
+    writers = callbacks.SummaryWriters(tmp_path)
+    summaries = attached(callbacks.ValidationSliceSummaries(writers, images, labels, [4, 9], image_every=1,
+                                                            histogram_every=1), model)
+    summaries.on_train_begin()
+    summaries.on_epoch_end(0, {"loss": 0.5, "val_v_rand_threshold": 0.3})
+    writers.on_epoch_end(0)  # TrainingSummaries writes the epoch's scalars there too, through the same writer
+    writers.write(VALIDATION, 1, lambda: tf.summary.scalar("epoch_loss", 0.5))
+    writers.on_train_end()
+    assert len(list((tmp_path / VALIDATION).glob("events.out.tfevents.*"))) == 1  # one file per directory and process
+    written, plugins = read_events(tmp_path / VALIDATION)
+    for index in (4, 9):
+        assert {f"slice_{index:02d}/{kind}" for kind in ("input", "label", "prediction", "error", "merges_and_splits")} <= set(written)
+    assert summaries.v_rand_threshold == 0.3
+    assert {tag for tag, (plugin, _) in plugins.items() if plugin == "histograms"} == {
+        f"unet/activations/{name}" for name in unet.block_outputs()}
+    assert [step for step, _ in written["shown_slices/merges"]] == [0]
+    assert plugins["membrane_pr/pr_curves"][0] == "pr_curves"
+
+
+def test_run_summary_writes_the_run_once_and_the_best_scores_each_epoch(model, tmp_path):
+    writers = callbacks.SummaryWriters(tmp_path)
+    summary = attached(callbacks.RunSummary(writers, "trial", {"loss": "bce"}, {"run/command": "python train.py"},
+                                            {"v_rand": 0.9}), model)
+    summary.on_train_begin()
+    summary.on_epoch_end(0, {"val_misclassified_pixel_fraction": 0.2, "val_v_rand": 0.8})
+    summary.on_epoch_end(1, {"val_misclassified_pixel_fraction": 0.1, "val_v_rand": 0.95})
+    writers.on_train_end()
+    written, plugins = read_events(tmp_path)
+    assert [float(value) for _, value in written["best_v_rand"]] == pytest.approx([0.9, 0.95])  # resumed from 0.9
+    assert [float(value) for _, value in written["best_misclassified_pixel_fraction"]] == pytest.approx([0.2, 0.1])
+    assert plugins["run/command"][0] == "text"
+    assert {plugin for plugin, _ in plugins.values()} >= {"hparams", "custom_scalars"}
+
+
+def test_checkpoints_keep_the_best_and_the_last_finite_epoch(model, tmp_path):
+    checkpoints = attached(callbacks.Checkpoints(tmp_path), model)
+    checkpoints.on_epoch_end(0, {"loss": 0.5, "val_misclassified_pixel_fraction": 0.2})
+    best = (tmp_path / "best.keras").read_bytes()
+    checkpoints.on_epoch_end(1, {"loss": 0.4, "val_misclassified_pixel_fraction": 0.3})  # worse: last only
+    assert (tmp_path / "best.keras").read_bytes() == best and (tmp_path / "last.keras").is_file()
+    saved = {name: (tmp_path / name).read_bytes() for name in ("best.keras", "last.keras")}
+    checkpoints.on_epoch_end(2, {"loss": float("nan"), "val_misclassified_pixel_fraction": 0.1})  # NaN: neither
+    assert {name: (tmp_path / name).read_bytes() for name in saved} == saved and checkpoints.best == 0.2
+
+
+def test_stop_on_non_finite_loss_names_the_step_and_learning_rate(model):
+    stop = attached(callbacks.StopOnNonFiniteLoss(), model)
+    stop.on_train_batch_end(0, {"loss": 0.7})
+    assert stop.message is None and not model.stop_training
+    stop.on_train_batch_end(1, {"loss": float("inf")})
+    assert stop.message == "the training loss became inf at step 0 with lr 0.01" and model.stop_training
+    model.stop_training = False
