@@ -1,5 +1,5 @@
-"""A run directory: its name, the files it holds, its config.json, and the lock that lets one
-process at a time write it.
+"""A run directory: its name, the files it holds, its config.json, the lock that lets one process
+at a time write it, and the run being trained in it (Run).
 
     <logdir>/<loss>_lr<lr>/         config.json, best.keras, last.keras; the HParams, Text,
                                     comparison-dashboard and best-so-far summaries

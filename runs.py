@@ -1,4 +1,4 @@
-"""Records of runs: what a run was (hyperparameters, provenance, Text-tab documents) and, read back
+"""Records of runs: what a run was (its config.json, hyperparameters, provenance, Text-tab documents) and, read back
 from the event files, how it went (`python train.py --summary logs`).
 """
 
