@@ -25,8 +25,7 @@ from cli import InputError
 from metrics import (LOSSES, THRESHOLD, isbi_scores, merges_and_splits, misclassified_pixel_fraction, thinned_segments,
                      training_metrics, true_cells_of)
 from rundir import BEST, LAST, TRAIN, VALIDATION
-from settings import BEST as BEST_SCORES
-from settings import CHECKPOINT_SCORE, DEPTH
+from settings import BEST_SCORES, CHECKPOINT_SCORE, DEPTH
 from unet import block_outputs
 
 BATCH_GROUP = "train_batch"   # the loss and metrics of single training batches
@@ -95,6 +94,15 @@ def sample_values(array):
     if values.size <= ACTIVATION_SAMPLE:
         return values
     return values[np.random.default_rng(0).integers(values.size, size=ACTIVATION_SAMPLE)]
+
+
+def scalars(tag, values):
+    """A summaries function for SummaryWriters.write: each of `values` ({name: value}) as a
+    scalar tagged `tag.format(name)`."""
+    def write():
+        for name, value in values.items():
+            tf.summary.scalar(tag.format(name), value)
+    return write
 
 
 class SummaryWriters(keras.callbacks.Callback):
@@ -184,12 +192,9 @@ class TrainingSummaries(keras.callbacks.Callback):
         training = {name: value for name, value in logs.items() if not name.startswith("val_")}
         validation = {name[4:]: value for name, value in logs.items() if name.startswith("val_")}
 
-        def epoch_scalars(values):
-            return lambda: [tf.summary.scalar(f"epoch_{name}", value) for name, value in values.items()]
-        self.writers.write(TRAIN, epoch, epoch_scalars({**training, "learning_rate": self.learning_rate()}))
-        self.writers.write(VALIDATION, epoch, epoch_scalars(validation))
-        self.writers.write(VALIDATION, step, lambda: [tf.summary.scalar(f"evaluation_{name}_vs_iterations", value)
-                                                      for name, value in validation.items()])
+        self.writers.write(TRAIN, epoch, scalars("epoch_{}", {**training, "learning_rate": self.learning_rate()}))
+        self.writers.write(VALIDATION, epoch, scalars("epoch_{}", validation))
+        self.writers.write(VALIDATION, step, scalars("evaluation_{}_vs_iterations", validation))
         if self.histogram_freq and epoch % self.histogram_freq == 0:
             self.writers.write(TRAIN, step, self.write_weight_histograms)
 
@@ -409,7 +414,7 @@ class RunSummary(keras.callbacks.Callback):
     At the start of a run (not of a resumed one, which has them): the hyperparameters for the
     HParams tab (with the metrics it should show for every run), the markdown `documents` for the
     Text tab and the Custom Scalars layout (comparison_layout). After each epoch: the best
-    validation value so far of each score in settings.BEST (`best_misclassified_pixel_fraction`,
+    validation value so far of each score in settings.BEST_SCORES (`best_misclassified_pixel_fraction`,
     `best_v_rand`), when the epoch has it, starting from those `reached` when resuming.
     """
 
@@ -435,7 +440,7 @@ class RunSummary(keras.callbacks.Callback):
     @classmethod
     def reached(cls, validation_scalars):
         """What a run to resume had reached, from its validation scalars {tag: [(step, value)]}: the
-        best value so far of each score in settings.BEST, and the V_rand threshold of its latest evaluation
+        best value so far of each score in settings.BEST_SCORES, and the V_rand threshold of its latest evaluation
         (`v_rand_threshold`), where it has them."""
         reached = {name: better(value for _, value in validation_scalars[f"epoch_{name}"])
                    for name, (better, _) in BEST_SCORES.items() if validation_scalars.get(f"epoch_{name}")}
@@ -498,7 +503,7 @@ class Checkpoints(keras.callbacks.Callback):
 
     def improves(self, score):
         better, _ = BEST_SCORES[CHECKPOINT_SCORE]
-        return np.isfinite(score) and (self.best is None or (score != self.best and better(score, self.best) == score))
+        return np.isfinite(score) and (self.best is None or better(score, self.best) != self.best)
 
     def on_epoch_end(self, epoch, logs=None):
         if not np.isfinite(logs["loss"]):

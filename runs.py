@@ -84,8 +84,8 @@ def run_documents(config):
 
 # --- reading runs back ------------------------------------------------------------------------
 
-COLUMN_NAMES = {"misclassified_pixel_fraction": "mpf", "v_rand": "v_rand"}  # of the scores in settings.BEST
-COLUMNS = ("run", "loss", "lr", "steps", *(f"{which}_val_{COLUMN_NAMES[name]}" for name in settings.BEST
+COLUMN_NAMES = {"misclassified_pixel_fraction": "mpf", "v_rand": "v_rand"}  # of the scores in settings.BEST_SCORES
+COLUMNS = ("run", "loss", "lr", "steps", *(f"{which}_val_{COLUMN_NAMES[name]}" for name in settings.BEST_SCORES
                                              for which in ("best", "last")), "last_val_loss", "last_val_dice")
 
 
@@ -108,7 +108,7 @@ def run_row(run_dir):
     evaluations = validation.get("evaluation_loss_vs_iterations", [])
     row = {"run": run_dir.name, "loss": config.get("loss", "?"), "lr": config.get("lr", "?"),
            "steps": evaluations[-1][0] if evaluations else 0}
-    for name, (better, _) in settings.BEST.items():
+    for name, (better, _) in settings.BEST_SCORES.items():
         values = [value for _, value in validation.get(f"epoch_{name}", [])]
         row[f"best_val_{COLUMN_NAMES[name]}"] = better(values) if values else float("nan")
         row[f"last_val_{COLUMN_NAMES[name]}"] = values[-1] if values else float("nan")

@@ -18,9 +18,9 @@ LABEL_POLARITIES = ("cells-high", "membranes-high")
 # The validation scores a run is judged by, each with the direction that is better and its name in
 # words: the best so far is logged (callbacks.RunSummary), printed at the end (train.py) and listed
 # by --summary (runs.py); the first one picks the checkpoint best.keras.
-BEST = {"misclassified_pixel_fraction": (min, "best validation misclassified-pixel fraction"),
+BEST_SCORES = {"misclassified_pixel_fraction": (min, "best validation misclassified-pixel fraction"),
         "v_rand": (max, "best validation V_rand")}
-CHECKPOINT_SCORE = next(iter(BEST))
+CHECKPOINT_SCORE = next(iter(BEST_SCORES))
 
 DEFAULT_EPOCHS = 15
 MEMMAP_SHARE = 0.25  # --memmap auto maps a stack larger than this share of the machine's memory

@@ -103,9 +103,11 @@ def print_start(run, run_inputs, logdir, chief, worker_logdir):
 
 def print_end(run, history):
     """The best validation scores of the run, with those it had reached before a resume."""
-    scores = [f"{description} {better(history.history.get(f'val_{name}', []) + ([run.reached[name]] if name in run.reached else [])):.4f}"
-              for name, (better, description) in settings.BEST.items()
-              if name in run.reached or f"val_{name}" in history.history]
+    scores = []
+    for name, (better, description) in settings.BEST_SCORES.items():
+        values = history.history.get(f"val_{name}", []) + ([run.reached[name]] if name in run.reached else [])
+        if values:
+            scores.append(f"{description} {better(values):.4f}")
     print(", ".join(scores) + f"; checkpoints {run.directory / rundir.BEST}, {run.directory / rundir.LAST}")
 
 

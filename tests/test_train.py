@@ -274,15 +274,15 @@ def test_run_directory_holds_config_and_best_checkpoint(two_run_logdir):
     assert (run_dir / "best.keras").stat().st_size > 0
 
 
-def test_a_second_run_with_the_same_name_gets_its_own_directory(tmp_path, two_run_logdir):
+def test_a_second_run_with_the_same_name_gets_its_own_directory(tmp_path):
     # Two real runs of one name starting together: tests/test_resume.py.
     first = rundir.start(tmp_path, "mse_lr1e-3", {"loss": "mse"})
     (first / "last.keras").write_bytes(b"weights")
     before = {path: path.read_bytes() for path in first.rglob("*")}
     second = rundir.start(tmp_path, "mse_lr1e-3", {"loss": "mse", "seed": 1})
     assert second == tmp_path / "mse_lr1e-3_2" and rundir.read_config(second)["seed"] == 1
+    assert rundir.read_config(second)["run_dir"] == str(second)
     assert {path: path.read_bytes() for path in first.rglob("*")} == before
-    assert rundir.read_config(two_run_logdir / "mse_lr1e-3")["run_dir"] == str(two_run_logdir / "mse_lr1e-3")
 
 
 @pytest.mark.parametrize("lr, name", [(1e-4, "bce_lr1e-4"), (3e-4, "bce_lr3e-4"), (0.001, "bce_lr1e-3"),
