@@ -1,5 +1,6 @@
-"""The Keras callbacks of a run: the curves and the net's insides (TrainingSummaries), the
-validation pass (Validation), where the network is wrong on a few shown slices
+"""The Keras callbacks of a run: the curves and the net's insides (TrainingSummaries), the one
+pass of the validation slices through the net that the others read (ValidationPass), the
+validation scores (Validation), where the network is wrong on a few shown slices
 (ValidationSliceSummaries), what a run was and how to compare runs (RunSummary), the event writers
 they share (SummaryWriters), checkpoints a kill cannot damage and a stop on a non-finite loss.
 
@@ -9,6 +10,7 @@ and sorts the groups by name, opens on the best-so-far scalars, then the epoch c
 `slice_NN/`), the per-batch curves (`train_batch/`) and last the histograms (`unet/`).
 """
 
+import shutil
 from pathlib import Path
 
 import keras
@@ -26,6 +28,7 @@ from metrics import (LOSSES, THRESHOLD, isbi_scores, merges_and_splits, misclass
                      training_metrics, true_cells_of)
 from rundir import BEST, LAST, TRAIN, VALIDATION
 from settings import BEST_SCORES, CHECKPOINT_SCORE, DEPTH
+from predict import CONTEXT, with_context
 from unet import block_outputs
 
 BATCH_GROUP = "train_batch"   # the loss and metrics of single training batches
@@ -83,17 +86,17 @@ def global_step(model):
     return int(model.optimizer.iterations.numpy())
 
 
-def sample_values(array):
-    """At most ACTIVATION_SAMPLE values of `array`, drawn at the same positions every time.
+def sample_values(array, size=ACTIVATION_SAMPLE):
+    """At most `size` values of `array`, drawn at the same positions every time.
 
     A histogram of all 40 million activations of three 512x512 slices takes 10 s on two cores;
     65,536 values put each of the 30 buckets within about 0.1 % of its true share, and the ten
     layers' histograms take 0.25 s.
     """
     values = np.asarray(array, dtype=np.float32).ravel()
-    if values.size <= ACTIVATION_SAMPLE:
+    if values.size <= size:
         return values
-    return values[np.random.default_rng(0).integers(values.size, size=ACTIVATION_SAMPLE)]
+    return values[np.random.default_rng(0).integers(values.size, size=size)]
 
 
 def scalars(tag, values):
@@ -103,6 +106,70 @@ def scalars(tag, values):
         for name, value in values.items():
             tf.summary.scalar(tag.format(name), value)
     return write
+
+
+class ValidationPass(keras.callbacks.Callback):
+    """The validation slices through the net at most once per training step, for every callback
+    that needs the net's output on them: Validation (loss, metrics, challenge scores) and
+    ValidationSliceSummaries (images, activation histograms, PR curve) read it instead of each
+    predicting. Must come before them.
+
+    Each slice goes through the net whole, one at a time (so that large slices and the paper-size
+    net fit in memory), with predict.CONTEXT mirrored pixels around it as `predict.py` predicts it:
+    the scores logged at a step are those `predict.py --labels` prints for the checkpoint of that
+    step. The blocks' outputs of the `shown` slices (positions in `images`) come along, sampled
+    for the activation histograms.
+    """
+
+    def __init__(self, images, shown):
+        super().__init__()
+        self.images = images
+        self.shown = list(shown)
+        self._forward = None
+        self._step = None
+        self._probabilities = {}
+        self._activations = {}
+
+    def on_train_begin(self, logs=None):
+        self._forward = forward_pass(keras.Model(self.model.inputs, [self.model.get_layer(name).output
+                                                                     for name in block_outputs()]))
+
+    def probabilities(self, positions=None):
+        """(slices, H, W) float32 cell probabilities of the slices at `positions` (all by default)
+        under the weights of the current step."""
+        positions = range(len(self.images)) if positions is None else positions
+        step = global_step(self.model)
+        if step != self._step:
+            self._step, self._probabilities, self._activations = step, {}, {}
+        for position in positions:
+            if position not in self._probabilities:
+                self.predict(position)
+        return np.stack([self._probabilities[position] for position in positions])
+
+    def activations(self):
+        """{block name (unet.block_outputs): ACTIVATION_SAMPLE sampled output values of the shown
+        slices} under the weights of the current step."""
+        self.probabilities(self.shown)
+        return {name: np.concatenate([self._activations[position][name] for position in self.shown])
+                for name in block_outputs()}
+
+    def predict(self, position):
+        image = self.images[position]
+        padded = with_context(image)
+        outputs = [np.asarray(output)[0] for output in self._forward(padded[np.newaxis, ..., np.newaxis])]
+
+        def within_slice(output):
+            """The part of a block's output over the slice itself, without the mirrored context."""
+            scale = padded.shape[0] // output.shape[0]
+            top, bottom = CONTEXT // scale, -(-(CONTEXT + image.shape[0]) // scale)
+            left, right = CONTEXT // scale, -(-(CONTEXT + image.shape[1]) // scale)
+            return output[top:bottom, left:right]
+
+        self._probabilities[position] = within_slice(outputs[-1])[..., 0].astype(np.float32)
+        if position in self.shown:
+            share = ACTIVATION_SAMPLE // len(self.shown)
+            self._activations[position] = {name: sample_values(within_slice(output), share)
+                                           for name, output in zip(block_outputs(), outputs)}
 
 
 class SummaryWriters(keras.callbacks.Callback):
@@ -228,71 +295,58 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
     once. Under `shown_slices/`: the misclassified-pixel fraction over the slices and the number
     of merges and splits. Every `histogram_every` epochs: histograms of each block's activations
     (`unet/activations/...`) and the precision-recall curve of membrane detection (`membrane_pr`).
+    The net's output on the slices comes from the run's ValidationPass.
     """
 
-    def __init__(self, writers, images, labels, slice_indices, image_every, histogram_every, v_rand_threshold=THRESHOLD):
+    def __init__(self, writers, validation_pass, labels, slice_indices, image_every, histogram_every,
+                 v_rand_threshold=THRESHOLD):
         super().__init__()
         self.writers = writers
-        self.images = images[..., np.newaxis]
+        self.validation_pass = validation_pass
+        self.images = validation_pass.images[validation_pass.shown][..., np.newaxis]
         self.labels = labels[..., np.newaxis].astype(np.float32)
         self.true_cells = [true_cells_of(label) for label in labels]
         self.slice_indices = list(slice_indices)
         self.image_every = image_every
         self.histogram_every = histogram_every
         self.v_rand_threshold = v_rand_threshold
-        self._predict = None
-        self._activations = None
-        self._epoch = 0
         self._images_deferred_to = None
 
     def on_train_begin(self, logs=None):
-        self._predict = forward_pass(self.model)
-        self._activations = forward_pass(keras.Model(self.model.inputs, [self.model.get_layer(name).output
-                                                                         for name in block_outputs()]))
         if global_step(self.model) == 0:  # a resumed run wrote its start already
-            self.write(lambda: self.write_images(self.predict()), 0)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
-
-    def histograms_due(self, epoch):
-        return self.histogram_every and epoch % self.histogram_every == 0
+            self.write(self.write_images, 0)
 
     def on_train_batch_end(self, batch, logs=None):
         step = global_step(self.model)
         if step % self.image_every:
             return
-        # Images due at the last step of an epoch with histograms come from the epoch end's pass
-        # through the net (the weights are the same): one forward pass of the slices instead of two.
-        if batch == self.params["steps"] - 1 and self.histograms_due(self._epoch):
+        # Images due at the last step of an epoch wait for its end: they come from the epoch end's
+        # validation pass, segmented at the threshold of its evaluation.
+        if batch == self.params["steps"] - 1:
             self._images_deferred_to = step
         else:
-            self.write(lambda: self.write_images(self.predict()), step)
+            self.write(self.write_images, step)
 
     def on_epoch_end(self, epoch, logs=None):
         self.v_rand_threshold = logs.get("val_v_rand_threshold", self.v_rand_threshold)
         step = global_step(self.model)
-        histograms = self.histograms_due(epoch) and np.isfinite(logs["loss"])
+        histograms = self.histogram_every and epoch % self.histogram_every == 0 and np.isfinite(logs["loss"])
         images = self._images_deferred_to == step
-        if not (histograms or images):
-            return
-        outputs = self._activations(self.images)
 
         def summaries():
             if histograms:
-                self.write_activations_and_pr_curve(outputs)
+                self.write_activations_and_pr_curve()
             if images:
-                self.write_images(np.asarray(outputs[-1], dtype=np.float32))
-        self.write(summaries, step)
+                self.write_images()
+        if histograms or images:
+            self.write(summaries, step)
 
     def write(self, summaries, step):
         self.writers.write(VALIDATION, step, summaries)
 
-    def predict(self):
-        return np.asarray(self._predict(self.images), dtype=np.float32)
-
-    def write_images(self, probabilities):
+    def write_images(self):
         step = tf.summary.experimental.get_step()
+        probabilities = self.validation_pass.probabilities(self.validation_pass.shown)[..., np.newaxis]
         tf.summary.scalar(f"{SHOWN_GROUP}/misclassified_pixel_fraction",
                           np.mean(misclassified_pixel_fraction(self.labels, probabilities)),
                           description="Misclassified-pixel fraction on the slices shown as images.")
@@ -323,11 +377,11 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
         tf.summary.scalar(f"{SHOWN_GROUP}/splits", splits,
                           description="True cells split into two or more segments, over the shown slices.")
 
-    def write_activations_and_pr_curve(self, outputs):
-        for name, activation in zip(block_outputs(), outputs):
-            tf.summary.histogram(f"{ACTIVATIONS_GROUP}/{name}", sample_values(activation))
+    def write_activations_and_pr_curve(self):
+        for name, values in self.validation_pass.activations().items():
+            tf.summary.histogram(f"{ACTIVATIONS_GROUP}/{name}", values)
         membrane = self.labels[..., 0] < THRESHOLD
-        membrane_probability = 1.0 - np.asarray(outputs[-1], dtype=np.float32)[..., 0]
+        membrane_probability = 1.0 - self.validation_pass.probabilities(self.validation_pass.shown)
         curve = pr_curve_summary.pb("membrane_pr", labels=membrane, predictions=membrane_probability,
                                     num_thresholds=PR_THRESHOLDS,
                                     description="Precision and recall of membrane at thresholds of 1 - p(cell).")
@@ -335,8 +389,8 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
 
 
 class Validation(keras.callbacks.Callback):
-    """The validation scores of each epoch from one pass of the whole validation slices through the
-    net, added to the epoch logs: the loss and the compiled metrics every epoch (`val_loss`,
+    """The validation scores of each epoch, added to the epoch logs, from the ValidationPass of the
+    epoch's last step: the loss and the compiled metrics every epoch (`val_loss`,
     `val_misclassified_pixel_fraction`, ...) and every `isbi_every` epochs the ISBI challenge's
     scores (`val_v_rand`, `val_v_info`, `val_pixel_error` and the thresholds that give them).
 
@@ -347,33 +401,28 @@ class Validation(keras.callbacks.Callback):
     ...; the progress bar, History and checkpoints see them too.
     """
 
-    def __init__(self, images, labels, loss, metrics, isbi_every):
+    def __init__(self, validation_pass, labels, loss, metrics, isbi_every):
         super().__init__()
-        self.images = images[..., np.newaxis]
+        self.validation_pass = validation_pass
         self.labels = labels[..., np.newaxis].astype(np.float32)
         self.loss = loss
         self.metrics = metrics
         self.isbi_every = isbi_every
-        self._predict = None
-
-    def on_train_begin(self, logs=None):
-        self._predict = forward_pass(self.model)
 
     def on_epoch_end(self, epoch, logs=None):
+        probabilities = self.validation_pass.probabilities()
+        losses = []
         for metric in self.metrics:
             metric.reset_state()
-        losses, probabilities = [], []
-        # One slice at a time, so that large slices and the paper-size net fit in memory.
-        for image, label in zip(self.images, self.labels):
-            probability = np.asarray(self._predict(image[np.newaxis]), dtype=np.float32)
-            losses.append(float(np.mean(self.loss(label[np.newaxis], probability))))
+        # Slice by slice, as Keras' evaluate with batches of one would.
+        for label, probability in zip(self.labels, probabilities[..., np.newaxis]):
+            losses.append(float(np.mean(self.loss(label[np.newaxis], probability[np.newaxis]))))
             for metric in self.metrics:
-                metric.update_state(label[np.newaxis], probability)
-            probabilities.append(probability[0, ..., 0])
+                metric.update_state(label[np.newaxis], probability[np.newaxis])
         logs["val_loss"] = float(np.mean(losses))
         logs.update({f"val_{metric.name}": float(metric.result()) for metric in self.metrics})
         if self.isbi_every and epoch % self.isbi_every == 0 and np.isfinite(logs["loss"]):
-            scores = isbi_scores(self.labels[..., 0], np.stack(probabilities))
+            scores = isbi_scores(self.labels[..., 0], probabilities)
             logs.update({f"val_{name}": value for name, value in scores.items()})
 
 
@@ -479,12 +528,16 @@ class CheckpointError(InputError):
     how to go on."""
 
 
-def save_atomically(model, path):
-    """Save `model` to `path` so that `path` is either the old file or the complete new one."""
+def save_atomically(model, path, copy_of=None):
+    """Save `model` to `path` so that `path` is either the old file or the complete new one;
+    `copy_of`, a checkpoint of the same model just saved, is copied instead (a tenth of the time)."""
     path = Path(path)
     try:
         with files.replaced_atomically(path) as temporary:
-            model.save(temporary)
+            if copy_of is None:
+                model.save(temporary)
+            else:
+                shutil.copyfile(copy_of, temporary)
     except OSError as error:
         how = (f"continue the run from its last checkpoint with --resume {path.parent}"
                if (path.parent / LAST).is_file() else "start the run again")
@@ -509,10 +562,11 @@ class Checkpoints(keras.callbacks.Callback):
         if not np.isfinite(logs["loss"]):
             return
         score = logs[f"val_{CHECKPOINT_SCORE}"]
+        best = None
         if self.improves(score):
-            self.best = score
-            save_atomically(self.model, self.run_dir / BEST)
-        save_atomically(self.model, self.run_dir / LAST)
+            self.best, best = score, self.run_dir / BEST
+            save_atomically(self.model, best)
+        save_atomically(self.model, self.run_dir / LAST, copy_of=best)
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
@@ -536,13 +590,15 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 def for_run(args, run, inputs, stop, hyperparameters, documents):
     """The callbacks of `run` (rundir.Run) on `inputs` (inputs.RunInputs) in the order they must
     run; `stop` is the run's StopOnNonFiniteLoss."""
-    images, labels, indices, shown = inputs.val_images, inputs.val_labels, inputs.val_indices, inputs.shown()
+    indices, shown = inputs.val_indices, inputs.shown()
+    validation_pass = ValidationPass(inputs.val_images, shown)
     writers = SummaryWriters(run.directory)
     return [
+        validation_pass,
         # Before the summaries, which write the scores it adds to the epoch logs.
-        Validation(images, labels, LOSSES[args.loss], training_metrics(), args.eval_every),
+        Validation(validation_pass, inputs.val_labels, LOSSES[args.loss], training_metrics(), args.eval_every),
         TrainingSummaries(writers, args.update_freq, args.histogram_freq),
-        ValidationSliceSummaries(writers, images[shown], labels[shown], [indices[i] for i in shown],
+        ValidationSliceSummaries(writers, validation_pass, inputs.val_labels[shown], [indices[i] for i in shown],
                                  image_every=args.image_every, histogram_every=args.histogram_freq,
                                  v_rand_threshold=run.reached.get("v_rand_threshold", THRESHOLD)),
         RunSummary(writers, run.directory.name, hyperparameters, documents, run.reached),

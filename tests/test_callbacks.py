@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import callbacks
 import metrics
+import predict
 import unet
 from conftest import read_events
 from rundir import TRAIN, VALIDATION
@@ -109,27 +110,59 @@ def attached(callback, model, steps=3):
     return callback
 
 
-def test_validation_adds_the_loss_metrics_and_challenge_scores_of_the_whole_slices(model):
+def validation_pass_of(model, images, shown):
+    validation_pass = attached(callbacks.ValidationPass(images, shown), model)
+    validation_pass.on_train_begin()
+    return validation_pass
+
+
+def test_validation_adds_the_loss_metrics_and_challenge_scores_of_the_whole_slices_as_predict_py_predicts_them(model):
     images, labels = slices()
-    validation = attached(callbacks.Validation(images, labels, metrics.LOSSES["bce"], metrics.training_metrics(), 1), model)
-    validation.on_train_begin()
+    validation = attached(callbacks.Validation(validation_pass_of(model, images, [0]), labels, metrics.LOSSES["bce"],
+                                               metrics.training_metrics(), 1), model)
     logs = {"loss": 0.5}
     validation.on_epoch_end(0, logs)
-    probabilities = model.predict(images[..., np.newaxis], verbose=0)
-    expected = np.mean(metrics.misclassified_pixel_fraction(labels[..., np.newaxis], probabilities))
+    probabilities = predict.predict_stack(model, images)  # whole slices in mirrored context
+    expected = np.mean(metrics.misclassified_pixel_fraction(labels[..., np.newaxis], probabilities[..., np.newaxis]))
     assert logs["val_misclassified_pixel_fraction"] == pytest.approx(float(expected), rel=1e-5)
-    assert logs["val_v_rand"] == pytest.approx(metrics.isbi_scores(labels, probabilities[..., 0])["v_rand"], rel=1e-5)
+    assert logs["val_v_rand"] == pytest.approx(metrics.isbi_scores(labels, probabilities)["v_rand"], rel=1e-5)
     logs = {"loss": 0.5}
     validation.isbi_every = 2
     validation.on_epoch_end(1, logs)  # not an evaluation epoch: the loss and metrics only
     assert "val_loss" in logs and "val_v_rand" not in logs
 
 
+def test_the_validation_slices_go_through_the_net_once_per_training_step(tmp_path):
+    model = tiny_model()
+    images, labels = slices(count=3)
+    validation_pass = validation_pass_of(model, images, [0, 2])
+    forward, calls = validation_pass._forward, []
+    validation_pass._forward = lambda batch: calls.append(batch.shape) or forward(batch)
+    writers = callbacks.SummaryWriters(tmp_path)
+    validation = attached(callbacks.Validation(validation_pass, labels, metrics.LOSSES["bce"], metrics.training_metrics(), 1),
+                          model)
+    summaries = attached(callbacks.ValidationSliceSummaries(writers, validation_pass, labels[[0, 2]], [1, 7], image_every=3,
+                                                            histogram_every=1), model)
+    summaries.on_train_begin()
+    assert len(calls) == 2  # the shown slices' images at step 0
+    model.optimizer.iterations.assign(3)
+    summaries.on_train_batch_end(2, {})  # images due at the epoch's last step wait for its end
+    logs = {"loss": 0.5}
+    validation.on_epoch_end(0, logs)
+    summaries.on_epoch_end(0, logs)  # images, activation histograms and PR curve of the same pass
+    writers.on_train_end()
+    assert len(calls) == 2 + 3
+    assert calls[-1] == (1, 48 + 2 * predict.CONTEXT, 48 + 2 * predict.CONTEXT, 1)
+    written, _ = read_events(tmp_path / VALIDATION)
+    assert [step for step, _ in written["slice_07/prediction"]] == [0, 3]
+    assert [step for step, _ in written["unet/activations/output"]] == [3]
+
+
 def test_validation_slice_summaries_write_images_counts_and_histograms_into_validation(model, tmp_path):
     images, labels = slices()
     writers = callbacks.SummaryWriters(tmp_path)
-    summaries = attached(callbacks.ValidationSliceSummaries(writers, images, labels, [4, 9], image_every=1,
-                                                            histogram_every=1), model)
+    summaries = attached(callbacks.ValidationSliceSummaries(writers, validation_pass_of(model, images, [0, 1]), labels,
+                                                            [4, 9], image_every=1, histogram_every=1), model)
     summaries.on_train_begin()
     summaries.on_epoch_end(0, {"loss": 0.5, "val_v_rand_threshold": 0.3})
     writers.on_epoch_end(0)  # TrainingSummaries writes the epoch's scalars there too, through the same writer
@@ -165,6 +198,7 @@ def test_checkpoints_keep_the_best_and_the_last_finite_epoch(model, tmp_path):
     checkpoints = attached(callbacks.Checkpoints(tmp_path), model)
     checkpoints.on_epoch_end(0, {"loss": 0.5, "val_misclassified_pixel_fraction": 0.2})
     best = (tmp_path / "best.keras").read_bytes()
+    assert (tmp_path / "last.keras").read_bytes() == best  # one save, copied
     checkpoints.on_epoch_end(1, {"loss": 0.4, "val_misclassified_pixel_fraction": 0.3})  # worse: last only
     assert (tmp_path / "best.keras").read_bytes() == best and (tmp_path / "last.keras").is_file()
     saved = {name: (tmp_path / name).read_bytes() for name in ("best.keras", "last.keras")}

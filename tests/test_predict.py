@@ -6,6 +6,8 @@ import pytest
 import tifffile
 
 import predict
+import rundir
+from conftest import read_events
 
 ISOTROPIC = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32) / 16
 ASYMMETRIC = np.array([[0, 1, 3], [0, 2, 0], [-1, 0, 0]], np.float32)
@@ -75,6 +77,18 @@ def test_a_trained_run_turns_test_volume_into_a_30_page_float32_tiff(two_run_log
     probabilities = tifffile.imread(output)
     assert probabilities.shape == (30, 512, 512) and probabilities.dtype == np.float32
     assert 0.0 <= probabilities.min() and probabilities.max() <= 1.0
+
+
+def test_the_v_rand_a_run_logged_is_what_predict_py_prints_for_its_checkpoint(two_run_logdir, isbi_dir, tmp_path, capsys):
+    run = two_run_logdir / "bce_lr1e-3"
+    written, _ = read_events(run / rundir.VALIDATION)
+    logged = float(written["epoch_v_rand"][-1][1])
+    slices = rundir.read_config(run)["val_slices"]
+    for name in ("train-volume.tif", "train-labels.tif"):
+        tifffile.imwrite(tmp_path / name, tifffile.imread(isbi_dir / name)[slices], photometric="minisblack")
+    assert predict.main([str(run / rundir.LAST), str(tmp_path / "train-volume.tif"), "-o", str(tmp_path / "probs.tif"),
+                         "--labels", str(tmp_path / "train-labels.tif")]) == 0
+    assert f"V_rand {logged:.4f}" in capsys.readouterr().out
 
 
 def one_error_line(capsys):

@@ -139,7 +139,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, isb
 
     def save_until_the_disk_is_full(model, filepath, *args, **kwargs):
         calls.append(filepath)
-        if len(calls) <= 2:  # best.keras and last.keras of the first epoch
+        if len(calls) == 1:  # best.keras of the first epoch, copied to last.keras
             return real_save(model, filepath, *args, **kwargs)
         Path(filepath).write_bytes(b"half a checkpoint")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

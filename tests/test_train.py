@@ -18,6 +18,7 @@ from tensorflow.core.protobuf.config_pb2 import RunMetadata
 
 import data
 import metrics
+import predict
 import rundir
 import runs
 import train
@@ -75,13 +76,19 @@ def test_isbi_scores_every_eval_every_epochs_beside_the_validation_loss(events):
     assert float(best[-1][1]) == max(float(value) for _, value in events["bce_lr1e-3/validation"]["epoch_v_rand"])
 
 
-def test_validation_scores_are_what_keras_evaluate_gives_for_that_epochs_model(events, two_run_logdir, isbi_dir):
-    # callbacks.Validation stands in for Keras' validation_data; last.keras holds the last epoch's model.
-    model = keras.models.load_model(two_run_logdir / "bce_lr1e-3" / "last.keras")
+def test_validation_scores_are_those_of_that_epochs_model_on_the_slices_as_predict_py_predicts_them(events, two_run_logdir,
+                                                                                                      isbi_dir):
+    # callbacks.Validation stands in for Keras' validation_data, on whole slices in predict.py's mirrored context;
+    # last.keras holds the last epoch's model.
+    model = keras.models.load_model(two_run_logdir / "bce_lr1e-3" / "last.keras", compile=False)
     stacks = data.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
     images, labels = (np.stack([read(index) for index in (5, 15, 25)]) for read in (stacks.image, stacks.mask))
-    expected = model.evaluate(images[..., np.newaxis], labels[..., np.newaxis].astype(np.float32), batch_size=1,
-                              verbose=0, return_dict=True)
+    probabilities = predict.predict_stack(model, images)[..., np.newaxis]
+    truth = labels[..., np.newaxis].astype(np.float32)
+    expected = {"loss": float(np.mean(keras.losses.binary_crossentropy(truth, probabilities)))}
+    for metric in metrics.training_metrics():
+        metric.update_state(truth, probabilities)
+        expected[metric.name] = float(metric.result())
     validation = events["bce_lr1e-3/validation"]
     for name in ("loss", "accuracy", "misclassified_pixel_fraction", "membrane_dice"):
         (step, value), = [item for item in validation[f"epoch_{name}"] if item[0] == 1]
@@ -97,7 +104,7 @@ def test_logged_isbi_scores_are_those_of_the_model_at_that_epoch(events, two_run
     model = keras.models.load_model(two_run_logdir / "bce_lr1e-3" / "best.keras", compile=False)
     stacks = data.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
     images, labels = (np.stack([read(index) for index in (5, 15, 25)]) for read in (stacks.image, stacks.mask))
-    probabilities = model.predict(images[..., np.newaxis], batch_size=1, verbose=0)[..., 0]
+    probabilities = predict.predict_stack(model, images)
     expected = metrics.isbi_scores(labels, probabilities)
     for score in ("v_rand", "v_info", "pixel_error"):
         assert float(validation[f"epoch_{score}"][epoch][1]) == pytest.approx(expected[score], rel=1e-5)
@@ -163,12 +170,12 @@ def test_images_show_the_whole_slice_on_a_fixed_scale(events):
 
 
 def test_images_at_an_epoch_end_are_the_prediction_of_that_epochs_model(events, two_run_logdir, isbi_dir):
-    # The last step ends an epoch with histograms: its images come from the activation pass, and
-    # last.keras holds the weights of that step.
+    # The images of the epoch's last step come from the epoch end's validation pass (predict.py's mirrored
+    # context), and last.keras holds the weights of that step.
     (step, value), = [item for item in events["bce_lr1e-3/validation"]["slice_15/prediction"] if item[0] == TINY_STEPS]
     model = keras.models.load_model(two_run_logdir / "bce_lr1e-3" / "last.keras", compile=False)
     stacks = data.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
-    probability = model.predict(stacks.image(15)[np.newaxis, ..., np.newaxis], verbose=0)[0, ..., 0]
+    probability = predict.predict_slice(model, stacks.image(15))
     assert np.abs(decode(value) / 255.0 - probability).max() <= 1 / 255 + 1e-6
 
 
