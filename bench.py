@@ -36,6 +36,7 @@ import device
 import distribute
 import flags
 import inputs
+import metrics
 import rundir
 import runs
 import settings
@@ -58,11 +59,11 @@ def build_parser():
 
 # --- FLOPs and peak -----------------------------------------------------------------------------
 
-def forward_flops_per_image(model, size):
-    """Multiply-adds x 2 of the convolutions for one `size` x `size` image (pooling, ReLU and
-    concatenation are a rounding error next to them)."""
+def sized_convolutions(model, size):
+    """[(layer, forward FLOPs per image)] of the convolutions of `model` applied to `size` x `size`
+    images: multiply-adds x 2 (pooling, ReLU and concatenation are a rounding error next to them)."""
     sized = keras.models.clone_model(model, input_tensors=keras.Input((size, size, model.input_shape[-1])))
-    flops = 0
+    convolutions = []
     for layer in sized.layers:
         if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv2DTranspose)):
             kernel_h, kernel_w, in_channels, out_channels = layer.kernel.shape
@@ -71,8 +72,12 @@ def forward_flops_per_image(model, size):
                 positions = np.prod(layer.input.shape[1:3])
             else:
                 positions = np.prod(layer.output.shape[1:3])
-            flops += 2 * positions * kernel_h * kernel_w * in_channels * out_channels
-    return int(flops)
+            convolutions.append((layer, int(2 * positions * kernel_h * kernel_w * in_channels * out_channels)))
+    return convolutions
+
+
+def forward_flops_per_image(model, size):
+    return sum(flops for _, flops in sized_convolutions(model, size))
 
 
 def median_seconds(function, repeats, warmup=2):
@@ -98,6 +103,27 @@ def conv_rates(repeats=10):
         seconds = median_seconds(lambda: forward(inputs).numpy(), repeats)
         rates[shape] = 2 * batch * height * width * 9 * channels * channels / seconds / 1e9
     return rates
+
+
+def step_breakdown(model, batch, jit_compile, repeats):
+    """What a training step on `batch` is made of, in median seconds: the forward pass in training
+    mode, each convolution's forward pass alone ({layer name: (seconds, GFLOP/s)}), and the whole
+    step with XLA switched the other way (a copy of the model compiled so)."""
+    images, labels = batch
+    forward = tf.function(lambda x: model(x, training=True))
+    forward_seconds = median_seconds(lambda: forward(images).numpy(), repeats)
+    layers = {}
+    for layer, flops in sized_convolutions(model, images.shape[1]):
+        inputs = tf.random.uniform((images.shape[0], *layer.input.shape[1:]))
+        alone = tf.function(lambda x, layer=layer: layer(x))
+        seconds = median_seconds(lambda: alone(inputs).numpy(), repeats)
+        layers[layer.name] = (seconds, flops * images.shape[0] / seconds / 1e9)
+    other = keras.models.clone_model(model)
+    other.set_weights(model.get_weights())
+    other.compile(optimizer=keras.optimizers.Adam(1e-4), loss=model.loss, metrics=metrics.training_metrics(),
+                  jit_compile=not jit_compile)
+    other_step = median_seconds(lambda: other.train_on_batch(images, labels), repeats, warmup=3)
+    return {"forward": forward_seconds, "convolutions": layers, "other XLA step": other_step}
 
 
 # --- the reference: the seed article's pipeline ---------------------------------------------------
@@ -140,7 +166,8 @@ class PredictionImagesEveryBatch(keras.callbacks.Callback):
 
 
 def reference_step_seconds(args, images, labels, shown_images, log_dir):
-    """Median seconds per step of the reference: float32, batches made in the main thread."""
+    """Median seconds per step of the reference, float32, batches made in the main thread:
+    {"bare": the training loop alone, "image callback": with the article's per-batch callback}."""
     keras.mixed_precision.set_global_policy("float32")
     model = build_unet(filters=args.filters)
     model.compile(optimizer=keras.optimizers.Adam(args.lr), loss="binary_crossentropy", metrics=["accuracy"],
@@ -149,14 +176,16 @@ def reference_step_seconds(args, images, labels, shown_images, log_dir):
     callback.set_model(model)
     rng = np.random.default_rng(args.seed)
 
-    def step():
+    def step(with_callback):
         picks = rng.integers(len(images), size=args.batch_size)
         pairs = [image_data_generator_pair(rng, images[i], labels[i], args.crop) for i in picks]
         batch_images, batch_masks = map(np.stack, zip(*pairs))
         model.train_on_batch(batch_images[..., np.newaxis], batch_masks[..., np.newaxis])
-        callback.on_train_batch_end(0)
+        if with_callback:
+            callback.on_train_batch_end(0)
 
-    return median_seconds(step, args.timed_steps)
+    return {"bare": median_seconds(lambda: step(False), args.timed_steps),
+            "image callback": median_seconds(lambda: step(True), args.timed_steps)}
 
 
 # --- this project's pipeline ----------------------------------------------------------------------
@@ -245,6 +274,7 @@ def measure(args):
     results["train images/s"] = args.batch_size / step
     results["GFLOP/image"] = flops_per_image / 1e9
     results["GFLOP/s"] = flops_per_image * args.batch_size / step / 1e9
+    results["step breakdown"] = step_breakdown(model, batch, setup["jit_compile"], args.timed_steps)
 
     results["pipeline images/s"] = pipeline_images_per_second(batches, args.batch_size, 4 * args.timed_steps)
 
@@ -264,8 +294,19 @@ def measure(args):
         results["breakdown"] = breakdown
         reference = reference_step_seconds(args, np.stack([stacks.image(i) for i in train_indices]),
                                            np.stack([stacks.mask(i) for i in train_indices]), val_images[shown], logdir)
-        results["reference images/s"] = args.batch_size / reference
+        results["reference images/s"] = {name: args.batch_size / seconds for name, seconds in reference.items()}
     return results
+
+
+def step_made_of(r):
+    breakdown = r["step breakdown"]
+    convolutions = breakdown["convolutions"]
+    slowest = sorted(convolutions.items(), key=lambda item: item[1][1])[:3]
+    return (f"forward {breakdown['forward']:.3f} s ({breakdown['forward'] / r['step']:.0%}), of which the "
+            f"{len(convolutions)} convolutions alone {sum(seconds for seconds, _ in convolutions.values()):.3f} s; "
+            f"backward and update {r['step'] - breakdown['forward']:.3f} s. Slowest convolutions: "
+            + ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, (_, rate) in slowest)
+            + f". With XLA {'off' if r['XLA'] else 'on'}: {breakdown['other XLA step']:.3f} s per step")
 
 
 def format_results(args, r):
@@ -278,16 +319,21 @@ def format_results(args, r):
         ("training FLOPs", f"{r['GFLOP/image']:.2f} GFLOP per image (3x forward)"),
         ("training step, batch in memory", f"{r['step']:.3f} s = {r['train images/s']:.1f} images/s = "
                                            f"{r['GFLOP/s']:.0f} GFLOP/s = {r['GFLOP/s'] / peak:.0%} of the conv peak"),
+        ("what the step is made of", step_made_of(r)),
         ("data pipeline alone", f"{r['pipeline images/s']:.0f} images/s (tf.data, {distribute.DATA_WORKERS} parallel calls) = "
                                 f"{r['pipeline images/s'] / r['train images/s']:.1f}x what training consumes"),
         ("fit on the pipeline, no callbacks", f"{r['fit images/s']:.1f} images/s"),
         ("fit with validation and TensorBoard callbacks", f"{r['watched images/s']:.1f} images/s: "
                                                           f"overhead {r['overhead']:.1%} of wall time"),
         ("where the overhead goes, s per epoch", ", ".join(f"{name} {seconds:.2f}" for name, seconds in r["breakdown"].items())
-         + f" (epoch {r['epoch seconds'][0]:.1f} s without, {r['epoch seconds'][1]:.1f} s with)"),
-        ("reference pipeline (seed article)", f"{r['reference images/s']:.2f} images/s"),
-        ("speed-up over the reference", f"{r['watched images/s'] / r['reference images/s']:.1f}x "
-                                        "(fit with callbacks vs reference)"),
+         + f"; the hooks' sum {sum(r['breakdown'].values()):.2f} s = "
+           f"{sum(r['breakdown'].values()) / r['epoch seconds'][1]:.1%} of the epoch "
+           f"(epoch {r['epoch seconds'][0]:.1f} s without, {r['epoch seconds'][1]:.1f} s with)"),
+        ("reference: the seed article's loop, bare", f"{r['reference images/s']['bare']:.2f} images/s"),
+        ("reference: the seed article's loop with its image callback", f"{r['reference images/s']['image callback']:.2f} images/s"),
+        ("speed-up over the reference (fit with callbacks)", " and ".join(
+            f"{r['watched images/s'] / rate:.1f}x over the {name} loop" for name, rate in
+            (("bare", r["reference images/s"]["bare"]), ("image-callback", r["reference images/s"]["image callback"])))),
     ]
     return "\n".join(["| measure | value |", "| --- | --- |", *(f"| {name} | {value} |" for name, value in rows)])
 

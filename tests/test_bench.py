@@ -45,7 +45,8 @@ def test_bench_prints_every_measure_for_a_tiny_configuration(isbi_dir, capsys):
     table = capsys.readouterr().out
     for row in ("3x3 conv peak", "training FLOPs", "of the conv peak", "data pipeline alone", "no callbacks",
                 "overhead", "Validation", "ValidationSliceSummaries",
-                "reference pipeline", "speed-up over the reference"):
+                "what the step is made of", "With XLA on", "the seed article's loop, bare",
+                "with its image callback", "over the bare loop", "over the image-callback loop"):
         assert row in table, row
     assert "U-Net f=4, 64x64 crops, batch 2, float32" in table
 
