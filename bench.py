@@ -261,7 +261,7 @@ def measure(args):
     strategy = tf.distribute.get_strategy()
     setup = device.machine_setup(args.precision, args.batch_size, strategy)
     keras.utils.set_random_seed(args.seed)
-    crops = run_inputs.crops(args.batch_size, args.crop, args.seed)
+    crops = run_inputs.crops(args.batch_size, args.crop, args.seed, args.loss)
     batches = distribute.training_batches(strategy, crops, args.steps_per_epoch, 0)
     results = {"device": setup["device"], "precision": setup["precision"], "XLA": setup["jit_compile"]}
 

@@ -292,19 +292,20 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
     `merges_and_splits`, the segmentation the challenge's scorer sees (metrics.thinned_segments at
     the best V_rand threshold of the latest evaluation, 0.5 before the first) with the segments
     that merge true cells in orange and the true cells that are split in blue; `input` and `label`
-    once. Under `shown_slices/`: the misclassified-pixel fraction over the slices and the number
+    once, and `loss_weights` when the loss is weighted (`weights`, per shown slice). Under `shown_slices/`: the misclassified-pixel fraction over the slices and the number
     of merges and splits. Every `histogram_every` epochs: histograms of each block's activations
     (`unet/activations/...`) and the precision-recall curve of membrane detection (`membrane_pr`).
     The net's output on the slices comes from the run's ValidationPass.
     """
 
     def __init__(self, writers, validation_pass, labels, slice_indices, image_every, histogram_every,
-                 v_rand_threshold=THRESHOLD):
+                 v_rand_threshold=THRESHOLD, weights=None):
         super().__init__()
         self.writers = writers
         self.validation_pass = validation_pass
         self.images = validation_pass.images[validation_pass.shown][..., np.newaxis]
         self.labels = labels[..., np.newaxis].astype(np.float32)
+        self.weights = weights
         self.true_cells = [true_cells_of(label) for label in labels]
         self.slice_indices = list(slice_indices)
         self.image_every = image_every
@@ -356,6 +357,12 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
             if step == 0:
                 tf.summary.image(f"{group}/input", self.images[position:position + 1])
                 tf.summary.image(f"{group}/label", self.labels[position:position + 1])
+                if self.weights is not None:
+                    weights = self.weights[position]
+                    tf.summary.image(f"{group}/loss_weights", (weights / weights.max())[np.newaxis, ..., np.newaxis],
+                                     description=f"The loss weight of each pixel (the U-Net paper's weight map), "
+                                                 f"black 0 to white {weights.max():.1f}: the class balance plus a "
+                                                 f"border term on membrane between close cells.")
             probability = probabilities[position, ..., 0]
             tf.summary.image(f"{group}/prediction", probabilities[position:position + 1],
                              description="Probability of cell: black 0, white 1.")
@@ -393,6 +400,7 @@ class Validation(keras.callbacks.Callback):
     epoch's last step: the loss and the compiled metrics every epoch (`val_loss`,
     `val_misclassified_pixel_fraction`, ...) and every `isbi_every` epochs the ISBI challenge's
     scores (`val_v_rand`, `val_v_info`, `val_pixel_error` and the thresholds that give them).
+    With `weights` (per slice, data.border_weights), the loss is weighted as the training loss is.
 
     It stands in for Keras' `validation_data`, which would pass the slices through the net a
     second time, and which under a tf.distribute strategy (Keras 3.15) splits a batch of one
@@ -401,22 +409,24 @@ class Validation(keras.callbacks.Callback):
     ...; the progress bar, History and checkpoints see them too.
     """
 
-    def __init__(self, validation_pass, labels, loss, metrics, isbi_every):
+    def __init__(self, validation_pass, labels, loss, metrics, isbi_every, weights=None):
         super().__init__()
         self.validation_pass = validation_pass
         self.labels = labels[..., np.newaxis].astype(np.float32)
         self.loss = loss
         self.metrics = metrics
         self.isbi_every = isbi_every
+        self.weights = np.ones(labels.shape, np.float32) if weights is None else weights
 
     def on_epoch_end(self, epoch, logs=None):
         probabilities = self.validation_pass.probabilities()
         losses = []
         for metric in self.metrics:
             metric.reset_state()
-        # Slice by slice, as Keras' evaluate with batches of one would.
-        for label, probability in zip(self.labels, probabilities[..., np.newaxis]):
-            losses.append(float(np.mean(self.loss(label[np.newaxis], probability[np.newaxis]))))
+        # Slice by slice, as Keras' evaluate with batches of one would, each pixel's loss weighted
+        # as in training (Keras' mean over the pixels of weight x loss).
+        for label, probability, weights in zip(self.labels, probabilities[..., np.newaxis], self.weights):
+            losses.append(float(np.mean(weights * self.loss(label[np.newaxis], probability[np.newaxis])[0])))
             for metric in self.metrics:
                 metric.update_state(label[np.newaxis], probability[np.newaxis])
         logs["val_loss"] = float(np.mean(losses))
@@ -592,15 +602,17 @@ def for_run(args, run, inputs, stop, hyperparameters, documents):
     run; `stop` is the run's StopOnNonFiniteLoss."""
     indices, shown = inputs.val_indices, inputs.shown()
     validation_pass = ValidationPass(inputs.val_images, shown)
+    weights = inputs.val_weights(args.loss)
     writers = SummaryWriters(run.directory)
     return [
         validation_pass,
         # Before the summaries, which write the scores it adds to the epoch logs.
-        Validation(validation_pass, inputs.val_labels, LOSSES[args.loss], training_metrics(), args.eval_every),
+        Validation(validation_pass, inputs.val_labels, LOSSES[args.loss], training_metrics(), args.eval_every, weights),
         TrainingSummaries(writers, args.update_freq, args.histogram_freq),
         ValidationSliceSummaries(writers, validation_pass, inputs.val_labels[shown], [indices[i] for i in shown],
                                  image_every=args.image_every, histogram_every=args.histogram_freq,
-                                 v_rand_threshold=run.reached.get("v_rand_threshold", THRESHOLD)),
+                                 v_rand_threshold=run.reached.get("v_rand_threshold", THRESHOLD),
+                                 weights=None if weights is None else weights[shown]),
         RunSummary(writers, run.directory.name, hyperparameters, documents, run.reached),
         stop,
         writers,

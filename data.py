@@ -13,6 +13,7 @@ checked before it loads.
 """
 
 import dataclasses
+import functools
 import hashlib
 import io
 import math
@@ -451,7 +452,19 @@ NO_AUGMENTATION = Augmentation(0, 0, 0, 0, False, 0, 3, 0, 0)
 def elastic_displacement(rng, shape, sigma, grid):
     """(2, H, W) smooth random displacements: normal on a coarse grid, bicubic upsampling."""
     coarse = rng.normal(0.0, sigma, size=(2, grid, grid))
-    return np.stack([skimage.transform.resize(c, shape, order=3, mode="edge") for c in coarse])
+    upsampled = np.tensordot(coarse, upsampling_basis(tuple(shape), grid), axes=2)
+    # skimage's resize clips its output to the input's range.
+    return np.clip(upsampled, coarse.min(axis=(1, 2), keepdims=True), coarse.max(axis=(1, 2), keepdims=True))
+
+
+@functools.cache
+def upsampling_basis(shape, grid):
+    """(grid, grid, H, W): skimage's bicubic resize, unclipped, of each grid point's unit impulse.
+    Resizing is linear, so a coarse grid upsamples as the sum of these weighted by its values, in
+    a tenth of the time of resizing it (which was a third of the time of a crop)."""
+    impulses = np.eye(grid * grid).reshape(grid, grid, grid, grid)
+    return np.stack([[skimage.transform.resize(impulse, shape, order=3, mode="edge", clip=False) for impulse in row]
+                     for row in impulses])
 
 
 def sample_coordinates(rng, slice_shape, crop, augmentation):
@@ -489,13 +502,14 @@ def mirrored(coordinates, slice_shape):
     return np.where(folded > last, 2 * last - folded, folded)
 
 
-def augmented_crop(stacks, index, crop, rng, augmentation=Augmentation()):
-    """One random crop of slice `index` of `stacks` (image and mask) with every transform done in
-    a single interpolation.
+def augmented_crop(stacks, index, crop, rng, augmentation=Augmentation(), weights=None):
+    """One random crop of slice `index` of `stacks` (image and mask, and of the slice's loss
+    `weights` if given) with every transform done in a single interpolation.
 
     Pixels that fall outside the slice are mirrored in, as the U-Net paper extrapolates. Only the
     region the crop covers is read, so that a memory-mapped stack is never loaded. The mask is
-    interpolated linearly and thresholded at 0.5, so it stays strictly binary and aligned.
+    interpolated linearly and thresholded at 0.5, so it stays strictly binary and aligned; the
+    weights are interpolated linearly at the same coordinates.
     """
     coordinates = mirrored(sample_coordinates(rng, stacks.slice_shape, crop, augmentation), stacks.slice_shape)
     top, left = np.floor(coordinates.min(axis=(1, 2))).astype(int)
@@ -507,7 +521,44 @@ def augmented_crop(stacks, index, crop, rng, augmentation=Augmentation()):
     contrast = rng.uniform(1 - augmentation.contrast, 1 + augmentation.contrast)
     brightness = rng.uniform(-augmentation.brightness, augmentation.brightness)
     image_crop = np.clip((image_crop - 0.5) * contrast + 0.5 + brightness, 0.0, 1.0)
-    return image_crop.astype(np.float32), (mask_crop >= 0.5).astype(np.float32)
+    crops = image_crop.astype(np.float32), (mask_crop >= 0.5).astype(np.float32)
+    if weights is None:
+        return crops
+    return *crops, ndimage.map_coordinates(weights[region], local, order=1, mode="nearest")
+
+
+# --- the U-Net paper's loss weights ------------------------------------------------------------
+
+BORDER_WEIGHT = 10.0  # w0 of Ronneberger et al. (2015), eq. 2
+BORDER_SIGMA = 5.0    # sigma of eq. 2, in pixels
+# Beyond this distance (d1 + d2) the border term is below w0 e^-12.5 = 4e-5, and is left out.
+BORDER_REACH = 5 * BORDER_SIGMA
+
+
+def border_weights(mask, w0=BORDER_WEIGHT, sigma=BORDER_SIGMA):
+    """(H, W) float32 loss weights of a binary mask (cell > 0), the U-Net paper's eq. 2:
+    w(x) = w_c(x) + w0 exp(-(d1(x) + d2(x))^2 / (2 sigma^2)) on membrane pixels, where d1 and d2 are
+    the distances to the nearest and the second nearest cell (4-connected components, as the
+    challenge's scores count them). w_c balances the classes: n / (2 n_class), so that cell and
+    membrane pixels each carry half of the total class weight and w_c averages 1. The border term
+    makes the thin membranes between two cells, whose loss decides merges, weigh up to w0 more.
+    """
+    mask = np.asarray(mask) > 0
+    cells = connected_components(mask, connectivity=1)
+    nearest = np.full(mask.shape, np.inf)
+    second = np.full(mask.shape, np.inf)
+    reach = math.ceil(BORDER_REACH * sigma / BORDER_SIGMA)
+    # Each cell's distances only within `reach` of it: the slice's full distance transform per cell
+    # would take a minute for the 30 ISBI slices.
+    for label, box in enumerate(ndimage.find_objects(cells), start=1):
+        window = tuple(slice(max(part.start - reach, 0), min(part.stop + reach, size)) for part, size in zip(box, mask.shape))
+        distance = ndimage.distance_transform_edt(cells[window] != label)
+        second[window] = np.minimum(second[window], np.maximum(nearest[window], distance))
+        nearest[window] = np.minimum(nearest[window], distance)
+    class_pixels = np.array([np.count_nonzero(~mask), np.count_nonzero(mask)])
+    class_weight = mask.size / (2 * np.maximum(class_pixels, 1))
+    border = w0 * np.exp(-((nearest + second) ** 2) / (2 * sigma**2)) * ~mask
+    return (class_weight[mask.astype(int)] + border).astype(np.float32)
 
 
 # --- batches ----------------------------------------------------------------------------------
@@ -520,6 +571,8 @@ class RandomCrops:
     (seed, epoch, index, stream), so the crops do not depend on how many threads build them or in
     which order, a run can be replayed or resumed, and every replica of a distributed run draws
     its own stream. (numpy pads a seed with zeros, so stream 0 is seed (seed, epoch, index).)
+    With `weights` ({slice index: border_weights of its mask}), each batch carries the crops of
+    the weights too, as Keras' per-pixel sample weights.
     """
 
     stacks: TrainingStacks
@@ -528,14 +581,20 @@ class RandomCrops:
     crop: int
     seed: int
     augmentation: Augmentation = Augmentation()
+    weights: dict = None
+
+    @property
+    def parts(self):
+        """What a batch holds: images and masks, and weights if the crops have them."""
+        return 2 if self.weights is None else 3
 
     def batch(self, epoch, index, stream=0):
-        """(images, masks), each (batch_size, crop, crop, 1) float32."""
+        """(images, masks[, weights]), each (batch_size, crop, crop, 1) float32."""
         rng = np.random.default_rng([self.seed, epoch, index, stream])
         picks = rng.integers(len(self.slices), size=self.batch_size)
-        pairs = [augmented_crop(self.stacks, self.slices[i], self.crop, rng, self.augmentation) for i in picks]
-        images, masks = map(np.stack, zip(*pairs))
-        return images[..., np.newaxis], masks[..., np.newaxis]
+        crops = [augmented_crop(self.stacks, self.slices[i], self.crop, rng, self.augmentation,
+                                None if self.weights is None else self.weights[self.slices[i]]) for i in picks]
+        return tuple(np.stack(part)[..., np.newaxis] for part in zip(*crops))
 
 
 def trim_to_multiple(stack, multiple):

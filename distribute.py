@@ -162,8 +162,8 @@ def replica_batches(crops, steps_per_epoch, first_epoch, input_context, workers)
         return crops.batch(epoch, index, first_stream + replica)
 
     def built(element):
-        images, masks = tf.numpy_function(batch, [element], (tf.float32, tf.float32), stateful=False)
-        return tf.ensure_shape(images, shape), tf.ensure_shape(masks, shape)
+        parts = tf.numpy_function(batch, [element], (tf.float32,) * crops.parts, stateful=False)
+        return tuple(tf.ensure_shape(part, shape) for part in parts)
 
     start = first_epoch * steps_per_epoch * local_replicas
     return (tf.data.Dataset.range(start, np.iinfo(np.int64).max)

@@ -12,7 +12,7 @@ import numpy as np
 
 import cli
 import data
-from settings import MULTIPLE
+from settings import MULTIPLE, WEIGHTED_LOSSES
 
 IMAGE_SLICES = 3  # validation slices shown as images
 
@@ -31,9 +31,16 @@ class RunInputs:
     val_images: np.ndarray
     val_labels: np.ndarray
 
-    def crops(self, batch_size, crop, seed):
-        """The training batches: augmented random crops of the training slices."""
-        return data.RandomCrops(self.stacks, self.train_indices, batch_size, crop, seed)
+    def crops(self, batch_size, crop, seed, loss):
+        """The training batches: augmented random crops of the training slices, with their loss
+        weights if `loss` is weighted (settings.WEIGHTED_LOSSES)."""
+        weights = ({index: data.border_weights(self.stacks.mask(index)) for index in self.train_indices}
+                   if loss in WEIGHTED_LOSSES else None)
+        return data.RandomCrops(self.stacks, self.train_indices, batch_size, crop, seed, weights=weights)
+
+    def val_weights(self, loss):
+        """The loss weights of the validation slices, or None if `loss` is not weighted."""
+        return np.stack([data.border_weights(label) for label in self.val_labels]) if loss in WEIGHTED_LOSSES else None
 
     def shown(self):
         """Positions, in the validation slices, of those shown as images: up to IMAGE_SLICES, spread out."""

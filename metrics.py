@@ -71,6 +71,9 @@ LOSSES = {
     "mse": keras.losses.mean_squared_error,
     "dice": soft_dice_loss,
     "bce_dice": bce_dice_loss,
+    # Weighted per pixel by the U-Net paper's weight map, which the batches carry as Keras' sample
+    # weights (data.RandomCrops, settings.WEIGHTED_LOSSES).
+    "wbce": keras.losses.binary_crossentropy,
 }
 
 

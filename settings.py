@@ -9,7 +9,9 @@ loads.
 DEPTH = 4  # poolings of the U-Net: crops and whole slices must be multiples of 2**DEPTH
 MULTIPLE = 2**DEPTH
 
-LOSSES = ("bce", "mse", "dice", "bce_dice")
+LOSSES = ("bce", "mse", "dice", "bce_dice", "wbce")
+# Losses whose pixels are weighted by the U-Net paper's weight map (data.border_weights).
+WEIGHTED_LOSSES = ("wbce",)
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 MEMMAP_CHOICES = ("auto", "on", "off")

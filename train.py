@@ -165,7 +165,7 @@ def train(args, given, command):
             # shuffle=False: the batches come in the order of their seeds (Keras would only warn that it
             # cannot shuffle a tf.data pipeline).
             history = run.model.fit(
-                distribute.training_batches(strategy, run_inputs.crops(args.batch_size, args.crop, args.seed),
+                distribute.training_batches(strategy, run_inputs.crops(args.batch_size, args.crop, args.seed, args.loss),
                                             args.steps_per_epoch, run.initial_epoch),
                 epochs=args.epochs, initial_epoch=run.initial_epoch, steps_per_epoch=args.steps_per_epoch, shuffle=False,
                 callbacks=callbacks.for_run(args, run, run_inputs, stop, runs.hyperparameters(run.config),

@@ -3,6 +3,7 @@ import shutil
 import numpy as np
 import pytest
 import skimage.io
+import skimage.transform
 import tensorflow as tf
 import tifffile
 from scipy import ndimage
@@ -239,6 +240,14 @@ def test_elastic_deformation_alone_moves_pixels_by_about_sigma():
     assert 2 < displacement.mean() < 20
 
 
+def test_elastic_displacements_are_the_bicubic_resize_of_the_coarse_grid():
+    for seed in range(20):
+        coarse = np.random.default_rng(seed).normal(0.0, 10.0, size=(2, 3, 3))
+        expected = np.stack([skimage.transform.resize(grid, (96, 128), order=3, mode="edge") for grid in coarse])
+        displacement = data.elastic_displacement(np.random.default_rng(seed), (96, 128), 10.0, 3)
+        np.testing.assert_allclose(displacement, expected, rtol=0, atol=1e-9)
+
+
 def test_crops_outside_the_slice_are_mirrored_in_as_scipy_does():
     # Only the region a crop covers is read; folding the coordinates into the slice first must give
     # what interpolating the whole slice in scipy's 'mirror' mode gives.
@@ -283,3 +292,32 @@ def test_trim_to_multiple_keeps_the_centre():
     trimmed = data.trim_to_multiple(stack, 16)
     assert trimmed.shape == (1, 16, 32)
     np.testing.assert_array_equal(trimmed, stack[:, 2:18, 2:34])
+
+
+# --- the U-Net paper's loss weights ----------------------------------------------------------
+
+def test_border_weights_peak_between_two_close_cells_and_balance_the_classes():
+    mask = np.zeros((40, 60), np.uint8)
+    mask[10:30, 10:27] = mask[10:30, 31:50] = 1  # two square cells 4 pixels apart
+    weights = data.border_weights(mask)
+    cells, membrane = np.count_nonzero(mask), np.count_nonzero(mask == 0)
+    # w_c by hand: each class carries half of the total class weight.
+    assert weights[20, 15] == pytest.approx(mask.size / (2 * cells))
+    assert weights[0, 0] == pytest.approx(mask.size / (2 * membrane), abs=1e-3)  # far from both cells
+    # Between the cells, d1 + d2 = 5 at every pixel of the gap (pixel centres): w_c + w0 exp(-25 / 50).
+    gap = weights[10:30, 27:31]
+    assert gap == pytest.approx(np.full(gap.shape, mask.size / (2 * membrane) + 10 * np.exp(-25 / 50)), rel=1e-6)
+    assert np.unravel_index(np.argmax(weights), weights.shape)[1] in range(27, 31)
+    # Beside one cell only, d2 is the far side of the other cell: a small border term.
+    assert weights[20, 5] < weights[20, 28] / 3
+
+
+def test_weights_stay_aligned_with_masks_through_every_transform():
+    mask = stripes_and_blobs()
+    weights = {0: mask.astype(np.float32)}  # weights that are the mask: after augmentation they must agree
+    crops = data.RandomCrops(one_slice(np.random.default_rng(2).random(mask.shape, dtype=np.float32), mask), [0],
+                             batch_size=4, crop=64, seed=1, augmentation=SHAPE_ONLY, weights=weights)
+    for index in range(3):
+        _, mask_crops, weight_crops = crops.batch(0, index)
+        assert weight_crops.shape == mask_crops.shape == (4, 64, 64, 1)
+        np.testing.assert_array_equal(weight_crops >= 0.5, mask_crops == 1)

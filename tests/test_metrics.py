@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 
@@ -56,6 +57,19 @@ def test_every_loss_is_smallest_for_the_right_answer(name):
     inverted = np.mean(loss(LABEL, (1 - LABEL) * 0.98 + 0.01))
     halfway = np.mean(loss(LABEL, np.full_like(LABEL, 0.5)))
     assert perfect < halfway < inverted
+
+
+def test_weighted_bce_weighs_each_pixel_by_the_sample_weights_the_batches_carry():
+    # The weights come as a fourth axis of 1, as data.RandomCrops makes them; Keras averages weight x loss over the pixels.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Conv2D(1, 1, activation="sigmoid")])
+    model.compile(loss=metrics.LOSSES["wbce"])
+    rng = np.random.default_rng(0)
+    images, labels = rng.random((2, 4, 4, 1), dtype=np.float32), (rng.random((2, 4, 4, 1)) > 0.5).astype(np.float32)
+    weights = rng.uniform(0.5, 10, (2, 4, 4, 1)).astype(np.float32)
+    per_pixel = keras.losses.binary_crossentropy(labels, model.predict(images, verbose=0))
+    assert model.evaluate(images, labels, sample_weight=weights, verbose=0) == pytest.approx(
+        float(np.mean(weights[..., 0] * per_pixel)), rel=1e-5)
 
 
 def test_soft_dice_loss_by_hand():

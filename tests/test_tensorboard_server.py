@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-RUNS = [f"{loss}_lr1e-3{part}" for loss in ("bce", "mse") for part in ("", "/train", "/validation")]
+RUNS = [f"{loss}_lr1e-3{part}" for loss in ("bce", "wbce") for part in ("", "/train", "/validation")]
 START_TIMEOUT_S = 90
 
 
@@ -59,7 +59,7 @@ def get_json(get, route, **query):
 
 def test_scalars_of_both_runs(tensorboard):
     tags = get_json(tensorboard, "/data/plugin/scalars/tags")
-    for loss in ("bce", "mse"):
+    for loss in ("bce", "wbce"):
         for part in ("train", "validation"):
             assert {"epoch_loss", "epoch_misclassified_pixel_fraction"} <= set(tags[f"{loss}_lr1e-3/{part}"])
         points = get_json(tensorboard, "/data/plugin/scalars/scalars",
@@ -83,7 +83,7 @@ def test_prediction_and_error_images(tensorboard):
 
 def test_weight_histograms(tensorboard):
     points = get_json(tensorboard, "/data/plugin/histograms/histograms",
-                      run="mse_lr1e-3/train", tag="unet/weights/dec1_conv2/kernel")
+                      run="wbce_lr1e-3/train", tag="unet/weights/dec1_conv2/kernel")
     assert [step for _, step, _ in points] == [3, 6]
 
 
@@ -104,7 +104,7 @@ def test_hparams_table_compares_the_runs(tensorboard):
     with urllib.request.urlopen(request, timeout=30) as response:
         groups = json.loads(response.read())["sessionGroups"]
     by_loss = {group["hparams"]["loss"]: group for group in groups}
-    assert set(by_loss) == {"bce", "mse"}
+    assert set(by_loss) == {"bce", "wbce"}
     metrics = {(value["name"].get("group", ""), value["name"]["tag"]) for value in by_loss["bce"]["metricValues"]}
     assert ("", "best_misclassified_pixel_fraction") in metrics
     assert ("validation", "epoch_misclassified_pixel_fraction") in metrics
@@ -112,8 +112,8 @@ def test_hparams_table_compares_the_runs(tensorboard):
 
 
 def test_text_and_pr_curves(tensorboard):
-    text = get_json(tensorboard, "/data/plugin/text/text", run="mse_lr1e-3", tag="run/command")
-    assert "--loss mse" in text[0]["text"]
+    text = get_json(tensorboard, "/data/plugin/text/text", run="wbce_lr1e-3", tag="run/command")
+    assert "--loss wbce" in text[0]["text"]
     pr_tags = get_json(tensorboard, "/data/plugin/pr_curves/tags")
     assert "membrane_pr/pr_curves" in pr_tags["bce_lr1e-3/validation"]
     curves = get_json(tensorboard, "/data/plugin/pr_curves/pr_curves", run="bce_lr1e-3/validation", tag="membrane_pr/pr_curves")
@@ -131,6 +131,6 @@ def test_comparison_dashboard_serves_both_runs_on_one_chart(tensorboard):
     assert first["title"].startswith("Which run learns better")
     v_rand, = [chart for chart in first["chart"] if chart["title"].startswith("V_rand")]
     pattern, = v_rand["multiline"]["tag"]
-    for loss, steps in (("bce", [3, 6]), ("mse", [3])):
+    for loss, steps in (("bce", [3, 6]), ("wbce", [3])):
         series = get_json(tensorboard, "/data/plugin/custom_scalars/scalars", run=f"{loss}_lr1e-3/validation", tag=pattern)
         assert [step for _, step, _ in series["tag_to_events"]["evaluation_v_rand_vs_iterations"]] == steps

@@ -47,10 +47,10 @@ def steps(series):
 
 
 def test_each_loss_is_its_own_run_with_train_and_validation_subdirectories(events):
-    assert sorted(events) == sorted(f"{loss}_lr1e-3{part}" for loss in ("bce", "mse") for part in ("", "/train", "/validation"))
+    assert sorted(events) == sorted(f"{loss}_lr1e-3{part}" for loss in ("bce", "wbce") for part in ("", "/train", "/validation"))
 
 
-@pytest.mark.parametrize("loss", ["bce", "mse"])
+@pytest.mark.parametrize("loss", ["bce", "wbce"])
 def test_epoch_curves_for_training_and_validation(events, loss):
     for part in ("train", "validation"):
         run = events[f"{loss}_lr1e-3/{part}"]
@@ -63,7 +63,7 @@ def test_epoch_curves_for_training_and_validation(events, loss):
 
 
 def test_isbi_scores_every_eval_every_epochs_beside_the_validation_loss(events):
-    for run, expected_steps in (("bce_lr1e-3/validation", [0, 1]), ("mse_lr1e-3/validation", [0])):
+    for run, expected_steps in (("bce_lr1e-3/validation", [0, 1]), ("wbce_lr1e-3/validation", [0])):
         for score in ("v_rand", "v_info", "pixel_error"):
             series = events[run][f"epoch_{score}"]
             assert steps(series) == expected_steps
@@ -119,7 +119,7 @@ def test_batch_scalars_at_the_global_step(events):
 
 
 def test_validation_curves_also_against_the_global_step(events):
-    run = events["mse_lr1e-3/validation"]
+    run = events["wbce_lr1e-3/validation"]
     assert steps(run["evaluation_loss_vs_iterations"]) == [3, 6]
     assert steps(run["evaluation_v_rand_vs_iterations"]) == [3]  # scored every second epoch
     assert [value for _, value in run["evaluation_loss_vs_iterations"]] == [value for _, value in run["epoch_loss"]]
@@ -151,6 +151,22 @@ def test_prediction_images_and_their_error_scalars_share_the_global_step(events)
             assert steps(run[f"slice_{index:02d}/{kind}"]) == image_steps
         assert steps(run[f"slice_{index:02d}/input"]) == [0]
         assert steps(run[f"slice_{index:02d}/label"]) == [0]
+
+
+def test_a_weighted_loss_shows_its_weight_maps_and_logs_the_weighted_validation_loss(events, two_run_logdir, isbi_dir):
+    run = events["wbce_lr1e-3/validation"]
+    assert "slice_15/loss_weights" not in events["bce_lr1e-3/validation"]
+    stacks = data.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
+    weights = data.border_weights(stacks.mask(15))
+    assert steps(run["slice_15/loss_weights"]) == [0]
+    shown = decode(run["slice_15/loss_weights"][0][1]) / 255.0
+    assert np.abs(shown - weights / weights.max()).max() <= 1 / 255 + 1e-6
+    model = keras.models.load_model(two_run_logdir / "wbce_lr1e-3" / "last.keras", compile=False)
+    images, labels = (np.stack([read(index) for index in (5, 15, 25)]) for read in (stacks.image, stacks.mask))
+    probabilities = predict.predict_stack(model, images)[..., np.newaxis]
+    per_pixel = keras.losses.binary_crossentropy(labels[..., np.newaxis].astype(np.float32), probabilities)
+    expected = np.mean([data.border_weights(label) for label in labels] * np.asarray(per_pixel))
+    assert float(run["epoch_loss"][-1][1]) == pytest.approx(float(expected), rel=1e-5)
 
 
 def decode(image_summary_value, channels=1):
@@ -220,7 +236,7 @@ def test_activation_histograms_and_membrane_pr_curve_at_each_epoch_end(events):
 
 
 def test_hparams_for_the_hparams_tab(read_back):
-    for loss in ("bce", "mse"):
+    for loss in ("bce", "wbce"):
         content = tags_of_plugin(read_back, hparams_metadata.PLUGIN_NAME)[f"{loss}_lr1e-3"]
         session = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
         assert session.hparams["loss"].string_value == loss
@@ -235,7 +251,7 @@ def test_hparams_for_the_hparams_tab(read_back):
 
 
 def test_best_validation_fraction_per_epoch(events):
-    for loss in ("bce", "mse"):
+    for loss in ("bce", "wbce"):
         best = events[f"{loss}_lr1e-3"]["best_misclassified_pixel_fraction"]
         epochs = [float(value) for _, value in events[f"{loss}_lr1e-3/validation"]["epoch_misclassified_pixel_fraction"]]
         assert steps(best) == [0, 1]
@@ -259,7 +275,7 @@ def test_summary_prints_one_row_per_run(two_run_logdir, events, capsys):
     assert train.main(["--summary", str(two_run_logdir)]) == 0
     header, *rows = capsys.readouterr().out.strip().splitlines()
     assert header.split() == list(runs.COLUMNS)
-    assert [row.split()[:4] for row in rows] == [["bce_lr1e-3", "bce", "0.001", "6"], ["mse_lr1e-3", "mse", "0.001", "6"]]
+    assert [row.split()[:4] for row in rows] == [["bce_lr1e-3", "bce", "0.001", "6"], ["wbce_lr1e-3", "wbce", "0.001", "6"]]
     epochs = [float(v) for _, v in events["bce_lr1e-3/validation"]["epoch_misclassified_pixel_fraction"]]
     assert float(rows[0].split()[4]) == pytest.approx(min(epochs), abs=1e-4)
     assert float(rows[0].split()[5]) == pytest.approx(epochs[-1], abs=1e-4)
@@ -283,11 +299,11 @@ def test_run_directory_holds_config_and_best_checkpoint(two_run_logdir):
 
 def test_a_second_run_with_the_same_name_gets_its_own_directory(tmp_path):
     # Two real runs of one name starting together: tests/test_resume.py.
-    first = rundir.start(tmp_path, "mse_lr1e-3", {"loss": "mse"})
+    first = rundir.start(tmp_path, "wbce_lr1e-3", {"loss": "wbce"})
     (first / "last.keras").write_bytes(b"weights")
     before = {path: path.read_bytes() for path in first.rglob("*")}
-    second = rundir.start(tmp_path, "mse_lr1e-3", {"loss": "mse", "seed": 1})
-    assert second == tmp_path / "mse_lr1e-3_2" and rundir.read_config(second)["seed"] == 1
+    second = rundir.start(tmp_path, "wbce_lr1e-3", {"loss": "wbce", "seed": 1})
+    assert second == tmp_path / "wbce_lr1e-3_2" and rundir.read_config(second)["seed"] == 1
     assert rundir.read_config(second)["run_dir"] == str(second)
     assert {path: path.read_bytes() for path in first.rglob("*")} == before
 
@@ -309,7 +325,7 @@ def test_run_names_keep_distinct_learning_rates_apart(lr, name):
     (["--val-slices", ","], "names no slice"),
     (["--val-slices", "3,3"], "names a slice twice"),
     (["--val-slices", "-2"], "holds a negative index"),
-    (["--loss", "hinge"], "invalid choice: 'hinge' (choose from 'bce', 'mse', 'dice', 'bce_dice')"),
+    (["--loss", "hinge"], "invalid choice: 'hinge' (choose from 'bce', 'mse', 'dice', 'bce_dice', 'wbce')"),
     (["--val-slices", "5,x"], "comma-separated list"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(flags, message, capsys):
@@ -335,7 +351,7 @@ def test_bad_data_is_reported_without_a_traceback(tmp_path):
 
 def test_comparison_dashboard_charts_only_tags_the_runs_have(events):
     layouts = [layout_pb2.Layout.FromString(events[run][custom_scalar_metadata.CONFIG_SUMMARY_TAG][0][1].item())
-               for run in ("bce_lr1e-3", "mse_lr1e-3")]
+               for run in ("bce_lr1e-3", "wbce_lr1e-3")]
     assert layouts[0] == layouts[1]
     first, *_ = layouts[0].category
     assert first.title.startswith("Which run learns better")
