@@ -2,6 +2,7 @@
 
     python bench.py                                   # train.py's defaults
     python bench.py --filters 32 --crop 256 --batch-size 4 --precision mixed_bfloat16
+    python bench.py --filters 64 --crop 512 --batch-size 8 --precision mixed_bfloat16 --step-only   # a GPU's figure
 
 Takes train.py's flags for the configuration and prints one table (markdown, for docs/performance.md):
 
@@ -44,6 +45,7 @@ import unet
 from unet import build_unet
 
 CONV_PEAK_SHAPES = [(8, 128, 128, 32), (8, 64, 64, 64), (8, 32, 32, 128), (8, 16, 16, 256)]
+LAYER_REPEATS = 10
 
 
 def build_parser():
@@ -54,6 +56,8 @@ def build_parser():
                        help="training steps timed per measurement, after warm-up")
     bench.add_argument("--timed-epochs", type=cli.positive(int), default=2,
                        help="epochs of --steps-per-epoch timed with and without callbacks, after one warm-up epoch each")
+    bench.add_argument("--step-only", action="store_true",
+                       help="measure the conv peak and the training step only (a minute; e.g. for a GPU's figure)")
     return parser
 
 
@@ -115,8 +119,10 @@ def step_breakdown(model, batch, jit_compile, repeats):
     layers = {}
     for layer, flops in sized_convolutions(model, images.shape[1]):
         inputs = tf.random.uniform((images.shape[0], *layer.input.shape[1:]))
-        alone = tf.function(lambda x, layer=layer: layer(x))
-        seconds = median_seconds(lambda: alone(inputs).numpy(), repeats)
+        # LAYER_REPEATS different inputs in one call, so that a small layer is not timed as the call's overhead.
+        alone = tf.function(lambda x, layer=layer: tf.add_n([tf.reduce_sum(layer(x * (1 + 1e-3 * i)))
+                                                             for i in range(LAYER_REPEATS)]))
+        seconds = median_seconds(lambda: alone(inputs).numpy(), repeats) / LAYER_REPEATS
         layers[layer.name] = (seconds, flops * images.shape[0] / seconds / 1e9)
     other = keras.models.clone_model(model)
     other.set_weights(model.get_weights())
@@ -275,6 +281,8 @@ def measure(args):
     results["GFLOP/image"] = flops_per_image / 1e9
     results["GFLOP/s"] = flops_per_image * args.batch_size / step / 1e9
     results["step breakdown"] = step_breakdown(model, batch, setup["jit_compile"], args.timed_steps)
+    if args.step_only:
+        return results
 
     results["pipeline images/s"] = pipeline_images_per_second(batches, args.batch_size, 4 * args.timed_steps)
 
@@ -320,6 +328,10 @@ def format_results(args, r):
         ("training step, batch in memory", f"{r['step']:.3f} s = {r['train images/s']:.1f} images/s = "
                                            f"{r['GFLOP/s']:.0f} GFLOP/s = {r['GFLOP/s'] / peak:.0%} of the conv peak"),
         ("what the step is made of", step_made_of(r)),
+    ]
+    if args.step_only:
+        return results_table(rows)
+    rows += [
         ("data pipeline alone", f"{r['pipeline images/s']:.0f} images/s (tf.data, {distribute.DATA_WORKERS} parallel calls) = "
                                 f"{r['pipeline images/s'] / r['train images/s']:.1f}x what training consumes"),
         ("fit on the pipeline, no callbacks", f"{r['fit images/s']:.1f} images/s"),
@@ -335,6 +347,10 @@ def format_results(args, r):
             f"{r['watched images/s'] / rate:.1f}x over the {name} loop" for name, rate in
             (("bare", r["reference images/s"]["bare"]), ("image-callback", r["reference images/s"]["image callback"])))),
     ]
+    return results_table(rows)
+
+
+def results_table(rows):
     return "\n".join(["| measure | value |", "| --- | --- |", *(f"| {name} | {value} |" for name, value in rows)])
 
 

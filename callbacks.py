@@ -26,9 +26,9 @@ import files
 from cli import InputError
 from metrics import (LOSSES, THRESHOLD, isbi_scores, merges_and_splits, misclassified_pixel_fraction, thinned_segments,
                      training_metrics, true_cells_of)
+from predict import CONTEXT, with_context
 from rundir import BEST, LAST, TRAIN, VALIDATION
 from settings import BEST_SCORES, CHECKPOINT_SCORE, DEPTH
-from predict import CONTEXT, with_context
 from unet import block_outputs
 
 BATCH_GROUP = "train_batch"   # the loss and metrics of single training batches
@@ -292,8 +292,9 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
     `merges_and_splits`, the segmentation the challenge's scorer sees (metrics.thinned_segments at
     the best V_rand threshold of the latest evaluation, 0.5 before the first) with the segments
     that merge true cells in orange and the true cells that are split in blue; `input` and `label`
-    once, and `loss_weights` when the loss is weighted (`weights`, per shown slice). Under `shown_slices/`: the misclassified-pixel fraction over the slices and the number
-    of merges and splits. Every `histogram_every` epochs: histograms of each block's activations
+    once, and `loss_weights` when the loss is weighted (`weights`, per shown slice). Under
+    `shown_slices/`: the misclassified-pixel fraction over the slices and the number of merges and
+    splits. Every `histogram_every` epochs: histograms of each block's activations
     (`unet/activations/...`) and the precision-recall curve of membrane detection (`membrane_pr`).
     The net's output on the slices comes from the run's ValidationPass.
     """
@@ -540,7 +541,7 @@ class CheckpointError(InputError):
 
 def save_atomically(model, path, copy_of=None):
     """Save `model` to `path` so that `path` is either the old file or the complete new one;
-    `copy_of`, a checkpoint of the same model just saved, is copied instead (a tenth of the time)."""
+    `copy_of`, a checkpoint of the same model just saved, is copied instead of saving again."""
     path = Path(path)
     try:
         with files.replaced_atomically(path) as temporary:

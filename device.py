@@ -20,8 +20,9 @@ def device_settings(precision):
     `precision` is one of settings.PRECISIONS.
 
     On a CPU with AMX or AVX-512 bf16 units, bf16 convolutions run several times faster than
-    float32; without them (AVX2 only) bf16 is emulated and about 8x slower. XLA slows this
-    U-Net down on CPUs, so it is used on GPUs only.
+    float32; without them (AVX2 only) bf16 is emulated and about 8x slower. XLA made this U-Net
+    slower on an AMX CPU and no faster on an AVX2 one (docs/performance.md), so it is used on
+    GPUs only.
     """
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:

@@ -51,6 +51,14 @@ def test_bench_prints_every_measure_for_a_tiny_configuration(isbi_dir, capsys):
     assert "U-Net f=4, 64x64 crops, batch 2, float32" in table
 
 
+def test_bench_step_only_measures_the_step_and_nothing_after_it(isbi_dir, capsys):
+    assert bench.main(["--filters", "4", "--crop", "64", "--batch-size", "2", "--timed-steps", "2", "--precision", "float32",
+                       "--data", str(isbi_dir), "--step-only"]) == 0
+    table = capsys.readouterr().out
+    assert "of the conv peak" in table and "what the step is made of" in table and "With XLA on" in table
+    assert "fit on the pipeline" not in table and "reference" not in table
+
+
 @pytest.mark.parametrize("flags", [["--timed-steps", "0"], ["--summary", "logs"]])
 def test_bench_refuses_bad_flags_in_one_line(flags, capsys):
     with pytest.raises(SystemExit) as stop:
