@@ -163,7 +163,10 @@ def interrupt_when(tmp_path, isbi_dir, ready):
     process = subprocess.Popen([sys.executable, "train.py", *TINY, "--epochs", "50", "--lr", "1e-3", "--eval-every", "0",
                                 "--data", str(isbi_dir), "--logdir", str(tmp_path / "logs")],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               # Under nohup or a background shell job SIGINT is ignored, and Python
+                               # would inherit that instead of raising KeyboardInterrupt.
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not ready(run_dir) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
