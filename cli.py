@@ -10,7 +10,9 @@ TensorFlow loads, so that bad input is answered in about a second.
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 
 # TensorFlow's C++ INFO and WARNING lines (which CPU instructions its binary was built for, ...)
 # stay off a user's terminal; its errors still show. Every command imports this module before
@@ -140,15 +142,44 @@ def end_progress_line():
     print(flush=True)
 
 
+_interrupts = []  # the Ctrl-Cs received while the command runs
+
+
+def interrupted():
+    """Whether Ctrl-C was pressed while the command ran. Whatever is raised after it is the
+    interrupt's doing: TensorFlow's C++ code, interrupted while it hands results to Python, can
+    raise a SystemError in place of the KeyboardInterrupt."""
+    return bool(_interrupts)
+
+
+def _note_interrupt(signum, frame):
+    _interrupts.append(signum)
+    signal.default_int_handler(signum, frame)
+
+
 def run(prog, body):
     """Call `body()` and return the command's exit code: 0, or the code of what it raised, told in
     one line."""
+    handler = signal.getsignal(signal.SIGINT)
+    # Only where Ctrl-C raises KeyboardInterrupt (not under nohup, which ignores it) and signals can be set.
+    noting = handler is signal.default_int_handler and threading.current_thread() is threading.main_thread()
+    _interrupts.clear()
+    if noting:
+        signal.signal(signal.SIGINT, _note_interrupt)
     try:
         body()
     except (InputError, Stopped) as error:
         say(prog, error.label, error)
         return error.exit_code
+    except Exception:
+        if not interrupted():
+            raise
+        say(prog, Interrupted.label, "nothing was written")
+        return Interrupted.exit_code
     except KeyboardInterrupt:
         say(prog, Interrupted.label, "nothing was written")
         return Interrupted.exit_code
+    finally:
+        if noting:
+            signal.signal(signal.SIGINT, handler)
     return 0

@@ -171,8 +171,10 @@ def train(args, given, command):
                 callbacks=callbacks.for_run(args, run, run_inputs, stop, runs.hyperparameters(run.config),
                                             runs.run_documents(run.config)))
     except BaseException as error:
+        if cli.interrupted():
+            error = KeyboardInterrupt()
         if run is None:  # nothing of the run is on disk yet
-            raise
+            raise error from None
         if fitting:
             cli.end_progress_line()
         raise stopped(error, run.directory, chief, new_run, distribute.lost_worker(error)) from None

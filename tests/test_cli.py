@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 
+import cli
 import data
 import metrics
 import predict
@@ -188,3 +189,21 @@ def test_ctrl_c_after_a_checkpoint_names_the_run_to_resume_on_a_line_of_its_own(
     assert code == 130, output
     assert output.endswith(f"\ntrain.py: interrupted: continue the run from its last checkpoint with --resume {run_dir}\n")
     assert (run_dir / "last.keras").is_file()
+
+
+def test_an_error_raised_after_ctrl_c_is_told_as_the_interrupt(capsys):
+    def interrupted_inside_tensorflow():
+        # TensorFlow's C++ code, interrupted, can raise a SystemError in place of the KeyboardInterrupt.
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            raise SystemError("bad argument to internal function") from None
+
+    assert cli.run("train.py", interrupted_inside_tensorflow) == 130
+    assert capsys.readouterr().err == "train.py: interrupted: nothing was written\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    def broken():
+        raise SystemError("bad argument to internal function")
+
+    with pytest.raises(SystemError):  # without Ctrl-C, an error is no interrupt
+        cli.run("train.py", broken)
