@@ -272,7 +272,7 @@ def measure(args):
     results = {"device": setup["device"], "precision": setup["precision"], "XLA": setup["jit_compile"]}
 
     results["conv rates"] = conv_rates()
-    model = unet.compiled_unet(args.filters, args.loss, args.lr, setup["jit_compile"])
+    model = unet.compiled_unet(args.filters, args.loss, args.lr, setup["jit_compile"], args.ema, args.dropout)
     flops_per_image = 3 * forward_flops_per_image(model, args.crop)
     batch = crops.batch(epoch=0, index=0)
     step = median_seconds(lambda: model.train_on_batch(*batch), args.timed_steps, warmup=3)
@@ -363,7 +363,8 @@ def benchmark(args, argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, given = cli.parse_with_given(parser, argv)
+    args = flags.with_preset(args, given)
     if args.resume or args.summary:
         parser.error("--resume and --summary are train.py's; bench.py measures a new configuration")
     args.epochs = args.epochs or settings.DEFAULT_EPOCHS

@@ -2,7 +2,8 @@
 pass of the validation slices through the net that the others read (ValidationPass), the
 validation scores (Validation), where the network is wrong on a few shown slices
 (ValidationSliceSummaries), what a run was and how to compare runs (RunSummary), the event writers
-they share (SummaryWriters), checkpoints a kill cannot damage and a stop on a non-finite loss.
+they share (SummaryWriters), the averaged weights the epoch end sees (AveragedWeights), checkpoints a
+kill cannot damage and a stop on a non-finite loss.
 
 Tags are named so that TensorBoard's Time Series tab, which groups tags by their first `/` part
 and sorts the groups by name, opens on the best-so-far scalars, then the epoch curves
@@ -29,7 +30,7 @@ from metrics import (LOSSES, THRESHOLD, isbi_scores, merges_and_splits, misclass
 from predict import CONTEXT, with_context
 from rundir import BEST, LAST, TRAIN, VALIDATION
 from settings import BEST_SCORES, CHECKPOINT_SCORE, DEPTH
-from unet import block_outputs
+from unet import averages_weights, block_outputs, swap_averaged_weights
 
 BATCH_GROUP = "train_batch"   # the loss and metrics of single training batches
 SHOWN_GROUP = "shown_slices"  # scalars over the slices shown as images
@@ -580,6 +581,29 @@ class Checkpoints(keras.callbacks.Callback):
         save_atomically(self.model, self.run_dir / LAST, copy_of=best)
 
 
+class AveragedWeights(keras.callbacks.Callback):
+    """With `--ema`: from each epoch's end to the next epoch's start the net holds the moving
+    average of its weights, and the optimizer the weights it trains, so that everything the epoch
+    end writes (scores, images, histograms, checkpoints) is of the averaged net. Must be the first
+    callback. Training itself never sees the average: each epoch swaps the weights back first."""
+
+    def __init__(self):
+        super().__init__()
+        self.swapped = False
+
+    def swap(self):
+        swap_averaged_weights(self.model)
+        self.swapped = not self.swapped
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.swapped:
+            self.swap()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.swapped:
+            self.swap()
+
+
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
     """Stop training at the first batch whose loss is NaN or infinite, and say where it happened."""
 
@@ -606,6 +630,7 @@ def for_run(args, run, inputs, stop, hyperparameters, documents):
     weights = inputs.val_weights(args.loss)
     writers = SummaryWriters(run.directory)
     return [
+        *([AveragedWeights()] if averages_weights(run.model) else []),
         validation_pass,
         # Before the summaries, which write the scores it adds to the epoch logs.
         Validation(validation_pass, inputs.val_labels, LOSSES[args.loss], training_metrics(), args.eval_every, weights),

@@ -54,6 +54,10 @@ def positive(kind):
     return lambda text: checked_number(kind, text, lambda value: value > 0, "greater than 0")
 
 
+def fraction_below_one(text):
+    return checked_number(float, text, lambda value: 0 <= value < 1, "from 0 up to, not including, 1")
+
+
 def non_negative_int(text):
     return checked_number(int, text, lambda value: value >= 0, "of 0 or more")
 

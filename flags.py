@@ -1,6 +1,8 @@
 """The command line of a run: train.py's flags, their types, domains and defaults (settings.py),
+the recipes of several flags (--preset, settings.PRESETS),
 and their help. bench.py takes the same flags, to measure a run as train.py would train it."""
 
+import argparse
 from pathlib import Path
 
 import cli
@@ -9,18 +11,42 @@ import settings
 from settings import MULTIPLE
 
 
+def describe(values):
+    return " ".join(f"--{name.replace('_', '-')} {value}" for name, value in values.items())
+
+
+def with_preset(args, given):
+    """`args` with the values of its --preset for the flags that `given` lacks."""
+    if args.preset is None:
+        return args
+    args = argparse.Namespace(**vars(args))
+    for name, value in settings.PRESETS[args.preset].items():
+        if name not in given:
+            setattr(args, name, value)
+    return args
+
+
 def build_parser(prog="train.py"):
     parser = cli.ArgumentParser(prog, "Train a same-padded U-Net on ISBI 2012 and log the run to TensorBoard.")
     run = parser.add_argument_group("run")
+    run.add_argument("--preset", choices=tuple(settings.PRESETS),
+                     help="a recipe of several flags, each overridable: "
+                          + "; ".join(f"{name} = {describe(values)}" for name, values in settings.PRESETS.items()))
     run.add_argument("--loss", choices=settings.LOSSES, default="bce", help="training loss")
     run.add_argument("--lr", type=cli.positive(float), default=1e-4, help="Adam learning rate")
+    run.add_argument("--ema", type=cli.fraction_below_one, default=0.99, metavar="MOMENTUM",
+                     help="momentum of an exponential moving average of the weights that validation, checkpoints "
+                          "and the epoch's histograms see instead of the last step's weights (steadier curves, see "
+                          "docs/performance.md); 0 for none")
     run.add_argument("--epochs", type=cli.positive(int),
                      help=f"number of epochs (default: {settings.DEFAULT_EPOCHS}; with --resume, the run's own)")
     run.add_argument("--steps-per-epoch", type=cli.positive(int), default=200, help="training batches per epoch")
-    run.add_argument("--batch-size", type=cli.positive(int), default=4, help="crops per training batch")
+    run.add_argument("--batch-size", type=cli.positive(int), default=1, help="crops per training batch")
     run.add_argument("--crop", type=cli.multiple_of(MULTIPLE, f"the U-Net halves it {settings.DEPTH} times"),
-                     default=128, help=f"training crop size in pixels, a multiple of {MULTIPLE}")
+                     default=256, help=f"training crop size in pixels, a multiple of {MULTIPLE}")
     run.add_argument("--filters", type=cli.positive(int), default=16, help="filters of the first U-Net level; the paper has 64")
+    run.add_argument("--dropout", type=cli.fraction_below_one, default=0.0,
+                     help="dropout rate after the bottleneck's convolutions, as in the paper (0.5); 0 for none")
     run.add_argument("--seed", type=cli.seed, default=0, help="seed for weights, crops and augmentation")
     run.add_argument("--precision", choices=settings.PRECISIONS, default="auto",
                      help="Keras dtype policy; auto picks one for the device found, see docs/performance.md")

@@ -18,6 +18,7 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 import files
 import rundir
 import runs
+import unet
 from callbacks import RunSummary
 from cli import InputError
 from rundir import LAST
@@ -35,12 +36,16 @@ class ResumeError(InputError):
 # --- resuming ---------------------------------------------------------------------------------
 
 def restore_model(run_dir, config):
-    """(compiled model with its optimizer state, completed epochs) from the run's last checkpoint."""
+    """(compiled model with its optimizer state, completed epochs) from the run's last checkpoint.
+    A checkpoint of a run with --ema holds the averaged weights as the net's and the trained ones
+    in the optimizer's average (callbacks.AveragedWeights): they are swapped back to train on."""
     path = Path(run_dir) / LAST
     try:
         model = keras.models.load_model(path)
     except Exception as error:  # Keras raises several types for files it cannot read
         raise ResumeError(f"{path} is unreadable ({type(error).__name__}): the run cannot be resumed; start a new one") from None
+    if unet.averages_weights(model):
+        unet.swap_averaged_weights(model)
     return model, int(model.optimizer.iterations.numpy()) // config["steps_per_epoch"]
 
 

@@ -18,7 +18,7 @@ import inputs
 import rundir
 import settings
 
-HYPERPARAMETERS = ("loss", "lr", "filters", "crop", "batch_size", "epochs", "steps_per_epoch", "precision", "seed")
+HYPERPARAMETERS = ("loss", "lr", "ema", "filters", "dropout", "crop", "batch_size", "epochs", "steps_per_epoch", "precision", "seed")
 
 
 def hyperparameters(config):

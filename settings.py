@@ -24,8 +24,17 @@ BEST_SCORES = {"misclassified_pixel_fraction": (min, "best validation misclassif
         "v_rand": (max, "best validation V_rand")}
 CHECKPOINT_SCORE = next(iter(BEST_SCORES))
 
+# Flag sets for a whole recipe (--preset), each flag given on the command line overriding its value.
+# "paper": the net and training of Ronneberger et al. (2015) as far as a same-padded U-Net goes:
+# 64 filters, the border-weighted loss, large tiles one at a time, dropout at the bottleneck.
+PRESETS = {"paper": {"filters": 64, "loss": "wbce", "crop": 256, "batch_size": 1, "dropout": 0.5}}
+
 DEFAULT_EPOCHS = 15
 MEMMAP_SHARE = 0.25  # --memmap auto maps a stack larger than this share of the machine's memory
+
+# What a run started before a setting existed ran with, where that differs from today's default: a
+# resumed run's config.json that lacks the setting gets this value.
+BEFORE_IT_EXISTED = {"ema": 0.0}
 
 # Settings that may differ when a run is resumed: how far to train, and how this machine runs it.
 RESUMABLE = ("epochs", "strategy", "memmap")

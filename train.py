@@ -53,9 +53,11 @@ def resumed_arguments(args, given, config):
     if changed:
         raise cli.InputError(f"--resume continues a run with its own settings: drop {' '.join(changed)} "
                              "(start a new run to change them)")
-    # Settings a run's config.json lacks (added to train.py after it started) keep their defaults.
-    resumed = {**vars(args), **{name: config[name] for name in vars(args)
-                                if name in config and name not in given and name not in ("resume", "accept_new_data")}}
+    # Settings a run's config.json lacks (added to train.py after it started) keep their defaults, or
+    # what the run had in effect where that differs.
+    resumed = {**vars(args), **settings.BEFORE_IT_EXISTED,
+               **{name: config[name] for name in vars(args)
+                  if name in config and name not in given and name not in ("resume", "accept_new_data")}}
     for name in ("logdir", "data", "images", "labels"):
         if resumed[name] is not None:
             resumed[name] = Path(resumed[name])
@@ -149,7 +151,7 @@ def train(args, given, command):
                     run = rundir.Run(rundir.start(logdir, rundir.run_name(args.loss, args.lr), config), config)
                 held.enter_context(rundir.locked(run.directory if new_run else args.resume))
                 if args.resume is None:
-                    run.model = unet.compiled_unet(args.filters, args.loss, args.lr, setup["jit_compile"])
+                    run.model = unet.compiled_unet(args.filters, args.loss, args.lr, setup["jit_compile"], args.ema, args.dropout)
                 elif chief:
                     if args.accept_new_data:  # the new data is the run's from now on
                         config["data_files"] = runs.provenance(run_inputs.images_path, run_inputs.labels_path)["data_files"]
@@ -206,6 +208,7 @@ def print_summary(logdir):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, given = cli.parse_with_given(flags.build_parser(), argv)
+    args = flags.with_preset(args, given)
     if args.summary:
         return cli.run("train.py", lambda: print_summary(args.summary))
     return cli.run("train.py", lambda: train(args, given, shlex.join(["python", "train.py", *argv])))

@@ -5,7 +5,8 @@ Layer names follow the paper's figure: `enc1_conv1` ... `enc4_pool` on the way d
 k joins the skip from encoder level k) and `output`, so the graph and the histograms read like
 the figure. With 'same' padding the output has the input's height and width, which must be
 multiples of 2**depth; the input size is left open, so a net trained on crops predicts whole
-slices.
+slices. The net is compiled with Adam, which may keep a moving average of the weights
+(`compiled_unet(ema=...)`, `swap_averaged_weights`).
 """
 
 import keras
@@ -31,8 +32,10 @@ def conv_block(x, filters, prefix):
     return x
 
 
-def build_unet(filters=64, depth=DEPTH, channels=1):
-    """U-Net with `filters` channels at the first level, doubling at each of `depth` levels."""
+def build_unet(filters=64, depth=DEPTH, channels=1, dropout=0.0):
+    """U-Net with `filters` channels at the first level, doubling at each of `depth` levels, and
+    with `dropout` > 0 a dropout layer after the bottleneck (the paper's 'drop-out layers at the
+    end of the contracting path')."""
     inputs = keras.Input(shape=(None, None, channels), name="image")
     skips = []
     x = inputs
@@ -41,6 +44,8 @@ def build_unet(filters=64, depth=DEPTH, channels=1):
         skips.append(x)
         x = layers.MaxPooling2D(2, name=f"enc{level}_pool")(x)
     x = conv_block(x, filters * 2**depth, "bottleneck")
+    if dropout:
+        x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
     for level in range(depth, 0, -1):
         level_filters = filters * 2 ** (level - 1)
         # The paper's 2x2 "up-convolution": doubles the resolution and halves the channels.
@@ -52,10 +57,33 @@ def build_unet(filters=64, depth=DEPTH, channels=1):
     return keras.Model(inputs, outputs, name="unet")
 
 
-def compiled_unet(filters, loss, lr, jit_compile):
+def compiled_unet(filters, loss, lr, jit_compile, ema=0.0, dropout=0.0):
     """A new U-Net compiled for training: Adam at `lr`, the loss named `loss` (metrics.LOSSES) and
-    the training metrics."""
-    model = build_unet(filters=filters)
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss=metrics.LOSSES[loss],
-                  metrics=metrics.training_metrics(), jit_compile=jit_compile)
+    the training metrics. With `ema` > 0 Adam also keeps an exponential moving average of the
+    weights at that momentum (callbacks.AveragedWeights shows it to validation and checkpoints)."""
+    model = build_unet(filters=filters, dropout=dropout)
+    optimizer = keras.optimizers.Adam(lr, **({"use_ema": True, "ema_momentum": ema} if ema else {}))
+    model.compile(optimizer=optimizer, loss=metrics.LOSSES[loss], metrics=metrics.training_metrics(),
+                  jit_compile=jit_compile)
     return model
+
+
+def swap_averaged_weights(model):
+    """Exchange the net's trainable weights with the optimizer's moving average of them (a model
+    compiled with `ema` > 0). Keras has no public access to the average except its
+    SwapEMAWeights callback, which at the last epoch also overwrites the average; this is the one
+    place that reads the optimizer's private list of averages (guarded by test_resume)."""
+    for variable, average in zip(model.trainable_variables, adam_of(model)._model_variables_moving_average,
+                                 strict=True):
+        value = keras.ops.convert_to_numpy(variable)
+        variable.assign(average)
+        average.assign(value)
+
+
+def averages_weights(model):
+    return bool(getattr(adam_of(model), "use_ema", False))
+
+
+def adam_of(model):
+    """The model's Adam, also under mixed float16's LossScaleOptimizer."""
+    return getattr(model.optimizer, "inner_optimizer", model.optimizer)

@@ -98,11 +98,12 @@ TINY_STEPS = 2 * 3
 @pytest.fixture(scope="session")
 def two_run_logdir(tmp_path_factory, isbi_dir):
     """A log directory with two tiny runs on ISBI 2012: `bce_lr1e-3`, scored as in the challenge
-    every epoch, and `wbce_lr1e-3` (the U-Net paper's weighted loss), every second epoch."""
+    every epoch, and `wbce_lr1e-3` (the U-Net paper's weighted loss), every second epoch, with
+    averaged weights (--ema)."""
     import train
 
     logdir = tmp_path_factory.mktemp("logs")
-    for loss, eval_every in (("bce", "1"), ("wbce", "2")):
-        assert train.main(TINY + ["--loss", loss, "--lr", "1e-3", "--eval-every", eval_every,
+    for loss, eval_every, ema in (("bce", "1", "0"), ("wbce", "2", "0.9")):
+        assert train.main(TINY + ["--loss", loss, "--lr", "1e-3", "--eval-every", eval_every, "--ema", ema,
                                   "--data", str(isbi_dir), "--logdir", str(logdir)]) == 0
     return logdir

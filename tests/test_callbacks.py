@@ -213,3 +213,27 @@ def test_stop_on_non_finite_loss_names_the_step_and_learning_rate(model):
     stop.on_train_batch_end(1, {"loss": float("inf")})
     assert stop.message == "the training loss became inf at step 0 with lr 0.01" and model.stop_training
     model.stop_training = False
+
+
+def test_averaged_weights_show_the_epoch_end_the_moving_average_and_train_on_the_weights(tmp_path):
+    images, labels = crops()
+    momentum = 0.8
+    keras.utils.set_random_seed(0)
+    model = unet.compiled_unet(2, "bce", 1e-2, jit_compile=False, ema=momentum)
+    trained, seen_at_epoch_end, seen_at_epoch_begin = [], [], []
+    output_bias = lambda: keras.ops.convert_to_numpy(model.get_layer("output").bias).copy()  # noqa: E731
+    recorder = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: trained.append(output_bias()),
+        on_epoch_end=lambda epoch, logs: seen_at_epoch_end.append(output_bias()),
+        on_epoch_begin=lambda epoch, logs: seen_at_epoch_begin.append(output_bias()))
+    model.fit(images, labels, batch_size=BATCH_SIZE, epochs=2, shuffle=False, verbose=0,
+              callbacks=[callbacks.AveragedWeights(), recorder])
+
+    average, by_hand = trained[0], []  # Keras starts the average at the first step's weights
+    for weights in trained[1:]:
+        average = momentum * average + (1 - momentum) * weights
+        by_hand.append(average)
+    np.testing.assert_allclose(seen_at_epoch_end, [by_hand[BATCHES - 2], by_hand[2 * BATCHES - 2]], rtol=1e-5)
+    assert not np.allclose(seen_at_epoch_end[0], trained[BATCHES - 1])
+    # The second epoch trains on from the weights of the first one's last step, not from their average.
+    np.testing.assert_array_equal(seen_at_epoch_begin[1], trained[BATCHES - 1])

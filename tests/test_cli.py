@@ -49,6 +49,15 @@ def test_help_text_is_printed_as_written_with_its_default():
     assert "(default: 200)" in help_text and "(default: 0)" in help_text  # --steps-per-epoch, --seed
 
 
+def test_a_preset_sets_its_flags_and_each_flag_given_overrides_it():
+    args, given = cli.parse_with_given(flags.build_parser(), ["--preset", "paper", "--crop", "512", "--lr", "3e-4"])
+    args = flags.with_preset(args, given)
+    assert (args.filters, args.loss, args.batch_size, args.dropout) == (64, "wbce", 1, 0.5)
+    assert (args.crop, args.lr) == (512, 3e-4)
+    plain, given = cli.parse_with_given(flags.build_parser(), [])
+    assert flags.with_preset(plain, given) == plain
+
+
 def test_the_losses_offered_are_those_metrics_implements():
     assert tuple(metrics.LOSSES) == settings.LOSSES
 

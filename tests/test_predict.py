@@ -79,8 +79,10 @@ def test_a_trained_run_turns_test_volume_into_a_30_page_float32_tiff(two_run_log
     assert 0.0 <= probabilities.min() and probabilities.max() <= 1.0
 
 
-def test_the_v_rand_a_run_logged_is_what_predict_py_prints_for_its_checkpoint(two_run_logdir, isbi_dir, tmp_path, capsys):
-    run = two_run_logdir / "bce_lr1e-3"
+@pytest.mark.parametrize("run_name", ["bce_lr1e-3", "wbce_lr1e-3"])  # the second with averaged weights
+def test_the_v_rand_a_run_logged_is_what_predict_py_prints_for_its_checkpoint(two_run_logdir, isbi_dir, tmp_path,
+                                                                             capsys, run_name):
+    run = two_run_logdir / run_name
     written, _ = read_events(run / rundir.VALIDATION)
     logged = float(written["epoch_v_rand"][-1][1])
     slices = rundir.read_config(run)["val_slices"]

@@ -13,6 +13,8 @@ import keras
 import numpy as np
 import pytest
 
+import cli
+import flags
 import resume
 import rundir
 import train
@@ -35,10 +37,11 @@ def steps(series):
 
 @pytest.fixture(scope="module")
 def straight_and_resumed(tmp_path_factory, isbi_dir):
-    """The same 3-epoch run twice: straight through, and stopped after 2 epochs then resumed."""
+    """The same 3-epoch run twice: straight through, and stopped after 2 epochs then resumed. Both
+    average their weights (--ema), whose checkpoints hold the average as the net's weights."""
     logdir = tmp_path_factory.mktemp("resume")
-    assert tiny_run(isbi_dir, logdir / "straight", "--epochs", "3") == 0
-    assert tiny_run(isbi_dir, logdir / "resumed", "--epochs", "2") == 0
+    assert tiny_run(isbi_dir, logdir / "straight", "--epochs", "3", "--ema", "0.9") == 0
+    assert tiny_run(isbi_dir, logdir / "resumed", "--epochs", "2", "--ema", "0.9") == 0
     assert train.main(["--resume", str(logdir / "resumed" / "bce_lr1e-3"), "--epochs", "3"]) == 0
     return logdir / "straight" / "bce_lr1e-3", logdir / "resumed" / "bce_lr1e-3"
 
@@ -49,7 +52,8 @@ def test_a_resumed_run_writes_the_same_curves_as_one_run_straight_through(straig
     for part in straight:
         assert {tag: steps(series) for tag, series in resumed[part].items()} == \
                {tag: steps(series) for tag, series in straight[part].items()}, part
-    # Same weights, optimizer state and crops in the same order after the restart: the same losses.
+    # Same weights, optimizer state, average and crops in the same order after the restart: the same
+    # losses, of the trained weights (train) and of their average (validation).
     for part, tag in (("train", "epoch_loss"), ("validation", "epoch_loss"), ("train", "train_batch/loss"),
                       ("validation", "shown_slices/misclassified_pixel_fraction")):
         np.testing.assert_allclose([value for _, value in resumed[part][tag]],
@@ -166,3 +170,10 @@ def test_two_runs_started_together_get_two_directories(tmp_path, isbi_dir):
         assert json.loads((run_dir / "config.json").read_text())["run_dir"] == str(run_dir)
         assert len(list((run_dir / "train").glob("events.out.tfevents.*"))) == 1
         assert (run_dir / rundir.LAST).is_file()
+
+
+def test_a_run_started_before_a_setting_existed_resumes_with_what_it_ran_with():
+    args, given = cli.parse_with_given(flags.build_parser(), ["--resume", "run"])
+    resumed = train.resumed_arguments(args, given, {"loss": "bce", "lr": 1e-4, "crop": 128, "batch_size": 4})
+    assert (resumed.ema, resumed.crop, resumed.batch_size) == (0.0, 128, 4)  # not today's defaults
+    assert resumed.dropout == 0.0

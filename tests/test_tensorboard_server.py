@@ -105,6 +105,7 @@ def test_hparams_table_compares_the_runs(tensorboard):
         groups = json.loads(response.read())["sessionGroups"]
     by_loss = {group["hparams"]["loss"]: group for group in groups}
     assert set(by_loss) == {"bce", "wbce"}
+    assert (by_loss["bce"]["hparams"]["ema"], by_loss["wbce"]["hparams"]["ema"]) == (0, 0.9)
     metrics = {(value["name"].get("group", ""), value["name"]["tag"]) for value in by_loss["bce"]["metricValues"]}
     assert ("", "best_misclassified_pixel_fraction") in metrics
     assert ("validation", "epoch_misclassified_pixel_fraction") in metrics

@@ -25,6 +25,16 @@ def test_layers_are_named_like_the_paper_figure():
     assert names == expected
 
 
+def test_dropout_follows_the_bottleneck_only_when_asked_and_only_in_training():
+    assert "bottleneck_dropout" not in [layer.name for layer in build_unet(filters=2).layers]
+    model = build_unet(filters=2, dropout=0.5)
+    names = [layer.name for layer in model.layers]
+    assert names.index("bottleneck_dropout") == names.index("bottleneck_conv2") + 1
+    image = np.random.default_rng(0).random((1, 32, 32, 1), dtype=np.float32)
+    np.testing.assert_array_equal(model(image, training=False), model(image, training=False))
+    assert not np.array_equal(model(image, training=True), model(image, training=True))
+
+
 def test_filters_double_per_level_and_decoder_mirrors_encoder():
     model = build_unet(filters=3)
     assert model.get_layer("enc1_conv1").filters == 3
