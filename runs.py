@@ -55,7 +55,7 @@ def run_config(args, run_inputs, command, setup):
     """A new run's config.json: the flags as resolved, the data and split (`run_inputs`,
     inputs.RunInputs), the `command` that started it, the machine `setup` (device.machine_setup)
     and its provenance."""
-    return {**{name: value for name, value in vars(args).items() if name not in ("summary", "resume", "accept_new_data")},
+    return {**{name: value for name, value in vars(args).items() if name not in settings.COMMAND_FLAGS},
             "mirror": run_inputs.mirror, "images": run_inputs.images_path, "labels": run_inputs.labels_path,
             "image_scaling": run_inputs.stacks.scaling.describe(), **setup, "train_slices": run_inputs.train_indices,
             "val_slices": run_inputs.val_indices, "command": command,

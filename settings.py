@@ -36,5 +36,8 @@ MEMMAP_SHARE = 0.25  # --memmap auto maps a stack larger than this share of the 
 # resumed run's config.json that lacks the setting gets this value.
 BEFORE_IT_EXISTED = {"ema": 0.0}
 
+# Flags about the command, not the run: never recorded in a run's config.json.
+COMMAND_FLAGS = ("summary", "resume", "accept_new_data")
+
 # Settings that may differ when a run is resumed: how far to train, and how this machine runs it.
 RESUMABLE = ("epochs", "strategy", "memmap")

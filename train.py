@@ -121,6 +121,9 @@ def train(args, given, command):
     config = None if args.resume is None else resumable_config(args.resume)
     if config is not None:
         args = resumed_arguments(args, given, config)
+        # A run started before a setting existed records what it runs with (HParams reads them all).
+        config.update({name: value for name, value in vars(args).items()
+                       if name not in config and name not in settings.COMMAND_FLAGS})
     args.epochs = args.epochs or settings.DEFAULT_EPOCHS
     run_inputs = inputs.load(args, resumed_config=config)
     if args.resume is None:

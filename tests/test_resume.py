@@ -177,3 +177,14 @@ def test_a_run_started_before_a_setting_existed_resumes_with_what_it_ran_with():
     resumed = train.resumed_arguments(args, given, {"loss": "bce", "lr": 1e-4, "crop": 128, "batch_size": 4})
     assert (resumed.ema, resumed.crop, resumed.batch_size) == (0.0, 128, 4)  # not today's defaults
     assert resumed.dropout == 0.0
+
+
+def test_a_run_started_before_its_settings_existed_resumes_and_records_them(tmp_path, isbi_dir):
+    assert tiny_run(isbi_dir, tmp_path, "--epochs", "1", "--ema", "0") == 0
+    run_dir = tmp_path / "bce_lr1e-3"
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["ema"], config["dropout"], config["preset"]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    assert train.main(["--resume", str(run_dir), "--epochs", "2"]) == 0
+    resumed = json.loads((run_dir / "config.json").read_text())
+    assert (resumed["ema"], resumed["dropout"], resumed["preset"]) == (0.0, 0.0, None)
