@@ -18,14 +18,16 @@ Takes train.py's flags for the configuration and prints one table (markdown, for
   slices after every batch through a new summary writer), and the speed-up over it.
 """
 
-import cli  # first: it keeps TensorFlow's start-up lines off the terminal
-
 import collections
 import shlex
 import statistics
 import sys
 import tempfile
 import time
+
+import cli
+
+cli.import_tensorflow()  # before anything that imports it
 
 import keras
 import numpy as np

@@ -10,14 +10,66 @@ TensorFlow loads, so that bad input is answered in about a second.
 import argparse
 import math
 import os
+import re
 import signal
 import sys
+import tempfile
 import threading
 
 # TensorFlow's C++ INFO and WARNING lines (which CPU instructions its binary was built for, ...)
 # stay off a user's terminal; its errors still show. Every command imports this module before
 # TensorFlow, and TF_CPP_MIN_LOG_LEVEL=0 in the environment brings the lines back.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The project is Keras on TensorFlow (tf.summary, tf.distribute): a KERAS_BACKEND of jax or torch
+# left in a user's shell, or set by bioimage.io's libraries (torch unless told), must not reach it.
+os.environ["KERAS_BACKEND"] = "tensorflow"
+# A line of TensorFlow's C++ log (absl's format: severity letter, date, time, thread, file:line]),
+# and the notice absl prints once per library before its log level applies.
+LOG_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+ +\d+ \S+:\d+\] ")
+ABSL_NOTICE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+LOG_SEVERITIES = "IWEF"  # TF_CPP_MIN_LOG_LEVEL 0, 1, 2, 3
+
+
+def import_tensorflow():
+    """Import TensorFlow, keeping its start-up lines off stderr: the one way every command loads it.
+
+    While it loads, TensorFlow's libraries log through absl before absl's log level applies, so
+    TF_CPP_MIN_LOG_LEVEL cannot silence them: on CPUs where oneDNN is on by default (AVX-512
+    VNNI/BF16, AMX), "oneDNN custom operations are on", twice, each after absl's notice. So
+    stderr is caught while it loads and shown again as TensorFlow's log level would have
+    filtered it (tensorflow_log_lines): real errors still show, and TF_CPP_MIN_LOG_LEVEL=0 shows
+    everything.
+    """
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    with tempfile.TemporaryFile() as caught:
+        sys.stderr.flush()
+        stderr = os.dup(2)
+        os.dup2(caught.fileno(), 2)
+        try:
+            import tensorflow
+        finally:
+            os.dup2(stderr, 2)
+            os.close(stderr)
+            caught.seek(0)
+            sys.stderr.write(tensorflow_log_lines(caught.read().decode(errors="replace"),
+                                                  os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0")))
+            sys.stderr.flush()
+    return tensorflow
+
+
+def tensorflow_log_lines(text, min_log_level):
+    """`text` (stderr while TensorFlow loaded) without absl's notice and the C++ log lines below
+    `min_log_level` (TF_CPP_MIN_LOG_LEVEL: 0 shows all, 1 hides INFO, 2 WARNING too, 3 ERROR too)."""
+    if min_log_level not in ("1", "2", "3"):
+        return text
+    hidden = LOG_SEVERITIES[:int(min_log_level)]
+    kept = []
+    for line in text.splitlines(keepends=True):
+        log_line = LOG_LINE.match(line)
+        if line.rstrip() != ABSL_NOTICE and not (log_line and log_line[1] in hidden):
+            kept.append(line)
+    return "".join(kept)
 
 
 class InputError(Exception):
@@ -52,6 +104,16 @@ def checked_number(kind, text, condition, requirement):
 
 def positive(kind):
     return lambda text: checked_number(kind, text, lambda value: value > 0, "greater than 0")
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def positive_float32(text):
+    """A positive number that TensorFlow's float32 variables hold as given (a learning rate):
+    a larger one would become infinite there."""
+    return checked_number(float, text, lambda value: 1.2e-38 <= value <= FLOAT32_MAX,
+                          f"from 1.2e-38 to {FLOAT32_MAX:.4g} (what float32 holds)")
 
 
 def fraction_below_one(text):
@@ -138,12 +200,6 @@ def say(prog, label, message):
     """One line on stderr, on a line of its own: `<prog>: <label>: <message>`."""
     sys.stdout.flush()
     print(f"{prog}: {label}: {message}", file=sys.stderr, flush=True)
-
-
-def end_progress_line():
-    """End the line a Keras progress bar leaves open (it starts each update with the newline of the
-    previous one), so that what follows starts on a line of its own."""
-    print(flush=True)
 
 
 _interrupts = []  # the Ctrl-Cs received while the command runs

@@ -23,6 +23,7 @@ Nothing is written unless bioimageio.core's own model test reproduces the test o
 import getpass
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -41,6 +42,20 @@ CITATIONS = {
     "ISBI 2012 challenge: Arganda-Carreras et al., Front. Neuroanat. 2015": "10.3389/fnana.2015.00142",
 }
 HALO = predict.CONTEXT
+# bioimage.io's test of a written package, run in a fresh process (tested_in_a_fresh_process):
+# argv[1] the package, argv[2] where its summary goes as JSON.
+PACKAGE_TEST = """
+import sys
+import keras
+from loguru import logger
+from bioimageio.core import test_model
+keras.config.disable_interactive_logging()  # the test's predictions would draw progress bars
+logger.disable("bioimageio")  # its log lines; the summary says what failed
+open(sys.argv[2], "w").write(test_model(sys.argv[1]).model_dump_json())
+"""
+# bioimage.io's libraries set Keras' backend from KERAS_BACKEND, "torch" unless told; the weights
+# are TensorFlow's.
+PACKAGE_TEST_ENVIRONMENT = {"KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
 class ExportError(cli.InputError):
@@ -63,9 +78,9 @@ def export_inputs(args):
     config = rundir.read_config(run_dir)
     # As training read them: a stack larger than memory allows stays on disk, only its validation
     # slices are read.
-    images, labels = (data.read_stack(config[name], data.memory_map_above(config.get("memmap", "auto")))
+    images, labels = (data.read_stack(rundir.recorded_path(config, name), data.memory_map_above(config.get("memmap", "auto")))
                       for name in ("images", "labels"))
-    cell, _ = data.cell_value(labels, config["labels"], config.get("labels_polarity", "cells-high"))
+    cell, _ = data.cell_value(labels, rundir.recorded_path(config, "labels"), config.get("labels_polarity", "cells-high"))
     indices = config["val_slices"]
     return checkpoint, run_dir, config, images[indices], (labels[indices] == cell).astype(np.uint8), indices
 
@@ -81,7 +96,7 @@ def cover_image(image, mask, probability):
     return np.round(np.concatenate(panels, axis=1) * 255).astype(np.uint8)
 
 
-def documentation(config, scores, slice_index):
+def documentation(config, scores, slice_index, trained_policy):
     import runs  # loads TensorFlow: called once the inputs are known to be good
 
     settings_rows = {name: config.get(name) for name in ("loss", "lr", "epochs", "steps_per_epoch", "batch_size",
@@ -95,6 +110,8 @@ cells (1) from membranes (0) in electron-microscopy slices.
   clipped to [0, 1]. Sides must be multiples of 16; give the slice 32 mirrored pixels on each side
   (the output's halo), as the test input has.
 - **Output**: the probability of cell per pixel; crop 32 pixels (the halo) from each side.
+- **Precision**: float32 weights and computation{"" if trained_policy == "float32" else
+  f" (trained under Keras' {trained_policy} policy, cast to float32 for the package)"}.
 
 ## Training data
 
@@ -189,27 +206,43 @@ def first_failure(summary):
     return f"{detail.name}: {' '.join(reason.split())[:300]}" if reason else detail.name
 
 
+def tested_in_a_fresh_process(package, folder):
+    """Run bioimage.io's own test of `package` as a user of the package would: in a new Python
+    process (nothing of this one's TensorFlow state), with `folder` as its working directory (the
+    test unpacks the TensorFlow weights there). ExportError naming the first check that failed."""
+    from bioimageio.spec.summary import ValidationSummary
+
+    summary_path = Path(folder) / "test-summary.json"
+    result = subprocess.run([sys.executable, "-c", PACKAGE_TEST, str(package), str(summary_path)], cwd=folder,
+                            capture_output=True, text=True, env={**os.environ, **PACKAGE_TEST_ENVIRONMENT})
+    if not summary_path.is_file():
+        last_line = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
+        raise ExportError(f"bioimage.io's test of the package could not run ({last_line[:300]}): no package written")
+    summary = ValidationSummary.model_validate_json(summary_path.read_text())
+    if summary.status != "passed":
+        raise ExportError(f"bioimage.io's test of the package failed ({first_failure(summary)}): no package written")
+
+
 def export(args):
     checkpoint, run_dir, config, images, masks, indices = export_inputs(args)
     scaling = data.ImageScaling.from_description(config["image_scaling"])
 
-    # TensorFlow and bioimageio.core take seconds to load: only now, once the inputs are good.
-    # bioimageio.core sets Keras' backend from KERAS_BACKEND, "torch" unless told; the weights are
-    # TensorFlow's.
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    import bioimageio.core
+    # TensorFlow and bioimage.io's libraries take seconds to load: only now, once the inputs are good.
+    cli.import_tensorflow()
     import keras
     import skimage.io
     import tensorflow as tf
     from bioimageio.spec import save_bioimageio_package
-    from loguru import logger
 
     import metrics
+    import unet
 
-    logger.disable("bioimageio")  # its test's log lines; the summary says what failed
     tf.get_logger().setLevel("ERROR")  # retracing warnings: the test predicts inputs of six sizes
 
-    model = predict.load_model(checkpoint)
+    trained = predict.load_model(checkpoint)
+    # Computed as a user of the package computes it: in float32 (unet.in_float32), which every
+    # backend reproduces; a mixed-precision net's outputs would differ between machines.
+    model = unet.in_float32(trained)
     scaled = scaling.apply(images)
     probabilities = predict.predict_stack(model, scaled)
     scores = metrics.isbi_scores(masks, probabilities)
@@ -227,17 +260,15 @@ def export(args):
         np.save(written["test-output.npy"], test_output)
         skimage.io.imsave(written["cover.png"], cover_image(scaled[shown], masks[shown], probabilities[shown]),
                           check_contrast=False)
-        written["README.md"].write_text(documentation(config, scores, indices[shown]))
+        written["README.md"].write_text(documentation(config, scores, indices[shown], unet.precision(trained)))
         description = model_description(args, config, written, scaling, test_input.shape, scores, indices[shown])
-        keras.config.disable_interactive_logging()  # the test's predictions draw progress bars
-        summary = bioimageio.core.test_model(description)
-        keras.config.enable_interactive_logging()
-        if summary.status != "passed":
-            raise ExportError(f"bioimage.io's test of the package failed ({first_failure(summary)}): no package written")
+        (Path(folder) / "package").mkdir()
+        package = save_bioimageio_package(description, output_path=Path(folder) / "package" / args.output.name)
+        tested_in_a_fresh_process(package, Path(folder) / "package")
         args.output.parent.mkdir(parents=True, exist_ok=True)
         with files.replaced_atomically(args.output) as temporary:
-            save_bioimageio_package(description, output_path=temporary)
-    print(f"wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MiB): weights keras_v3 and "
+            shutil.copyfile(package, temporary)
+    print(f"wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MiB): float32 weights keras_v3 and "
           f"tensorflow_saved_model_bundle, test slice "
           f"{indices[shown]}, validation V_rand {scores['v_rand']:.4f}, V_info {scores['v_info']:.4f}, pixel error "
           f"{scores['pixel_error']:.4f}; bioimage.io's test passed")

@@ -33,7 +33,7 @@ def build_parser(prog="train.py"):
                      help="a recipe of several flags, each overridable: "
                           + "; ".join(f"{name} = {describe(values)}" for name, values in settings.PRESETS.items()))
     run.add_argument("--loss", choices=settings.LOSSES, default="bce", help="training loss")
-    run.add_argument("--lr", type=cli.positive(float), default=1e-4, help="Adam learning rate")
+    run.add_argument("--lr", type=cli.positive_float32, default=1e-4, help="Adam learning rate")
     run.add_argument("--ema", type=cli.fraction_below_one, default=0.99, metavar="MOMENTUM",
                      help="momentum of an exponential moving average of the weights that validation, checkpoints "
                           "and the epoch's histograms see instead of the last step's weights (steadier curves, see "

@@ -81,10 +81,16 @@ def load(args, resumed_config=None):
 
 
 def check_unchanged(config, images_path, labels_path):
-    """Refuse to resume on image or label files that differ from those the run started with."""
+    """Refuse to resume on image or label files other than those the run started with (their
+    SHA-256 in config.json), or where they are no longer, saying how to go on."""
     recorded = config.get("data_files", {})
     for name, path in (("images", images_path), ("labels", labels_path)):
         expected = recorded.get(f"{name}_sha256")
-        if expected and path.is_file() and data.sha256_of(path) != expected:  # a missing file: load() says so
+        if not path.is_file():
+            raise cli.InputError(f"the run's {name}, {path}, is not there: if its data moved, give where it is now with "
+                                 "--images and --labels (or --data for ISBI 2012); the same files continue the run, "
+                                 "other data needs --accept-new-data too")
+        if expected and data.sha256_of(path) != expected:
             raise cli.InputError(f"{path} has changed since the run started (its SHA-256 differs from config.json's): "
-                                 "restore the file, or add --accept-new-data to continue on the new data")
+                                 "give the run's own file (--images, --labels), or add --accept-new-data to continue "
+                                 "on this data")

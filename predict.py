@@ -177,7 +177,8 @@ def run(args):
                                "slices: give the masks of the same slices")
         labels = (label_stack == data.cell_value(label_stack, args.labels, args.labels_polarity)[0]).astype(np.uint8)
 
-    from keras.utils import Progbar  # TensorFlow loads only once the inputs are known to be good
+    cli.import_tensorflow()  # only once the inputs are known to be good
+    from keras.utils import Progbar
 
     import metrics
     model = load_model(checkpoint)

@@ -90,7 +90,7 @@ def start(logdir, name, config):
     """A new run directory under `logdir` (named `name`, or a numbered sibling) with `config` as
     its config.json, its path added as `run_dir`; nothing is left behind if it cannot be written."""
     run_dir = create(logdir, name)
-    config["run_dir"] = run_dir
+    config["run_dir"] = run_dir.absolute()
     try:
         save_config(run_dir, config)
     except InputError:
@@ -107,6 +107,12 @@ def save_config(run_dir, config):
             temporary.write_text(json.dumps(config, indent=2, default=str))
     except OSError as error:
         raise InputError(f"cannot write {path} ({error.strerror}): free some space or fix its permissions") from None
+
+
+def recorded_path(config, name):
+    """The path config.json records as `name` (settings.PATHS): absolute, or for a run started
+    before paths were recorded so, relative to the directory training started in."""
+    return Path(config.get("started_in", ".")) / config[name]
 
 
 def read_config(run_dir):

@@ -46,20 +46,30 @@ def provenance(images_path, labels_path):
         "versions": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
                      "tensorboard": tensorboard.__version__, "numpy": np.__version__},
         "git_commit": git_commit(),
-        "data_files": {"images": str(images_path), "images_sha256": data.sha256_of(images_path),
-                       "labels": str(labels_path), "labels_sha256": data.sha256_of(labels_path)},
+        "data_files": {"images": str(Path(images_path).absolute()), "images_sha256": data.sha256_of(images_path),
+                       "labels": str(Path(labels_path).absolute()), "labels_sha256": data.sha256_of(labels_path)},
     }
+
+
+def data_record(args, run_inputs):
+    """Where a run's data is and what it is, for its config.json: the paths absolute (settings.PATHS),
+    so that the run can be resumed, exported and predicted from any directory, and the files'
+    checksums."""
+    paths = {name: getattr(args, name) for name in settings.PATHS}
+    paths.update(images=run_inputs.images_path, labels=run_inputs.labels_path)
+    return {**{name: None if path is None else str(Path(path).absolute()) for name, path in paths.items()},
+            "data_files": provenance(run_inputs.images_path, run_inputs.labels_path)["data_files"]}
 
 
 def run_config(args, run_inputs, command, setup):
     """A new run's config.json: the flags as resolved, the data and split (`run_inputs`,
-    inputs.RunInputs), the `command` that started it, the machine `setup` (device.machine_setup)
-    and its provenance."""
+    inputs.RunInputs), the directory and `command` that started it, the machine `setup`
+    (device.machine_setup) and its provenance."""
     return {**{name: value for name, value in vars(args).items() if name not in settings.COMMAND_FLAGS},
-            "mirror": run_inputs.mirror, "images": run_inputs.images_path, "labels": run_inputs.labels_path,
-            "image_scaling": run_inputs.stacks.scaling.describe(), **setup, "train_slices": run_inputs.train_indices,
-            "val_slices": run_inputs.val_indices, "command": command,
-            **provenance(run_inputs.images_path, run_inputs.labels_path)}
+            "mirror": run_inputs.mirror, "image_scaling": run_inputs.stacks.scaling.describe(), **setup,
+            "train_slices": run_inputs.train_indices, "val_slices": run_inputs.val_indices,
+            "started_in": str(Path.cwd()), "command": command,
+            **provenance(run_inputs.images_path, run_inputs.labels_path), **data_record(args, run_inputs)}
 
 
 def markdown_table(rows):

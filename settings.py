@@ -41,3 +41,8 @@ COMMAND_FLAGS = ("summary", "resume", "accept_new_data")
 
 # Settings that may differ when a run is resumed: how far to train, and how this machine runs it.
 RESUMABLE = ("epochs", "strategy", "memmap")
+# Where a run's data is: a resumed run may find it elsewhere (the SHA-256 of the files says whether
+# it is the run's data), and the paths of a new run are recorded absolute, so that a run can be
+# resumed, exported and predicted from any directory.
+DATA_LOCATIONS = ("data", "images", "labels")
+PATHS = ("logdir", *DATA_LOCATIONS)

@@ -47,20 +47,23 @@ def resumable_config(run_dir):
 
 def resumed_arguments(args, given, config):
     """The arguments of the run being resumed: its config.json, with --epochs, --strategy and
-    --memmap as given. Any other flag given, even at its default value, is refused."""
+    --memmap as given, and where its data is now if --data or --images and --labels are given
+    (inputs.load checks that it is the run's data). Any other flag given, even at its default
+    value, is refused."""
     changed = sorted(f"--{name.replace('_', '-')}" for name in given
-                     if name not in ("resume", "accept_new_data", *settings.RESUMABLE))
+                     if name not in (*settings.COMMAND_FLAGS, *settings.RESUMABLE, *settings.DATA_LOCATIONS))
     if changed:
         raise cli.InputError(f"--resume continues a run with its own settings: drop {' '.join(changed)} "
                              "(start a new run to change them)")
+    moved = not given.isdisjoint(settings.DATA_LOCATIONS)
+    kept = {name for name in vars(args) if name in config and name not in given and name not in settings.COMMAND_FLAGS
+            and not (moved and name in settings.DATA_LOCATIONS)}
     # Settings a run's config.json lacks (added to train.py after it started) keep their defaults, or
     # what the run had in effect where that differs.
-    resumed = {**vars(args), **settings.BEFORE_IT_EXISTED,
-               **{name: config[name] for name in vars(args)
-                  if name in config and name not in given and name not in ("resume", "accept_new_data")}}
-    for name in ("logdir", "data", "images", "labels"):
+    resumed = {**vars(args), **settings.BEFORE_IT_EXISTED, **{name: config[name] for name in kept}}
+    for name in settings.PATHS:
         if resumed[name] is not None:
-            resumed[name] = Path(resumed[name])
+            resumed[name] = rundir.recorded_path(config, name) if name in kept else Path(resumed[name])
     return argparse.Namespace(**resumed)
 
 
@@ -130,6 +133,7 @@ def train(args, given, command):
         rundir.writable_directory(args.logdir)
 
     # TensorFlow takes seconds to load: only now, once every input above is known to be good.
+    cli.import_tensorflow()
     import keras
 
     import callbacks
@@ -138,13 +142,14 @@ def train(args, given, command):
     import resume
     import runs
     import unet
+    from progress import ProgressLine
 
     strategy = distribute.make_strategy(args.strategy)  # first: it may configure TensorFlow's runtime
     chief = distribute.is_chief(strategy)
     keras.utils.set_random_seed(args.seed)
     setup = device.machine_setup(args.precision, args.batch_size, strategy)
     new_run = args.resume is None or not chief  # a worker other than the chief writes a run of its own
-    run, fitting = None, False
+    run, progress = None, None
     try:
         with contextlib.ExitStack() as held:
             logdir = held.enter_context(distribute.log_directory(strategy, args.logdir))
@@ -156,8 +161,8 @@ def train(args, given, command):
                 if args.resume is None:
                     run.model = unet.compiled_unet(args.filters, args.loss, args.lr, setup["jit_compile"], args.ema, args.dropout)
                 elif chief:
-                    if args.accept_new_data:  # the new data is the run's from now on
-                        config["data_files"] = runs.provenance(run_inputs.images_path, run_inputs.labels_path)["data_files"]
+                    # Where the data is now, and with --accept-new-data what it is: the run's from now on.
+                    config.update(runs.data_record(args, run_inputs))
                     run = resume.continue_run(args.resume, config, args.epochs, command, setup)
                 else:
                     run.model, run.initial_epoch = resume.restore_model(args.resume, config)
@@ -165,23 +170,22 @@ def train(args, given, command):
             run.model.jit_compile = setup["jit_compile"]
             print_start(run, run_inputs, args.logdir, chief, logdir)
 
-            stop = callbacks.StopOnNonFiniteLoss()
-            fitting = True
+            stop, progress = callbacks.StopOnNonFiniteLoss(), ProgressLine(args.epochs)
             # shuffle=False: the batches come in the order of their seeds (Keras would only warn that it
-            # cannot shuffle a tf.data pipeline).
+            # cannot shuffle a tf.data pipeline). verbose=0: ProgressLine in place of Keras' bar.
             history = run.model.fit(
                 distribute.training_batches(strategy, run_inputs.crops(args.batch_size, args.crop, args.seed, args.loss),
                                             args.steps_per_epoch, run.initial_epoch),
                 epochs=args.epochs, initial_epoch=run.initial_epoch, steps_per_epoch=args.steps_per_epoch, shuffle=False,
-                callbacks=callbacks.for_run(args, run, run_inputs, stop, runs.hyperparameters(run.config),
-                                            runs.run_documents(run.config)))
+                verbose=0, callbacks=[*callbacks.for_run(args, run, run_inputs, stop, runs.hyperparameters(run.config),
+                                                         runs.run_documents(run.config)), progress])
     except BaseException as error:
         if cli.interrupted():
             error = KeyboardInterrupt()
         if run is None:  # nothing of the run is on disk yet
             raise error from None
-        if fitting:
-            cli.end_progress_line()
+        if progress is not None:
+            progress.end_line()
         raise stopped(error, run.directory, chief, new_run, distribute.lost_worker(error)) from None
     if not chief:
         if stop.message:
@@ -200,7 +204,8 @@ def train(args, given, command):
 def print_summary(logdir):
     if not Path(logdir).is_dir():
         raise cli.InputError(f"{logdir} is not a directory: give the --logdir of your training runs")
-    import runs  # reads event files with TensorBoard's loader, which loads TensorFlow
+    cli.import_tensorflow()  # TensorBoard's loader of event files needs it
+    import runs
 
     rows = runs.summarize(logdir)
     if not rows:

@@ -87,3 +87,21 @@ def averages_weights(model):
 def adam_of(model):
     """The model's Adam, also under mixed float16's LossScaleOptimizer."""
     return getattr(model.optimizer, "inner_optimizer", model.optimizer)
+
+
+def precision(model):
+    """The Keras dtype policy the net computes in (its output layer is float32 under any)."""
+    return model.get_layer(block_outputs()[0]).dtype_policy.name
+
+
+def in_float32(model):
+    """`model` with float32 weights and computation: itself if it is so, else a copy of a net
+    trained under a mixed policy (bfloat16 or float16 computation). A bfloat16 net's outputs
+    depend on how each backend rounds its intermediate results; in float32 they agree between
+    machines to about 1e-6, so the net can be exported and checked anywhere."""
+    if precision(model) == "float32":
+        return model
+    copy = keras.models.clone_model(
+        model, clone_function=lambda layer: layer.__class__.from_config({**layer.get_config(), "dtype": "float32"}))
+    copy.set_weights(model.get_weights())
+    return copy

@@ -1,4 +1,8 @@
-"""Each callback on a tiny model of its own, read back from the event files it writes."""
+"""Each callback on a tiny model of its own, read back from the event files it writes (or, for
+the progress line, from the terminal it draws on)."""
+
+import os
+import select
 
 import keras
 import numpy as np
@@ -8,6 +12,7 @@ import tensorflow as tf
 import callbacks
 import metrics
 import predict
+import progress
 import unet
 from conftest import read_events
 from rundir import TRAIN, VALIDATION
@@ -237,3 +242,27 @@ def test_averaged_weights_show_the_epoch_end_the_moving_average_and_train_on_the
     assert not np.allclose(seen_at_epoch_end[0], trained[BATCHES - 1])
     # The second epoch trains on from the weights of the first one's last step, not from their average.
     np.testing.assert_array_equal(seen_at_epoch_begin[1], trained[BATCHES - 1])
+
+
+def test_the_progress_line_on_a_terminal_is_redrawn_in_place_within_100_columns():
+    images, labels = crops()
+    model = tiny_model()
+    controller, terminal_end = os.openpty()
+    with open(terminal_end, "w") as terminal:
+        model.fit(images, labels, batch_size=BATCH_SIZE, epochs=2, shuffle=False, verbose=0,
+                  validation_data=(images, labels), callbacks=[progress.ProgressLine(2, terminal)])
+    output = b""
+    while select.select([controller], [], [], 0)[0]:
+        try:
+            output += os.read(controller, 65536)
+        except OSError:  # the terminal's other end is closed
+            break
+    os.close(controller)
+    # The terminal turns each newline into \r\n; a lone \r returns to the line's start to redraw it.
+    lines = output.decode().replace("\r\n", "\n").removesuffix("\n").split("\n")
+    assert len(lines) == 4, lines  # per epoch: the live line, left as its last drawing, and the validation line
+    for epoch, (live, validation) in enumerate(zip(lines[::2], lines[1::2]), start=1):
+        drawings = [drawing.removesuffix("\x1b[K") for drawing in live.split("\r") if drawing]
+        assert all(len(drawing) <= progress.WIDTH for drawing in drawings), drawings
+        assert drawings[-1].startswith(f"epoch {epoch}/2  step {BATCHES}/{BATCHES}  ") and " s/step  loss " in drawings[-1]
+        assert validation.startswith("  validation: misclassified pixels ") and ", loss " in validation

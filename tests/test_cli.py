@@ -22,7 +22,6 @@ import flags
 from conftest import ROOT, TINY, cells_and_membranes
 
 ENTRY_POINTS = ["train.py", "predict.py", "bench.py", "data.py", "export.py"]
-TENSORFLOW_START_UP = ("I0000", "W0000", "E0000", "WARNING: All log messages")
 
 
 def option_strings(script):
@@ -155,16 +154,39 @@ def test_predict_refuses_bad_input_before_tensorflow(tmp_path, isbi_dir):
     assert result.stdout.endswith("tensorflow imported: False\n")
 
 
-def test_a_tiny_run_shows_no_tensorflow_start_up_lines_and_records_its_mirror(tmp_path, mirror_url):
+def test_a_tiny_run_writes_nothing_to_stderr_one_line_per_epoch_when_piped_and_records_its_mirror(tmp_path, mirror_url):
     result = subprocess.run(
-        [sys.executable, "train.py", *TINY, "--epochs", "1", "--data", str(tmp_path / "isbi"), "--logdir", str(tmp_path / "logs")],
+        [sys.executable, "train.py", *TINY, "--data", str(tmp_path / "isbi"), "--logdir", str(tmp_path / "logs")],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, data.MIRROR_ENV: mirror_url})
     assert result.returncode == 0, result.stderr
-    noise = [line for line in result.stderr.splitlines() if line.startswith(TENSORFLOW_START_UP)]
-    assert noise == [] and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr == ""
+    epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epoch_lines] == ["1/2", "2/2"]
+    assert all("; validation: V_rand " in line and "pixel error" in line for line in epoch_lines), epoch_lines
+    assert "\r" not in result.stdout and "\x1b" not in result.stdout
     config = json.loads((tmp_path / "logs" / "bce_lr1e-4" / "config.json").read_text())
     assert config["mirror"] == data.mirror_url(mirror_url)
     assert config["image_scaling"] == {"offset": 0.0, "scale": 255.0, "rule": "uint8 values: 8-bit, divided by 255"}
+
+
+def test_tensorflow_loads_without_its_start_up_lines_unless_its_log_level_is_0():
+    load = [sys.executable, "-c", "import cli; cli.import_tensorflow()"]
+    quiet = subprocess.run(load, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (quiet.returncode, quiet.stderr) == (0, "")
+    loud = subprocess.run(load, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert any(cli.LOG_LINE.match(line) for line in loud.stderr.splitlines()), loud.stderr
+
+
+def test_tensorflows_lines_are_filtered_as_its_log_level_says_and_errors_kept():
+    caught = (f"{cli.ABSL_NOTICE}\n"
+              "I0000 00:00:1796172240.244737    2478 port.cc:153] oneDNN custom operations are on.\n"
+              "W0000 00:00:1796172240.3    2478 gpu_device.cc:2] a warning\n"
+              "E0000 00:00:1796172240.4    2478 cuda_dnn.cc:8] a real error\n"
+              "a line of Python's own\n")
+    assert cli.tensorflow_log_lines(caught, "2").splitlines() == [caught.splitlines()[3], "a line of Python's own"]
+    assert cli.tensorflow_log_lines(caught, "1").splitlines() == caught.splitlines()[2:]
+    assert cli.tensorflow_log_lines(caught, "0") == caught
 
 
 def interrupt_when(tmp_path, isbi_dir, ready):

@@ -1,6 +1,9 @@
 """export.py: a run's net as a bioimage.io model package that the model zoo's own test accepts."""
 
+import os
 import shutil
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -12,6 +15,7 @@ import data
 import export
 import predict
 import rundir
+from conftest import ROOT, TINY
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +25,10 @@ def package(two_run_logdir, tmp_path_factory):
     return path
 
 
-def test_the_package_passes_bioimageio_cores_own_test(package):
+def test_the_package_passes_bioimageio_cores_own_test(package, tmp_path, monkeypatch):
     import bioimageio.core
 
+    monkeypatch.chdir(tmp_path)  # the test unpacks the TensorFlow weights into the working directory
     summary = bioimageio.core.test_model(str(package))
     assert summary.status == "passed", summary.format()
     with zipfile.ZipFile(package) as archive:
@@ -88,3 +93,33 @@ def test_a_checkpoint_that_is_not_a_model_or_not_in_a_run_is_refused(two_run_log
     assert export.main([str(alone), "-o", str(tmp_path / "m.zip")]) == 2
     assert "is not in a run directory of train.py" in capsys.readouterr().err
     assert not (tmp_path / "m.zip").exists()
+
+
+def test_a_mixed_bfloat16_run_exports_a_float32_package_that_passes_the_test_anywhere(tmp_path, isbi_dir):
+    """Exported from another directory than training's; the package's own test in a fresh shell in a
+    third; neither the checkout nor those directories keep anything of it but the package."""
+    import keras
+
+    started, exporting, testing = (tmp_path / name for name in ("started", "exporting", "testing"))
+    for directory in (started, exporting, testing):
+        directory.mkdir()
+    checkout_before = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+    trained = subprocess.run([sys.executable, ROOT / "train.py", *TINY, "--precision", "mixed_bfloat16", "--epochs", "1",
+                              "--data", str(isbi_dir), "--logdir", "logs"], cwd=started, capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr
+    exported = subprocess.run([sys.executable, ROOT / "export.py", started / "logs" / "bce_lr1e-4", "-o", "model.zip"],
+                              cwd=exporting, capture_output=True, text=True)
+    assert exported.returncode == 0 and exported.stderr == "", exported.stderr
+    assert "float32 weights" in exported.stdout and "bioimage.io's test passed" in exported.stdout
+    assert [path.name for path in exporting.iterdir()] == ["model.zip"]
+
+    tested = subprocess.run(["bioimageio", "test", exporting / "model.zip"], cwd=testing, capture_output=True, text=True,
+                            env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+    assert tested.returncode == 0, tested.stdout[-3000:]
+    with zipfile.ZipFile(exporting / "model.zip") as archive:
+        readme = archive.read("README.md").decode()
+        archive.extract("unet.keras", tmp_path)
+    assert "float32 weights and computation (trained under Keras' mixed_bfloat16 policy" in readme
+    net = keras.models.load_model(tmp_path / "unet.keras", compile=False)
+    assert {layer.dtype_policy.name for layer in net.layers} == {"float32"}
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout == checkout_before

@@ -183,10 +183,48 @@ def test_resume_refuses_data_that_changed_unless_told(two_epoch_run, tmp_path, i
     write_stack(labels, stack)
     error = one_line_exit_2(["--resume", str(run_dir), "--epochs", "3"], capsys)
     assert f"{labels} has changed since the run started" in error and "--accept-new-data" in error
+    moved = one_line_exit_2(["--resume", str(run_dir), "--epochs", "3", "--images", str(isbi_dir / "train-volume.tif"),
+                             "--labels", str(labels)], capsys)
+    assert moved == error
     assert train.main(["--resume", str(run_dir), "--epochs", "3", "--accept-new-data"]) == 0
     # The new data is now the run's: a later --resume takes it without the flag.
     assert json.loads((run_dir / "config.json").read_text())["data_files"]["labels_sha256"] == data.sha256_of(labels)
     assert train.main(["--resume", str(run_dir), "--epochs", "4"]) == 0
+
+
+def test_a_run_resumes_from_any_directory_and_after_its_data_moved(tmp_path, isbi_dir, monkeypatch, capsys):
+    started, elsewhere = tmp_path / "started", tmp_path / "elsewhere"
+    (started / "isbi").mkdir(parents=True)
+    for name in (data.TRAIN_IMAGES, data.TRAIN_LABELS):
+        shutil.copy(isbi_dir / name, started / "isbi" / name)
+    elsewhere.mkdir()
+    monkeypatch.chdir(started)
+    assert train.main(TINY + ["--epochs", "1", "--lr", "1e-3", "--eval-every", "0", "--data", "isbi", "--logdir", "logs"]) == 0
+    run_dir = started / "logs" / "bce_lr1e-3"
+    config = json.loads((run_dir / rundir.CONFIG).read_text())
+    assert config["images"] == str(started / "isbi" / data.TRAIN_IMAGES) and config["started_in"] == str(started)
+    assert (config["logdir"], config["run_dir"]) == (str(started / "logs"), str(run_dir))
+
+    monkeypatch.chdir(elsewhere)
+    assert train.main(["--resume", str(run_dir), "--epochs", "2"]) == 0
+    (started / "isbi").rename(tmp_path / "moved")
+    capsys.readouterr()
+    error = one_line_exit_2(["--resume", str(run_dir), "--epochs", "3"], capsys)
+    assert error == (f"train.py: error: the run's images, {started / 'isbi' / data.TRAIN_IMAGES}, is not there: if its "
+                     "data moved, give where it is now with --images and --labels (or --data for ISBI 2012); the same "
+                     "files continue the run, other data needs --accept-new-data too\n")
+    assert train.main(["--resume", str(run_dir), "--epochs", "3", "--data", str(tmp_path / "moved")]) == 0
+    assert json.loads((run_dir / rundir.CONFIG).read_text())["images"] == str(tmp_path / "moved" / data.TRAIN_IMAGES)
+    assert steps(raw_events(run_dir)["train"]["epoch_loss"]) == [0, 1, 2]
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_refusal_after_tensorflow_loads_is_one_line(two_epoch_run):
+    result = subprocess.run([sys.executable, "train.py", "--resume", str(two_epoch_run)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr == (f"train.py: error: {two_epoch_run} has finished its 2 epochs: give --epochs with more to "
+                             "train it further\n")
 
 
 def test_accept_new_data_goes_with_resume(tmp_path, capsys):
