@@ -263,6 +263,11 @@ def timed_fit(model, batches, epochs, steps_per_epoch, callbacks=()):
     return statistics.median(timer.epochs[1:]), breakdown
 
 
+def measuring(what):
+    """Say on stderr what is being measured, as it starts: the table comes at the end, on stdout."""
+    print(f"bench.py: measuring {what}", file=sys.stderr, flush=True)
+
+
 def measure(args):
     run_inputs = inputs.load(args)
     stacks, train_indices, val_images, shown = run_inputs.stacks, run_inputs.train_indices, run_inputs.val_images, run_inputs.shown()
@@ -273,7 +278,9 @@ def measure(args):
     batches = distribute.training_batches(strategy, crops, args.steps_per_epoch, 0)
     results = {"device": setup["device"], "precision": setup["precision"], "XLA": setup["jit_compile"]}
 
+    measuring("the 3x3-convolution peak")
     results["conv rates"] = conv_rates()
+    measuring(f"the training step ({args.timed_steps} steps) and what it is made of")
     model = unet.compiled_unet(args.filters, args.loss, args.lr, setup["jit_compile"], args.ema, args.dropout)
     flops_per_image = 3 * forward_flops_per_image(model, args.crop)
     batch = crops.batch(epoch=0, index=0)
@@ -286,13 +293,17 @@ def measure(args):
     if args.step_only:
         return results
 
+    measuring("the data pipeline alone")
     results["pipeline images/s"] = pipeline_images_per_second(batches, args.batch_size, 4 * args.timed_steps)
 
     with tempfile.TemporaryDirectory() as logdir:
         args.logdir = logdir
+        fit_epochs = f"{args.timed_epochs + 1} epochs of {args.steps_per_epoch} steps, the first one not timed"
+        measuring(f"model.fit without callbacks ({fit_epochs})")
         bare, _ = timed_fit(model, batches, args.timed_epochs, args.steps_per_epoch)
         config = runs.run_config(args, run_inputs, "python bench.py", setup)
         run = rundir.Run(rundir.start(logdir, rundir.run_name(args.loss, args.lr), config), config, model)
+        measuring(f"model.fit with train.py's callbacks ({fit_epochs})")
         watched, breakdown = timed_fit(
             model, batches, args.timed_epochs, args.steps_per_epoch,
             callbacks=callbacks.for_run(args, run, run_inputs, callbacks.StopOnNonFiniteLoss(),
@@ -302,6 +313,7 @@ def measure(args):
         results["overhead"] = (watched - bare) / watched
         results["epoch seconds"] = (bare, watched)
         results["breakdown"] = breakdown
+        measuring("the seed article's pipeline, bare and with its image callback")
         reference = reference_step_seconds(args, np.stack([stacks.image(i) for i in train_indices]),
                                            np.stack([stacks.mask(i) for i in train_indices]), val_images[shown], logdir)
         results["reference images/s"] = {name: args.batch_size / seconds for name, seconds in reference.items()}

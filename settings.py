@@ -1,6 +1,7 @@
 """What a run can be set to, declared once with its domain, and the scores a run is judged by:
-the flags (flags.py) take their choices and defaults from here, and the modules that implement a
-choice (metrics.LOSSES, device.py, distribute.make_strategy) are checked against it by the tests.
+the flags (flags.py) take their choices from here (and the defaults that more than one module
+needs: the epochs, the recipes), and the modules that implement a choice (metrics.LOSSES,
+device.py, distribute.make_strategy) are checked against it by the tests.
 
 Imports nothing but the standard library, so that a command line is checked before TensorFlow
 loads.

@@ -42,7 +42,10 @@ def test_bench_prints_every_measure_for_a_tiny_configuration(isbi_dir, capsys):
     assert bench.main(["--filters", "4", "--crop", "64", "--batch-size", "2", "--steps-per-epoch", "3",
                        "--timed-steps", "2", "--timed-epochs", "1", "--precision", "float32",
                        "--data", str(isbi_dir)]) == 0
-    table = capsys.readouterr().out
+    table, said = capsys.readouterr()
+    # What it measures, said as it starts each part: the full bench runs for minutes.
+    assert said.splitlines()[0] == "bench.py: measuring the 3x3-convolution peak"
+    assert len(said.splitlines()) == 6 and all(line.startswith("bench.py: measuring ") for line in said.splitlines())
     for row in ("3x3 conv peak", "training FLOPs", "of the conv peak", "data pipeline alone", "no callbacks",
                 "overhead", "Validation", "ValidationSliceSummaries",
                 "what the step is made of", "With XLA on", "the seed article's loop, bare",

@@ -7,10 +7,12 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+import rundir
 import train
 from conftest import ROOT, TINY, TINY_STEPS, read_events
 
@@ -131,9 +133,12 @@ def test_a_lost_worker_stops_the_chief_with_one_line(isbi_dir, tmp_path):
                            TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
                      for index in range(2)]
     try:
-        for line in worker.stdout:  # training has begun on both once the worker starts its first epoch
-            if line.startswith("Epoch 1/"):
-                break
+        # Training has begun on both once the worker's callbacks have written the start of its run.
+        worker_logdir = next(Path(line.split()[4].rstrip(",")) for line in worker.stdout
+                             if line.startswith("this worker logs to "))
+        deadline = time.monotonic() + 240
+        while not list(worker_logdir.glob(f"*/{rundir.VALIDATION}/events.out.tfevents.*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
         worker.kill()
         (code, output), = finished([chief])
     finally:

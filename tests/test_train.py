@@ -316,10 +316,11 @@ def test_run_names_keep_distinct_learning_rates_apart(lr, name):
 
 @pytest.mark.parametrize("flags, message", [
     (["--crop", "100"], "not a multiple of 16"),
-    (["--lr", "-1"], "must be a finite number greater than 0"),
+    (["--lr", "-1"], "must be a finite number from 1.2e-38 to 3.403e+38 (what float32 holds)"),
+    (["--lr", "1e39"], "must be a finite number from 1.2e-38 to 3.403e+38 (what float32 holds)"),
     (["--lr", "fast"], "is not a float"),
-    (["--lr", "nan"], "must be a finite number greater than 0"),
-    (["--lr", "inf"], "must be a finite number greater than 0"),
+    (["--lr", "nan"], "must be a finite number from 1.2e-38"),
+    (["--lr", "inf"], "must be a finite number from 1.2e-38"),
     (["--epochs", "0"], "must be a finite number greater than 0"),
     (["--seed", "-1"], "must be a finite number from 0 to 4294967295"),
     (["--val-slices", ","], "names no slice"),
