@@ -408,7 +408,7 @@ class Validation(keras.callbacks.Callback):
     second time, and which under a tf.distribute strategy (Keras 3.15) splits a batch of one
     slice across the replicas and fails on the empty share. TrainingSummaries, which must come
     after this one, writes the scores to the `validation` run as `epoch_loss`, `epoch_v_rand`,
-    ...; the progress bar, History and checkpoints see them too.
+    ...; the progress line (progress.py), History and checkpoints see them too.
     """
 
     def __init__(self, validation_pass, labels, loss, metrics, isbi_every, weights=None):

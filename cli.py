@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import threading
 
 # TensorFlow's C++ INFO and WARNING lines (which CPU instructions its binary was built for, ...)
@@ -36,25 +35,40 @@ def import_tensorflow():
     While it loads, TensorFlow's libraries log through absl before absl's log level applies, so
     TF_CPP_MIN_LOG_LEVEL cannot silence them: on CPUs where oneDNN is on by default (AVX-512
     VNNI/BF16, AMX), "oneDNN custom operations are on", twice, each after absl's notice. So
-    stderr is caught while it loads and shown again as TensorFlow's log level would have
-    filtered it (tensorflow_log_lines): real errors still show, and TF_CPP_MIN_LOG_LEVEL=0 shows
-    everything.
+    stderr goes through a pipe while it loads, and each line is passed on at once unless
+    TensorFlow's log level would have hidden it (tensorflow_log_lines): real errors still show,
+    even one that aborts the process, and TF_CPP_MIN_LOG_LEVEL=0 shows everything.
     """
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
-    with tempfile.TemporaryFile() as caught:
+    try:
         sys.stderr.flush()
         stderr = os.dup(2)
-        os.dup2(caught.fileno(), 2)
-        try:
-            import tensorflow
-        finally:
-            os.dup2(stderr, 2)
-            os.close(stderr)
-            caught.seek(0)
-            sys.stderr.write(tensorflow_log_lines(caught.read().decode(errors="replace"),
-                                                  os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0")))
-            sys.stderr.flush()
+    except (AttributeError, OSError):  # no stderr to keep clean (closed, or sys.stderr is None)
+        import tensorflow
+        return tensorflow
+    reading, writing = os.pipe()
+    level = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0")
+
+    def pass_on():
+        with os.fdopen(reading, "rb") as lines:
+            for line in lines:
+                kept = tensorflow_log_lines(line.decode(errors="replace"), level)
+                if kept:
+                    os.write(stderr, kept.encode())
+        os.close(stderr)
+
+    forwarder = threading.Thread(target=pass_on, daemon=True)
+    forwarder.start()
+    os.dup2(writing, 2)
+    os.close(writing)
+    try:
+        import tensorflow
+    finally:
+        os.dup2(stderr, 2)  # the pipe's last writer gone: the forwarder reads to its end and stops
+        # Unless a library kept a copy of the pipe as its stderr: then the forwarder goes on
+        # passing its lines on, and this process does not wait for it.
+        forwarder.join(timeout=5)
     return tensorflow
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 import cli
 import data
+import rundir
 from settings import MULTIPLE, WEIGHTED_LOSSES
 
 IMAGE_SLICES = 3  # validation slices shown as images
@@ -26,6 +27,7 @@ class RunInputs:
     images_path: Path
     labels_path: Path
     mirror: str | None  # the URL the stacks were downloaded from, None if they were on disk
+    sha256: dict  # {"images": hex digest, "labels": ...} of the two files
     train_indices: list
     val_indices: list
     val_images: np.ndarray
@@ -65,10 +67,11 @@ def load(args, resumed_config=None):
         raise cli.InputError("give --images and --labels together, or neither to use ISBI 2012")
     images_path = Path(args.images or args.data / data.TRAIN_IMAGES)
     labels_path = Path(args.labels or args.data / data.TRAIN_LABELS)
-    if resumed_config is not None and not args.accept_new_data:
-        check_unchanged(resumed_config, images_path, labels_path)
+    digests = (None if resumed_config is None
+               else checked_digests(resumed_config, images_path, labels_path, args.accept_new_data))
     stacks = data.load_training_stacks(images_path, labels_path, data.memory_map_above(args.memmap),
                                         args.labels_polarity)
+    digests = digests or {"images": data.sha256_of(images_path), "labels": data.sha256_of(labels_path)}
     if min(stacks.slice_shape) < args.crop:
         raise cli.InputError(f"--crop {args.crop} is larger than the {stacks.slice_shape[0]}x{stacks.slice_shape[1]} "
                              f"slices: use --crop {min(stacks.slice_shape) // MULTIPLE * MULTIPLE} or less")
@@ -76,21 +79,30 @@ def load(args, resumed_config=None):
     data.check_masks(stacks, train_indices, val_indices, labels_path)
     val_images = np.stack([stacks.image(index) for index in val_indices])
     val_labels = np.stack([stacks.mask(index) for index in val_indices])
-    return RunInputs(stacks, images_path, labels_path, mirror, train_indices, val_indices,
+    return RunInputs(stacks, images_path, labels_path, mirror, digests, train_indices, val_indices,
                      data.trim_to_multiple(val_images, MULTIPLE), data.trim_to_multiple(val_labels, MULTIPLE))
 
 
-def check_unchanged(config, images_path, labels_path):
-    """Refuse to resume on image or label files other than those the run started with (their
-    SHA-256 in config.json), or where they are no longer, saying how to go on."""
+def checked_digests(config, images_path, labels_path, accept_new_data):
+    """The SHA-256 of the files a resumed run is to continue on; unless `accept_new_data`, refused
+    if they are not those the run started with (their SHA-256 in its config.json), saying how to
+    go on. A file that is not there is refused too."""
     recorded = config.get("data_files", {})
+    digests = {}
     for name, path in (("images", images_path), ("labels", labels_path)):
-        expected = recorded.get(f"{name}_sha256")
         if not path.is_file():
             raise cli.InputError(f"the run's {name}, {path}, is not there: if its data moved, give where it is now with "
                                  "--images and --labels (or --data for ISBI 2012); the same files continue the run, "
                                  "other data needs --accept-new-data too")
-        if expected and data.sha256_of(path) != expected:
+        digests[name] = data.sha256_of(path)
+        expected = recorded.get(f"{name}_sha256")
+        if accept_new_data:
+            continue
+        if expected is None and path.absolute() != rundir.recorded_path(config, name).absolute():
+            raise cli.InputError(f"the run's config.json records no SHA-256 of its {name}, so {path} cannot be checked "
+                                 "against them: add --accept-new-data to continue on it")
+        if expected is not None and digests[name] != expected:
             raise cli.InputError(f"{path} has changed since the run started (its SHA-256 differs from config.json's): "
                                  "give the run's own file (--images, --labels), or add --accept-new-data to continue "
                                  "on this data")
+    return digests

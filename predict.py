@@ -178,13 +178,12 @@ def run(args):
         labels = (label_stack == data.cell_value(label_stack, args.labels, args.labels_polarity)[0]).astype(np.uint8)
 
     cli.import_tensorflow()  # only once the inputs are known to be good
-    from keras.utils import Progbar
-
     import metrics
+    from progress import Counter
     model = load_model(checkpoint)
     print(f"predicting {len(images)} slices of {images.shape[1]}x{images.shape[2]}"
           + (" with 8-fold test-time augmentation" if args.tta else "") + f"; grey values: {scaling.rule}")
-    probabilities = predict_stack(model, images, args.tile, args.tta, progress=Progbar(len(images)))
+    probabilities = predict_stack(model, images, args.tile, args.tta, progress=Counter(len(images), "slice"))
     data.write_stack_atomically(args.output, probabilities, fix="free some space or choose another -o")
     print(f"wrote {args.output}: {len(probabilities)} pages of float32 cell probability")
 

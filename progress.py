@@ -1,10 +1,12 @@
-"""What a run prints while it trains, in place of Keras' progress bar (whose 14 values wrap every
-step on a terminal of 120 columns and fill a piped log with control characters).
+"""What a command prints while it works, in place of Keras' progress bar (whose 14 values wrap every
+step on a terminal of 120 columns and fill a piped log with control characters): a run's
+progress (ProgressLine) and predict.py's count of slices (Counter).
 
-On a terminal: one line, rewritten in place and never wider than WIDTH columns, with the step, the
-time per step, the training loss and misclassified-pixel fraction (means since the epoch began,
-as Keras reports them); at each epoch's end that line stays and one more says the validation
-scores in words. Piped or redirected: one line per epoch with both, no control characters.
+On a terminal: one line, rewritten in place and never wider than WIDTH columns (nor than the
+terminal), with the step, the time per step, the training loss and misclassified-pixel fraction
+(means since the epoch began, as Keras reports them); at each epoch's end that line stays and one
+more says the validation scores in words. Piped or redirected: one line per epoch with both, no
+control characters.
 """
 
 import os
@@ -18,7 +20,7 @@ REDRAWS_PER_SECOND = 10
 # The validation scores of an epoch's line, in words, in the order shown; those the epoch lacks
 # (the challenge's scores between evaluations, --eval-every) are left out.
 VALIDATION_WORDS = {"v_rand": "V_rand", "v_info": "V_info", "pixel_error": "pixel error",
-                    "misclassified_pixel_fraction": "misclassified pixels", "loss": "loss"}
+                    "misclassified_pixel_fraction": "misclassified", "loss": "loss"}
 
 
 def validation_line(logs):
@@ -36,7 +38,7 @@ class ProgressLine(keras.callbacks.Callback):
         self.stream = stream or sys.stdout
         self.live = self.stream.isatty()
         self._open = False  # a live line is on screen, not yet ended
-        self._epoch = 0
+        self._epoch, self._step_line = 0, ""
         self._epoch_started = self._drawn = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -44,35 +46,28 @@ class ProgressLine(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         now = time.monotonic()
-        if not self.live or (now - self._drawn < 1 / REDRAWS_PER_SECOND and batch + 1 < self.params["steps"]):
-            return
-        self._drawn = now
-        self.draw(self.step_line(batch + 1, now, logs))
+        self._step_line = self.step_line(batch + 1, now, logs)
+        if self.live and (now - self._drawn >= 1 / REDRAWS_PER_SECOND or batch + 1 == self.params["steps"]):
+            self._drawn = now
+            self.draw(self._step_line)
 
     def on_epoch_end(self, epoch, logs=None):
-        now = time.monotonic()
+        # The epoch's last step line (its time per step without the epoch end's), then the scores.
         if self.live:
-            self.draw(self.step_line(self.params["steps"], now, logs))
+            self.draw(self._step_line)  # the redraws' limit may have skipped a stopped epoch's last step
             self.end_line()
-            print("  " + validation_line(logs), file=self.stream, flush=True)
+            self.draw("  " + validation_line(logs))
+            self.end_line()
         else:
-            print(f"{self.step_line(self.params['steps'], now, logs)}; {validation_line(logs)}", file=self.stream, flush=True)
+            print(f"{self._step_line}; {validation_line(logs)}", file=self.stream, flush=True)
 
     def step_line(self, steps_done, now, logs):
         return (f"epoch {self._epoch + 1}/{self.epochs}  step {steps_done}/{self.params['steps']}  "
                 f"{(now - self._epoch_started) / steps_done:.3f} s/step  loss {logs['loss']:.4f}  "
-                f"misclassified pixels {logs['misclassified_pixel_fraction']:.4f}")
+                f"misclassified {logs['misclassified_pixel_fraction']:.4f}")
 
     def draw(self, text):
-        try:
-            columns = os.get_terminal_size(self.stream.fileno()).columns
-        except (AttributeError, OSError, ValueError):
-            columns = 0
-        # One column short of the terminal's: a line as wide as it wraps on some terminals.
-        width = min(WIDTH, columns - 1) if columns > 1 else WIDTH
-        # \r back to the line's start, \x1b[K clears what a longer line left beyond the new one.
-        self.stream.write("\r" + text[:width] + "\x1b[K")
-        self.stream.flush()
+        redraw(self.stream, text)
         self._open = True
 
     def end_line(self):
@@ -81,3 +76,33 @@ class ProgressLine(keras.callbacks.Callback):
             self.stream.write("\n")
             self.stream.flush()
             self._open = False
+
+
+def redraw(stream, text):
+    """`text` in place of the terminal line the cursor is on, cut to the terminal's width."""
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        columns = 0
+    # One column short of the terminal's: a line as wide as it wraps on some terminals.
+    width = min(WIDTH, columns - 1) if columns > 1 else WIDTH
+    # \r back to the line's start, \x1b[K clears what a longer line left beyond the new one.
+    stream.write("\r" + text[:width] + "\x1b[K")
+    stream.flush()
+
+
+class Counter:
+    """`<what> k/n`, redrawn in place on a terminal as `update(k)` is called; nothing when piped or
+    redirected (the command's own lines say what was done)."""
+
+    def __init__(self, total, what, stream=None):
+        self.total, self.what = total, what
+        self.stream = stream or sys.stdout
+        self.live = self.stream.isatty()
+
+    def update(self, done):
+        if self.live:
+            redraw(self.stream, f"{self.what} {done}/{self.total}")
+            if done == self.total:
+                self.stream.write("\n")
+                self.stream.flush()

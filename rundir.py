@@ -110,8 +110,9 @@ def save_config(run_dir, config):
 
 
 def recorded_path(config, name):
-    """The path config.json records as `name` (settings.PATHS): absolute, or for a run started
-    before paths were recorded so, relative to the directory training started in."""
+    """The path config.json records as `name` (settings.PATHS): absolute since config.json records
+    `started_in`; a run started before recorded them relative to a directory it did not name, so
+    they are taken as relative to the current one."""
     return Path(config.get("started_in", ".")) / config[name]
 
 

@@ -40,25 +40,24 @@ def git_commit():
     return head.stdout.strip() + (" (uncommitted changes)" if status.stdout.strip() else "")
 
 
-def provenance(images_path, labels_path):
-    """Versions, code and data a run used, for config.json and the Text tab."""
+def provenance():
+    """Versions and code a run used, for config.json and the Text tab."""
     return {
         "versions": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
                      "tensorboard": tensorboard.__version__, "numpy": np.__version__},
         "git_commit": git_commit(),
-        "data_files": {"images": str(Path(images_path).absolute()), "images_sha256": data.sha256_of(images_path),
-                       "labels": str(Path(labels_path).absolute()), "labels_sha256": data.sha256_of(labels_path)},
     }
 
 
 def data_record(args, run_inputs):
     """Where a run's data is and what it is, for its config.json: the paths absolute (settings.PATHS),
     so that the run can be resumed, exported and predicted from any directory, and the files'
-    checksums."""
+    checksums (`data_files`)."""
     paths = {name: getattr(args, name) for name in settings.PATHS}
     paths.update(images=run_inputs.images_path, labels=run_inputs.labels_path)
-    return {**{name: None if path is None else str(Path(path).absolute()) for name, path in paths.items()},
-            "data_files": provenance(run_inputs.images_path, run_inputs.labels_path)["data_files"]}
+    absolute = {name: None if path is None else str(Path(path).absolute()) for name, path in paths.items()}
+    return {**absolute, "data_files": {"images": absolute["images"], "images_sha256": run_inputs.sha256["images"],
+                                       "labels": absolute["labels"], "labels_sha256": run_inputs.sha256["labels"]}}
 
 
 def run_config(args, run_inputs, command, setup):
@@ -69,7 +68,7 @@ def run_config(args, run_inputs, command, setup):
             "mirror": run_inputs.mirror, "image_scaling": run_inputs.stacks.scaling.describe(), **setup,
             "train_slices": run_inputs.train_indices, "val_slices": run_inputs.val_indices,
             "started_in": str(Path.cwd()), "command": command,
-            **provenance(run_inputs.images_path, run_inputs.labels_path), **data_record(args, run_inputs)}
+            **provenance(), **data_record(args, run_inputs)}
 
 
 def markdown_table(rows):

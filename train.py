@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import cli
+import data
 import flags
 import inputs
 import rundir
@@ -55,15 +56,21 @@ def resumed_arguments(args, given, config):
     if changed:
         raise cli.InputError(f"--resume continues a run with its own settings: drop {' '.join(changed)} "
                              "(start a new run to change them)")
-    moved = not given.isdisjoint(settings.DATA_LOCATIONS)
-    kept = {name for name in vars(args) if name in config and name not in given and name not in settings.COMMAND_FLAGS
-            and not (moved and name in settings.DATA_LOCATIONS)}
+    isbi_run = rundir.recorded_path(config, "images") == rundir.recorded_path(config, "data") / data.TRAIN_IMAGES
+    if "data" in given and not isbi_run:
+        raise cli.InputError(f"{args.resume} trained on stacks of its own, not ISBI 2012 in a --data directory: give "
+                             "where they are now with --images and --labels")
+    # --data: ISBI 2012 is now there; --images or --labels: that stack is now there.
+    moved = given & set(settings.DATA_LOCATIONS) | ({"images", "labels"} if "data" in given else set())
+    kept = {name for name in vars(args) if name in config and name not in moved and name not in given
+            and name not in settings.COMMAND_FLAGS}
     # Settings a run's config.json lacks (added to train.py after it started) keep their defaults, or
     # what the run had in effect where that differs.
     resumed = {**vars(args), **settings.BEFORE_IT_EXISTED, **{name: config[name] for name in kept}}
     for name in settings.PATHS:
         if resumed[name] is not None:
             resumed[name] = rundir.recorded_path(config, name) if name in kept else Path(resumed[name])
+    resumed["logdir"] = Path(args.resume).absolute().parent  # where the run is now, if it moved
     return argparse.Namespace(**resumed)
 
 
@@ -161,8 +168,8 @@ def train(args, given, command):
                 if args.resume is None:
                     run.model = unet.compiled_unet(args.filters, args.loss, args.lr, setup["jit_compile"], args.ema, args.dropout)
                 elif chief:
-                    # Where the data is now, and with --accept-new-data what it is: the run's from now on.
-                    config.update(runs.data_record(args, run_inputs))
+                    # Where the run and its data are now, and with --accept-new-data what the data is.
+                    config.update(run_dir=str(Path(args.resume).absolute()), **runs.data_record(args, run_inputs))
                     run = resume.continue_run(args.resume, config, args.epochs, command, setup)
                 else:
                     run.model, run.initial_epoch = resume.restore_model(args.resume, config)

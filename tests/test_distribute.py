@@ -134,10 +134,11 @@ def test_a_lost_worker_stops_the_chief_with_one_line(isbi_dir, tmp_path):
                      for index in range(2)]
     try:
         # Training has begun on both once the worker's callbacks have written the start of its run.
-        worker_logdir = next(Path(line.split()[4].rstrip(",")) for line in worker.stdout
-                             if line.startswith("this worker logs to "))
+        worker_logdir = next(Path(line.removeprefix("this worker logs to ").split(", removed at the end")[0])
+                             for line in worker.stdout if line.startswith("this worker logs to "))
         deadline = time.monotonic() + 240
-        while not list(worker_logdir.glob(f"*/{rundir.VALIDATION}/events.out.tfevents.*")) and time.monotonic() < deadline:
+        while not list(worker_logdir.glob(f"*/{rundir.VALIDATION}/events.out.tfevents.*")):
+            assert time.monotonic() < deadline, "the worker's run did not start within 4 minutes"
             time.sleep(0.05)
         worker.kill()
         (code, output), = finished([chief])

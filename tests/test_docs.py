@@ -2,7 +2,7 @@
 to a file of the checkout, and every #anchor to a heading of its page."""
 
 import re
-from pathlib import Path
+import subprocess
 
 import pytest
 
@@ -11,6 +11,7 @@ from conftest import ROOT
 PAGES = sorted([*ROOT.glob("*.md"), *(ROOT / "docs").glob("*.md")])
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 CODE = re.compile(r"```.*?```|`[^`\n]*`", re.DOTALL)
+TRACKED = {ROOT / name for name in subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()}
 
 
 def anchors(page):
@@ -27,8 +28,8 @@ def test_every_relative_link_resolves(page):
             continue
         path, _, anchor = target.partition("#")
         linked = (page.parent / path).resolve() if path else page
-        if not linked.exists():
-            broken.append(f"{target}: no {linked}")
+        if not linked.exists() or not linked.is_relative_to(ROOT) or linked.is_file() and linked not in TRACKED:
+            broken.append(f"{target}: {linked} is no file of the checkout")
         elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
             broken.append(f"{target}: no heading #{anchor} in {linked.name}")
     assert broken == []

@@ -219,6 +219,19 @@ def test_a_run_resumes_from_any_directory_and_after_its_data_moved(tmp_path, isb
     assert list(elsewhere.iterdir()) == []
 
 
+def test_resume_takes_one_moved_stack_and_refuses_data_for_a_run_on_stacks_of_its_own(two_epoch_run, tmp_path, isbi_dir,
+                                                                                      capsys):
+    run_dir = copy_of(two_epoch_run, tmp_path)
+    moved = shutil.copy(isbi_dir / data.TRAIN_IMAGES, tmp_path / "moved-images.tif")
+    assert train.main(["--resume", str(run_dir), "--epochs", "3", "--images", str(moved)]) == 0
+    config = json.loads((run_dir / rundir.CONFIG).read_text())
+    assert (config["images"], config["labels"]) == (str(moved), str(isbi_dir / data.TRAIN_LABELS))
+    capsys.readouterr()
+    error = one_line_exit_2(["--resume", str(run_dir), "--epochs", "4", "--data", str(isbi_dir)], capsys)
+    assert error == (f"train.py: error: {run_dir} trained on stacks of its own, not ISBI 2012 in a --data directory: "
+                     "give where they are now with --images and --labels\n")
+
+
 def test_a_refusal_after_tensorflow_loads_is_one_line(two_epoch_run):
     result = subprocess.run([sys.executable, "train.py", "--resume", str(two_epoch_run)], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
