@@ -1,7 +1,8 @@
 """What every command of this project does the same way: flags checked to their real range at parse
 time, `--help` text written as it reads (no `%` escaping, defaults appended), and every refusal or
 stop told in one line on stderr with its exit code: 2 for bad input, 1 for a run that stopped, 130
-for Ctrl-C.
+for Ctrl-C (SIGINT), 143 for SIGTERM (a scheduler's time limit, `kill`, `docker stop`) and 129 for
+SIGHUP (a closed terminal): 128 + the signal's number, as a shell reports a process it killed.
 
 Imports nothing but the standard library: every command checks its input with it before
 TensorFlow loads, so that bad input is answered in about a second.
@@ -99,9 +100,14 @@ class Stopped(Exception):
 
 
 class Interrupted(Stopped):
-    """Ctrl-C: one line saying what was kept."""
+    """Ctrl-C, SIGTERM or SIGHUP (STOP_SIGNALS): one line saying what was kept, and the exit code
+    128 + the signal's number."""
 
-    label, exit_code = "interrupted", 130
+    def __init__(self, message):
+        super().__init__(message)
+        signum = _interrupts[-1] if _interrupts else signal.SIGINT
+        self.exit_code = 128 + signum
+        self.label = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
 
 
 # --- argument types ------------------------------------------------------------------------------
@@ -216,11 +222,15 @@ def say(prog, label, message):
     print(f"{prog}: {label}: {message}", file=sys.stderr, flush=True)
 
 
-_interrupts = []  # the Ctrl-Cs received while the command runs
+_interrupts = []  # the stop signals received while the command runs
+# The signals that stop a command as Ctrl-C does, each with the handler Python starts with where it
+# is not ignored (nohup ignores SIGHUP, a background shell job SIGINT: those stay ignored).
+STOP_SIGNALS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL,
+                signal.SIGHUP: signal.SIG_DFL}
 
 
 def interrupted():
-    """Whether Ctrl-C was pressed while the command ran. Whatever is raised after it is the
+    """Whether a stop signal came while the command ran. Whatever is raised after it is the
     interrupt's doing: TensorFlow's C++ code, interrupted while it hands results to Python, can
     raise a SystemError in place of the KeyboardInterrupt."""
     return bool(_interrupts)
@@ -228,32 +238,36 @@ def interrupted():
 
 def _note_interrupt(signum, frame):
     _interrupts.append(signum)
-    signal.default_int_handler(signum, frame)
+    signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt, whichever the signal
 
 
 def run(prog, body):
     """Call `body()` and return the command's exit code: 0, or the code of what it raised, told in
-    one line."""
-    handler = signal.getsignal(signal.SIGINT)
-    # Only where Ctrl-C raises KeyboardInterrupt (not under nohup, which ignores it) and signals can be set.
-    noting = handler is signal.default_int_handler and threading.current_thread() is threading.main_thread()
+    one line. A stop signal (STOP_SIGNALS) raises KeyboardInterrupt in `body`, as Ctrl-C does."""
     _interrupts.clear()
-    if noting:
-        signal.signal(signal.SIGINT, _note_interrupt)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():  # only there can signals be set
+        handlers = {signum: signal.getsignal(signum) for signum, untouched in STOP_SIGNALS.items()
+                    if signal.getsignal(signum) is untouched}
+    for signum in handlers:
+        signal.signal(signum, _note_interrupt)
     try:
         body()
     except (InputError, Stopped) as error:
-        say(prog, error.label, error)
-        return error.exit_code
+        return told(prog, error)
     except Exception:
         if not interrupted():
             raise
-        say(prog, Interrupted.label, "nothing was written")
-        return Interrupted.exit_code
+        return told(prog, Interrupted("nothing was written"))
     except KeyboardInterrupt:
-        say(prog, Interrupted.label, "nothing was written")
-        return Interrupted.exit_code
+        return told(prog, Interrupted("nothing was written"))
     finally:
-        if noting:
-            signal.signal(signal.SIGINT, handler)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     return 0
+
+
+def told(prog, error):
+    """Say `error` (an InputError or Stopped) in one line; its exit code."""
+    say(prog, error.label, error)
+    return error.exit_code

@@ -12,10 +12,12 @@ distribute.py feeds to each replica through tf.data. Imports no TensorFlow: ever
 checked before it loads.
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import io
+import logging
 import math
 import os
 import sys
@@ -160,6 +162,41 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def tifffile_warnings():
+    """The messages tifffile logs while the block runs, kept off stderr: a list, filled as it goes."""
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("tifffile")
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def refuse_truncated(path, tiff, warnings):
+    """DataError if the TIFF ends before its pages do (an interrupted copy or download): a page
+    whose directory lies past the file's end (tifffile warns of an invalid page offset and stops
+    reading pages), or whose pixels do."""
+    size = path.stat().st_size
+    pages = len(tiff.pages)  # reads every page's directory
+    cut = next((message for message in warnings if "invalid page offset" in message), None)
+    if cut is None:
+        for index, page in enumerate(tiff.pages):
+            ends = [offset + count for offset, count in zip(page.dataoffsets, page.databytecounts)]
+            if ends and max(ends) > size:
+                cut = f"the pixels of page {index + 1} of {pages} end past the file's end"
+                break
+    else:
+        cut = f"page {pages + 1}'s directory is at byte {cut.split()[-1]}, past the end"
+    if cut is not None:
+        raise DataError(f"{path} is truncated ({size} bytes; {cut}): copy it again from its source")
+
+
 def read_stack(path, memory_map_above=math.inf):
     """A TIFF as a (pages, height, width) array of every page; memory-mapped (nothing read until a
     region is indexed) if its pixels take more than `memory_map_above` bytes. One clear DataError
@@ -170,7 +207,8 @@ def read_stack(path, memory_map_above=math.inf):
             f"{path} not found: check the path (`python data.py` downloads ISBI 2012 into {DEFAULT_DATA_DIR})"
         )
     try:
-        with tifffile.TiffFile(path) as tiff:
+        with tifffile_warnings() as warnings, tifffile.TiffFile(path) as tiff:
+            refuse_truncated(path, tiff, warnings)
             series = tiff.series
             axes, shape, dtype = series[0].axes, series[0].shape, series[0].dtype
             if len(series) > 1:  # pages appended one by one, or several stacks in one file

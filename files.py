@@ -18,6 +18,9 @@ def replaced_atomically(path):
     """
     path = Path(path)
     temporary = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    # A file planted under that name (a symbolic link in a run directory received from someone
+    # else) is removed, not written through; os.replace replaces a link at `path`, never its target.
+    temporary.unlink(missing_ok=True)
     try:
         yield temporary
         os.replace(temporary, path)

@@ -132,6 +132,14 @@ def read_config(run_dir):
     return config
 
 
+def refuse_a_linked_lock(run_dir):
+    """InputError if the run directory's lock is a symbolic link (checked before TensorFlow loads
+    by --resume, and by `locked`, which never follows one)."""
+    path = Path(run_dir) / LOCK
+    if path.is_symlink():
+        raise InputError(f"{path} is a symbolic link, not the run's lock file: remove it (rm {path}), then resume the run")
+
+
 @contextlib.contextmanager
 def locked(run_dir):
     """Hold the run directory's lock while the block runs: an OS file lock (flock), which dies
@@ -139,8 +147,11 @@ def locked(run_dir):
     take it is refused with one line naming the process that holds it; it writes nothing."""
     path = Path(run_dir) / LOCK
     try:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        # O_NOFOLLOW: the lock is truncated and written, so a symbolic link planted as the lock (a run
+        # directory received from someone else) must not lead it to another file.
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as error:
+        refuse_a_linked_lock(run_dir)
         raise InputError(f"cannot open {path} ({error.strerror}): the run directory must be writable for you") from None
     try:
         try:

@@ -40,6 +40,7 @@ TENSORBOARD_PORT = 6006  # TensorBoard's default
 def resumable_config(run_dir):
     """The config.json of a run that --resume can continue."""
     config = rundir.read_config(run_dir)
+    rundir.refuse_a_linked_lock(run_dir)
     if not (Path(run_dir) / rundir.LAST).is_file():
         raise cli.InputError(f"{run_dir} has no {rundir.LAST}: it stopped before its first epoch ended (or an older "
                              "train.py ran it); start it anew")
@@ -56,8 +57,7 @@ def resumed_arguments(args, given, config):
     if changed:
         raise cli.InputError(f"--resume continues a run with its own settings: drop {' '.join(changed)} "
                              "(start a new run to change them)")
-    isbi_run = rundir.recorded_path(config, "images") == rundir.recorded_path(config, "data") / data.TRAIN_IMAGES
-    if "data" in given and not isbi_run:
+    if "data" in given and rundir.recorded_path(config, "images") != rundir.recorded_path(config, "data") / data.TRAIN_IMAGES:
         raise cli.InputError(f"{args.resume} trained on stacks of its own, not ISBI 2012 in a --data directory: give "
                              "where they are now with --images and --labels")
     # --data: ISBI 2012 is now there; --images or --labels: that stack is now there.

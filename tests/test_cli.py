@@ -112,7 +112,26 @@ def resume_with_a_flag_at_its_default(tmp_path, isbi_dir):
     return ["--resume", run_dir, "--loss", "bce"]
 
 
+def truncated_copy(tmp_path, isbi_dir):
+    """ISBI's images as an interrupted copy leaves them: cut where the sixth page's directory starts."""
+    path = tmp_path / "cut.tif"
+    with tifffile.TiffFile(isbi_dir / data.TRAIN_IMAGES) as tiff:
+        path.write_bytes((isbi_dir / data.TRAIN_IMAGES).read_bytes()[:tiff.pages[5].offset])
+    return path
+
+
+def a_run_with_a_linked_lock(tmp_path, isbi_dir):
+    run_dir = resume_with_a_flag_at_its_default(tmp_path, isbi_dir)[1]
+    (tmp_path / "victim.txt").write_text("a file of the user's")
+    (run_dir / ".lock").symlink_to(tmp_path / "victim.txt")
+    return ["--resume", run_dir]
+
+
 TRAIN_CASES = {
+    "truncated stack": (lambda tmp_path, isbi_dir: ["--images", truncated_copy(tmp_path, isbi_dir),
+                                                    "--labels", isbi_dir / "train-labels.tif"],
+                        "cut.tif is truncated ("),
+    "a linked lock": (a_run_with_a_linked_lock, "/run/.lock is a symbolic link, not the run's lock file: remove it"),
     "bad flag value": (lambda tmp_path, isbi_dir: ["--lr", "inf"], "argument --lr: 'inf' must be a finite number"),
     "empty slice list": (lambda tmp_path, isbi_dir: ["--val-slices", ","], "argument --val-slices: ',' names no slice"),
     "missing TIFF": (lambda tmp_path, isbi_dir: ["--images", tmp_path / "missing.tif", "--labels", isbi_dir / "train-labels.tif"],
@@ -154,6 +173,14 @@ def test_predict_refuses_bad_input_before_tensorflow(tmp_path, isbi_dir):
     assert result.stdout.endswith("tensorflow imported: False\n")
 
 
+def test_predict_refuses_a_truncated_stack_before_tensorflow(tmp_path, isbi_dir, two_run_logdir):
+    cut = truncated_copy(tmp_path, isbi_dir)
+    result, _ = run_command("predict", [two_run_logdir / "bce_lr1e-3", cut, "-o", tmp_path / "p.tif"])
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"predict.py: error: {cut} is truncated (") and "copy it again" in result.stderr
+    assert result.stdout.endswith("tensorflow imported: False\n") and not (tmp_path / "p.tif").exists()
+
+
 def test_a_tiny_run_writes_nothing_to_stderr_one_line_per_epoch_when_piped_and_records_its_mirror(tmp_path, mirror_url):
     result = subprocess.run(
         [sys.executable, "train.py", *TINY, "--data", str(tmp_path / "isbi"), "--logdir", str(tmp_path / "logs")],
@@ -190,20 +217,21 @@ def test_tensorflows_lines_are_filtered_as_its_log_level_says_and_errors_kept():
     assert cli.tensorflow_log_lines(caught, "0") == caught
 
 
-def interrupt_when(tmp_path, isbi_dir, ready):
-    """Ctrl-C (SIGINT) a training once `ready(run_dir)`; (exit code, stdout and stderr as one stream)."""
+def interrupt_when(tmp_path, isbi_dir, ready, signum=signal.SIGINT):
+    """Send `signum` (Ctrl-C's SIGINT unless told) to a training once `ready(run_dir)`; (exit code,
+    stdout and stderr as one stream)."""
     run_dir = tmp_path / "logs" / "bce_lr1e-3"
     process = subprocess.Popen([sys.executable, "train.py", *TINY, "--epochs", "50", "--lr", "1e-3", "--eval-every", "0",
                                 "--data", str(isbi_dir), "--logdir", str(tmp_path / "logs")],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                               # Under nohup or a background shell job SIGINT is ignored, and Python
-                               # would inherit that instead of raising KeyboardInterrupt.
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                               # Under nohup SIGHUP is ignored, in a background shell job SIGINT, and
+                               # the child would inherit that instead of stopping.
+                               preexec_fn=lambda: [signal.signal(signum, signal.SIG_DFL) for signum in cli.STOP_SIGNALS])
     deadline = time.monotonic() + 240
     while not ready(run_dir) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     output, _ = process.communicate(timeout=120)
     return process.returncode, output, run_dir
 
@@ -221,6 +249,23 @@ def test_ctrl_c_after_a_checkpoint_names_the_run_to_resume_on_a_line_of_its_own(
     assert code == 130, output
     assert output.endswith(f"\ntrain.py: interrupted: continue the run from its last checkpoint with --resume {run_dir}\n")
     assert (run_dir / "last.keras").is_file()
+
+
+def test_sigterm_after_a_checkpoint_stops_the_run_like_ctrl_c_with_exit_code_143(tmp_path, isbi_dir):
+    code, output, run_dir = interrupt_when(tmp_path, isbi_dir, lambda run_dir: (run_dir / "last.keras").is_file(),
+                                           signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, output
+    assert output.endswith(f"\ntrain.py: stopped by SIGTERM: continue the run from its last checkpoint with --resume "
+                           f"{run_dir}\n"), output[-400:]
+    assert (run_dir / "last.keras").is_file()
+
+
+def test_sighup_before_the_first_checkpoint_removes_the_run(tmp_path, isbi_dir):
+    code, output, run_dir = interrupt_when(tmp_path, isbi_dir, lambda run_dir: (run_dir / "train").is_dir(), signal.SIGHUP)
+    assert code == 128 + signal.SIGHUP, output
+    assert output.endswith(f"\ntrain.py: stopped by SIGHUP: no epoch of {run_dir} had ended, so nothing was kept: "
+                           "start the run again\n"), output[-400:]
+    assert not run_dir.exists()
 
 
 def test_an_error_raised_after_ctrl_c_is_told_as_the_interrupt(capsys):

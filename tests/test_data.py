@@ -113,7 +113,8 @@ def test_colour_tiff_is_refused(tmp_path):
 def test_truncated_tiff_is_named(isbi_dir, tmp_path):
     truncated = tmp_path / "train-volume.tif"
     truncated.write_bytes((isbi_dir / "train-volume.tif").read_bytes()[:100_000])
-    with pytest.raises(data.DataError, match="is not a readable TIFF"):
+    with pytest.raises(data.DataError, match=r"train-volume.tif is truncated \(100000 bytes; page 2's directory is at "
+                                             r"byte \d+, past the end\): copy it again from its source"):
         data.read_stack(truncated)
 
 

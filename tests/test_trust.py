@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,6 +231,20 @@ def test_resume_takes_one_moved_stack_and_refuses_data_for_a_run_on_stacks_of_it
     error = one_line_exit_2(["--resume", str(run_dir), "--epochs", "4", "--data", str(isbi_dir)], capsys)
     assert error == (f"train.py: error: {run_dir} trained on stacks of its own, not ISBI 2012 in a --data directory: "
                      "give where they are now with --images and --labels\n")
+
+
+def test_nothing_written_follows_a_link_planted_in_the_run_directory(two_epoch_run, tmp_path):
+    run_dir = copy_of(two_epoch_run, tmp_path / "received")
+    victims = {}
+    # Where this process writes its config.json and checkpoints before renaming them into place.
+    for written in (rundir.CONFIG, rundir.LAST, rundir.BEST):
+        name = Path(written)
+        victims[written] = tmp_path / f"victim-{name.stem}"
+        victims[written].write_text("a file of the user's")
+        (run_dir / f".{name.stem}.{os.getpid()}.partial{name.suffix}").symlink_to(victims[written])
+    assert train.main(["--resume", str(run_dir), "--epochs", "3"]) == 0
+    assert all(victim.read_text() == "a file of the user's" for victim in victims.values())
+    assert steps(raw_events(run_dir)["train"]["epoch_loss"]) == [0, 1, 2]
 
 
 def test_a_refusal_after_tensorflow_loads_is_one_line(two_epoch_run):
