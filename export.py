@@ -67,6 +67,15 @@ def export_inputs(args):
         raise ExportError(f"{args.output} exists: choose another -o or add --overwrite")
     if args.output.suffix != ".zip":
         raise ExportError(f"{args.output} is no .zip: a bioimage.io package is a zip file, e.g. -o model.zip")
+    if why := files.why_not_writable(args.output):
+        raise ExportError(f"cannot write {args.output} ({why}): choose another -o")
+    from bioimageio.spec.model.v0_5 import LicenseId
+
+    try:
+        LicenseId(args.license)
+    except ValueError:
+        raise ExportError(f"--license {args.license!r} is no SPDX license identifier: give one such as MIT, "
+                          "CC-BY-4.0 or Apache-2.0 (https://spdx.org/licenses)") from None
     checkpoint = predict.checkpoint_path(args.model)
     run_dir = checkpoint.parent
     if not (run_dir / rundir.CONFIG).is_file():

@@ -3,6 +3,7 @@ config.json and TIFFs are written beside their place and renamed onto it."""
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 # The pattern of the temporary files, by which a resumed run finds what a killed process left.
@@ -26,6 +27,26 @@ def replaced_atomically(path):
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def why_not_writable(path):
+    """Why no file can be written at `path`, in a few words, or None if one can: checked before
+    the work that produces it, by creating and removing a file in the nearest folder that exists
+    (permissions alone say nothing for root, nor for a read-only mount)."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a directory"
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is a file"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        return f"{folder}: {error.strerror or error}"
+    return None
 
 
 def remove_partial_files(directories):

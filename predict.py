@@ -23,6 +23,7 @@ import numpy as np
 
 import cli
 import data
+import files
 import rundir
 import settings
 from settings import MULTIPLE
@@ -164,6 +165,8 @@ def build_parser():
 def run(args):
     if args.output.exists() and not args.overwrite:
         raise PredictError(f"{args.output} exists: choose another -o or add --overwrite")
+    if why := files.why_not_writable(args.output):
+        raise PredictError(f"cannot write {args.output} ({why}): choose another -o")
     checkpoint = checkpoint_path(args.model)
     stack = data.read_stack(args.images)
     own_scaling = data.ImageScaling.of(stack, args.images)  # refuses NaN and infinite values

@@ -43,7 +43,14 @@ def restore_model(run_dir, config):
     try:
         model = keras.models.load_model(path)
     except Exception as error:  # Keras raises several types for files it cannot read
-        raise ResumeError(f"{path} is unreadable ({type(error).__name__}): the run cannot be resumed; start a new one") from None
+        best = Path(run_dir) / rundir.BEST
+        try:
+            keras.models.load_model(best)
+        except Exception:
+            raise ResumeError(f"{path} is unreadable ({type(error).__name__}), and so is {best}: the run cannot be "
+                              "resumed; start a new one") from None
+        raise ResumeError(f"{path} is unreadable ({type(error).__name__}), but {best} is whole: to continue from the "
+                          f"run's best epoch, copy it over (cp {best} {path}) and resume again") from None
     if unet.averages_weights(model):
         unet.swap_averaged_weights(model)
     return model, int(model.optimizer.iterations.numpy()) // config["steps_per_epoch"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from cli import InputError
-from files import replaced_atomically
+from files import replaced_atomically, why_not_writable
 
 CONFIG = "config.json"
 LAST = "last.keras"
@@ -53,9 +53,8 @@ def writable_directory(logdir):
         existing = existing.parent
     if not existing.is_dir():
         raise InputError(f"cannot create a run directory in {logdir} ({existing} is a file): choose a writable --logdir")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"cannot create a run directory in {logdir} ({existing} is not writable for you): "
-                         "choose a writable --logdir")
+    if why := why_not_writable(existing / "run"):
+        raise InputError(f"cannot create a run directory in {logdir} ({why}): choose a writable --logdir")
 
 
 def create(logdir, name):
@@ -132,6 +131,28 @@ def read_config(run_dir):
     return config
 
 
+def refuse_if_being_trained(run_dir):
+    """InputError naming the process that holds the run's lock, if one does: checked by --resume
+    before TensorFlow loads, and before it looks for a checkpoint (a run in its first epoch has
+    none yet). Takes and releases the lock at once; creates nothing."""
+    path = Path(run_dir) / LOCK
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:  # no lock file (nothing trains it), or a link (refuse_a_linked_lock says so)
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise InputError(being_trained(run_dir, descriptor)) from None
+    finally:
+        os.close(descriptor)
+
+
+def being_trained(run_dir, descriptor):
+    holder = os.pread(descriptor, 200, 0).decode(errors="replace").strip() or "another process"
+    return f"{run_dir} is being trained by {holder}: wait for it to end, or stop it, then resume the run"
+
+
 def refuse_a_linked_lock(run_dir):
     """InputError if the run directory's lock is a symbolic link (checked before TensorFlow loads
     by --resume, and by `locked`, which never follows one)."""
@@ -157,9 +178,7 @@ def locked(run_dir):
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(descriptor, 200, 0).decode(errors="replace").strip() or "another process"
-            raise InputError(f"{run_dir} is being trained by {holder}: wait for it to end, or stop it, "
-                             "then resume the run") from None
+            raise InputError(being_trained(run_dir, descriptor)) from None
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         yield

@@ -41,6 +41,7 @@ def resumable_config(run_dir):
     """The config.json of a run that --resume can continue."""
     config = rundir.read_config(run_dir)
     rundir.refuse_a_linked_lock(run_dir)
+    rundir.refuse_if_being_trained(run_dir)
     if not (Path(run_dir) / rundir.LAST).is_file():
         raise cli.InputError(f"{run_dir} has no {rundir.LAST}: it stopped before its first epoch ended (or an older "
                              "train.py ran it); start it anew")

@@ -74,7 +74,7 @@ def mirror_unreachable(tmp_path, isbi_dir):
 CASES = [
     (missing, "missing.tif not found: check the path"),
     (not_a_tiff, "notes.tif is not a readable TIFF"),
-    (truncated, "cut.tif is not a readable TIFF"),
+    (truncated, "cut.tif is truncated ("),
     (page_counts_differ, "i.tif has 4 slices but"),
     (slice_shapes_differ, "must have the same height and width"),
     (labels_not_binary, "is not a binary mask: slice 0 holds 3 distinct values"),
@@ -106,3 +106,11 @@ def test_an_unwritable_logdir_is_one_line_and_exit_2(tmp_path, isbi_dir, capsys)
     error = capsys.readouterr().err
     assert f"cannot create a run directory in {blocker / 'logs'}" in error and "choose a writable --logdir" in error
     assert error.count("\n") == 1 and blocker.read_text() == ""
+
+
+def test_a_logdir_on_a_file_system_that_takes_no_files_is_refused_before_tensorflow(isbi_dir, capsys):
+    # /proc takes no new files, for root too, whose permissions say nothing.
+    assert train.main(["--data", str(isbi_dir), "--logdir", "/proc/x/logs"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("train.py: error: cannot create a run directory in /proc/x/logs (/proc: ")
+    assert error.endswith("): choose a writable --logdir\n") and error.count("\n") == 1

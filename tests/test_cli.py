@@ -181,6 +181,13 @@ def test_predict_refuses_a_truncated_stack_before_tensorflow(tmp_path, isbi_dir,
     assert result.stdout.endswith("tensorflow imported: False\n") and not (tmp_path / "p.tif").exists()
 
 
+def test_predict_refuses_a_destination_it_cannot_write_before_tensorflow(tmp_path, isbi_dir, two_run_logdir):
+    result, _ = run_command("predict", [two_run_logdir / "bce_lr1e-3", isbi_dir / data.TEST_IMAGES, "-o", "/proc/p.tif"])
+    assert result.returncode == 2 and result.stderr.startswith("predict.py: error: cannot write /proc/p.tif (/proc: ")
+    assert result.stderr.endswith("): choose another -o\n") and result.stderr.count("\n") == 1
+    assert result.stdout.endswith("tensorflow imported: False\n")
+
+
 def test_a_tiny_run_writes_nothing_to_stderr_one_line_per_epoch_when_piped_and_records_its_mirror(tmp_path, mirror_url):
     result = subprocess.run(
         [sys.executable, "train.py", *TINY, "--data", str(tmp_path / "isbi"), "--logdir", str(tmp_path / "logs")],

@@ -123,3 +123,21 @@ def test_a_mixed_bfloat16_run_exports_a_float32_package_that_passes_the_test_any
     net = keras.models.load_model(tmp_path / "unet.keras", compile=False)
     assert {layer.dtype_policy.name for layer in net.layers} == {"float32"}
     assert subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout == checkout_before
+
+
+@pytest.mark.parametrize("output, extra, message", [
+    ("a-directory.zip", ["--overwrite"], "a-directory.zip is a directory): choose another -o"),
+    ("a-file/m.zip", [], "a-file is a file): choose another -o"),
+    ("/proc/m.zip", [], "cannot write /proc/m.zip (/proc: "),
+    ("m.zip", ["--license", "free-for-all"], "--license 'free-for-all' is no SPDX license identifier: give one such as MIT"),
+])
+def test_an_export_that_cannot_be_written_is_one_line_and_writes_nothing(output, extra, message, two_run_logdir, tmp_path,
+                                                                          monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-directory.zip").mkdir()
+    (tmp_path / "a-file").write_text("a file of the user's")
+    before = sorted(tmp_path.rglob("*"))
+    assert export.main([str(two_run_logdir / "bce_lr1e-3"), "-o", output, *extra]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("export.py: error: ") and message in error and error.count("\n") == 1, error
+    assert sorted(tmp_path.rglob("*")) == before and (tmp_path / "a-file").read_text() == "a file of the user's"

@@ -170,6 +170,22 @@ def test_a_run_held_by_a_process_is_refused_and_left_as_it_was(two_epoch_run, tm
         error = one_line_exit_2(["--resume", str(run_dir), "--epochs", "3"], capsys)
     assert error.startswith(f"train.py: error: {run_dir} is being trained by process ")
     assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+    # In its first epoch a run has no checkpoint yet: the lock still says who trains it.
+    (run_dir / rundir.LAST).unlink()
+    with rundir.locked(run_dir):
+        error = one_line_exit_2(["--resume", str(run_dir), "--epochs", "3"], capsys)
+    assert error.startswith(f"train.py: error: {run_dir} is being trained by process ")
+
+
+def test_a_damaged_last_checkpoint_beside_a_whole_best_one_says_how_to_continue(two_epoch_run, tmp_path, capsys):
+    run_dir = copy_of(two_epoch_run, tmp_path)
+    (run_dir / rundir.LAST).write_bytes((run_dir / rundir.LAST).read_bytes()[:1000])
+    error = one_line_exit_2(["--resume", str(run_dir), "--epochs", "3"], capsys)
+    last, best = run_dir / rundir.LAST, run_dir / rundir.BEST
+    assert error.endswith(f"but {best} is whole: to continue from the run's best epoch, copy it over (cp {best} {last}) "
+                          "and resume again\n")
+    shutil.copyfile(best, last)
+    assert train.main(["--resume", str(run_dir), "--epochs", "3"]) == 0
 
 
 def test_resume_refuses_data_that_changed_unless_told(two_epoch_run, tmp_path, isbi_dir, capsys):
