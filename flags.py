@@ -26,8 +26,30 @@ def with_preset(args, given):
     return args
 
 
-def build_parser(prog="train.py"):
-    parser = cli.ArgumentParser(prog, "Train a same-padded U-Net on ISBI 2012 and log the run to TensorBoard.")
+def check_recorded(config, path):
+    """InputError if a run's config.json (at `path`) records a setting that its flag would refuse:
+    a hand edit that would otherwise end in a traceback or a silently wrong run."""
+    parser = build_parser(exit_on_error=False)
+    for name in vars(parser.parse_args([])):
+        value = config.get(name)
+        if name in (*settings.COMMAND_FLAGS, *settings.PATHS) or value is None:
+            continue
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        try:
+            recorded = getattr(parser.parse_args([f"--{name.replace('_', '-')}", text]), name)
+        except argparse.ArgumentError as error:
+            why = error.message
+        else:
+            if recorded == value:
+                continue
+            why = f"not a {type(recorded).__name__}"
+        raise cli.InputError(f"{path} records {name} {value!r}, which train.py refuses ({why}): restore it, or move "
+                             "the run out of the way")
+
+
+def build_parser(prog="train.py", exit_on_error=True):
+    parser = cli.ArgumentParser(prog, "Train a same-padded U-Net on ISBI 2012 and log the run to TensorBoard.",
+                                exit_on_error=exit_on_error)
     run = parser.add_argument_group("run")
     run.add_argument("--preset", choices=tuple(settings.PRESETS),
                      help="a recipe of several flags, each overridable: "

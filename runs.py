@@ -17,6 +17,7 @@ import data
 import inputs
 import rundir
 import settings
+from cli import InputError
 
 HYPERPARAMETERS = ("loss", "lr", "ema", "filters", "dropout", "crop", "batch_size", "epochs", "steps_per_epoch", "precision", "seed")
 
@@ -129,8 +130,15 @@ def run_row(run_dir):
 
 
 def summarize(logdir):
-    """One row per run directory (one holding config.json) under `logdir`, sorted by name."""
-    return [run_row(config.parent) for config in sorted(Path(logdir).glob(f"*/{rundir.CONFIG}"))]
+    """(one row per run directory (one holding config.json) under `logdir`, sorted by name; the
+    InputErrors of those whose config.json cannot be read)."""
+    rows, unreadable = [], []
+    for config in sorted(Path(logdir).glob(f"*/{rundir.CONFIG}")):
+        try:
+            rows.append(run_row(config.parent))
+        except InputError as error:
+            unreadable.append(error)
+    return rows, unreadable
 
 
 def format_table(rows):

@@ -40,6 +40,7 @@ TENSORBOARD_PORT = 6006  # TensorBoard's default
 def resumable_config(run_dir):
     """The config.json of a run that --resume can continue."""
     config = rundir.read_config(run_dir)
+    flags.check_recorded(config, Path(run_dir) / rundir.CONFIG)
     rundir.refuse_a_linked_lock(run_dir)
     rundir.refuse_if_being_trained(run_dir)
     if not (Path(run_dir) / rundir.LAST).is_file():
@@ -215,10 +216,12 @@ def print_summary(logdir):
     cli.import_tensorflow()  # TensorBoard's loader of event files needs it
     import runs
 
-    rows = runs.summarize(logdir)
+    rows, unreadable = runs.summarize(logdir)
     if not rows:
-        raise cli.InputError(f"no runs in {logdir}: give the --logdir of your training runs")
+        raise unreadable[0] if unreadable else cli.InputError(f"no runs in {logdir}: give the --logdir of your training runs")
     print(runs.format_table(rows))
+    for error in unreadable:  # one damaged run does not hide the others
+        cli.say("train.py", "skipped", error)
 
 
 def main(argv=None):

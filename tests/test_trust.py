@@ -263,6 +263,22 @@ def test_nothing_written_follows_a_link_planted_in_the_run_directory(two_epoch_r
     assert steps(raw_events(run_dir)["train"]["epoch_loss"]) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("name, value, why", [
+    ("steps_per_epoch", 0, "'0' must be a finite number greater than 0"),
+    ("loss", "hinge", "invalid choice: 'hinge'"),
+    ("val_slices", "5,15,25", "not a list"),
+    ("seed", -1, "'-1' must be a finite number from 0 to 4294967295"),
+])
+def test_a_hand_edited_config_is_checked_as_its_flag_would_be(name, value, why, two_epoch_run, tmp_path, capsys):
+    run_dir = copy_of(two_epoch_run, tmp_path)
+    config = json.loads((run_dir / rundir.CONFIG).read_text())
+    (run_dir / rundir.CONFIG).write_text(json.dumps({**config, name: value}))
+    error = one_line_exit_2(["--resume", str(run_dir), "--epochs", "3"], capsys)
+    assert error == (f"train.py: error: {run_dir / rundir.CONFIG} records {name} {value!r}, which train.py refuses "
+                     f"({why}") + error.split(why, 1)[1]
+    assert error.endswith("): restore it, or move the run out of the way\n")
+
+
 def test_a_refusal_after_tensorflow_loads_is_one_line(two_epoch_run):
     result = subprocess.run([sys.executable, "train.py", "--resume", str(two_epoch_run)], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
@@ -293,6 +309,13 @@ def test_summary_of_a_damaged_config_is_one_line(two_epoch_run, tmp_path, capsys
     (run_dir / "config.json").write_text("{ half")
     error = one_line_exit_2(["--summary", str(tmp_path)], capsys)
     assert f"{run_dir / 'config.json'} is unreadable" in error
+    whole = copy_of(two_epoch_run, tmp_path / "another")
+    shutil.move(whole, tmp_path / "bce_lr1e-3_2")
+    assert train.main(["--summary", str(tmp_path)]) == 0
+    table, said = capsys.readouterr()
+    assert [line.split()[0] for line in table.splitlines()] == ["run", "bce_lr1e-3_2"]
+    assert said == f"train.py: skipped: {run_dir / 'config.json'} is unreadable" + said.split("is unreadable", 1)[1]
+    assert said.count("\n") == 1
 
 
 def test_a_full_disk_at_the_first_checkpoint_advises_a_new_start_and_keeps_nothing(tmp_path, isbi_dir, monkeypatch, capsys):
