@@ -11,8 +11,9 @@ overlap-tile strategy); beyond a slice's edges the image is mirrored. --tta aver
 flips and rotations. With --labels it also prints the challenge's V_rand, V_info and pixel error.
 
 Grey values are scaled to [0, 1] as the run's training scaled them (its config.json's
-`image_scaling`); a checkpoint outside a run directory scales the stack by its own values
-(data.ImageScaling). Everything is checked before TensorFlow loads.
+`image_scaling`); a stack whose own rule (data.ImageScaling) differs, e.g. a float32 or 16-bit
+copy of 8-bit training data, is refused unless --scaling says which to apply; a checkpoint outside
+a run directory scales the stack by its own values. Everything is checked before TensorFlow loads.
 """
 
 import argparse
@@ -57,6 +58,19 @@ def run_scaling(checkpoint):
         return None
     description = rundir.read_config(checkpoint.parent).get("image_scaling")
     return None if description is None else data.ImageScaling.from_description(description)
+
+
+def input_scaling(run, own, args):
+    """The scaling predict.py applies: the run's, unless the stack's own rule differs from it, which
+    could be the same images stored otherwise (float [0, 1], another bit depth) or other images:
+    refused then unless --scaling says which (a checkpoint outside a run has only its own)."""
+    if run is None or args.scaling == "own":
+        return own
+    if args.scaling == "run" or (own.offset, own.scale) == (run.offset, run.scale):
+        return run
+    raise PredictError(f"{args.images} is stored unlike the run's training data ({own.rule}; the run's: {run.rule}): "
+                       "add --scaling own to scale it by its own values (right for the same kind of images stored "
+                       "otherwise), or --scaling run to apply the run's")
 
 
 def load_model(path):
@@ -157,6 +171,9 @@ def build_parser():
     parser.add_argument("--labels", type=Path, help="binary masks of the same slices: also print V_rand, V_info and pixel error")
     parser.add_argument("--labels-polarity", choices=settings.LABEL_POLARITIES, default="cells-high",
                         help="which of the two --labels values is cell, as for train.py")
+    parser.add_argument("--scaling", choices=("run", "own"),
+                        help="for a stack whose grey values are stored unlike the run's training data: scale them as "
+                             "the run's (run) or by the stack's own values (own); such a stack is refused without it")
     parser.add_argument("--tile", type=tile_size, default=DEFAULT_TILE, help="largest side predicted in one piece; larger slices go in overlapping tiles")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     return parser
@@ -169,8 +186,7 @@ def run(args):
         raise PredictError(f"cannot write {args.output} ({why}): choose another -o")
     checkpoint = checkpoint_path(args.model)
     stack = data.read_stack(args.images)
-    own_scaling = data.ImageScaling.of(stack, args.images)  # refuses NaN and infinite values
-    scaling = run_scaling(checkpoint) or own_scaling
+    scaling = input_scaling(run_scaling(checkpoint), data.ImageScaling.of(stack, args.images), args)
     images = scaling.apply(stack)
     labels = None
     if args.labels is not None:

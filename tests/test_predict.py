@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tifffile
 
+import data
 import predict
 import rundir
 from conftest import read_events
@@ -133,3 +134,22 @@ def test_a_tile_that_the_net_cannot_take_is_refused(identity_checkpoint, tmp_pat
         predict.main([str(identity_checkpoint), "in.tif", "-o", str(tmp_path / "p.tif"), "--tile", "100"])
     assert exit_.value.code == 2
     assert "100 is not a multiple of 16" in one_error_line(capsys)
+
+
+def test_a_stack_stored_unlike_the_runs_data_is_refused_unless_told_how_to_scale_it(two_run_logdir, isbi_dir, tmp_path,
+                                                                                    capsys):
+    run_dir = two_run_logdir / "bce_lr1e-3"
+    stored = data.read_stack(isbi_dir / data.TEST_IMAGES)[:2]
+    as_uint8 = tmp_path / "uint8.tif"
+    as_float = tmp_path / "float.tif"
+    tifffile.imwrite(as_uint8, stored, photometric="minisblack")
+    tifffile.imwrite(as_float, stored.astype(np.float32) / 255, photometric="minisblack")
+    assert predict.main([str(run_dir), str(as_float), "-o", str(tmp_path / "p.tif")]) == 2
+    assert capsys.readouterr().err == (
+        f"predict.py: error: {as_float} is stored unlike the run's training data (float32 values in [0, 1]: as stored; "
+        "the run's: uint8 values: 8-bit, divided by 255): add --scaling own to scale it by its own values (right for "
+        "the same kind of images stored otherwise), or --scaling run to apply the run's\n")
+    assert not (tmp_path / "p.tif").exists()
+    assert predict.main([str(run_dir), str(as_float), "-o", str(tmp_path / "own.tif"), "--scaling", "own"]) == 0
+    assert predict.main([str(run_dir), str(as_uint8), "-o", str(tmp_path / "run.tif")]) == 0
+    np.testing.assert_allclose(tifffile.imread(tmp_path / "own.tif"), tifffile.imread(tmp_path / "run.tif"), atol=1e-6)
