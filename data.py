@@ -202,6 +202,8 @@ def read_stack(path, memory_map_above=math.inf):
     region is indexed) if its pixels take more than `memory_map_above` bytes. One clear DataError
     for anything else: a file that is no TIFF, colour, or pages of different shapes."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory: give the multi-page TIFF file itself")
     if not path.is_file():
         raise DataError(
             f"{path} not found: check the path (`python data.py` downloads ISBI 2012 into {DEFAULT_DATA_DIR})"
@@ -236,7 +238,10 @@ def read_stack(path, memory_map_above=math.inf):
             "(for ISBI 2012, move it away and run `python data.py`)"
         ) from None
     if "S" in axes:
-        raise DataError(f"{path} holds colour pixels (axes {axes}): convert it to greyscale, one slice per page")
+        # tifffile stores a (3, H, W) or (4, H, W) array as one RGB(A) page unless told it is grey.
+        slices = (f"; if these are {shape[axes.index('S')]} grey slices, write them with "
+                  "tifffile.imwrite(path, stack, photometric='minisblack')" if axes == "SYX" else "")
+        raise DataError(f"{path} holds colour pixels (axes {axes}): convert it to greyscale, one slice per page{slices}")
     if len(shape) not in (2, 3):
         raise DataError(
             f"{path} has shape {shape}: expected grey slices, one per page "
@@ -406,6 +411,10 @@ def load_training_stacks(images_path, labels_path, memory_map_above=math.inf, po
     """The image and mask stacks as TrainingStacks; each memory-mapped if larger than
     `memory_map_above` bytes. `polarity` says which label value is cell (settings.LABEL_POLARITIES)."""
     images, labels = read_stack(images_path, memory_map_above), read_stack(labels_path, memory_map_above)
+    # A mask has two values; grey slices, many (more than a mask of a few classes would have).
+    if len(np.unique(images[0])) <= 2 and len(np.unique(labels[0])) > 16:
+        raise DataError(f"{images_path} looks like masks (two values) and {labels_path} like images: are --images and "
+                        "--labels swapped?")
     if len(images) != len(labels):
         raise DataError(
             f"{images_path} has {len(images)} slices but {labels_path} has {len(labels)}: "
@@ -453,6 +462,9 @@ def split_slices(num_slices, validation_slices=None):
             f"0..{num_slices - 1}; change --val-slices"
         )
     training = [i for i in range(num_slices) if i not in validation]
+    if num_slices == 1:
+        raise DataError("the stack holds one slice: a run needs at least two, one to train on and one to validate "
+                        "on (a 2-D TIFF is one slice)")
     if not training:
         raise DataError(
             f"all {num_slices} slices are validation slices: leave at least one for training "

@@ -13,7 +13,7 @@ import numpy as np
 import cli
 import data
 import rundir
-from settings import MULTIPLE, WEIGHTED_LOSSES
+from settings import DEPTH, MULTIPLE, WEIGHTED_LOSSES
 
 IMAGE_SLICES = 3  # validation slices shown as images
 
@@ -72,6 +72,10 @@ def load(args, resumed_config=None):
     stacks = data.load_training_stacks(images_path, labels_path, data.memory_map_above(args.memmap),
                                         args.labels_polarity)
     digests = digests or {"images": data.sha256_of(images_path), "labels": data.sha256_of(labels_path)}
+    height, width = stacks.slice_shape
+    if min(height, width) < MULTIPLE:
+        raise cli.InputError(f"the slices of {images_path} are {height}x{width}: the U-Net takes at least "
+                             f"{MULTIPLE}x{MULTIPLE} (it halves them {DEPTH} times)")
     if min(stacks.slice_shape) < args.crop:
         raise cli.InputError(f"--crop {args.crop} is larger than the {stacks.slice_shape[0]}x{stacks.slice_shape[1]} "
                              f"slices: use --crop {min(stacks.slice_shape) // MULTIPLE * MULTIPLE} or less")

@@ -67,6 +67,26 @@ def compressed_stack_to_memory_map(tmp_path, isbi_dir):
             "--memmap", "on", "--crop", "64"]
 
 
+def images_and_labels_swapped(tmp_path, isbi_dir):
+    return ["--images", str(isbi_dir / "train-labels.tif"), "--labels", str(isbi_dir / "train-volume.tif")]
+
+
+def a_directory_as_images(tmp_path, isbi_dir):
+    return ["--images", str(isbi_dir), "--labels", str(isbi_dir / "train-labels.tif")]
+
+
+def three_slices_stored_as_rgb(tmp_path, isbi_dir):
+    # As tifffile before 2026 stored (3, H, W) unless told: one page of separate RGB planes.
+    tifffile.imwrite(tmp_path / "i.tif", cells_and_membranes(3), photometric="rgb", planarconfig="separate")
+    return ["--images", str(tmp_path / "i.tif"), "--labels", str(write_stack(tmp_path / "l.tif", cells_and_membranes(3)))]
+
+
+def one_slice(tmp_path, isbi_dir):
+    tifffile.imwrite(tmp_path / "i.tif", cells_and_membranes(1)[0])  # a 2-D TIFF
+    return ["--images", str(tmp_path / "i.tif"), "--labels", str(write_stack(tmp_path / "l.tif", cells_and_membranes(1))),
+            "--crop", "64"]
+
+
 def mirror_unreachable(tmp_path, isbi_dir):
     return ["--data", str(tmp_path / "isbi"), "--mirror", "http://127.0.0.1:9/"]
 
@@ -83,6 +103,11 @@ CASES = [
     (no_training_slice_left, "all 2 slices are validation slices: leave at least one for training"),
     (compressed_stack_to_memory_map, "z.tif cannot be memory-mapped (its pixels are compressed"),
     (mirror_unreachable, "could not fetch http://127.0.0.1:9/"),
+    (images_and_labels_swapped, "train-labels.tif looks like masks (two values) and"),
+    (a_directory_as_images, "is a directory: give the multi-page TIFF file itself"),
+    (three_slices_stored_as_rgb, "if these are 3 grey slices, write them with tifffile.imwrite(path, stack, "
+                                 "photometric='minisblack')"),
+    (one_slice, "the stack holds one slice: a run needs at least two"),
 ]
 
 
