@@ -280,16 +280,21 @@ def refuse_non_finite(page, index, path):
                         "replace the values that are not finite (e.g. by the slice's median) and save it again")
 
 
+PERCENTILES = (1.0, 99.8)  # CSBDeep's and StarDist's defaults
+SCALING_SAMPLE = 2**20  # pixels: each percentile within a few hundredths of a percent of the whole stack's
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageScaling:
     """How stored grey values become the net's input in [0, 1]: clip((value - offset) / scale, 0, 1),
     the same for training crops, validation slices and predict.py (which takes it from the run).
 
-    Decided from the stack (`of`): unsigned integers (and signed ones without negative values)
-    by the bit depth their values use, the smallest of 8 or more bits that holds the largest value
-    (so 8-bit data in uint8 is divided by 255, 12-bit data in uint16 by 4095); floats as stored if
-    they lie in [0, 1]; anything else (floats outside [0, 1], negative integers) from its minimum
-    to its maximum. bool is 0 and 1 as stored.
+    Decided once from the stack (`of`): uint8 divided by 255 and bool as stored (0 and 1), floats as
+    stored if they lie in [0, 1]; anything else (16- or 32-bit integers, other floats) from its
+    PERCENTILES, the 1st to the 99.8th of a sample of its pixels, to [0, 1] and clipped, as CSBDeep
+    and StarDist normalise microscopy images and bioimage.io's `scale_range` describes: a few
+    saturated or hot pixels, a burned-in scale bar or a detector offset do not set the scale, as
+    the largest value or the bit depth would.
     """
 
     offset: float
@@ -314,17 +319,20 @@ class ImageScaling:
             return cls(0.0, 1.0, "bool values: 0 and 1 as stored")
         if stack.dtype == np.uint8:  # 8 bits whatever its values: no pass over the stack
             return cls(0.0, 255.0, "uint8 values: 8-bit, divided by 255")
-        low, high = math.inf, -math.inf
+        low, high, sample = math.inf, -math.inf, []
+        rng = np.random.default_rng(0)  # the same sample, so the same rule, every time
+        share = SCALING_SAMPLE // len(stack) + 1
         for index, page in enumerate(stack):
             refuse_non_finite(page, index, path)
             low, high = min(low, float(page.min())), max(high, float(page.max()))
-        if np.issubdtype(stack.dtype, np.integer):
-            if low >= 0:
-                bits = max(8, int(high).bit_length())
-                return cls(0.0, float(2**bits - 1), f"{stack.dtype} values up to {high:g}: {bits}-bit, divided by {2**bits - 1}")
-        elif 0 <= low and high <= 1:
+            values = np.asarray(page).ravel()
+            sample.append(values if values.size <= share else values[rng.integers(values.size, size=share)])
+        if np.issubdtype(stack.dtype, np.floating) and 0 <= low and high <= 1:
             return cls(0.0, 1.0, f"{stack.dtype} values in [0, 1]: as stored")
-        return cls(low, (high - low) or 1.0, f"{stack.dtype} values from {low:g} to {high:g}: scaled from min to max")
+        bottom, top = (float(value) for value in np.percentile(np.concatenate(sample), PERCENTILES))
+        return cls(bottom, (top - bottom) or 1.0,
+                   f"{stack.dtype} values from {low:g} to {high:g}: percentiles {PERCENTILES[0]:g} to "
+                   f"{PERCENTILES[1]:g} ({bottom:g} to {top:g}) scaled to [0, 1]")
 
 
 def label_values(stack, path):
