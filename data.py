@@ -415,9 +415,10 @@ class TrainingStacks:
         return (self.labels[index][region] == self.cell_value).astype(np.uint8)
 
 
-def load_training_stacks(images_path, labels_path, memory_map_above=math.inf, polarity="cells-high"):
+def load_training_stacks(images_path, labels_path, memory_map_above=math.inf, polarity="cells-high", scaling=None):
     """The image and mask stacks as TrainingStacks; each memory-mapped if larger than
-    `memory_map_above` bytes. `polarity` says which label value is cell (settings.LABEL_POLARITIES)."""
+    `memory_map_above` bytes. `polarity` says which label value is cell (settings.LABEL_POLARITIES);
+    the images are scaled by `scaling` (a resumed run's), else by their own (ImageScaling.of)."""
     images, labels = read_stack(images_path, memory_map_above), read_stack(labels_path, memory_map_above)
     # A mask has two values; grey slices, many (more than a mask of a few classes would have).
     if len(np.unique(images[0])) <= 2 and len(np.unique(labels[0])) > 16:
@@ -433,7 +434,8 @@ def load_training_stacks(images_path, labels_path, memory_map_above=math.inf, po
             f"slices of {images_path} are {images.shape[1:]} but masks in {labels_path} are "
             f"{labels.shape[1:]}: image and mask slices must have the same height and width"
         )
-    return TrainingStacks(images, labels, *cell_value(labels, labels_path, polarity), ImageScaling.of(images, images_path))
+    return TrainingStacks(images, labels, *cell_value(labels, labels_path, polarity),
+                          scaling or ImageScaling.of(images, images_path))
 
 
 def check_masks(stacks, train_indices, val_indices, labels_path):

@@ -69,8 +69,11 @@ def load(args, resumed_config=None):
     labels_path = Path(args.labels or args.data / data.TRAIN_LABELS)
     digests = (None if resumed_config is None
                else checked_digests(resumed_config, images_path, labels_path, args.accept_new_data))
+    # A resumed run goes on seeing its images as it did (the rule may have changed since it started),
+    # unless it continues on new data.
+    recorded = None if resumed_config is None or args.accept_new_data else resumed_config.get("image_scaling")
     stacks = data.load_training_stacks(images_path, labels_path, data.memory_map_above(args.memmap),
-                                        args.labels_polarity)
+                                        args.labels_polarity, recorded and data.ImageScaling.from_description(recorded))
     digests = digests or {"images": data.sha256_of(images_path), "labels": data.sha256_of(labels_path)}
     height, width = stacks.slice_shape
     if min(height, width) < MULTIPLE:

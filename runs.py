@@ -52,13 +52,14 @@ def provenance():
 
 def data_record(args, run_inputs):
     """Where a run's data is and what it is, for its config.json: the paths absolute (settings.PATHS),
-    so that the run can be resumed, exported and predicted from any directory, and the files'
-    checksums (`data_files`)."""
+    so that the run can be resumed, exported and predicted from any directory, how its images are
+    scaled, and the files' checksums (`data_files`)."""
     paths = {name: getattr(args, name) for name in settings.PATHS}
     paths.update(images=run_inputs.images_path, labels=run_inputs.labels_path)
     absolute = {name: None if path is None else str(Path(path).absolute()) for name, path in paths.items()}
-    return {**absolute, "data_files": {"images": absolute["images"], "images_sha256": run_inputs.sha256["images"],
-                                       "labels": absolute["labels"], "labels_sha256": run_inputs.sha256["labels"]}}
+    return {**absolute, "image_scaling": run_inputs.stacks.scaling.describe(),
+            "data_files": {"images": absolute["images"], "images_sha256": run_inputs.sha256["images"],
+                           "labels": absolute["labels"], "labels_sha256": run_inputs.sha256["labels"]}}
 
 
 def run_config(args, run_inputs, command, setup):
@@ -66,7 +67,7 @@ def run_config(args, run_inputs, command, setup):
     inputs.RunInputs), the directory and `command` that started it, the machine `setup`
     (device.machine_setup) and its provenance."""
     return {**{name: value for name, value in vars(args).items() if name not in settings.COMMAND_FLAGS},
-            "mirror": run_inputs.mirror, "image_scaling": run_inputs.stacks.scaling.describe(), **setup,
+            "mirror": run_inputs.mirror, **setup,
             "train_slices": run_inputs.train_indices, "val_slices": run_inputs.val_indices,
             "started_in": str(Path.cwd()), "command": command,
             **provenance(), **data_record(args, run_inputs)}

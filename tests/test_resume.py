@@ -15,6 +15,7 @@ import pytest
 
 import cli
 import flags
+import inputs
 import resume
 import rundir
 import train
@@ -192,3 +193,17 @@ def test_a_run_started_before_its_settings_existed_resumes_and_records_them(tmp_
     assert train.main(["--resume", str(run_dir), "--epochs", "2"]) == 0
     resumed = json.loads((run_dir / "config.json").read_text())
     assert (resumed["ema"], resumed["dropout"], resumed["preset"]) == (0.0, 0.0, None)
+
+
+def test_a_resumed_run_scales_its_images_as_recorded(tmp_path, isbi_dir):
+    """A run started under another scaling rule goes on seeing its images as it did."""
+    assert tiny_run(isbi_dir, tmp_path, "--epochs", "1", "--eval-every", "0") == 0
+    run_dir = tmp_path / "bce_lr1e-3"
+    config = json.loads((run_dir / rundir.CONFIG).read_text())
+    older = {"offset": 10.0, "scale": 200.0, "rule": "an older rule"}
+    (run_dir / rundir.CONFIG).write_text(json.dumps({**config, "image_scaling": older}))
+    args, given = cli.parse_with_given(flags.build_parser(), ["--resume", str(run_dir), "--epochs", "2"])
+    resumed = train.resumed_arguments(args, given, rundir.read_config(run_dir))
+    assert inputs.load(resumed, resumed_config=rundir.read_config(run_dir)).stacks.scaling.rule == "an older rule"
+    assert train.main(["--resume", str(run_dir), "--epochs", "2"]) == 0
+    assert json.loads((run_dir / rundir.CONFIG).read_text())["image_scaling"] == older
