@@ -18,6 +18,7 @@ a run directory scales the stack by its own values. Everything is checked before
 
 import argparse
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,9 @@ def checkpoint_path(run_or_checkpoint):
             raise PredictError(f"{run_or_checkpoint} holds no {rundir.BEST}: give a run directory of train.py or a .keras checkpoint")
     elif not path.is_file():
         raise PredictError(f"{path} not found: give a run directory of train.py or a .keras checkpoint")
+    if not zipfile.is_zipfile(path):  # before TensorFlow, whose loader says "File not found" for it
+        raise PredictError(f"{path} is not a Keras model (a .keras file is a zip archive, and this is none): "
+                           "give a .keras checkpoint written by train.py")
     return path
 
 

@@ -173,6 +173,15 @@ def test_predict_refuses_bad_input_before_tensorflow(tmp_path, isbi_dir):
     assert result.stdout.endswith("tensorflow imported: False\n")
 
 
+def test_predict_refuses_a_checkpoint_that_is_no_model_before_tensorflow(tmp_path, isbi_dir):
+    (tmp_path / "half.keras").write_bytes(b"half a checkpoint")
+    result, _ = run_command("predict", [tmp_path / "half.keras", isbi_dir / data.TEST_IMAGES, "-o", tmp_path / "p.tif"])
+    assert result.returncode == 2 and result.stderr == (
+        f"predict.py: error: {tmp_path / 'half.keras'} is not a Keras model (a .keras file is a zip archive, and this "
+        "is none): give a .keras checkpoint written by train.py\n")
+    assert result.stdout.endswith("tensorflow imported: False\n")
+
+
 def test_predict_refuses_a_truncated_stack_before_tensorflow(tmp_path, isbi_dir, two_run_logdir):
     cut = truncated_copy(tmp_path, isbi_dir)
     result, _ = run_command("predict", [two_run_logdir / "bce_lr1e-3", cut, "-o", tmp_path / "p.tif"])
