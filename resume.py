@@ -96,7 +96,7 @@ def continue_run(run_dir, config, epochs, command, setup):
     checkpoint and its config.json updated. The caller holds the run's lock."""
     model, initial_epoch = restore_model(run_dir, config)
     if initial_epoch >= epochs:
-        raise ResumeError(f"{run_dir} has finished its {initial_epoch} epochs: give --epochs with more to train it further")
+        raise ResumeError(rundir.finished(run_dir, initial_epoch))
     files.remove_partial_files(rundir.event_directories(run_dir))
     cut_event_files(run_dir, initial_epoch, int(model.optimizer.iterations.numpy()))
     config.update(epochs=epochs, resumed=[*config.get("resumed", []), command], **setup)

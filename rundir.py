@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import socket
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,26 @@ def read_config(run_dir):
         raise InputError(f"{path} holds no settings (a JSON {type(config).__name__}): restore it, or move the run "
                          "out of the way")
     return config
+
+
+def checkpoint_step(path):
+    """The training step a checkpoint was written at, read from the .keras archive without
+    TensorFlow: Keras 3 keeps the optimizer's iteration count as its first variable
+    (`optimizer/vars/0` of `model.weights.h5`; test_resume checks it against the loaded model).
+    None if the file does not hold it there."""
+    import h5py  # Keras' own dependency, light: no TensorFlow
+
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as stored, \
+                h5py.File(stored, "r") as weights:
+            return int(weights["optimizer/vars/0"][()])
+    except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile):
+        return None
+
+
+def finished(run_dir, epochs_done):
+    """The refusal of --resume for a run that has trained the epochs asked for."""
+    return f"{run_dir} has finished its {epochs_done} epochs: give --epochs with more to train it further"
 
 
 def refuse_if_being_trained(run_dir):

@@ -137,6 +137,10 @@ def train(args, given, command):
         config.update({name: value for name, value in vars(args).items()
                        if name not in config and name not in settings.COMMAND_FLAGS})
     args.epochs = args.epochs or settings.DEFAULT_EPOCHS
+    if config is not None:  # a finished run is told so now, not after TensorFlow has loaded
+        step = rundir.checkpoint_step(Path(args.resume) / rundir.LAST)
+        if step is not None and step // config["steps_per_epoch"] >= args.epochs:
+            raise cli.InputError(rundir.finished(args.resume, step // config["steps_per_epoch"]))
     run_inputs = inputs.load(args, resumed_config=config)
     if args.resume is None:
         rundir.writable_directory(args.logdir)

@@ -72,6 +72,9 @@ def test_a_resumed_run_records_how_it_was_continued(straight_and_resumed):
 def test_resuming_a_finished_run_asks_for_more_epochs(straight_and_resumed, capsys):
     assert train.main(["--resume", str(straight_and_resumed[0])]) == 2
     assert "has finished its 3 epochs: give --epochs with more" in capsys.readouterr().err
+    # Told before TensorFlow loads, from the step stored in the checkpoint's weights file.
+    last = straight_and_resumed[0] / rundir.LAST
+    assert rundir.checkpoint_step(last) == int(keras.models.load_model(last).optimizer.iterations.numpy()) == 3 * 3
 
 
 def test_resume_keeps_the_runs_settings(straight_and_resumed, capsys):

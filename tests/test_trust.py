@@ -21,6 +21,7 @@ import predict
 import rundir
 import train
 from conftest import ROOT, TINY, cells_and_membranes
+from test_cli import run_command
 from test_resume import raw_events, steps
 
 
@@ -301,12 +302,17 @@ def test_a_hand_edited_config_is_checked_as_its_flag_would_be(name, value, why, 
     assert error.endswith("): restore it, or move the run out of the way\n")
 
 
-def test_a_refusal_after_tensorflow_loads_is_one_line(two_epoch_run):
-    result = subprocess.run([sys.executable, "train.py", "--resume", str(two_epoch_run)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2
-    assert result.stderr == (f"train.py: error: {two_epoch_run} has finished its 2 epochs: give --epochs with more to "
-                             "train it further\n")
+def test_a_finished_run_is_refused_before_tensorflow_and_a_refusal_after_it_is_one_line(two_epoch_run, tmp_path):
+    finished, _ = run_command("train", ["--resume", two_epoch_run])
+    assert finished.returncode == 2 and finished.stdout.endswith("tensorflow imported: False\n")
+    assert finished.stderr == f"train.py: error: {rundir.finished(two_epoch_run, 2)}\n"
+    # A damaged last.keras is found only by loading it, after TensorFlow: still one line.
+    run_dir = copy_of(two_epoch_run, tmp_path)
+    (run_dir / rundir.LAST).write_bytes((run_dir / rundir.LAST).read_bytes()[:1000])
+    damaged = subprocess.run([sys.executable, "train.py", "--resume", str(run_dir), "--epochs", "3"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert damaged.returncode == 2 and damaged.stderr.count("\n") == 1
+    assert damaged.stderr.startswith(f"train.py: error: {run_dir / rundir.LAST} is unreadable (")
 
 
 def test_accept_new_data_goes_with_resume(tmp_path, capsys):
