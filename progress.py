@@ -38,30 +38,32 @@ class ProgressLine(keras.callbacks.Callback):
         self.stream = stream or sys.stdout
         self.live = self.stream.isatty()
         self._open = False  # a live line is on screen, not yet ended
-        self._epoch, self._step_line = 0, ""
+        self._epoch, self._last_step = 0, None  # (steps done, when, logs) of the latest step
         self._epoch_started = self._drawn = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch, self._epoch_started = epoch, time.monotonic()
 
     def on_train_batch_end(self, batch, logs=None):
+        # Every step: only what the line needs, formatted only when drawn.
         now = time.monotonic()
-        self._step_line = self.step_line(batch + 1, now, logs)
+        self._last_step = (batch + 1, now, logs)
         if self.live and (now - self._drawn >= 1 / REDRAWS_PER_SECOND or batch + 1 == self.params["steps"]):
             self._drawn = now
-            self.draw(self._step_line)
+            self.draw(self.step_line())
 
     def on_epoch_end(self, epoch, logs=None):
         # The epoch's last step line (its time per step without the epoch end's), then the scores.
         if self.live:
-            self.draw(self._step_line)  # the redraws' limit may have skipped a stopped epoch's last step
+            self.draw(self.step_line())  # the redraws' limit may have skipped a stopped epoch's last step
             self.end_line()
             self.draw("  " + validation_line(logs))
             self.end_line()
         else:
-            print(f"{self._step_line}; {validation_line(logs)}", file=self.stream, flush=True)
+            print(f"{self.step_line()}; {validation_line(logs)}", file=self.stream, flush=True)
 
-    def step_line(self, steps_done, now, logs):
+    def step_line(self):
+        steps_done, now, logs = self._last_step
         return (f"epoch {self._epoch + 1}/{self.epochs}  step {steps_done}/{self.params['steps']}  "
                 f"{(now - self._epoch_started) / steps_done:.3f} s/step  loss {logs['loss']:.4f}  "
                 f"misclassified {logs['misclassified_pixel_fraction']:.4f}")
