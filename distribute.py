@@ -10,8 +10,6 @@ fed to it through tf.data from its own stream of random crops.
 """
 
 import contextlib
-import json
-import os
 import re
 import tempfile
 from pathlib import Path
@@ -19,11 +17,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from cli import InputError
-
-
-class ClusterError(InputError):
-    """A strategy that cannot start; one line naming the problem and the fix."""
+import flags
 
 
 class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
@@ -42,19 +36,6 @@ class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
         return tf.nest.map_structure(reduce_one, value)
 
 
-def cluster_tasks():
-    """The number of training processes (chief and workers) that TF_CONFIG names; 0 without it."""
-    text = os.environ.get("TF_CONFIG")
-    if not text:
-        return 0
-    try:
-        cluster = json.loads(text)["cluster"]
-        return sum(len(cluster.get(role, [])) for role in ("chief", "worker"))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise ClusterError(f"TF_CONFIG is not valid JSON with a \"cluster\" ({text[:60]!r}): "
-                           "see docs/scaling.md for its form") from None
-
-
 def make_strategy(name):
     """The tf.distribute strategy `name` (one of settings.STRATEGIES). Create it before anything else
     touches TensorFlow: a multi-worker strategy configures the runtime, which it can only do
@@ -63,14 +44,11 @@ def make_strategy(name):
     auto: multiworker if TF_CONFIG names more than one process, else mirrored if the machine has
     more than one GPU, else TensorFlow's default (one device).
     """
-    tasks = cluster_tasks()
+    tasks = flags.cluster_tasks(name)  # checked before TensorFlow loaded, by train.py and bench.py
     if name == "auto":
         name = ("multiworker" if tasks > 1 else
                 "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "default")
     if name == "multiworker":
-        if not tasks:
-            raise ClusterError("--strategy multiworker needs TF_CONFIG naming the cluster and this process's "
-                               "task: see docs/scaling.md")
         return MultiWorkerMirroredStrategy()
     if name == "mirrored":
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")

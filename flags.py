@@ -3,6 +3,8 @@ the recipes of several flags (--preset, settings.PRESETS),
 and their help. bench.py takes the same flags, to measure a run as train.py would train it."""
 
 import argparse
+import json
+import os
 from pathlib import Path
 
 import cli
@@ -24,6 +26,36 @@ def with_preset(args, given):
         if name not in given:
             setattr(args, name, value)
     return args
+
+
+def cluster_tasks(strategy):
+    """The number of training processes (chief and workers) that TF_CONFIG names, 0 without it;
+    InputError, before TensorFlow loads, for a TF_CONFIG that `--strategy strategy` cannot start
+    with (TensorFlow would fail later, in words about gRPC or a missing key)."""
+    text = os.environ.get("TF_CONFIG")
+    if not text:
+        if strategy == "multiworker":
+            raise cli.InputError("--strategy multiworker needs TF_CONFIG naming the cluster and this process's "
+                                 "task: see docs/scaling.md")
+        return 0
+    try:
+        config = json.loads(text)
+        cluster = {role: list(config["cluster"].get(role, [])) for role in ("chief", "worker")}
+        if not all(isinstance(address, str) and address.rpartition(":")[2].isdigit()
+                   for addresses in cluster.values() for address in addresses):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise cli.InputError(f"TF_CONFIG is not valid JSON with a \"cluster\" of host:port addresses "
+                             f"({text[:60]!r}): see docs/scaling.md for its form") from None
+    tasks = sum(map(len, cluster.values()))
+    if strategy == "multiworker" or (strategy == "auto" and tasks > 1):
+        task = config.get("task")
+        role, index = (task.get("type"), task.get("index")) if isinstance(task, dict) else (None, None)
+        if role not in cluster or not isinstance(index, int) or not 0 <= index < len(cluster[role]):
+            raise cli.InputError(f"TF_CONFIG's \"task\" ({json.dumps(task)}) is not one of its cluster's "
+                                 f"{tasks} processes: give each process its own {{\"type\": \"worker\", \"index\": i}} "
+                                 "(see docs/scaling.md)")
+    return tasks
 
 
 def check_recorded(config, path):

@@ -144,6 +144,7 @@ def train(args, given, command):
     run_inputs = inputs.load(args, resumed_config=config)
     if args.resume is None:
         rundir.writable_directory(args.logdir)
+    flags.cluster_tasks(args.strategy)
 
     # TensorFlow takes seconds to load: only now, once every input above is known to be good.
     cli.import_tensorflow()

@@ -68,10 +68,10 @@ MAIN_THEN_REPORT = ("import sys, {module}\n"
                     "sys.exit(code)")
 
 
-def run_command(module, arguments):
+def run_command(module, arguments, **environment):
     start = time.monotonic()
     result = subprocess.run([sys.executable, "-c", MAIN_THEN_REPORT.format(module=module), *map(str, arguments)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, **environment})
     return result, time.monotonic() - start
 
 
@@ -163,6 +163,31 @@ def test_bad_input_is_one_line_exit_2_within_seconds_before_tensorflow(case, tmp
     assert seconds < 3, f"{seconds:.1f} s"
     assert not (tmp_path / "logs").exists()
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+
+
+TWO_WORKERS = {"worker": ["127.0.0.1:20001", "127.0.0.1:20002"]}
+CLUSTER_CASES = {
+    "multiworker without TF_CONFIG": ("multiworker", "", "--strategy multiworker needs TF_CONFIG naming the cluster"),
+    "not JSON": ("auto", "{not json", "TF_CONFIG is not valid JSON with a \"cluster\" of host:port addresses"),
+    "no cluster": ("auto", json.dumps({"task": {"type": "worker", "index": 0}}), "TF_CONFIG is not valid JSON"),
+    "an address without a port": ("multiworker", json.dumps({"cluster": {"worker": ["node1"]}, "task": {"type": "worker", "index": 0}}),
+                                  "TF_CONFIG is not valid JSON with a \"cluster\" of host:port addresses"),
+    "a task outside the cluster": ("auto", json.dumps({"cluster": TWO_WORKERS, "task": {"type": "worker", "index": 2}}),
+                                   "TF_CONFIG's \"task\" ({\"type\": \"worker\", \"index\": 2}) is not one of its cluster's 2"),
+    "no task": ("multiworker", json.dumps({"cluster": TWO_WORKERS}), "TF_CONFIG's \"task\" (null) is not one of"),
+}
+
+
+@pytest.mark.parametrize("case", CLUSTER_CASES)
+def test_a_tf_config_the_strategy_cannot_start_with_is_refused_before_tensorflow(case, tmp_path, isbi_dir):
+    strategy, tf_config, message = CLUSTER_CASES[case]
+    result, seconds = run_command("train", ["--data", isbi_dir, "--strategy", strategy, "--logdir", tmp_path / "logs"],
+                                  TF_CONFIG=tf_config)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr
+    assert result.stdout.endswith("tensorflow imported: False\n")
+    assert seconds < 3, f"{seconds:.1f} s"
+    assert not (tmp_path / "logs").exists()
 
 
 def test_predict_refuses_bad_input_before_tensorflow(tmp_path, isbi_dir):

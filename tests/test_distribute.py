@@ -10,10 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 import rundir
-import train
 from conftest import ROOT, TINY, TINY_STEPS, read_events
 
 RUN_TIMEOUT = 300  # seconds; a tiny run takes about 40
@@ -109,21 +107,6 @@ def test_two_workers_train_one_run_that_only_the_chief_writes(isbi_dir, two_run_
     # The other worker wrote to a temporary directory, and removed it.
     worker_dir = re.search(r"this worker logs to (\S+), removed at the end", worker_output).group(1)
     assert not os.path.exists(worker_dir)
-
-
-def test_multiworker_without_a_cluster_is_one_clear_line(isbi_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("TF_CONFIG", raising=False)
-    assert train.main(tiny_run_arguments(isbi_dir, tmp_path, "multiworker")) == 2
-    error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "--strategy multiworker needs TF_CONFIG" in error
-    assert not any(tmp_path.iterdir())
-
-
-@pytest.mark.parametrize("tf_config", ["{not json", '{"task": {"type": "worker", "index": 0}}'])
-def test_a_malformed_tf_config_is_one_clear_line(isbi_dir, tmp_path, monkeypatch, capsys, tf_config):
-    monkeypatch.setenv("TF_CONFIG", tf_config)
-    assert train.main(tiny_run_arguments(isbi_dir, tmp_path, "auto")) == 2
-    assert "TF_CONFIG is not valid JSON with a \"cluster\"" in capsys.readouterr().err
 
 
 def test_a_lost_worker_stops_the_chief_with_one_line(isbi_dir, tmp_path):
