@@ -44,6 +44,7 @@ import rundir
 import runs
 import settings
 import unet
+import watcher
 from unet import build_unet
 
 CONV_PEAK_SHAPES = [(8, 128, 128, 32), (8, 64, 64, 64), (8, 32, 32, 128), (8, 16, 16, 256)]
@@ -239,28 +240,40 @@ class TimedCallback(keras.callbacks.Callback):
 
 
 class EpochTimes(keras.callbacks.Callback):
-    """Wall seconds of each epoch, from its first batch to after every other callback's epoch end."""
+    """Wall seconds of each epoch, from its first batch to after every other callback's epoch end,
+    and what `watching` (a watcher.Watcher) did after the first epoch: its busy and waited seconds,
+    up to the end of training (after the watcher was drained)."""
 
-    def __init__(self):
+    def __init__(self, watching=None):
         super().__init__()
+        self.watching = watching
         self.epochs, self._start = [], None
+        self.busy = self.waited = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
         self.epochs.append(time.perf_counter() - self._start)
+        if epoch == 0 and self.watching:
+            self.busy, self.waited = -self.watching.busy, -self.watching.waited
+
+    def on_train_end(self, logs=None):
+        if self.watching:
+            self.busy += self.watching.busy
+            self.waited += self.watching.waited
 
 
-def timed_fit(model, batches, epochs, steps_per_epoch, callbacks=()):
-    """(median wall seconds per epoch, {callback: median seconds per epoch}) of model.fit over
-    `epochs` epochs after a first one (tracing, graph, step-0 images), which is left out."""
-    timer = EpochTimes()
+def timed_fit(model, batches, epochs, steps_per_epoch, callbacks=(), watching=None):
+    """(median wall seconds per epoch, {callback: median seconds per epoch}, EpochTimes) of
+    model.fit over `epochs` epochs after a first one (tracing, graph, step-0 images), which is
+    left out."""
+    timer = EpochTimes(watching)
     timed = [TimedCallback(callback) for callback in callbacks]
     model.fit(batches, epochs=epochs + 1, steps_per_epoch=steps_per_epoch, shuffle=False, verbose=0, callbacks=[*timed, timer])
     breakdown = {type(callback.callback).__name__: statistics.median(callback.seconds[epoch] for epoch in range(1, epochs + 1))
                  for callback in timed}
-    return statistics.median(timer.epochs[1:]), breakdown
+    return statistics.median(timer.epochs[1:]), breakdown, timer
 
 
 def measuring(what):
@@ -300,19 +313,24 @@ def measure(args):
         args.logdir = logdir
         fit_epochs = f"{args.timed_epochs + 1} epochs of {args.steps_per_epoch} steps, the first one not timed"
         measuring(f"model.fit without callbacks ({fit_epochs})")
-        bare, _ = timed_fit(model, batches, args.timed_epochs, args.steps_per_epoch)
-        config = runs.run_config(args, run_inputs, "python bench.py", setup)
-        run = rundir.Run(rundir.start(logdir, rundir.run_name(args.loss, args.lr), config), config, model)
-        measuring(f"model.fit with train.py's callbacks ({fit_epochs})")
-        watched, breakdown = timed_fit(
-            model, batches, args.timed_epochs, args.steps_per_epoch,
-            callbacks=callbacks.for_run(args, run, run_inputs, callbacks.StopOnNonFiniteLoss(),
-                                        runs.hyperparameters(config), runs.run_documents(config)))
+        bare, _, _ = timed_fit(model, batches, args.timed_epochs, args.steps_per_epoch)
         results["fit images/s"] = args.steps_per_epoch * args.batch_size / bare
-        results["watched images/s"] = args.steps_per_epoch * args.batch_size / watched
-        results["overhead"] = (watched - bare) / watched
-        results["epoch seconds"] = (bare, watched)
-        results["breakdown"] = breakdown
+        for inline in (False, True):
+            way = "on the training thread" if inline else "with the watcher"
+            measuring(f"model.fit with train.py's callbacks, watching {way} ({fit_epochs})")
+            config = runs.run_config(args, run_inputs, "python bench.py", setup)
+            run = rundir.Run(rundir.start(logdir, rundir.run_name(args.loss, args.lr), config), config, model)
+            with watcher.running(inline) as watching:
+                watched, breakdown, timer = timed_fit(
+                    model, batches, args.timed_epochs, args.steps_per_epoch, watching=watching,
+                    callbacks=callbacks.for_run(args, run, run_inputs, callbacks.StopOnNonFiniteLoss(),
+                                                runs.hyperparameters(config), runs.run_documents(config), watching,
+                                                {}, lambda epoch, logs: None))
+            results["inline" if inline else "watcher"] = {
+                "images/s": args.steps_per_epoch * args.batch_size / watched, "overhead": (watched - bare) / watched,
+                "epoch seconds": watched, "breakdown": breakdown,
+                "busy": timer.busy / args.timed_epochs, "waited": timer.waited / args.timed_epochs}
+        results["epoch seconds"] = bare
         measuring("the seed article's pipeline, bare and with its image callback")
         reference = reference_step_seconds(args, np.stack([stacks.image(i) for i in train_indices]),
                                            np.stack([stacks.mask(i) for i in train_indices]), val_images[shown], logdir)
@@ -349,19 +367,41 @@ def format_results(args, r):
         ("data pipeline alone", f"{r['pipeline images/s']:.0f} images/s (tf.data, {distribute.DATA_WORKERS} parallel calls) = "
                                 f"{r['pipeline images/s'] / r['train images/s']:.1f}x what training consumes"),
         ("fit on the pipeline, no callbacks", f"{r['fit images/s']:.1f} images/s"),
-        ("fit with validation and TensorBoard callbacks", f"{r['watched images/s']:.1f} images/s: "
-                                                          f"overhead {r['overhead']:.1%} of wall time"),
-        ("where the overhead goes, s per epoch", ", ".join(f"{name} {seconds:.2f}" for name, seconds in r["breakdown"].items())
-         + f"; the hooks' sum {sum(r['breakdown'].values()):.2f} s = "
-           f"{sum(r['breakdown'].values()) / r['epoch seconds'][1]:.1%} of the epoch "
-           f"(epoch {r['epoch seconds'][0]:.1f} s without, {r['epoch seconds'][1]:.1f} s with)"),
+        *watching_rows(args, r),
         ("reference: the seed article's loop, bare", f"{r['reference images/s']['bare']:.2f} images/s"),
         ("reference: the seed article's loop with its image callback", f"{r['reference images/s']['image callback']:.2f} images/s"),
         ("speed-up over the reference (fit with callbacks)", " and ".join(
-            f"{r['watched images/s'] / rate:.1f}x over the {name} loop" for name, rate in
+            f"{r['watcher']['images/s'] / rate:.1f}x over the {name} loop" for name, rate in
             (("bare", r["reference images/s"]["bare"]), ("image-callback", r["reference images/s"]["image callback"])))),
     ]
     return results_table(rows)
+
+
+def watching_rows(args, r):
+    """The rows on what watching costs: with the watcher and all on the training thread, side by side."""
+    watched, inline = r["watcher"], r["inline"]
+    blocked = sum(watched["breakdown"].values())
+    steps = args.steps_per_epoch
+    keeps_up = watched["busy"] / steps
+
+    def hooks(breakdown):
+        return ", ".join(f"{name} {seconds:.2f}" for name, seconds in breakdown.items() if seconds >= 0.005)
+    return [
+        ("fit with validation and TensorBoard callbacks, watcher", f"{watched['images/s']:.1f} images/s: "
+                                                                   f"overhead {watched['overhead']:.1%} of wall time"),
+        ("the same, all on the training thread (no watcher)", f"{inline['images/s']:.1f} images/s: "
+                                                              f"overhead {inline['overhead']:.1%} of wall time"),
+        ("training thread blocked by watching, s per epoch", f"{blocked:.2f} s = {blocked / watched['epoch seconds']:.1%} "
+                                                             f"of the epoch ({hooks(watched['breakdown'])}), of which "
+                                                             f"{watched['waited']:.2f} s waiting for room in the watcher's queue"),
+        ("the watcher's work, s per epoch", f"{watched['busy']:.2f} s busy beside training (epoch {r['epoch seconds']:.1f} s "
+                                            f"without callbacks, {watched['epoch seconds']:.1f} s with)"),
+        ("on the training thread without the watcher, s per epoch",
+         f"{sum(inline['breakdown'].values()):.2f} s ({hooks(inline['breakdown'])})"),
+        ("on an accelerator", f"the watcher keeps up while an epoch of {steps} steps trains in {watched['busy']:.1f} s or "
+                              f"more, a step of {keeps_up:.4f} s or more; at 0.005 s a step training would wait "
+                              f"{max(0.0, watched['busy'] - steps * 0.005):.1f} s an epoch for it (with this CPU's speed)"),
+    ]
 
 
 def results_table(rows):

@@ -3,7 +3,13 @@ pass of the validation slices through the net that the others read (ValidationPa
 validation scores (Validation), where the network is wrong on a few shown slices
 (ValidationSliceSummaries), what a run was and how to compare runs (RunSummary), the event writers
 they share (SummaryWriters), the averaged weights the epoch end sees (AveragedWeights), checkpoints a
-kill cannot damage and a stop on a non-finite loss.
+kill cannot damage (Checkpoints), the epoch's scores told (EpochReport) and a stop on a non-finite loss.
+
+On the training thread the callbacks do only what needs the net at that step (the validation
+slices' forward pass, copies of the weights, the checkpoint's save) and hand the rest (scoring,
+rendering, histograms, writing, promoting checkpoints) to the run's watcher (watcher.py) as jobs
+holding copies of what they need; an epoch's jobs read its validation scores from `epoch_logs`,
+which the first of them (Validation's) fills.
 
 Tags are named so that TensorBoard's Time Series tab, which groups tags by their first `/` part
 and sorts the groups by name, opens on the best-so-far scalars, then the epoch curves
@@ -11,7 +17,9 @@ and sorts the groups by name, opens on the best-so-far scalars, then the epoch c
 `slice_NN/`), the per-batch curves (`train_batch/`) and last the histograms (`unet/`).
 """
 
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import keras
@@ -28,8 +36,8 @@ from cli import InputError
 from metrics import (LOSSES, THRESHOLD, isbi_scores, merges_and_splits, misclassified_pixel_fraction, thinned_segments,
                      training_metrics, true_cells_of)
 from predict import CONTEXT, with_context
-from rundir import BEST, LAST, TRAIN, VALIDATION
-from settings import BEST_SCORES, CHECKPOINT_SCORE, DEPTH
+from rundir import BEST, LAST, TRAIN, VALIDATION, candidate_checkpoint
+from settings import BEST_SCORES, CHECKPOINT_SCORE, CHECKPOINT_SCORE_WITHOUT_ISBI, DEPTH
 from unet import averages_weights, block_outputs, swap_averaged_weights
 
 BATCH_GROUP = "train_batch"   # the loss and metrics of single training batches
@@ -181,19 +189,24 @@ class SummaryWriters(keras.callbacks.Callback):
     Shared, so that a run directory gets one event file per process: TensorBoard reads the files
     of a directory one after the other, and a second file written at the same time would be read
     only up to the point it had reached when the first one grew.
-    Must come after every callback that writes and before Checkpoints: a checkpoint is written
-    only once everything the epoch logged is on disk.
+    Every summary but the graph is written by the run's watcher (watcher.py), one after the other
+    in the order the callbacks handed them over; the writers are closed once it is drained. Must
+    come after every callback that writes and before Checkpoints: a checkpoint is promoted only once
+    everything the epoch logged is on disk.
     """
 
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, watcher):
         super().__init__()
         self.run_dir = Path(run_dir)
+        self.watcher = watcher
         self._writers = {}
+        self._creating = threading.Lock()  # the graph is written on the training thread, the rest on the watcher
 
     def __getitem__(self, part):
-        if part not in self._writers:
-            self._writers[part] = tf.summary.create_file_writer(str(self.run_dir / part))
-        return self._writers[part]
+        with self._creating:
+            if part not in self._writers:
+                self._writers[part] = tf.summary.create_file_writer(str(self.run_dir / part))
+            return self._writers[part]
 
     def write(self, part, step, summaries):
         """Call `summaries()` with `part`'s writer as the default at `step`. Recorded whatever an
@@ -201,11 +214,15 @@ class SummaryWriters(keras.callbacks.Callback):
         with tf.summary.record_if(True), self[part].as_default(step=step):
             summaries()
 
-    def on_epoch_end(self, epoch, logs=None):
-        for writer in self._writers.values():
+    def flush(self):
+        for writer in list(self._writers.values()):
             writer.flush()
 
+    def on_epoch_end(self, epoch, logs=None):
+        self.watcher.submit(self.flush)
+
     def on_train_end(self, logs=None):
+        self.watcher.drain()
         for writer in self._writers.values():
             writer.close()
         self._writers = {}
@@ -232,49 +249,53 @@ class TrainingSummaries(keras.callbacks.Callback):
     `tf.summary.histogram`), a quarter of the time of `tf.summary.histogram`'s eager ops.
     """
 
-    def __init__(self, writers, update_freq, histogram_freq):
+    def __init__(self, writers, epoch_logs, update_freq, histogram_freq):
         super().__init__()
         self.writers = writers
+        self.epoch_logs = epoch_logs
         self.update_freq = update_freq
         self.histogram_freq = histogram_freq
-        self._running_means = {}
+        self._previous_means = {}
 
     def on_train_begin(self, logs=None):
         if global_step(self.model) == 0:  # a resumed run has its graph
             self.write_forward_pass_graph()
 
     def on_train_batch_end(self, batch, logs=None):
-        means = {name: float(value) for name, value in logs.items()}
         step = global_step(self.model)
+        # The step before a written one keeps its means: the batch's own value needs them.
         if step % self.update_freq == 0:
+            means, previous, learning_rate = dict(logs), self._previous_means, self.learning_rate()
+
             def summaries():
                 for name, mean in means.items():
-                    tf.summary.scalar(f"{BATCH_GROUP}/{name}", (batch + 1) * mean - batch * self._running_means.get(name, 0.0),
+                    tf.summary.scalar(f"{BATCH_GROUP}/{name}", (batch + 1) * mean - batch * previous.get(name, 0.0),
                                       description="This training batch alone (not a mean since the epoch began).")
-                tf.summary.scalar(f"{BATCH_GROUP}/learning_rate", self.learning_rate())
-            self.writers.write(TRAIN, step, summaries)
-        self._running_means = means
+                tf.summary.scalar(f"{BATCH_GROUP}/learning_rate", learning_rate)
+            self.writers.watcher.submit(lambda: self.writers.write(TRAIN, step, summaries))
+        self._previous_means = logs if (step + 1) % self.update_freq == 0 else {}
 
     def on_epoch_end(self, epoch, logs=None):
-        step = global_step(self.model)
+        step, learning_rate = global_step(self.model), self.learning_rate()
+        weights = None
+        if self.histogram_freq and epoch % self.histogram_freq == 0:
+            weights = {weight.path: weight.numpy() for weight in self.model.weights}
+        self.writers.watcher.submit(lambda: self.write_epoch(epoch, step, learning_rate, weights))
+
+    def write_epoch(self, epoch, step, learning_rate, weights):
+        """The epoch's scalars from its logs (epoch_logs[epoch], scored by Validation by now) and the
+        weight histograms of `weights` ({path: values}, None when none are due)."""
+        logs = self.epoch_logs[epoch]
         training = {name: value for name, value in logs.items() if not name.startswith("val_")}
         validation = {name[4:]: value for name, value in logs.items() if name.startswith("val_")}
-
-        self.writers.write(TRAIN, epoch, scalars("epoch_{}", {**training, "learning_rate": self.learning_rate()}))
+        self.writers.write(TRAIN, epoch, scalars("epoch_{}", {**training, "learning_rate": learning_rate}))
         self.writers.write(VALIDATION, epoch, scalars("epoch_{}", validation))
         self.writers.write(VALIDATION, step, scalars("evaluation_{}_vs_iterations", validation))
-        if self.histogram_freq and epoch % self.histogram_freq == 0:
-            self.writers.write(TRAIN, step, self.write_weight_histograms)
+        if weights is not None:
+            self.writers.write(TRAIN, step, lambda: write_weight_histograms(weights))
 
     def learning_rate(self):
         return float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-
-    def write_weight_histograms(self):
-        # np.errstate: the weights of a run stopped by a NaN loss are NaN, bucketed as such without a warning.
-        with np.errstate(invalid="ignore"):
-            for weight in self.model.weights:
-                summary = histogram_summary.histogram_pb(f"{WEIGHTS_GROUP}/{weight.path.replace(':', '_')}", weight.numpy())
-                tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=tf.summary.experimental.get_step())
 
     def write_forward_pass_graph(self):
         forward = forward_pass(self.model)
@@ -282,6 +303,15 @@ class TrainingSummaries(keras.callbacks.Callback):
         tf.summary.trace_on(graph=True, profiler=False)
         forward(example)
         self.writers.write(TRAIN, 0, lambda: tf.summary.trace_export("unet"))
+
+
+def write_weight_histograms(weights):
+    """`unet/weights/<path>` histograms of `weights` ({weight path: values}) at the default step."""
+    # np.errstate: the weights of a run stopped by a NaN loss are NaN, bucketed as such without a warning.
+    with np.errstate(invalid="ignore"):
+        for path, values in weights.items():
+            summary = histogram_summary.histogram_pb(f"{WEIGHTS_GROUP}/{path.replace(':', '_')}", values)
+            tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=tf.summary.experimental.get_step())
 
 
 class ValidationSliceSummaries(keras.callbacks.Callback):
@@ -300,10 +330,11 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
     The net's output on the slices comes from the run's ValidationPass.
     """
 
-    def __init__(self, writers, validation_pass, labels, slice_indices, image_every, histogram_every,
+    def __init__(self, writers, epoch_logs, validation_pass, labels, slice_indices, image_every, histogram_every,
                  v_rand_threshold=THRESHOLD, weights=None):
         super().__init__()
         self.writers = writers
+        self.epoch_logs = epoch_logs
         self.validation_pass = validation_pass
         self.images = validation_pass.images[validation_pass.shown][..., np.newaxis]
         self.labels = labels[..., np.newaxis].astype(np.float32)
@@ -317,7 +348,7 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if global_step(self.model) == 0:  # a resumed run wrote its start already
-            self.write(self.write_images, 0)
+            self.submit_images(0)
 
     def on_train_batch_end(self, batch, logs=None):
         step = global_step(self.model)
@@ -328,28 +359,33 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
         if batch == self.params["steps"] - 1:
             self._images_deferred_to = step
         else:
-            self.write(self.write_images, step)
+            self.submit_images(step)
 
     def on_epoch_end(self, epoch, logs=None):
-        self.v_rand_threshold = logs.get("val_v_rand_threshold", self.v_rand_threshold)
         step = global_step(self.model)
         histograms = self.histogram_every and epoch % self.histogram_every == 0 and np.isfinite(logs["loss"])
+        activations = self.validation_pass.activations() if histograms else None
+        probabilities = self.validation_pass.probabilities(self.validation_pass.shown)
         images = self._images_deferred_to == step
 
         def summaries():
+            self.v_rand_threshold = self.epoch_logs[epoch].get("val_v_rand_threshold", self.v_rand_threshold)
             if histograms:
-                self.write_activations_and_pr_curve()
+                self.write_activations_and_pr_curve(activations, probabilities)
             if images:
-                self.write_images()
-        if histograms or images:
-            self.write(summaries, step)
+                self.write_images(probabilities)
+        self.writers.watcher.submit(lambda: self.writers.write(VALIDATION, step, summaries))
 
-    def write(self, summaries, step):
-        self.writers.write(VALIDATION, step, summaries)
+    def submit_images(self, step):
+        """The images of `step` from the net's output now, rendered and written by the watcher."""
+        probabilities = self.validation_pass.probabilities(self.validation_pass.shown)
+        self.writers.watcher.submit(lambda: self.writers.write(VALIDATION, step, lambda: self.write_images(probabilities)))
 
-    def write_images(self):
+    def write_images(self, probabilities):
+        """The images and shown-slice scalars of the shown slices' `probabilities` (slices, H, W), at the
+        default step, segmented at the V_rand threshold of the latest evaluation."""
         step = tf.summary.experimental.get_step()
-        probabilities = self.validation_pass.probabilities(self.validation_pass.shown)[..., np.newaxis]
+        probabilities = probabilities[..., np.newaxis]
         tf.summary.scalar(f"{SHOWN_GROUP}/misclassified_pixel_fraction",
                           np.mean(misclassified_pixel_fraction(self.labels, probabilities)),
                           description="Misclassified-pixel fraction on the slices shown as images.")
@@ -386,11 +422,11 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
         tf.summary.scalar(f"{SHOWN_GROUP}/splits", splits,
                           description="True cells split into two or more segments, over the shown slices.")
 
-    def write_activations_and_pr_curve(self):
-        for name, values in self.validation_pass.activations().items():
+    def write_activations_and_pr_curve(self, activations, probabilities):
+        for name, values in activations.items():
             tf.summary.histogram(f"{ACTIVATIONS_GROUP}/{name}", values)
         membrane = self.labels[..., 0] < THRESHOLD
-        membrane_probability = 1.0 - self.validation_pass.probabilities(self.validation_pass.shown)
+        membrane_probability = 1.0 - probabilities
         curve = pr_curve_summary.pb("membrane_pr", labels=membrane, predictions=membrane_probability,
                                     num_thresholds=PR_THRESHOLDS,
                                     description="Precision and recall of membrane at thresholds of 1 - p(cell).")
@@ -398,21 +434,25 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
 
 
 class Validation(keras.callbacks.Callback):
-    """The validation scores of each epoch, added to the epoch logs, from the ValidationPass of the
-    epoch's last step: the loss and the compiled metrics every epoch (`val_loss`,
+    """The validation scores of each epoch, from the ValidationPass of the epoch's last step, scored
+    by the watcher into `epoch_logs[epoch]` (a copy of the epoch's logs, made here on the training
+    thread): the loss and the compiled metrics every epoch (`val_loss`,
     `val_misclassified_pixel_fraction`, ...) and every `isbi_every` epochs the ISBI challenge's
     scores (`val_v_rand`, `val_v_info`, `val_pixel_error` and the thresholds that give them).
     With `weights` (per slice, data.border_weights), the loss is weighted as the training loss is.
+    The callbacks after this one read the scores from `epoch_logs` in their watcher jobs.
 
     It stands in for Keras' `validation_data`, which would pass the slices through the net a
     second time, and which under a tf.distribute strategy (Keras 3.15) splits a batch of one
     slice across the replicas and fails on the empty share. TrainingSummaries, which must come
     after this one, writes the scores to the `validation` run as `epoch_loss`, `epoch_v_rand`,
-    ...; the progress line (progress.py), History and checkpoints see them too.
+    ...; the progress line (progress.py), the closing line and checkpoints see them too.
     """
 
-    def __init__(self, validation_pass, labels, loss, metrics, isbi_every, weights=None):
+    def __init__(self, watcher, epoch_logs, validation_pass, labels, loss, metrics, isbi_every, weights=None):
         super().__init__()
+        self.watcher = watcher
+        self.epoch_logs = epoch_logs
         self.validation_pass = validation_pass
         self.labels = labels[..., np.newaxis].astype(np.float32)
         self.loss = loss
@@ -422,6 +462,11 @@ class Validation(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         probabilities = self.validation_pass.probabilities()
+        self.epoch_logs[epoch] = dict(logs)
+        self.watcher.submit(lambda: self.score(self.epoch_logs[epoch], epoch, probabilities))
+
+    def score(self, logs, epoch, probabilities):
+        """Add the validation scores of `probabilities` (slices, H, W) to `logs`."""
         losses = []
         for metric in self.metrics:
             metric.reset_state()
@@ -490,9 +535,10 @@ class RunSummary(keras.callbacks.Callback):
         (TRAIN, "epoch_loss", "last training loss"),
     ]
 
-    def __init__(self, writers, trial_id, hyperparameters, documents, reached=None):
+    def __init__(self, writers, epoch_logs, trial_id, hyperparameters, documents, reached=None):
         super().__init__()
         self.writers = writers
+        self.epoch_logs = epoch_logs
         self.trial_id = trial_id
         self.hyperparameters = hyperparameters
         self.documents = documents
@@ -511,7 +557,7 @@ class RunSummary(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if global_step(self.model) == 0:
-            self.writers.write("", 0, self.write_run)
+            self.writers.watcher.submit(lambda: self.writers.write("", 0, self.write_run))
 
     def write_run(self):
         hp.hparams_config(
@@ -524,13 +570,14 @@ class RunSummary(keras.callbacks.Callback):
         tf.summary.experimental.write_raw_pb(layout.SerializeToString(), step=0)
 
     def on_epoch_end(self, epoch, logs=None):
-        def best_scalars():
-            for name, (better, description) in BEST_SCORES.items():
-                if f"val_{name}" in logs:
-                    value = logs[f"val_{name}"]
-                    self.best[name] = better(self.best.get(name, value), value)
-                    tf.summary.scalar(f"best_{name}", self.best[name], description=f"The {description} so far.")
-        self.writers.write("", epoch, best_scalars)
+        self.writers.watcher.submit(lambda: self.writers.write("", epoch, lambda: self.write_best(self.epoch_logs[epoch])))
+
+    def write_best(self, logs):
+        for name, (better, description) in BEST_SCORES.items():
+            if f"val_{name}" in logs:
+                value = logs[f"val_{name}"]
+                self.best[name] = better(self.best.get(name, value), value)
+                tf.summary.scalar(f"best_{name}", self.best[name], description=f"The {description} so far.")
 
 
 # --- checkpoints and stops ----------------------------------------------------------------------
@@ -540,52 +587,86 @@ class CheckpointError(InputError):
     how to go on."""
 
 
-def save_atomically(model, path, copy_of=None):
-    """Save `model` to `path` so that `path` is either the old file or the complete new one;
-    `copy_of`, a checkpoint of the same model just saved, is copied instead of saving again."""
-    path = Path(path)
-    try:
-        with files.replaced_atomically(path) as temporary:
-            if copy_of is None:
-                model.save(temporary)
-            else:
-                shutil.copyfile(copy_of, temporary)
-    except OSError as error:
-        how = (f"continue the run from its last checkpoint with --resume {path.parent}"
-               if (path.parent / LAST).is_file() else "start the run again")
-        raise CheckpointError(f"cannot write {path} ({error.strerror or error}): free some space, then {how}") from None
+def checkpoint_error(path, error):
+    how = (f"continue the run from its last checkpoint with --resume {path.parent}"
+           if (path.parent / LAST).is_file() else "start the run again")
+    return CheckpointError(f"cannot write {path} ({error.strerror or error}): free some space, then {how}")
 
 
 class Checkpoints(keras.callbacks.Callback):
-    """`best.keras` when the validation score settings.CHECKPOINT_SCORE improves on `best`, then
+    """`best.keras` when the validation `score` (settings.CHECKPOINT_SCORE, or
+    CHECKPOINT_SCORE_WITHOUT_ISBI for a run that never scores V_rand) improves on `best`, and
     `last.keras`, after every epoch whose loss is finite (weights that produced NaN are no
-    checkpoint to go back to). Must be the last callback, after every summary of the epoch."""
+    checkpoint to go back to). Must be the last callback that writes, after every summary of the
+    epoch.
 
-    def __init__(self, run_dir, best=None):
+    The epoch's net is saved on the training thread to a candidate (rundir.candidate_checkpoint),
+    and promoted by the watcher once it has scored the epoch and written everything the epoch
+    logged: copied to `best.keras` if it is the best, then renamed to `last.keras`. Each step is
+    atomic; a kill leaves the former checkpoints and a candidate that --resume removes.
+    """
+
+    def __init__(self, watcher, run_dir, epoch_logs, score, best=None):
         super().__init__()
+        self.watcher = watcher
         self.run_dir = Path(run_dir)
+        self.epoch_logs = epoch_logs
+        self.score = score
         self.best = best
 
     def improves(self, score):
-        better, _ = BEST_SCORES[CHECKPOINT_SCORE]
-        return np.isfinite(score) and (self.best is None or better(score, self.best) != self.best)
+        better, _ = BEST_SCORES[self.score]
+        return score is not None and np.isfinite(score) and (self.best is None or better(score, self.best) != self.best)
 
     def on_epoch_end(self, epoch, logs=None):
         if not np.isfinite(logs["loss"]):
             return
-        score = logs[f"val_{CHECKPOINT_SCORE}"]
-        best = None
-        if self.improves(score):
-            self.best, best = score, self.run_dir / BEST
-            save_atomically(self.model, best)
-        save_atomically(self.model, self.run_dir / LAST, copy_of=best)
+        candidate = candidate_checkpoint(self.run_dir, epoch)
+        try:
+            candidate.unlink(missing_ok=True)  # never written through a link planted there
+            self.model.save(candidate)
+        except OSError as error:
+            candidate.unlink(missing_ok=True)
+            self.watcher.drain()  # the advice depends on whether the former epoch's checkpoint is in place
+            raise checkpoint_error(self.run_dir / LAST, error) from None
+        self.watcher.submit(lambda: self.promote(candidate, self.epoch_logs[epoch].get(f"val_{self.score}")))
+
+    def promote(self, candidate, score):
+        """On the watcher: `candidate` copied to best.keras if `score` improves on the best, then
+        renamed to last.keras."""
+        path = self.run_dir / BEST
+        try:
+            if self.improves(score):
+                with files.replaced_atomically(path) as temporary:
+                    shutil.copyfile(candidate, temporary)
+                self.best = score
+            path = self.run_dir / LAST
+            os.replace(candidate, path)
+        except OSError as error:
+            candidate.unlink(missing_ok=True)
+            raise checkpoint_error(path, error) from None
+
+
+class EpochReport(keras.callbacks.Callback):
+    """Hands each epoch's logs with its validation scores to `report(epoch, logs)` once the watcher
+    has scored the epoch, written its summaries and promoted its checkpoints (the progress line's
+    validation line). Must come after Checkpoints."""
+
+    def __init__(self, watcher, epoch_logs, report):
+        super().__init__()
+        self.watcher = watcher
+        self.epoch_logs = epoch_logs
+        self.report = report
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.watcher.submit(lambda: self.report(epoch, self.epoch_logs[epoch]))
 
 
 class AveragedWeights(keras.callbacks.Callback):
     """With `--ema`: from each epoch's end to the next epoch's start the net holds the moving
     average of its weights, and the optimizer the weights it trains, so that everything the epoch
-    end writes (scores, images, histograms, checkpoints) is of the averaged net. Must be the first
-    callback. Training itself never sees the average: each epoch swaps the weights back first."""
+    end writes (scores, images, histograms, checkpoints) is of the averaged net. Must come before
+    every callback that reads the net. Training itself never sees the average: each epoch swaps the weights back first."""
 
     def __init__(self):
         super().__init__()
@@ -622,26 +703,32 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 
 # --- a run's callbacks --------------------------------------------------------------------------
 
-def for_run(args, run, inputs, stop, hyperparameters, documents):
+def for_run(args, run, inputs, stop, hyperparameters, documents, watcher, epoch_logs, report):
     """The callbacks of `run` (rundir.Run) on `inputs` (inputs.RunInputs) in the order they must
-    run; `stop` is the run's StopOnNonFiniteLoss."""
+    run; `stop` is the run's StopOnNonFiniteLoss, `watcher` the watcher.Watcher that does their work
+    off the training thread, `epoch_logs` the {epoch: logs with validation scores} they fill (the
+    run's history), `report(epoch, logs)` what is told of each epoch once it is scored."""
     indices, shown = inputs.val_indices, inputs.shown()
     validation_pass = ValidationPass(inputs.val_images, shown)
     weights = inputs.val_weights(args.loss)
-    writers = SummaryWriters(run.directory)
+    writers = SummaryWriters(run.directory, watcher)
+    score = CHECKPOINT_SCORE if args.eval_every else CHECKPOINT_SCORE_WITHOUT_ISBI
     return [
         *([AveragedWeights()] if averages_weights(run.model) else []),
         validation_pass,
-        # Before the summaries, which write the scores it adds to the epoch logs.
-        Validation(validation_pass, inputs.val_labels, LOSSES[args.loss], training_metrics(), args.eval_every, weights),
-        TrainingSummaries(writers, args.update_freq, args.histogram_freq),
-        ValidationSliceSummaries(writers, validation_pass, inputs.val_labels[shown], [indices[i] for i in shown],
+        # Before the summaries, whose watcher jobs read the scores it adds to the epoch logs.
+        Validation(watcher, epoch_logs, validation_pass, inputs.val_labels, LOSSES[args.loss], training_metrics(),
+                   args.eval_every, weights),
+        TrainingSummaries(writers, epoch_logs, args.update_freq, args.histogram_freq),
+        ValidationSliceSummaries(writers, epoch_logs, validation_pass, inputs.val_labels[shown], [indices[i] for i in shown],
                                  image_every=args.image_every, histogram_every=args.histogram_freq,
                                  v_rand_threshold=run.reached.get("v_rand_threshold", THRESHOLD),
                                  weights=None if weights is None else weights[shown]),
-        RunSummary(writers, run.directory.name, hyperparameters, documents, run.reached),
+        RunSummary(writers, epoch_logs, run.directory.name, hyperparameters, documents, run.reached),
         stop,
+        # Its epoch end flushes what the epoch logged, its training end drains the watcher.
         writers,
-        # Last: a checkpoint is written only once everything the epoch logged is on disk.
-        Checkpoints(run.directory, run.reached.get(CHECKPOINT_SCORE)),
+        # After it: a checkpoint is promoted only once everything the epoch logged is on disk.
+        Checkpoints(watcher, run.directory, epoch_logs, score, run.reached.get(score)),
+        EpochReport(watcher, epoch_logs, report),
     ]

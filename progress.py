@@ -4,13 +4,14 @@ progress (ProgressLine) and predict.py's count of slices (Counter).
 
 On a terminal: one line, rewritten in place and never wider than WIDTH columns (nor than the
 terminal), with the step, the time per step, the training loss and misclassified-pixel fraction
-(means since the epoch began, as Keras reports them); at each epoch's end that line stays and one
-more says the validation scores in words. Piped or redirected: one line per epoch with both, no
-control characters.
+(means since the epoch began, as Keras reports them); at each epoch's end that line stays, and one
+more says the validation scores in words once they are in (the watcher scores them while the next
+epoch trains). Piped or redirected: one line per epoch with both, no control characters.
 """
 
 import os
 import sys
+import threading
 import time
 
 import keras
@@ -30,7 +31,7 @@ def validation_line(logs):
 
 class ProgressLine(keras.callbacks.Callback):
     """The run's progress on `stream` (stdout): live on a terminal, one line per epoch elsewhere.
-    Must come after the callback that adds the validation scores to the epoch logs."""
+    The validation scores of an epoch are told by `validated`, from the watcher's thread."""
 
     def __init__(self, epochs, stream=None):
         super().__init__()
@@ -40,6 +41,8 @@ class ProgressLine(keras.callbacks.Callback):
         self._open = False  # a live line is on screen, not yet ended
         self._epoch, self._last_step = 0, None  # (steps done, when, logs) of the latest step
         self._epoch_started = self._drawn = 0.0
+        self._ended = {}  # piped: {epoch: its last step line}, until its scores are in
+        self._writing = threading.Lock()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch, self._epoch_started = epoch, time.monotonic()
@@ -50,17 +53,31 @@ class ProgressLine(keras.callbacks.Callback):
         self._last_step = (batch + 1, now, logs)
         if self.live and (now - self._drawn >= 1 / REDRAWS_PER_SECOND or batch + 1 == self.params["steps"]):
             self._drawn = now
-            self.draw(self.step_line())
+            with self._writing:
+                self.draw(self.step_line())
 
     def on_epoch_end(self, epoch, logs=None):
-        # The epoch's last step line (its time per step without the epoch end's), then the scores.
-        if self.live:
-            self.draw(self.step_line())  # the redraws' limit may have skipped a stopped epoch's last step
-            self.end_line()
-            self.draw("  " + validation_line(logs))
-            self.end_line()
-        else:
-            print(f"{self.step_line()}; {validation_line(logs)}", file=self.stream, flush=True)
+        # The epoch's last step line, with its time per step without the epoch end's.
+        with self._writing:
+            if self.live:
+                self.draw(self.step_line())  # the redraws' limit may have skipped a stopped epoch's last step
+                self._end_line()
+            else:
+                self._ended[epoch] = self.step_line()
+
+    def validated(self, epoch, logs):
+        """Tell the validation scores of `epoch` (`val_*` in `logs`): on a terminal on a line of their
+        own under the epoch's, the next epoch's live line drawn again below; piped, the epoch's line."""
+        with self._writing:
+            if not self.live:
+                print(f"{self._ended.pop(epoch)}; {validation_line(logs)}", file=self.stream, flush=True)
+                return
+            was_open = self._open
+            redraw(self.stream, "  " + validation_line(logs))
+            self.stream.write("\n")
+            self._open = False
+            if was_open:
+                self.draw(self.step_line())
 
     def step_line(self):
         steps_done, now, logs = self._last_step
@@ -74,6 +91,10 @@ class ProgressLine(keras.callbacks.Callback):
 
     def end_line(self):
         """End the live line, so that what follows (the closing line, an error) starts on its own."""
+        with self._writing:
+            self._end_line()
+
+    def _end_line(self):
         if self._open:
             self.stream.write("\n")
             self.stream.flush()

@@ -132,6 +132,12 @@ def read_config(run_dir):
     return config
 
 
+def candidate_checkpoint(run_dir, epoch):
+    """Where the net of `epoch` waits to be scored before it becomes last.keras (callbacks.Checkpoints):
+    a temporary name (files.PARTIAL_PATTERN), so that --resume removes one that a kill left."""
+    return Path(run_dir) / f".{Path(LAST).stem}.epoch{epoch}.partial{Path(LAST).suffix}"
+
+
 def checkpoint_step(path):
     """The training step a checkpoint was written at, read from the .keras archive without
     TensorFlow: Keras 3 keeps the optimizer's iteration count as its first variable

@@ -27,6 +27,7 @@ import numpy as np
 
 import cli
 import data
+import files
 import flags
 import inputs
 import rundir
@@ -115,11 +116,13 @@ def print_start(run, run_inputs, logdir, chief, worker_logdir):
         print(f"this worker logs to {worker_logdir}, removed at the end; the chief writes the run")
 
 
-def print_end(run, history):
-    """The best validation scores of the run, with those it had reached before a resume."""
+def print_end(run, epoch_logs):
+    """The best validation scores of the run ({epoch: logs with its scores}), with those it had
+    reached before a resume."""
     scores = []
     for name, (better, description) in settings.BEST_SCORES.items():
-        values = history.history.get(f"val_{name}", []) + ([run.reached[name]] if name in run.reached else [])
+        values = [logs[f"val_{name}"] for logs in epoch_logs.values() if f"val_{name}" in logs]
+        values += [run.reached[name]] if name in run.reached else []
         if values:
             scores.append(f"{description} {better(values):.4f}")
     print(", ".join(scores) + f"; checkpoints {run.directory / rundir.BEST}, {run.directory / rundir.LAST}")
@@ -156,6 +159,7 @@ def train(args, given, command):
     import resume
     import runs
     import unet
+    import watcher
     from progress import ProgressLine
 
     strategy = distribute.make_strategy(args.strategy)  # first: it may configure TensorFlow's runtime
@@ -184,15 +188,19 @@ def train(args, given, command):
             run.model.jit_compile = setup["jit_compile"]
             print_start(run, run_inputs, args.logdir, chief, logdir)
 
-            stop, progress = callbacks.StopOnNonFiniteLoss(), ProgressLine(args.epochs)
+            stop, progress, epoch_logs = callbacks.StopOnNonFiniteLoss(), ProgressLine(args.epochs), {}
+            # Scoring, rendering and writing beside training; its end (normal or not) finishes them.
+            watching = held.enter_context(watcher.running())
             # shuffle=False: the batches come in the order of their seeds (Keras would only warn that it
-            # cannot shuffle a tf.data pipeline). verbose=0: ProgressLine in place of Keras' bar.
-            history = run.model.fit(
+            # cannot shuffle a tf.data pipeline). verbose=0: ProgressLine in place of Keras' bar, first
+            # so that an epoch's line is out before the watcher tells its scores.
+            run.model.fit(
                 distribute.training_batches(strategy, run_inputs.crops(args.batch_size, args.crop, args.seed, args.loss),
                                             args.steps_per_epoch, run.initial_epoch),
                 epochs=args.epochs, initial_epoch=run.initial_epoch, steps_per_epoch=args.steps_per_epoch, shuffle=False,
-                verbose=0, callbacks=[*callbacks.for_run(args, run, run_inputs, stop, runs.hyperparameters(run.config),
-                                                         runs.run_documents(run.config)), progress])
+                verbose=0, callbacks=[progress, *callbacks.for_run(args, run, run_inputs, stop, runs.hyperparameters(run.config),
+                                                                   runs.run_documents(run.config), watching, epoch_logs,
+                                                                   progress.validated)])
     except BaseException as error:
         if cli.interrupted():
             error = KeyboardInterrupt()
@@ -200,6 +208,7 @@ def train(args, given, command):
             raise error from None
         if progress is not None:
             progress.end_line()
+        files.remove_partial_files([run.directory])  # a checkpoint candidate the stop cut short
         raise stopped(error, run.directory, chief, new_run, distribute.lost_worker(error)) from None
     if not chief:
         if stop.message:
@@ -211,7 +220,7 @@ def train(args, given, command):
             raise cli.Stopped(f"{stop.message}; the last good checkpoint, {run.directory / rundir.LAST}, is kept: "
                               f"lower --lr and start again, or continue from it with --resume {run.directory}")
         raise cli.Stopped(f"{stop.message}, before any epoch ended: start again with a lower --lr")
-    print_end(run, history)
+    print_end(run, epoch_logs)
     return run.directory
 
 

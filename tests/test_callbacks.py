@@ -7,6 +7,7 @@ import re
 import select
 import struct
 import termios
+import threading
 
 import keras
 import numpy as np
@@ -17,7 +18,9 @@ import callbacks
 import metrics
 import predict
 import progress
+import rundir
 import unet
+import watcher
 from conftest import read_events
 from rundir import TRAIN, VALIDATION
 
@@ -36,15 +39,23 @@ def crops():
     return images, labels
 
 
+def logs_kept_in(epoch_logs):
+    """A callback keeping each epoch's logs in `epoch_logs`, as callbacks.Validation does before scoring."""
+    return keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: epoch_logs.__setitem__(epoch, dict(logs)))
+
+
 def test_training_summaries_batch_scalars_are_each_batchs_own_values(tmp_path):
     images, labels = crops()
     model = tiny_model()
     by_hand = keras.models.clone_model(model)
     by_hand.set_weights(model.get_weights())
     by_hand.compile(optimizer=keras.optimizers.Adam(1e-2), loss=metrics.LOSSES["bce"], metrics=metrics.training_metrics())
-    writers = callbacks.SummaryWriters(tmp_path)
-    model.fit(images, labels, batch_size=BATCH_SIZE, epochs=2, shuffle=False, verbose=0,
-              callbacks=[callbacks.TrainingSummaries(writers, update_freq=1, histogram_freq=2), writers])
+    epoch_logs = {}
+    with watcher.running() as watching:
+        writers = callbacks.SummaryWriters(tmp_path, watching)
+        model.fit(images, labels, batch_size=BATCH_SIZE, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[logs_kept_in(epoch_logs), callbacks.TrainingSummaries(writers, epoch_logs, update_freq=1,
+                                                                                   histogram_freq=2), writers])
     expected = [by_hand.train_on_batch(images[i:i + BATCH_SIZE], labels[i:i + BATCH_SIZE], return_dict=True)
                 for _ in range(2) for i in range(0, len(images), BATCH_SIZE)]
 
@@ -127,18 +138,20 @@ def validation_pass_of(model, images, shown):
 
 def test_validation_adds_the_loss_metrics_and_challenge_scores_of_the_whole_slices_as_predict_py_predicts_them(model):
     images, labels = slices()
-    validation = attached(callbacks.Validation(validation_pass_of(model, images, [0]), labels, metrics.LOSSES["bce"],
-                                               metrics.training_metrics(), 1), model)
-    logs = {"loss": 0.5}
-    validation.on_epoch_end(0, logs)
+    epoch_logs = {}
+    with watcher.running() as watching:
+        validation = attached(callbacks.Validation(watching, epoch_logs, validation_pass_of(model, images, [0]), labels,
+                                                   metrics.LOSSES["bce"], metrics.training_metrics(), 1), model)
+        validation.on_epoch_end(0, {"loss": 0.5})
+        validation.isbi_every = 2
+        validation.on_epoch_end(1, {"loss": 0.5})  # not an evaluation epoch: the loss and metrics only
+        watching.drain()
+    logs = epoch_logs[0]
     probabilities = predict.predict_stack(model, images)  # whole slices in mirrored context
     expected = np.mean(metrics.misclassified_pixel_fraction(labels[..., np.newaxis], probabilities[..., np.newaxis]))
     assert logs["val_misclassified_pixel_fraction"] == pytest.approx(float(expected), rel=1e-5)
     assert logs["val_v_rand"] == pytest.approx(metrics.isbi_scores(labels, probabilities)["v_rand"], rel=1e-5)
-    logs = {"loss": 0.5}
-    validation.isbi_every = 2
-    validation.on_epoch_end(1, logs)  # not an evaluation epoch: the loss and metrics only
-    assert "val_loss" in logs and "val_v_rand" not in logs
+    assert "val_loss" in epoch_logs[1] and "val_v_rand" not in epoch_logs[1]
 
 
 def test_the_validation_slices_go_through_the_net_once_per_training_step(tmp_path):
@@ -147,19 +160,21 @@ def test_the_validation_slices_go_through_the_net_once_per_training_step(tmp_pat
     validation_pass = validation_pass_of(model, images, [0, 2])
     forward, calls = validation_pass._forward, []
     validation_pass._forward = lambda batch: calls.append(batch.shape) or forward(batch)
-    writers = callbacks.SummaryWriters(tmp_path)
-    validation = attached(callbacks.Validation(validation_pass, labels, metrics.LOSSES["bce"], metrics.training_metrics(), 1),
-                          model)
-    summaries = attached(callbacks.ValidationSliceSummaries(writers, validation_pass, labels[[0, 2]], [1, 7], image_every=3,
-                                                            histogram_every=1), model)
-    summaries.on_train_begin()
-    assert len(calls) == 2  # the shown slices' images at step 0
-    model.optimizer.iterations.assign(3)
-    summaries.on_train_batch_end(2, {})  # images due at the epoch's last step wait for its end
-    logs = {"loss": 0.5}
-    validation.on_epoch_end(0, logs)
-    summaries.on_epoch_end(0, logs)  # images, activation histograms and PR curve of the same pass
-    writers.on_train_end()
+    epoch_logs = {}
+    with watcher.running() as watching:
+        writers = callbacks.SummaryWriters(tmp_path, watching)
+        validation = attached(callbacks.Validation(watching, epoch_logs, validation_pass, labels, metrics.LOSSES["bce"],
+                                                   metrics.training_metrics(), 1), model)
+        summaries = attached(callbacks.ValidationSliceSummaries(writers, epoch_logs, validation_pass, labels[[0, 2]], [1, 7],
+                                                                image_every=3, histogram_every=1), model)
+        summaries.on_train_begin()
+        assert len(calls) == 2  # the shown slices' images at step 0
+        model.optimizer.iterations.assign(3)
+        summaries.on_train_batch_end(2, {})  # images due at the epoch's last step wait for its end
+        logs = {"loss": 0.5}
+        validation.on_epoch_end(0, logs)
+        summaries.on_epoch_end(0, logs)  # images, activation histograms and PR curve of the same pass
+        writers.on_train_end()
     assert len(calls) == 2 + 3
     assert calls[-1] == (1, 48 + 2 * predict.CONTEXT, 48 + 2 * predict.CONTEXT, 1)
     written, _ = read_events(tmp_path / VALIDATION)
@@ -169,14 +184,17 @@ def test_the_validation_slices_go_through_the_net_once_per_training_step(tmp_pat
 
 def test_validation_slice_summaries_write_images_counts_and_histograms_into_validation(model, tmp_path):
     images, labels = slices()
-    writers = callbacks.SummaryWriters(tmp_path)
-    summaries = attached(callbacks.ValidationSliceSummaries(writers, validation_pass_of(model, images, [0, 1]), labels,
-                                                            [4, 9], image_every=1, histogram_every=1), model)
-    summaries.on_train_begin()
-    summaries.on_epoch_end(0, {"loss": 0.5, "val_v_rand_threshold": 0.3})
-    writers.on_epoch_end(0)  # TrainingSummaries writes the epoch's scalars there too, through the same writer
-    writers.write(VALIDATION, 1, lambda: tf.summary.scalar("epoch_loss", 0.5))
-    writers.on_train_end()
+    epoch_logs = {0: {"loss": 0.5, "val_v_rand_threshold": 0.3}}
+    with watcher.running() as watching:
+        writers = callbacks.SummaryWriters(tmp_path, watching)
+        summaries = attached(callbacks.ValidationSliceSummaries(writers, epoch_logs, validation_pass_of(model, images, [0, 1]),
+                                                                labels, [4, 9], image_every=1, histogram_every=1), model)
+        summaries.on_train_begin()
+        summaries.on_epoch_end(0, epoch_logs[0])
+        writers.on_epoch_end(0)
+        # TrainingSummaries writes the epoch's scalars there too, through the same writer.
+        watching.submit(lambda: writers.write(VALIDATION, 1, lambda: tf.summary.scalar("epoch_loss", 0.5)))
+        writers.on_train_end()
     assert len(list((tmp_path / VALIDATION).glob("events.out.tfevents.*"))) == 1  # one file per directory and process
     written, plugins = read_events(tmp_path / VALIDATION)
     for index in (4, 9):
@@ -189,13 +207,16 @@ def test_validation_slice_summaries_write_images_counts_and_histograms_into_vali
 
 
 def test_run_summary_writes_the_run_once_and_the_best_scores_each_epoch(model, tmp_path):
-    writers = callbacks.SummaryWriters(tmp_path)
-    summary = attached(callbacks.RunSummary(writers, "trial", {"loss": "bce"}, {"run/command": "python train.py"},
-                                            {"v_rand": 0.9}), model)
-    summary.on_train_begin()
-    summary.on_epoch_end(0, {"val_misclassified_pixel_fraction": 0.2, "val_v_rand": 0.8})
-    summary.on_epoch_end(1, {"val_misclassified_pixel_fraction": 0.1, "val_v_rand": 0.95})
-    writers.on_train_end()
+    epoch_logs = {0: {"val_misclassified_pixel_fraction": 0.2, "val_v_rand": 0.8},
+                  1: {"val_misclassified_pixel_fraction": 0.1, "val_v_rand": 0.95}}
+    with watcher.running() as watching:
+        writers = callbacks.SummaryWriters(tmp_path, watching)
+        summary = attached(callbacks.RunSummary(writers, epoch_logs, "trial", {"loss": "bce"},
+                                                {"run/command": "python train.py"}, {"v_rand": 0.9}), model)
+        summary.on_train_begin()
+        for epoch, logs in epoch_logs.items():
+            summary.on_epoch_end(epoch, logs)
+        writers.on_train_end()
     written, plugins = read_events(tmp_path)
     assert [float(value) for _, value in written["best_v_rand"]] == pytest.approx([0.9, 0.95])  # resumed from 0.9
     assert [float(value) for _, value in written["best_misclassified_pixel_fraction"]] == pytest.approx([0.2, 0.1])
@@ -203,16 +224,29 @@ def test_run_summary_writes_the_run_once_and_the_best_scores_each_epoch(model, t
     assert {plugin for plugin, _ in plugins.values()} >= {"hparams", "custom_scalars"}
 
 
-def test_checkpoints_keep_the_best_and_the_last_finite_epoch(model, tmp_path):
-    checkpoints = attached(callbacks.Checkpoints(tmp_path), model)
-    checkpoints.on_epoch_end(0, {"loss": 0.5, "val_misclassified_pixel_fraction": 0.2})
-    best = (tmp_path / "best.keras").read_bytes()
-    assert (tmp_path / "last.keras").read_bytes() == best  # one save, copied
-    checkpoints.on_epoch_end(1, {"loss": 0.4, "val_misclassified_pixel_fraction": 0.3})  # worse: last only
-    assert (tmp_path / "best.keras").read_bytes() == best and (tmp_path / "last.keras").is_file()
-    saved = {name: (tmp_path / name).read_bytes() for name in ("best.keras", "last.keras")}
-    checkpoints.on_epoch_end(2, {"loss": float("nan"), "val_misclassified_pixel_fraction": 0.1})  # NaN: neither
-    assert {name: (tmp_path / name).read_bytes() for name in saved} == saved and checkpoints.best == 0.2
+def test_checkpoints_keep_the_best_v_rand_and_the_last_finite_epoch_once_the_watcher_scored_it(model, tmp_path):
+    epoch_logs = {0: {"loss": 0.5, "val_v_rand": 0.8, "val_misclassified_pixel_fraction": 0.2},
+                  1: {"loss": 0.4, "val_v_rand": 0.7, "val_misclassified_pixel_fraction": 0.1},  # worse V_rand: last only
+                  2: {"loss": float("nan"), "val_v_rand": 0.9}}  # NaN: neither
+    scored = threading.Event()
+    with watcher.running() as watching:
+        checkpoints = attached(callbacks.Checkpoints(watching, tmp_path, epoch_logs, "v_rand"), model)
+        watching.submit(scored.wait)  # the watcher still scoring: the candidate waits, no checkpoint yet
+        checkpoints.on_epoch_end(0, epoch_logs[0])
+        assert not (tmp_path / "last.keras").exists() and not (tmp_path / "best.keras").exists()
+        assert [path.name for path in tmp_path.iterdir()] == [rundir.candidate_checkpoint(tmp_path, 0).name]
+        scored.set()
+        watching.drain()
+        best = (tmp_path / "best.keras").read_bytes()
+        assert (tmp_path / "last.keras").read_bytes() == best  # one save, copied
+        checkpoints.on_epoch_end(1, epoch_logs[1])
+        watching.drain()
+        assert (tmp_path / "best.keras").read_bytes() == best and (tmp_path / "last.keras").is_file()
+        saved = {name: (tmp_path / name).read_bytes() for name in ("best.keras", "last.keras")}
+        checkpoints.on_epoch_end(2, epoch_logs[2])
+        watching.drain()
+    assert {name: (tmp_path / name).read_bytes() for name in saved} == saved and checkpoints.best == 0.8
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["best.keras", "last.keras"]
 
 
 def test_stop_on_non_finite_loss_names_the_step_and_learning_rate(model):
@@ -248,6 +282,11 @@ def test_averaged_weights_show_the_epoch_end_the_moving_average_and_train_on_the
     np.testing.assert_array_equal(seen_at_epoch_begin[1], trained[BATCHES - 1])
 
 
+def scores_told_to(line):
+    """A callback telling `line` each epoch's validation scores, as callbacks.EpochReport does."""
+    return keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: line.validated(epoch, logs))
+
+
 @pytest.mark.parametrize("columns", [200, 60])
 def test_the_progress_line_on_a_terminal_is_redrawn_in_place_within_its_width(columns):
     images, labels = crops()
@@ -255,8 +294,9 @@ def test_the_progress_line_on_a_terminal_is_redrawn_in_place_within_its_width(co
     controller, terminal_end = os.openpty()
     fcntl.ioctl(terminal_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     with open(terminal_end, "w") as terminal:
+        line = progress.ProgressLine(2, terminal)
         model.fit(images, labels, batch_size=BATCH_SIZE, epochs=2, shuffle=False, verbose=0,
-                  validation_data=(images, labels), callbacks=[progress.ProgressLine(2, terminal)])
+                  validation_data=(images, labels), callbacks=[line, scores_told_to(line)])
     output = b""
     while select.select([controller], [], [], 5)[0]:
         try:

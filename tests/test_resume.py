@@ -1,6 +1,7 @@
 """Never lose a run: resume, kill -9, non-finite loss, full disk, simultaneous starts."""
 
 import errno
+import functools
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import inputs
 import resume
 import rundir
 import train
+import watcher
 from conftest import ROOT, TINY, read_events
 
 
@@ -61,6 +63,23 @@ def test_a_resumed_run_writes_the_same_curves_as_one_run_straight_through(straig
                                    [value for _, value in straight[part][tag]], rtol=1e-6, err_msg=tag)
     assert steps(resumed["train"]["epoch_loss"]) == [0, 1, 2]
     assert steps(resumed["train"]["train_batch/loss"]) == [2, 4, 6, 8]
+
+
+def test_the_watcher_writes_every_tag_step_and_value_that_watching_on_the_training_thread_writes(
+        straight_and_resumed, isbi_dir, tmp_path, monkeypatch):
+    # The same run as the straight one, its watching done at once on the training thread (bench.py's
+    # baseline): what the watcher wrote beside training is the same, in the same order.
+    monkeypatch.setattr(watcher, "running", functools.partial(watcher.running, inline=True))
+    assert tiny_run(isbi_dir, tmp_path, "--epochs", "3", "--ema", "0.9") == 0
+    threaded, inline = raw_events(straight_and_resumed[0]), raw_events(tmp_path / "bce_lr1e-3")
+    assert threaded.keys() == inline.keys()
+    for part in threaded:
+        assert list(threaded[part]) == list(inline[part]), part  # the tags in the order first written
+        for tag, series in threaded[part].items():
+            assert steps(series) == steps(inline[part][tag]), (part, tag)
+            values, expected = [value for _, value in series], [value for _, value in inline[part][tag]]
+            if values[0].dtype.kind == "f":
+                np.testing.assert_allclose(values, expected, rtol=1e-6, err_msg=f"{part} {tag}")
 
 
 def test_a_resumed_run_records_how_it_was_continued(straight_and_resumed):

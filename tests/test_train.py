@@ -276,11 +276,21 @@ def test_summary_prints_one_row_per_run(two_run_logdir, events, capsys):
     header, *rows = capsys.readouterr().out.strip().splitlines()
     assert header.split() == list(runs.COLUMNS)
     assert [row.split()[:4] for row in rows] == [["bce_lr1e-3", "bce", "0.001", "6"], ["wbce_lr1e-3", "wbce", "0.001", "6"]]
+    bce = dict(zip(runs.COLUMNS, rows[0].split()))
     epochs = [float(v) for _, v in events["bce_lr1e-3/validation"]["epoch_misclassified_pixel_fraction"]]
-    assert float(rows[0].split()[4]) == pytest.approx(min(epochs), abs=1e-4)
-    assert float(rows[0].split()[5]) == pytest.approx(epochs[-1], abs=1e-4)
+    assert float(bce["best_val_mpf"]) == pytest.approx(min(epochs), abs=1e-4)
+    assert float(bce["last_val_mpf"]) == pytest.approx(epochs[-1], abs=1e-4)
     v_rands = [float(v) for _, v in events["bce_lr1e-3/validation"]["epoch_v_rand"]]
-    assert float(rows[0].split()[6]) == pytest.approx(max(v_rands), abs=1e-4)
+    assert float(bce["best_val_v_rand"]) == pytest.approx(max(v_rands), abs=1e-4)
+
+
+@pytest.mark.parametrize("run", ["bce_lr1e-3", "wbce_lr1e-3"])
+def test_best_checkpoint_is_the_epoch_of_the_best_v_rand_and_last_the_last_epoch(two_run_logdir, events, run):
+    v_rands = events[f"{run}/validation"]["evaluation_v_rand_vs_iterations"]  # wbce's every second epoch only
+    best_step = max(v_rands, key=lambda point: float(point[1]))[0]  # the first of equal ones
+    assert rundir.checkpoint_step(two_run_logdir / run / rundir.BEST) == best_step
+    assert rundir.checkpoint_step(two_run_logdir / run / rundir.LAST) == TINY_STEPS
+    assert not list((two_run_logdir / run).glob(".*.partial*"))  # every candidate promoted or removed
 
 
 def test_summary_of_an_empty_directory_says_so(tmp_path, capsys):

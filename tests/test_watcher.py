@@ -1,0 +1,71 @@
+"""The watcher: jobs in order beside the caller, a bounded queue, errors raised where training sees them."""
+
+import threading
+import time
+
+import pytest
+
+import watcher
+
+
+def test_jobs_run_in_the_order_handed_over_on_a_thread_of_their_own():
+    done, threads = [], set()
+
+    def job(number):
+        def run():
+            time.sleep(0.001 * (5 - number))  # later jobs quicker: order is kept anyway
+            done.append(number)
+            threads.add(threading.current_thread().name)
+        return run
+    with watcher.running() as watching:
+        for number in range(5):
+            watching.submit(job(number))
+        watching.drain()
+        assert done == list(range(5)) and threads == {"watcher"}
+        assert watching.busy > 0.0
+
+
+def test_a_full_queue_makes_the_caller_wait_and_the_wait_is_counted():
+    release = threading.Event()
+    watching = watcher.Watcher(capacity=1)
+    try:
+        watching.submit(release.wait)  # taken by the thread, which then blocks
+        time.sleep(0.05)
+        watching.submit(lambda: None)  # fills the queue
+        threading.Timer(0.2, release.set).start()
+        watching.submit(lambda: None)  # waits for room until the first job ends
+        assert watching.waited >= 0.15
+    finally:
+        release.set()
+        watching.close()
+
+
+def test_a_failed_job_stops_the_later_ones_and_is_raised_once_at_the_next_hand_over():
+    ran = []
+
+    def fails():
+        raise OSError(28, "No space left on device")
+    with watcher.running() as watching:
+        watching.submit(fails)
+        watching.submit(lambda: ran.append("after"))
+        with pytest.raises(OSError, match="No space left"):
+            watching.drain()
+        watching.drain()  # said once
+    assert ran == []
+
+
+def test_closing_finishes_the_jobs_handed_over():
+    done = []
+    with watcher.running() as watching:
+        for number in range(3):
+            watching.submit(lambda number=number: (time.sleep(0.02), done.append(number)))
+    assert done == [0, 1, 2]
+
+
+def test_inline_runs_each_job_at_once_on_the_callers_thread():
+    threads = []
+    with watcher.running(inline=True) as watching:
+        watching.submit(lambda: threads.append(threading.current_thread()))
+        assert threads == [threading.current_thread()]
+        with pytest.raises(ValueError):
+            watching.submit(lambda: int("x"))

@@ -1,0 +1,101 @@
+"""The watcher: the work of watching a run that does not need the net (scoring, rendering, histograms,
+writing the summaries, promoting checkpoints), done on a thread beside training, in the order it
+was handed over, so that training waits only for what needs the net at that step.
+
+The training thread hands over jobs (functions of no arguments, holding copies of what they need)
+through a bounded queue: when the watcher falls behind, training waits, so memory stays bounded,
+and the wait is counted. A job that fails stops the watcher (later jobs would write curves that
+skip what it should have written); its error is raised on the training thread at the next hand-over
+or when the watcher is drained. Knows nothing of Keras.
+
+numpy, scipy, scikit-image and TensorFlow's ops release the GIL for the heavy work, so on a machine
+whose accelerator trains the net the watcher's scoring runs on CPU cores that would idle otherwise.
+"""
+
+import contextlib
+import queue
+import threading
+import time
+
+import tensorflow as tf
+
+# Jobs waiting at most: an epoch hands over about ten, each holding at most the validation slices'
+# probabilities and a copy of the weights (tens of MB at the defaults).
+CAPACITY = 32
+_DONE = object()
+
+
+class Watcher:
+    """Runs the jobs handed to `submit` one after the other on a thread of its own (or at once on
+    the caller's thread with `inline`, the synchronous baseline bench.py compares with). Its
+    counters: `busy` (seconds the jobs took) and `waited` (seconds `submit` waited for room in the
+    queue), totals since it started."""
+
+    def __init__(self, inline=False, capacity=CAPACITY):
+        self.inline = inline
+        self.busy = self.waited = 0.0
+        self._error = None
+        self._raised = False
+        self._jobs = queue.Queue(maxsize=capacity)
+        self._thread = None if inline else threading.Thread(target=self._work, name="watcher", daemon=True)
+        if self._thread:
+            self._thread.start()
+
+    def submit(self, job):
+        """Hand `job` over, waiting while the queue is full; raise the error of a job that failed."""
+        self.raise_error()
+        if self.inline:
+            self._run(job)
+            self.raise_error()
+            return
+        start = time.perf_counter()
+        self._jobs.put(job)
+        self.waited += time.perf_counter() - start
+
+    def drain(self):
+        """Wait until every job handed over is done; raise the error of a job that failed."""
+        if not self.inline:
+            self._jobs.join()
+        self.raise_error()
+
+    def close(self):
+        """Finish the jobs handed over and stop the thread. Never raises: a job's error is raised
+        by `submit` or `drain`."""
+        if self._thread and self._thread.is_alive():
+            self._jobs.put(_DONE)
+            self._thread.join()
+
+    def raise_error(self):
+        if self._error is not None and not self._raised:
+            self._raised = True
+            raise self._error
+
+    def _work(self):
+        # Pinned to the CPU: the few TensorFlow ops of scoring (the validation loss and metrics)
+        # and the summary writes stay off the accelerator that trains.
+        with tf.device("/CPU:0"):
+            while (job := self._jobs.get()) is not _DONE:
+                if self._error is None:
+                    self._run(job)
+                self._jobs.task_done()
+            self._jobs.task_done()
+
+    def _run(self, job):
+        start = time.perf_counter()
+        try:
+            job()
+        except BaseException as error:  # raised again on the training thread, which says what it was
+            self._error = error
+        finally:
+            self.busy += time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def running(inline=False):
+    """A Watcher for the block, finishing the jobs handed over when the block ends, however it ends
+    (a Ctrl-C or SIGTERM included, so that what the last checkpoints logged is written)."""
+    watcher = Watcher(inline)
+    try:
+        yield watcher
+    finally:
+        watcher.close()
