@@ -25,11 +25,14 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorboard.compat.proto import config_pb2, summary_pb2
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
+from tensorboard.plugins.graph import metadata as graph_metadata
 from tensorboard.plugins.histogram import summary as histogram_summary
 from tensorboard.plugins.hparams import api as hp
 from tensorboard.plugins.pr_curve import summary as pr_curve_summary
+from tensorboard.util import tensor_util
 
 import files
 from cli import InputError
@@ -298,11 +301,21 @@ class TrainingSummaries(keras.callbacks.Callback):
         return float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
     def write_forward_pass_graph(self):
-        forward = forward_pass(self.model)
-        example = tf.zeros((1, 2**DEPTH, 2**DEPTH, self.model.input_shape[-1]))
-        tf.summary.trace_on(graph=True, profiler=False)
-        forward(example)
-        self.writers.write(TRAIN, 0, lambda: tf.summary.trace_export("unet"))
+        """The graph of one forward pass, as `tf.summary.trace_export` writes it (a RunMetadata of
+        function graphs under the tag `unet`), taken from the function itself: tracing collects
+        every function the process runs meanwhile, the watcher's summary writes included."""
+        example = tf.TensorSpec((1, 2**DEPTH, 2**DEPTH, self.model.input_shape[-1]), tf.float32)
+        graph = forward_pass(self.model).get_concrete_function(example).graph.as_graph_def()
+        run_metadata = config_pb2.RunMetadata()
+        run_metadata.function_graphs.add().pre_optimization_graph.ParseFromString(graph.SerializeToString())
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(
+            tag="unet", tensor=tensor_util.make_tensor_proto([run_metadata.SerializeToString()]),
+            metadata=summary_pb2.SummaryMetadata(
+                # content "1": the version of TensorFlow's own graph summary, which the Graphs tab insists on.
+                plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=graph_metadata.PLUGIN_NAME_RUN_METADATA_WITH_GRAPH,
+                                                                   content=b"1"),
+                data_class=summary_pb2.DATA_CLASS_BLOB_SEQUENCE))])
+        self.writers.write(TRAIN, 0, lambda: tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=0))
 
 
 def write_weight_histograms(weights):

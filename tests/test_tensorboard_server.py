@@ -88,7 +88,11 @@ def test_weight_histograms(tensorboard):
 
 
 def test_forward_pass_graph_with_the_paper_layer_names(tensorboard):
-    info = get_json(tensorboard, "/data/plugin/graphs/info")
+    deadline = time.monotonic() + START_TIMEOUT_S
+    # TensorBoard lists the runs before it has read each run's every event.
+    while "bce_lr1e-3/train" not in (info := get_json(tensorboard, "/data/plugin/graphs/info")):
+        assert time.monotonic() < deadline, info
+        time.sleep(0.5)
     assert info["bce_lr1e-3/train"]["tags"]["unet"]["op_graph"]
     graph = tensorboard("/data/plugin/graphs/graph", run="bce_lr1e-3/train", tag="unet").decode()
     for layer in ("enc1_conv1", "bottleneck_conv2", "dec1_concat", "output"):

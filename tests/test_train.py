@@ -134,11 +134,12 @@ def test_weight_histograms_for_every_layer_each_epoch(events):
 
 
 def test_forward_pass_graph_with_the_layer_names(events):
-    (step, value), = events["bce_lr1e-3/train"]["unet"]  # trace_export's RunMetadata
-    metadata = RunMetadata.FromString(value.item())
+    (step, value), = events["bce_lr1e-3/train"]["unet"]  # a RunMetadata, as trace_export writes it
+    metadata = RunMetadata.FromString(value.item())  # a blob sequence of one, as the Graphs tab reads it
     nodes = [node.name for graph in metadata.function_graphs for node in graph.pre_optimization_graph.node]
     for layer in ("enc1_conv1", "enc4_pool", "bottleneck_conv2", "dec1_up", "dec1_concat", "output"):
         assert any(f"/{layer}" in name for name in nodes), layer
+    assert len(metadata.function_graphs) == 1  # the forward pass alone, nothing else the process ran
 
 
 def test_prediction_images_and_their_error_scalars_share_the_global_step(events):
