@@ -210,10 +210,13 @@ def pipeline_images_per_second(batches, batch_size, repeats):
 
 
 class TimedCallback(keras.callbacks.Callback):
-    """Runs `callback` and adds up the wall seconds spent in its hooks, per epoch."""
+    """Runs `callback` and adds up the wall seconds spent in its hooks, per epoch: those of the
+    epoch's batches and its end. The start and the end of training (the graph, draining the
+    watcher) are outside every epoch, as they are outside EpochTimes' epochs."""
 
     HOOKS = ("on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_train_batch_begin",
              "on_train_batch_end")
+    UNTIMED = ("on_train_begin", "on_train_end")
 
     def __init__(self, callback):
         super().__init__()
@@ -227,7 +230,8 @@ class TimedCallback(keras.callbacks.Callback):
                 self.epoch = arguments[0]
             start = time.perf_counter()
             hook(*arguments, **keywords)
-            self.seconds[self.epoch] += time.perf_counter() - start
+            if name not in self.UNTIMED:
+                self.seconds[self.epoch] += time.perf_counter() - start
         return run
 
     def set_model(self, model):
