@@ -217,6 +217,10 @@ class SummaryWriters(keras.callbacks.Callback):
         with tf.summary.record_if(True), self[part].as_default(step=step):
             summaries()
 
+    def submit(self, part, step, summaries):
+        """`write(part, step, summaries)` on the watcher, after everything handed to it before."""
+        self.watcher.submit(lambda: self.write(part, step, summaries))
+
     def flush(self):
         for writer in list(self._writers.values()):
             writer.flush()
@@ -275,7 +279,7 @@ class TrainingSummaries(keras.callbacks.Callback):
                     tf.summary.scalar(f"{BATCH_GROUP}/{name}", (batch + 1) * mean - batch * previous.get(name, 0.0),
                                       description="This training batch alone (not a mean since the epoch began).")
                 tf.summary.scalar(f"{BATCH_GROUP}/learning_rate", learning_rate)
-            self.writers.watcher.submit(lambda: self.writers.write(TRAIN, step, summaries))
+            self.writers.submit(TRAIN, step, summaries)
         self._previous_means = logs if (step + 1) % self.update_freq == 0 else {}
 
     def on_epoch_end(self, epoch, logs=None):
@@ -387,12 +391,12 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
                 self.write_activations_and_pr_curve(activations, probabilities)
             if images:
                 self.write_images(probabilities)
-        self.writers.watcher.submit(lambda: self.writers.write(VALIDATION, step, summaries))
+        self.writers.submit(VALIDATION, step, summaries)
 
     def submit_images(self, step):
         """The images of `step` from the net's output now, rendered and written by the watcher."""
         probabilities = self.validation_pass.probabilities(self.validation_pass.shown)
-        self.writers.watcher.submit(lambda: self.writers.write(VALIDATION, step, lambda: self.write_images(probabilities)))
+        self.writers.submit(VALIDATION, step, lambda: self.write_images(probabilities))
 
     def write_images(self, probabilities):
         """The images and shown-slice scalars of the shown slices' `probabilities` (slices, H, W), at the
@@ -570,7 +574,7 @@ class RunSummary(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if global_step(self.model) == 0:
-            self.writers.watcher.submit(lambda: self.writers.write("", 0, self.write_run))
+            self.writers.submit("", 0, self.write_run)
 
     def write_run(self):
         hp.hparams_config(
@@ -583,7 +587,7 @@ class RunSummary(keras.callbacks.Callback):
         tf.summary.experimental.write_raw_pb(layout.SerializeToString(), step=0)
 
     def on_epoch_end(self, epoch, logs=None):
-        self.writers.watcher.submit(lambda: self.writers.write("", epoch, lambda: self.write_best(self.epoch_logs[epoch])))
+        self.writers.submit("", epoch, lambda: self.write_best(self.epoch_logs[epoch]))
 
     def write_best(self, logs):
         for name, (better, description) in BEST_SCORES.items():

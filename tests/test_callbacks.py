@@ -193,7 +193,7 @@ def test_validation_slice_summaries_write_images_counts_and_histograms_into_vali
         summaries.on_epoch_end(0, epoch_logs[0])
         writers.on_epoch_end(0)
         # TrainingSummaries writes the epoch's scalars there too, through the same writer.
-        watching.submit(lambda: writers.write(VALIDATION, 1, lambda: tf.summary.scalar("epoch_loss", 0.5)))
+        writers.submit(VALIDATION, 1, lambda: tf.summary.scalar("epoch_loss", 0.5))
         writers.on_train_end()
     assert len(list((tmp_path / VALIDATION).glob("events.out.tfevents.*"))) == 1  # one file per directory and process
     written, plugins = read_events(tmp_path / VALIDATION)
