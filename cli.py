@@ -9,6 +9,7 @@ TensorFlow loads, so that bad input is answered in about a second.
 """
 
 import argparse
+import gc
 import math
 import os
 import re
@@ -251,20 +252,26 @@ def run(prog, body):
                     if signal.getsignal(signum) is untouched}
     for signum in handlers:
         signal.signal(signum, _note_interrupt)
+    code = 0
     try:
         body()
     except (InputError, Stopped) as error:
-        return told(prog, error)
+        code = told(prog, error)
     except Exception:
         if not interrupted():
             raise
-        return told(prog, Interrupted("nothing was written"))
+        code = told(prog, Interrupted("nothing was written"))
     except KeyboardInterrupt:
-        return told(prog, Interrupted("nothing was written"))
+        code = told(prog, Interrupted("nothing was written"))
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-    return 0
+    if code:
+        # What the stopped work's frames held is freed now, while the interpreter can still close it:
+        # TensorFlow's all-reduce leaves a multiprocessing pool running when a worker is lost, and
+        # collected at exit its __del__ printed a traceback after the one line.
+        gc.collect()
+    return code
 
 
 def told(prog, error):
