@@ -382,11 +382,14 @@ def format_results(args, r):
 
 
 def watching_rows(args, r):
-    """The rows on what watching costs: with the watcher and all on the training thread, side by side."""
+    """The rows on what watching costs: with the watcher and all on the training thread, side by side.
+    The watcher's jobs are timed alone where they ran on the training thread (`inline`): beside
+    training they run on the CPU time it leaves idle (watcher.yield_to_training), so their wall time
+    there says how much idle time they found, not how much work they are."""
     watched, inline = r["watcher"], r["inline"]
     blocked = sum(watched["breakdown"].values())
     steps = args.steps_per_epoch
-    keeps_up = watched["busy"] / steps
+    work = inline["busy"]
 
     def hooks(breakdown):
         return ", ".join(f"{name} {seconds:.2f}" for name, seconds in breakdown.items() if seconds >= 0.005)
@@ -398,13 +401,15 @@ def watching_rows(args, r):
         ("training thread blocked by watching, s per epoch", f"{blocked:.2f} s = {blocked / watched['epoch seconds']:.1%} "
                                                              f"of the epoch ({hooks(watched['breakdown'])}), of which "
                                                              f"{watched['waited']:.2f} s waiting for room in the watcher's queue"),
-        ("the watcher's work, s per epoch", f"{watched['busy']:.2f} s busy beside training (epoch {r['epoch seconds']:.1f} s "
-                                            f"without callbacks, {watched['epoch seconds']:.1f} s with)"),
+        ("the watcher's work, s per epoch", f"{work:.2f} s of jobs timed alone; beside training they took "
+                                            f"{watched['busy']:.2f} s of wall time on the CPU time training left idle "
+                                            f"(epoch {r['epoch seconds']:.1f} s without callbacks, "
+                                            f"{watched['epoch seconds']:.1f} s with)"),
         ("on the training thread without the watcher, s per epoch",
          f"{sum(inline['breakdown'].values()):.2f} s ({hooks(inline['breakdown'])})"),
-        ("on an accelerator", f"the watcher keeps up while an epoch of {steps} steps trains in {watched['busy']:.1f} s or "
-                              f"more, a step of {keeps_up:.4f} s or more; at 0.005 s a step training would wait "
-                              f"{max(0.0, watched['busy'] - steps * 0.005):.1f} s an epoch for it (with this CPU's speed)"),
+        ("on an accelerator", f"the watcher keeps up while an epoch of {steps} steps trains in {work:.1f} s or "
+                              f"more, a step of {work / steps:.4f} s or more; at 0.005 s a step training would wait "
+                              f"{max(0.0, work - steps * 0.005):.1f} s an epoch for it (with this CPU's speed)"),
     ]
 
 

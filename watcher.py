@@ -10,9 +10,11 @@ or when the watcher is drained. Knows nothing of Keras.
 
 numpy, scipy, scikit-image and TensorFlow's ops release the GIL for the heavy work, so on a machine
 whose accelerator trains the net the watcher's scoring runs on CPU cores that would idle otherwise.
+Where the CPU trains the net, the watcher takes only the CPU time training leaves idle (`yield_to_training`).
 """
 
 import contextlib
+import os
 import queue
 import threading
 import time
@@ -71,6 +73,7 @@ class Watcher:
             raise self._error
 
     def _work(self):
+        yield_to_training()
         # Pinned to the CPU: the few TensorFlow ops of scoring (the validation loss and metrics)
         # and the summary writes stay off the accelerator that trains.
         with tf.device("/CPU:0"):
@@ -88,6 +91,23 @@ class Watcher:
             self._error = error
         finally:
             self.busy += time.perf_counter() - start
+
+
+def yield_to_training():
+    """Run the calling thread, and the threads it starts (which inherit it), only on CPU time that
+    no other thread of the machine wants (Linux's SCHED_IDLE; elsewhere nothing changes).
+
+    Training on the CPU keeps its cores busy in bursts: a watcher that took its share of them at the
+    same priority made TensorFlow's thread pools wait for their slowest thread, and training paid
+    for watching twice (docs/performance.md, "The watcher's priority"). A watcher that falls behind
+    still gets the CPU: training waits for room in its queue and leaves the cores idle.
+    """
+    if not hasattr(os, "SCHED_IDLE"):
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread (Linux schedules threads)
+    except OSError:  # a sandbox that forbids it: the watcher shares the CPU as any thread does
+        pass
 
 
 @contextlib.contextmanager

@@ -48,7 +48,8 @@ def test_bench_prints_every_measure_for_a_tiny_configuration(isbi_dir, capsys):
     assert len(said.splitlines()) == 7 and all(line.startswith("bench.py: measuring ") for line in said.splitlines())
     for row in ("3x3 conv peak", "training FLOPs", "of the conv peak", "data pipeline alone", "no callbacks",
                 "overhead", "Validation", "ValidationSliceSummaries", "watcher, ", "all on the training thread",
-                "training thread blocked by watching", "waiting for room in the watcher's queue", "s busy beside training",
+                "training thread blocked by watching", "waiting for room in the watcher's queue", "s of jobs timed alone",
+                "on the CPU time training left idle",
                 "on an accelerator", "the watcher keeps up while an epoch of 3 steps",
                 "what the step is made of", "With XLA on", "the seed article's loop, bare",
                 "with its image callback", "over the bare loop", "over the image-callback loop"):

@@ -1,5 +1,6 @@
 """The watcher: jobs in order beside the caller, a bounded queue, errors raised where training sees them."""
 
+import os
 import threading
 import time
 
@@ -69,3 +70,19 @@ def test_inline_runs_each_job_at_once_on_the_callers_thread():
         assert threads == [threading.current_thread()]
         with pytest.raises(ValueError):
             watching.submit(lambda: int("x"))
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_the_watcher_and_the_threads_it_starts_take_only_idle_cpu_time_and_the_caller_keeps_its_priority():
+    policies = {}
+
+    def job():
+        policies["watcher"] = os.sched_getscheduler(0)
+        helper = threading.Thread(target=lambda: policies.setdefault("started by it", os.sched_getscheduler(0)))
+        helper.start()
+        helper.join()
+    with watcher.running() as watching:
+        watching.submit(job)
+        watching.drain()
+    assert policies == {"watcher": os.SCHED_IDLE, "started by it": os.SCHED_IDLE}
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
