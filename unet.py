@@ -65,6 +65,9 @@ def compiled_unet(filters, loss, lr, jit_compile, ema=0.0, dropout=0.0):
     optimizer = keras.optimizers.Adam(lr, **({"use_ema": True, "ema_momentum": ema} if ema else {}))
     model.compile(optimizer=optimizer, loss=metrics.LOSSES[loss], metrics=metrics.training_metrics(),
                   jit_compile=jit_compile)
+    # Now rather than inside the first training step, where Keras (without a tf.distribute strategy)
+    # would create the optimizer's variables: a tf.function that creates variables is traced twice.
+    model.optimizer.build(model.trainable_variables)
     return model
 
 
