@@ -38,6 +38,9 @@ def test_reference_augmentation_gives_aligned_binary_crops():
         assert np.mean((crop_image > 0.5) == (crop_mask > 0.5)) > 0.95
 
 
+# Slow: bench.py's fixed-size parts (the conv peak, the XLA step, the reference loop) take over a minute
+# on two cores whatever the configuration.
+@pytest.mark.slow
 def test_bench_prints_every_measure_for_a_tiny_configuration(isbi_dir, capsys):
     assert bench.main(["--filters", "4", "--crop", "64", "--batch-size", "2", "--steps-per-epoch", "3",
                        "--timed-steps", "2", "--timed-epochs", "1", "--precision", "float32",
@@ -57,6 +60,8 @@ def test_bench_prints_every_measure_for_a_tiny_configuration(isbi_dir, capsys):
     assert "U-Net f=4, 64x64 crops, batch 2, float32" in table
 
 
+# Slow: the conv peak and the XLA-compiled step alone take most of a minute on two cores.
+@pytest.mark.slow
 def test_bench_step_only_measures_the_step_and_nothing_after_it(isbi_dir, capsys):
     assert bench.main(["--filters", "4", "--crop", "64", "--batch-size", "2", "--timed-steps", "2", "--precision", "float32",
                        "--data", str(isbi_dir), "--step-only"]) == 0

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 
 import rundir
 from conftest import ROOT, TINY, TINY_STEPS, read_events
@@ -87,6 +88,9 @@ def test_two_devices_under_mirrored_strategy_log_what_one_device_logs(isbi_dir, 
     assert batch_loss_steps(tmp_path, "bce_lr1e-3") == batch_loss_steps(two_run_logdir, "bce_lr1e-3")
 
 
+# Slow: two processes train under MultiWorkerMirroredStrategy; the lost-worker test below starts the
+# same cluster by default, and the mirrored test checks what a distributed run writes.
+@pytest.mark.slow
 def test_two_workers_train_one_run_that_only_the_chief_writes(isbi_dir, two_run_logdir, tmp_path):
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     processes = [start(["train.py", *tiny_run_arguments(isbi_dir, tmp_path, "multiworker")],

@@ -95,6 +95,9 @@ def test_a_checkpoint_that_is_not_a_model_or_not_in_a_run_is_refused(two_run_log
     assert not (tmp_path / "m.zip").exists()
 
 
+# Slow: trains, exports and runs bioimage.io's test in three fresh processes, bf16 emulated on AVX2 CPUs;
+# the float32 package's own test runs by default.
+@pytest.mark.slow
 def test_a_mixed_bfloat16_run_exports_a_float32_package_that_passes_the_test_anywhere(tmp_path, isbi_dir):
     """Exported from another directory than training's; the package's own test in a fresh shell in a
     third; neither the checkout nor those directories keep anything of it but the package."""

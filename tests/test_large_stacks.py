@@ -6,6 +6,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import tifffile
 
 from conftest import ROOT, TINY, cells_and_membranes
@@ -36,6 +37,8 @@ def peak_process_memory(process):
     return peak
 
 
+# Slow: writes stacks of more than 2 GB.
+@pytest.mark.slow
 def test_a_stack_larger_than_the_memory_budget_trains_from_its_memory_mapped_files(tmp_path):
     rng = np.random.default_rng(0)
     cells = cells_and_membranes(1, SIDE, SIDE)[0]

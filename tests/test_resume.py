@@ -187,6 +187,8 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, isb
     assert not list(run_dir.glob(".*partial*"))
 
 
+# Slow: two processes train at once; test_trust's two resumes started together check the same lock by default.
+@pytest.mark.slow
 def test_two_runs_started_together_get_two_directories(tmp_path, isbi_dir):
     command = [sys.executable, "train.py", *TINY, "--epochs", "1", "--eval-every", "0", "--lr", "1e-3",
                "--data", str(isbi_dir), "--logdir", str(tmp_path)]
