@@ -3,7 +3,8 @@ pass of the validation slices through the net that the others read (ValidationPa
 validation scores (Validation), where the network is wrong on a few shown slices
 (ValidationSliceSummaries), what a run was and how to compare runs (RunSummary), the event writers
 they share (SummaryWriters), the averaged weights the epoch end sees (AveragedWeights), checkpoints a
-kill cannot damage (Checkpoints), the epoch's scores told (EpochReport) and a stop on a non-finite loss.
+kill cannot damage (Checkpoints), the epoch's scores told (EpochReport), a stop on a non-finite loss,
+and the epoch end's jobs handed to the watcher together (EpochEndHandOver).
 
 On the training thread the callbacks do only what needs the net at that step (the validation
 slices' forward pass, copies of the weights, the checkpoint's save) and hand the rest (scoring,
@@ -96,6 +97,19 @@ def global_step(model):
     """The optimizer's iteration count: the step every summary but the `epoch_*` ones is written
     at, so that curves, images and histograms line up and continue across resumed runs."""
     return int(model.optimizer.iterations.numpy())
+
+
+class StepCallback(keras.callbacks.Callback):
+    """A callback whose batch hooks know the global step after each batch without asking the
+    optimizer: read once as each epoch begins, then counted (one step per batch: Keras' default
+    `steps_per_execution`). Reading the variable after every batch made the training thread give
+    up the GIL, and often wait for the watcher to give it back, every step."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_begins_at = global_step(self.model)
+
+    def step_after(self, batch):
+        return self._epoch_begins_at + batch + 1
 
 
 def sample_values(array, size=ACTIVATION_SAMPLE):
@@ -235,7 +249,7 @@ class SummaryWriters(keras.callbacks.Callback):
         self._writers = {}
 
 
-class TrainingSummaries(keras.callbacks.Callback):
+class TrainingSummaries(StepCallback):
     """The curves of a run and the net's weights, in place of Keras' TensorBoard callback, with
     Keras' tag names where it has them:
 
@@ -269,7 +283,7 @@ class TrainingSummaries(keras.callbacks.Callback):
             self.write_forward_pass_graph()
 
     def on_train_batch_end(self, batch, logs=None):
-        step = global_step(self.model)
+        step = self.step_after(batch)
         # The step before a written one keeps its means: the batch's own value needs them.
         if step % self.update_freq == 0:
             means, previous, learning_rate = dict(logs), self._previous_means, self.learning_rate()
@@ -331,7 +345,7 @@ def write_weight_histograms(weights):
             tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=tf.summary.experimental.get_step())
 
 
-class ValidationSliceSummaries(keras.callbacks.Callback):
+class ValidationSliceSummaries(StepCallback):
     """What the network makes of a few fixed validation slices, written to the `validation` run.
 
     Every `image_every` training steps, per slice under the tag group `slice_<index>`: `prediction`,
@@ -368,7 +382,7 @@ class ValidationSliceSummaries(keras.callbacks.Callback):
             self.submit_images(0)
 
     def on_train_batch_end(self, batch, logs=None):
-        step = global_step(self.model)
+        step = self.step_after(batch)
         if step % self.image_every:
             return
         # Images due at the last step of an epoch wait for its end: they come from the epoch end's
@@ -679,6 +693,25 @@ class EpochReport(keras.callbacks.Callback):
         self.watcher.submit(lambda: self.report(epoch, self.epoch_logs[epoch]))
 
 
+class EpochEndHandOver(keras.callbacks.Callback):
+    """The first (`first`) and the last callback of a run: the watcher's jobs of an epoch's end are
+    handed over together once the training thread has done its own part of it (the forward pass,
+    the weights' copies, the checkpoint's save). A watcher that began scoring at the first job
+    held the GIL between its numpy calls while the epoch end's Python waited for it
+    (docs/performance.md, "What limits them")."""
+
+    def __init__(self, watcher, first):
+        super().__init__()
+        self.watcher = watcher
+        self.first = first
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.first:
+            self.watcher.hold()
+        else:
+            self.watcher.release()
+
+
 class AveragedWeights(keras.callbacks.Callback):
     """With `--ema`: from each epoch's end to the next epoch's start the net holds the moving
     average of its weights, and the optimizer the weights it trains, so that everything the epoch
@@ -731,6 +764,7 @@ def for_run(args, run, inputs, stop, hyperparameters, documents, watcher, epoch_
     writers = SummaryWriters(run.directory, watcher)
     score = CHECKPOINT_SCORE if args.eval_every else CHECKPOINT_SCORE_WITHOUT_ISBI
     return [
+        EpochEndHandOver(watcher, first=True),
         *([AveragedWeights()] if averages_weights(run.model) else []),
         validation_pass,
         # Before the summaries, whose watcher jobs read the scores it adds to the epoch logs.
@@ -748,4 +782,5 @@ def for_run(args, run, inputs, stop, hyperparameters, documents, watcher, epoch_
         # After it: a checkpoint is promoted only once everything the epoch logged is on disk.
         Checkpoints(watcher, run.directory, epoch_logs, score, run.reached.get(score)),
         EpochReport(watcher, epoch_logs, report),
+        EpochEndHandOver(watcher, first=False),
     ]

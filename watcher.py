@@ -38,6 +38,7 @@ class Watcher:
         self.busy = self.waited = 0.0
         self._error = None
         self._raised = False
+        self._held = None  # jobs kept back between `hold` and `release`
         self._jobs = queue.Queue(maxsize=capacity)
         self._thread = None if inline else threading.Thread(target=self._work, name="watcher", daemon=True)
         if self._thread:
@@ -49,13 +50,26 @@ class Watcher:
         if self.inline:
             self._run(job)
             self.raise_error()
-            return
-        start = time.perf_counter()
-        self._jobs.put(job)
-        self.waited += time.perf_counter() - start
+        elif self._held is not None:
+            self._held.append(job)
+        else:
+            self._put(job)
+
+    def hold(self):
+        """Keep the jobs handed over from now on until `release` (or `drain`, or `close`), so that
+        the watcher does not start on them while the caller still has work of its own to do."""
+        if not self.inline and self._held is None:
+            self._held = []
+
+    def release(self):
+        """Hand over the jobs kept back since `hold`, in order."""
+        held, self._held = self._held or [], None
+        for job in held:
+            self._put(job)
 
     def drain(self):
         """Wait until every job handed over is done; raise the error of a job that failed."""
+        self.release()
         if not self.inline:
             self._jobs.join()
         self.raise_error()
@@ -64,8 +78,14 @@ class Watcher:
         """Finish the jobs handed over and stop the thread. Never raises: a job's error is raised
         by `submit` or `drain`."""
         if self._thread and self._thread.is_alive():
+            self.release()
             self._jobs.put(_DONE)
             self._thread.join()
+
+    def _put(self, job):
+        start = time.perf_counter()
+        self._jobs.put(job)
+        self.waited += time.perf_counter() - start
 
     def raise_error(self):
         if self._error is not None and not self._raised:

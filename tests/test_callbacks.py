@@ -169,6 +169,7 @@ def test_the_validation_slices_go_through_the_net_once_per_training_step(tmp_pat
                                                                 image_every=3, histogram_every=1), model)
         summaries.on_train_begin()
         assert len(calls) == 2  # the shown slices' images at step 0
+        summaries.on_epoch_begin(0)
         model.optimizer.iterations.assign(3)
         summaries.on_train_batch_end(2, {})  # images due at the epoch's last step wait for its end
         logs = {"loss": 0.5}

@@ -86,3 +86,25 @@ def test_the_watcher_and_the_threads_it_starts_take_only_idle_cpu_time_and_the_c
         watching.drain()
     assert policies == {"watcher": os.SCHED_IDLE, "started by it": os.SCHED_IDLE}
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+def test_jobs_held_back_wait_for_their_release_and_keep_their_order():
+    done = []
+    with watcher.running() as watching:
+        watching.submit(lambda: done.append(0))
+        watching.hold()
+        for number in (1, 2):
+            watching.submit(lambda number=number: done.append(number))
+        time.sleep(0.1)
+        assert done == [0]
+        watching.release()
+        watching.submit(lambda: done.append(3))
+        watching.drain()
+        assert done == [0, 1, 2, 3]
+        watching.hold()
+        watching.submit(lambda: done.append(4))
+        watching.drain()  # a drain, like a close, hands the held jobs over first
+        assert done == [0, 1, 2, 3, 4]
+        watching.hold()
+        watching.submit(lambda: done.append(5))
+    assert done == [0, 1, 2, 3, 4, 5]
