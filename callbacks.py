@@ -4,6 +4,7 @@ validation scores (Validation), where the network is wrong on a few shown slices
 (ValidationSliceSummaries), what a run was and how to compare runs (RunSummary), the event writers
 they share (SummaryWriters), the averaged weights the epoch end sees (AveragedWeights), checkpoints a
 kill cannot damage (Checkpoints), the epoch's scores told (EpochReport), a stop on a non-finite loss,
+the steps' edges where a stop signal is raised (StopBetweenSteps),
 and the epoch end's jobs handed to the watcher together (EpochEndHandOver).
 
 On the training thread the callbacks do only what needs the net at that step (the validation
@@ -36,7 +37,7 @@ from tensorboard.plugins.pr_curve import summary as pr_curve_summary
 from tensorboard.util import tensor_util
 
 import files
-from cli import InputError
+from cli import InputError, stop_if_interrupted
 from metrics import (LOSSES, THRESHOLD, isbi_scores, merges_and_splits, misclassified_pixel_fraction, thinned_segments,
                      training_metrics, true_cells_of)
 from predict import CONTEXT, with_context
@@ -733,6 +734,18 @@ class AveragedWeights(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if not self.swapped:
             self.swap()
+
+
+class StopBetweenSteps(keras.callbacks.Callback):
+    """Where a stop signal that cli.stopping_between_steps kept back is raised: before a training
+    step, and at an epoch's start, so that an epoch whose last step was done ends and keeps its
+    checkpoint."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        stop_if_interrupted()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        stop_if_interrupted()
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):

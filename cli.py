@@ -9,6 +9,7 @@ TensorFlow loads, so that bad input is answered in about a second.
 """
 
 import argparse
+import contextlib
 import gc
 import math
 import os
@@ -239,7 +240,35 @@ def interrupted():
 
 def _note_interrupt(signum, frame):
     _interrupts.append(signum)
+    if _stopping_between_steps and len(_interrupts) == 1:
+        return  # raised by stop_if_interrupted at the next step's edge
     signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt, whichever the signal
+
+
+_stopping_between_steps = False
+
+
+@contextlib.contextmanager
+def stopping_between_steps():
+    """In the block a first stop signal is only noted, and raised as KeyboardInterrupt where
+    `stop_if_interrupted` is called (between training steps); a second one raises at once.
+
+    Raised wherever the signal found the training thread, the KeyboardInterrupt could land inside
+    TensorFlow's C++ code (an eager op of a summary write, a step handing back its results), which
+    then raised a SystemError in its place or left the process hung. A block that ends without
+    reaching a check had nothing left to stop: what it was doing is done."""
+    global _stopping_between_steps
+    _stopping_between_steps = True
+    try:
+        yield
+    finally:
+        _stopping_between_steps = False
+
+
+def stop_if_interrupted():
+    """Raise the KeyboardInterrupt of a stop signal that `stopping_between_steps` kept back."""
+    if _interrupts:
+        raise KeyboardInterrupt
 
 
 def run(prog, body):

@@ -191,16 +191,19 @@ def train(args, given, command):
             stop, progress, epoch_logs = callbacks.StopOnNonFiniteLoss(), ProgressLine(args.epochs), {}
             # Scoring, rendering and writing beside training; its end (normal or not) finishes them.
             watching = held.enter_context(watcher.running())
+            # A stop signal raised between steps, not inside TensorFlow.
+            held.enter_context(cli.stopping_between_steps())
             # shuffle=False: the batches come in the order of their seeds (Keras would only warn that it
-            # cannot shuffle a tf.data pipeline). verbose=0: ProgressLine in place of Keras' bar, first
-            # so that an epoch's line is out before the watcher tells its scores.
+            # cannot shuffle a tf.data pipeline). verbose=0: ProgressLine in place of Keras' bar, before
+            # for_run's callbacks so that an epoch's line is out before the watcher tells its scores.
             run.model.fit(
                 distribute.training_batches(strategy, run_inputs.crops(args.batch_size, args.crop, args.seed, args.loss),
                                             args.steps_per_epoch, run.initial_epoch),
                 epochs=args.epochs, initial_epoch=run.initial_epoch, steps_per_epoch=args.steps_per_epoch, shuffle=False,
-                verbose=0, callbacks=[progress, *callbacks.for_run(args, run, run_inputs, stop, runs.hyperparameters(run.config),
-                                                                   runs.run_documents(run.config), watching, epoch_logs,
-                                                                   progress.validated)])
+                verbose=0, callbacks=[callbacks.StopBetweenSteps(), progress,
+                                      *callbacks.for_run(args, run, run_inputs, stop, runs.hyperparameters(run.config),
+                                                         runs.run_documents(run.config), watching, epoch_logs,
+                                                         progress.validated)])
     except BaseException as error:
         if cli.interrupted():
             error = KeyboardInterrupt()

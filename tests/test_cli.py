@@ -309,6 +309,34 @@ def test_sighup_before_the_first_checkpoint_removes_the_run(tmp_path, isbi_dir):
     assert not run_dir.exists()
 
 
+def test_a_stop_signal_in_training_is_raised_between_steps_and_a_second_one_at_once(capsys):
+    reached = []
+
+    def training():
+        with cli.stopping_between_steps():
+            signal.raise_signal(signal.SIGTERM)
+            reached.append("the step in flight ended")
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGHUP)  # a second signal: the user insists
+            reached.append("the second signal raised")
+            cli.stop_if_interrupted()
+            reached.append("not reached")
+
+    assert cli.run("train.py", training) == 128 + signal.SIGHUP
+    assert reached == ["the step in flight ended", "the second signal raised"]
+    assert capsys.readouterr().err == "train.py: stopped by SIGHUP: nothing was written\n"
+    assert cli.run("train.py", cli.stop_if_interrupted) == 0  # no signal this time
+
+    def finished_before_a_step_edge():
+        with cli.stopping_between_steps():
+            signal.raise_signal(signal.SIGINT)
+        reached.append("after the block")
+        signal.raise_signal(signal.SIGINT)  # outside the block a signal raises at once
+
+    assert cli.run("train.py", finished_before_a_step_edge) == 130
+    assert reached[-1] == "after the block"
+
+
 def test_an_error_raised_after_ctrl_c_is_told_as_the_interrupt(capsys):
     def interrupted_inside_tensorflow():
         # TensorFlow's C++ code, interrupted, can raise a SystemError in place of the KeyboardInterrupt.
