@@ -309,7 +309,19 @@ def test_sighup_before_the_first_checkpoint_removes_the_run(tmp_path, isbi_dir):
     assert not run_dir.exists()
 
 
-def test_a_stop_signal_in_training_is_raised_between_steps_and_a_second_one_at_once(capsys):
+@pytest.fixture
+def untouched_stop_signals():
+    """The stop signals' handlers as Python starts them, whatever this pytest inherited (nohup
+    ignores SIGHUP, a background shell job SIGINT), restored after the test."""
+    inherited = {signum: signal.getsignal(signum) for signum in cli.STOP_SIGNALS}
+    for signum, untouched in cli.STOP_SIGNALS.items():
+        signal.signal(signum, untouched)
+    yield
+    for signum, handler in inherited.items():
+        signal.signal(signum, handler)
+
+
+def test_a_stop_signal_in_training_is_raised_between_steps_and_a_second_one_at_once(capsys, untouched_stop_signals):
     reached = []
 
     def training():
@@ -337,7 +349,7 @@ def test_a_stop_signal_in_training_is_raised_between_steps_and_a_second_one_at_o
     assert reached[-1] == "after the block"
 
 
-def test_an_error_raised_after_ctrl_c_is_told_as_the_interrupt(capsys):
+def test_an_error_raised_after_ctrl_c_is_told_as_the_interrupt(capsys, untouched_stop_signals):
     def interrupted_inside_tensorflow():
         # TensorFlow's C++ code, interrupted, can raise a SystemError in place of the KeyboardInterrupt.
         try:
