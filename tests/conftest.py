@@ -63,6 +63,23 @@ def isbi_dir(tmp_path_factory):
     return directory
 
 
+SMALL_SIDE = 128
+
+
+@pytest.fixture(scope="session")
+def small_isbi_dir(tmp_path_factory, isbi_dir):
+    """The three ISBI 2012 stacks cut to the top-left SMALL_SIDE x SMALL_SIDE pixels of every slice:
+    real EM data for the tests of what a run does (resume, stop, refuse) rather than what it
+    scores, whose validation pass, scoring and images then cost a sixteenth."""
+    import tifffile
+
+    directory = tmp_path_factory.mktemp("isbi2012_small")
+    for name in data.STACK_SOURCES:
+        stack = tifffile.imread(isbi_dir / name)
+        tifffile.imwrite(directory / name, stack[:, :SMALL_SIDE, :SMALL_SIDE], photometric="minisblack")
+    return directory
+
+
 def read_events(directory):
     """What one TensorBoard run directory holds, read as TensorBoard reads it (every event file in
     name order, values upgraded to tensors): ({tag: [(step, value as a numpy array)]} in file

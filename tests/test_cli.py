@@ -258,12 +258,12 @@ def test_tensorflows_lines_are_filtered_as_its_log_level_says_and_errors_kept():
     assert cli.tensorflow_log_lines(caught, "0") == caught
 
 
-def interrupt_when(tmp_path, isbi_dir, ready, signum=signal.SIGINT):
+def interrupt_when(tmp_path, small_isbi_dir, ready, signum=signal.SIGINT):
     """Send `signum` (Ctrl-C's SIGINT unless told) to a training once `ready(run_dir)`; (exit code,
     stdout and stderr as one stream)."""
     run_dir = tmp_path / "logs" / "bce_lr1e-3"
     process = subprocess.Popen([sys.executable, "train.py", *TINY, "--epochs", "50", "--lr", "1e-3", "--eval-every", "0",
-                                "--data", str(isbi_dir), "--logdir", str(tmp_path / "logs")],
+                                "--data", str(small_isbi_dir), "--logdir", str(tmp_path / "logs")],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                # Under nohup SIGHUP is ignored, in a background shell job SIGINT, and
@@ -277,23 +277,23 @@ def interrupt_when(tmp_path, isbi_dir, ready, signum=signal.SIGINT):
     return process.returncode, output, run_dir
 
 
-def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_kept(tmp_path, isbi_dir):
-    code, output, run_dir = interrupt_when(tmp_path, isbi_dir, lambda run_dir: (run_dir / "train").is_dir())
+def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_kept(tmp_path, small_isbi_dir):
+    code, output, run_dir = interrupt_when(tmp_path, small_isbi_dir, lambda run_dir: (run_dir / "train").is_dir())
     assert code == 130, output
     assert output.endswith(f"\ntrain.py: interrupted: no epoch of {run_dir} had ended, so nothing was kept: "
                            "start the run again\n"), output[-400:]
     assert not run_dir.exists()
 
 
-def test_ctrl_c_after_a_checkpoint_names_the_run_to_resume_on_a_line_of_its_own(tmp_path, isbi_dir):
-    code, output, run_dir = interrupt_when(tmp_path, isbi_dir, lambda run_dir: (run_dir / "last.keras").is_file())
+def test_ctrl_c_after_a_checkpoint_names_the_run_to_resume_on_a_line_of_its_own(tmp_path, small_isbi_dir):
+    code, output, run_dir = interrupt_when(tmp_path, small_isbi_dir, lambda run_dir: (run_dir / "last.keras").is_file())
     assert code == 130, output
     assert output.endswith(f"\ntrain.py: interrupted: continue the run from its last checkpoint with --resume {run_dir}\n")
     assert (run_dir / "last.keras").is_file()
 
 
-def test_sigterm_after_a_checkpoint_stops_the_run_like_ctrl_c_with_exit_code_143(tmp_path, isbi_dir):
-    code, output, run_dir = interrupt_when(tmp_path, isbi_dir, lambda run_dir: (run_dir / "last.keras").is_file(),
+def test_sigterm_after_a_checkpoint_stops_the_run_like_ctrl_c_with_exit_code_143(tmp_path, small_isbi_dir):
+    code, output, run_dir = interrupt_when(tmp_path, small_isbi_dir, lambda run_dir: (run_dir / "last.keras").is_file(),
                                            signal.SIGTERM)
     assert code == 128 + signal.SIGTERM, output
     assert output.endswith(f"\ntrain.py: stopped by SIGTERM: continue the run from its last checkpoint with --resume "
@@ -301,8 +301,8 @@ def test_sigterm_after_a_checkpoint_stops_the_run_like_ctrl_c_with_exit_code_143
     assert (run_dir / "last.keras").is_file()
 
 
-def test_sighup_before_the_first_checkpoint_removes_the_run(tmp_path, isbi_dir):
-    code, output, run_dir = interrupt_when(tmp_path, isbi_dir, lambda run_dir: (run_dir / "train").is_dir(), signal.SIGHUP)
+def test_sighup_before_the_first_checkpoint_removes_the_run(tmp_path, small_isbi_dir):
+    code, output, run_dir = interrupt_when(tmp_path, small_isbi_dir, lambda run_dir: (run_dir / "train").is_dir(), signal.SIGHUP)
     assert code == 128 + signal.SIGHUP, output
     assert output.endswith(f"\ntrain.py: stopped by SIGHUP: no epoch of {run_dir} had ended, so nothing was kept: "
                            "start the run again\n"), output[-400:]

@@ -24,8 +24,8 @@ import watcher
 from conftest import ROOT, TINY, read_events
 
 
-def tiny_run(isbi_dir, logdir, *flags):
-    return train.main(TINY + ["--lr", "1e-3", "--data", str(isbi_dir), "--logdir", str(logdir), *flags])
+def tiny_run(small_isbi_dir, logdir, *flags):
+    return train.main(TINY + ["--lr", "1e-3", "--data", str(small_isbi_dir), "--logdir", str(logdir), *flags])
 
 
 def raw_events(run_dir):
@@ -39,12 +39,12 @@ def steps(series):
 
 
 @pytest.fixture(scope="module")
-def straight_and_resumed(tmp_path_factory, isbi_dir):
+def straight_and_resumed(tmp_path_factory, small_isbi_dir):
     """The same 3-epoch run twice: straight through, and stopped after 2 epochs then resumed. Both
     average their weights (--ema), whose checkpoints hold the average as the net's weights."""
     logdir = tmp_path_factory.mktemp("resume")
-    assert tiny_run(isbi_dir, logdir / "straight", "--epochs", "3", "--ema", "0.9") == 0
-    assert tiny_run(isbi_dir, logdir / "resumed", "--epochs", "2", "--ema", "0.9") == 0
+    assert tiny_run(small_isbi_dir, logdir / "straight", "--epochs", "3", "--ema", "0.9") == 0
+    assert tiny_run(small_isbi_dir, logdir / "resumed", "--epochs", "2", "--ema", "0.9") == 0
     assert train.main(["--resume", str(logdir / "resumed" / "bce_lr1e-3"), "--epochs", "3"]) == 0
     return logdir / "straight" / "bce_lr1e-3", logdir / "resumed" / "bce_lr1e-3"
 
@@ -66,11 +66,11 @@ def test_a_resumed_run_writes_the_same_curves_as_one_run_straight_through(straig
 
 
 def test_the_watcher_writes_every_tag_step_and_value_that_watching_on_the_training_thread_writes(
-        straight_and_resumed, isbi_dir, tmp_path, monkeypatch):
+        straight_and_resumed, small_isbi_dir, tmp_path, monkeypatch):
     # The same run as the straight one, its watching done at once on the training thread (bench.py's
     # baseline): what the watcher wrote beside training is the same, in the same order.
     monkeypatch.setattr(watcher, "running", functools.partial(watcher.running, inline=True))
-    assert tiny_run(isbi_dir, tmp_path, "--epochs", "3", "--ema", "0.9") == 0
+    assert tiny_run(small_isbi_dir, tmp_path, "--epochs", "3", "--ema", "0.9") == 0
     threaded, inline = raw_events(straight_and_resumed[0]), raw_events(tmp_path / "bce_lr1e-3")
     assert threaded.keys() == inline.keys()
     for part in threaded:
@@ -121,11 +121,11 @@ def test_resume_of_a_damaged_checkpoint_is_refused(tmp_path, capsys):
         resume.restore_model(tmp_path, {"steps_per_epoch": 3})
 
 
-def test_kill_9_mid_epoch_is_recoverable(tmp_path, isbi_dir):
+def test_kill_9_mid_epoch_is_recoverable(tmp_path, small_isbi_dir):
     logdir = tmp_path / "logs"
     run_dir = logdir / "bce_lr1e-3"
     command = [sys.executable, "train.py", *TINY, "--epochs", "5", "--eval-every", "0", "--update-freq", "1",
-               "--image-every", "1", "--lr", "1e-3", "--data", str(isbi_dir), "--logdir", str(logdir)]
+               "--image-every", "1", "--lr", "1e-3", "--data", str(small_isbi_dir), "--logdir", str(logdir)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not (run_dir / rundir.LAST).exists() and time.monotonic() < deadline and process.poll() is None:
@@ -153,18 +153,18 @@ def test_kill_9_mid_epoch_is_recoverable(tmp_path, isbi_dir):
 
 
 @pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
-def test_a_non_finite_loss_stops_the_run_with_step_loss_and_lr(tmp_path, isbi_dir, capsys, precision):
+def test_a_non_finite_loss_stops_the_run_with_step_loss_and_lr(tmp_path, small_isbi_dir, capsys, precision):
     # A rate near float32's largest overflows the weights within a few steps in any precision; with
     # 1e30 the loss stayed finite where oneDNN is on (CPUs with AVX-512 bf16).
     assert train.main(TINY + ["--loss", "mse", "--lr", "3e38", "--precision", precision,
-                              "--data", str(isbi_dir), "--logdir", str(tmp_path)]) == 1
+                              "--data", str(small_isbi_dir), "--logdir", str(tmp_path)]) == 1
     error = capsys.readouterr().err
     assert "the training loss became nan at step" in error and "with lr 3e+38" in error
     assert "start again with a lower --lr" in error and "Traceback" not in error
     assert not (tmp_path / "mse_lr3e+38" / rundir.LAST).exists()
 
 
-def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, isbi_dir, monkeypatch, capsys):
+def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, small_isbi_dir, monkeypatch, capsys):
     real_save = keras.Model.save
     calls = []
 
@@ -176,7 +176,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, isb
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(keras.Model, "save", save_until_the_disk_is_full)
-    assert tiny_run(isbi_dir, tmp_path, "--eval-every", "0") == 2
+    assert tiny_run(small_isbi_dir, tmp_path, "--eval-every", "0") == 2
     run_dir = tmp_path / "bce_lr1e-3"
     error = capsys.readouterr().err
     assert f"cannot write {run_dir}/" in error and "(No space left on device): free some space, then continue " \
@@ -189,9 +189,9 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, isb
 
 # Slow: two processes train at once; test_trust's two resumes started together check the same lock by default.
 @pytest.mark.slow
-def test_two_runs_started_together_get_two_directories(tmp_path, isbi_dir):
+def test_two_runs_started_together_get_two_directories(tmp_path, small_isbi_dir):
     command = [sys.executable, "train.py", *TINY, "--epochs", "1", "--eval-every", "0", "--lr", "1e-3",
-               "--data", str(isbi_dir), "--logdir", str(tmp_path)]
+               "--data", str(small_isbi_dir), "--logdir", str(tmp_path)]
     processes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
     assert [process.wait(timeout=300) for process in processes] == [0, 0]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bce_lr1e-3", "bce_lr1e-3_2"]
@@ -208,8 +208,8 @@ def test_a_run_started_before_a_setting_existed_resumes_with_what_it_ran_with():
     assert resumed.dropout == 0.0
 
 
-def test_a_run_started_before_its_settings_existed_resumes_and_records_them(tmp_path, isbi_dir):
-    assert tiny_run(isbi_dir, tmp_path, "--epochs", "1", "--ema", "0") == 0
+def test_a_run_started_before_its_settings_existed_resumes_and_records_them(tmp_path, small_isbi_dir):
+    assert tiny_run(small_isbi_dir, tmp_path, "--epochs", "1", "--ema", "0") == 0
     run_dir = tmp_path / "bce_lr1e-3"
     config = json.loads((run_dir / "config.json").read_text())
     del config["ema"], config["dropout"], config["preset"]
@@ -219,9 +219,9 @@ def test_a_run_started_before_its_settings_existed_resumes_and_records_them(tmp_
     assert (resumed["ema"], resumed["dropout"], resumed["preset"]) == (0.0, 0.0, None)
 
 
-def test_a_resumed_run_scales_its_images_as_recorded(tmp_path, isbi_dir):
+def test_a_resumed_run_scales_its_images_as_recorded(tmp_path, small_isbi_dir):
     """A run started under another scaling rule goes on seeing its images as it did."""
-    assert tiny_run(isbi_dir, tmp_path, "--epochs", "1", "--eval-every", "0") == 0
+    assert tiny_run(small_isbi_dir, tmp_path, "--epochs", "1", "--eval-every", "0") == 0
     run_dir = tmp_path / "bce_lr1e-3"
     config = json.loads((run_dir / rundir.CONFIG).read_text())
     older = {"offset": 10.0, "scale": 200.0, "rule": "an older rule"}

@@ -159,9 +159,9 @@ def test_pages_appended_one_by_one_are_all_read(tmp_path):
 # --- one writer per run, and --resume -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def two_epoch_run(tmp_path_factory, isbi_dir):
+def two_epoch_run(tmp_path_factory, small_isbi_dir):
     logdir = tmp_path_factory.mktemp("trust")
-    assert train.main(TINY + ["--lr", "1e-3", "--eval-every", "0", "--data", str(isbi_dir), "--logdir", str(logdir)]) == 0
+    assert train.main(TINY + ["--lr", "1e-3", "--eval-every", "0", "--data", str(small_isbi_dir), "--logdir", str(logdir)]) == 0
     return logdir / "bce_lr1e-3"
 
 
@@ -211,19 +211,19 @@ def test_a_damaged_last_checkpoint_beside_a_whole_best_one_says_how_to_continue(
     assert train.main(["--resume", str(run_dir), "--epochs", "3"]) == 0
 
 
-def test_resume_refuses_data_that_changed_unless_told(two_epoch_run, tmp_path, isbi_dir, capsys):
+def test_resume_refuses_data_that_changed_unless_told(two_epoch_run, tmp_path, small_isbi_dir, capsys):
     run_dir = copy_of(two_epoch_run, tmp_path)
     labels = tmp_path / "labels.tif"
-    shutil.copy(isbi_dir / "train-labels.tif", labels)
+    shutil.copy(small_isbi_dir / "train-labels.tif", labels)
     config = json.loads((run_dir / "config.json").read_text())
-    config.update(labels=str(labels), images=str(isbi_dir / "train-volume.tif"))
+    config.update(labels=str(labels), images=str(small_isbi_dir / "train-volume.tif"))
     (run_dir / "config.json").write_text(json.dumps(config))
     stack = tifffile.imread(labels)
     stack[3, :10, :10] = 255
     write_stack(labels, stack)
     error = one_line_exit_2(["--resume", str(run_dir), "--epochs", "3"], capsys)
     assert f"{labels} has changed since the run started" in error and "--accept-new-data" in error
-    moved = one_line_exit_2(["--resume", str(run_dir), "--epochs", "3", "--images", str(isbi_dir / "train-volume.tif"),
+    moved = one_line_exit_2(["--resume", str(run_dir), "--epochs", "3", "--images", str(small_isbi_dir / "train-volume.tif"),
                              "--labels", str(labels)], capsys)
     assert moved == error
     assert train.main(["--resume", str(run_dir), "--epochs", "3", "--accept-new-data"]) == 0
@@ -232,11 +232,11 @@ def test_resume_refuses_data_that_changed_unless_told(two_epoch_run, tmp_path, i
     assert train.main(["--resume", str(run_dir), "--epochs", "4"]) == 0
 
 
-def test_a_run_resumes_from_any_directory_and_after_its_data_moved(tmp_path, isbi_dir, monkeypatch, capsys):
+def test_a_run_resumes_from_any_directory_and_after_its_data_moved(tmp_path, small_isbi_dir, monkeypatch, capsys):
     started, elsewhere = tmp_path / "started", tmp_path / "elsewhere"
     (started / "isbi").mkdir(parents=True)
     for name in (data.TRAIN_IMAGES, data.TRAIN_LABELS):
-        shutil.copy(isbi_dir / name, started / "isbi" / name)
+        shutil.copy(small_isbi_dir / name, started / "isbi" / name)
     elsewhere.mkdir()
     monkeypatch.chdir(started)
     assert train.main(TINY + ["--epochs", "1", "--lr", "1e-3", "--eval-every", "0", "--data", "isbi", "--logdir", "logs"]) == 0
@@ -259,15 +259,15 @@ def test_a_run_resumes_from_any_directory_and_after_its_data_moved(tmp_path, isb
     assert list(elsewhere.iterdir()) == []
 
 
-def test_resume_takes_one_moved_stack_and_refuses_data_for_a_run_on_stacks_of_its_own(two_epoch_run, tmp_path, isbi_dir,
+def test_resume_takes_one_moved_stack_and_refuses_data_for_a_run_on_stacks_of_its_own(two_epoch_run, tmp_path, small_isbi_dir,
                                                                                       capsys):
     run_dir = copy_of(two_epoch_run, tmp_path)
-    moved = shutil.copy(isbi_dir / data.TRAIN_IMAGES, tmp_path / "moved-images.tif")
+    moved = shutil.copy(small_isbi_dir / data.TRAIN_IMAGES, tmp_path / "moved-images.tif")
     assert train.main(["--resume", str(run_dir), "--epochs", "3", "--images", str(moved)]) == 0
     config = json.loads((run_dir / rundir.CONFIG).read_text())
-    assert (config["images"], config["labels"]) == (str(moved), str(isbi_dir / data.TRAIN_LABELS))
+    assert (config["images"], config["labels"]) == (str(moved), str(small_isbi_dir / data.TRAIN_LABELS))
     capsys.readouterr()
-    error = one_line_exit_2(["--resume", str(run_dir), "--epochs", "4", "--data", str(isbi_dir)], capsys)
+    error = one_line_exit_2(["--resume", str(run_dir), "--epochs", "4", "--data", str(small_isbi_dir)], capsys)
     assert error == (f"train.py: error: {run_dir} trained on stacks of its own, not ISBI 2012 in a --data directory: "
                      "give where they are now with --images and --labels\n")
 
@@ -346,11 +346,11 @@ def test_summary_of_a_damaged_config_is_one_line(two_epoch_run, tmp_path, capsys
     assert said.count("\n") == 1
 
 
-def test_a_full_disk_at_the_first_checkpoint_advises_a_new_start_and_keeps_nothing(tmp_path, isbi_dir, monkeypatch, capsys):
+def test_a_full_disk_at_the_first_checkpoint_advises_a_new_start_and_keeps_nothing(tmp_path, small_isbi_dir, monkeypatch, capsys):
     def disk_full(model, filepath, *args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(keras.Model, "save", disk_full)
-    error = one_line_exit_2(TINY + ["--lr", "1e-3", "--eval-every", "0", "--data", str(isbi_dir), "--logdir", str(tmp_path)], capsys)
+    error = one_line_exit_2(TINY + ["--lr", "1e-3", "--eval-every", "0", "--data", str(small_isbi_dir), "--logdir", str(tmp_path)], capsys)
     assert error.endswith("(No space left on device): free some space, then start the run again\n")
     assert list(tmp_path.iterdir()) == []  # no run directory without a checkpoint left behind
