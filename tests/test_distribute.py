@@ -15,7 +15,7 @@ import pytest
 import rundir
 from conftest import ROOT, TINY, TINY_STEPS, read_events
 
-RUN_TIMEOUT = 300  # seconds; a tiny run takes about 40
+RUN_TIMEOUT = 300  # seconds; a tiny run takes under a minute
 RUN_PARTS = ("", "/train", "/validation")
 
 # Logical devices must be set up before TensorFlow starts, so the run gets a process of its own.
@@ -29,9 +29,9 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
-def tiny_run_arguments(isbi_dir, logdir, strategy):
+def tiny_run_arguments(small_isbi_dir, logdir, strategy):
     return TINY + ["--loss", "bce", "--lr", "1e-3", "--eval-every", "1", "--strategy", strategy,
-                   "--data", str(isbi_dir), "--logdir", str(logdir)]
+                   "--data", str(small_isbi_dir), "--logdir", str(logdir)]
 
 
 def finished(processes):
@@ -77,8 +77,8 @@ def free_ports(count):
     return ports
 
 
-def test_two_devices_under_mirrored_strategy_log_what_one_device_logs(isbi_dir, two_run_logdir, tmp_path):
-    (code, output), = finished([start(["-c", ON_TWO_CPU_DEVICES, *tiny_run_arguments(isbi_dir, tmp_path, "mirrored")])])
+def test_two_devices_under_mirrored_strategy_log_what_one_device_logs(small_isbi_dir, two_run_logdir, tmp_path):
+    (code, output), = finished([start(["-c", ON_TWO_CPU_DEVICES, *tiny_run_arguments(small_isbi_dir, tmp_path, "mirrored")])])
     assert code == 0, output
     assert "distribution: MirroredStrategy, 2 replicas; global batch 4 crops" in output
     config = json.loads((tmp_path / "bce_lr1e-3" / "config.json").read_text())
@@ -91,9 +91,9 @@ def test_two_devices_under_mirrored_strategy_log_what_one_device_logs(isbi_dir, 
 # Slow: two processes train under MultiWorkerMirroredStrategy; the lost-worker test below starts the
 # same cluster by default, and the mirrored test checks what a distributed run writes.
 @pytest.mark.slow
-def test_two_workers_train_one_run_that_only_the_chief_writes(isbi_dir, two_run_logdir, tmp_path):
+def test_two_workers_train_one_run_that_only_the_chief_writes(small_isbi_dir, two_run_logdir, tmp_path):
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    processes = [start(["train.py", *tiny_run_arguments(isbi_dir, tmp_path, "multiworker")],
+    processes = [start(["train.py", *tiny_run_arguments(small_isbi_dir, tmp_path, "multiworker")],
                        TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
                  for index in range(2)]
     (chief_code, chief_output), (worker_code, worker_output) = finished(processes)
@@ -113,9 +113,9 @@ def test_two_workers_train_one_run_that_only_the_chief_writes(isbi_dir, two_run_
     assert not os.path.exists(worker_dir)
 
 
-def test_a_lost_worker_stops_the_chief_with_one_line(isbi_dir, tmp_path):
+def test_a_lost_worker_stops_the_chief_with_one_line(small_isbi_dir, tmp_path):
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    arguments = TINY + ["--epochs", "50", "--strategy", "multiworker", "--data", str(isbi_dir), "--logdir", str(tmp_path)]
+    arguments = TINY + ["--epochs", "50", "--strategy", "multiworker", "--data", str(small_isbi_dir), "--logdir", str(tmp_path)]
     chief, worker = [start(["train.py", *arguments], PYTHONUNBUFFERED="1",
                            TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
                      for index in range(2)]
