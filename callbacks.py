@@ -4,8 +4,8 @@ validation scores (Validation), where the network is wrong on a few shown slices
 (ValidationSliceSummaries), what a run was and how to compare runs (RunSummary), the event writers
 they share (SummaryWriters), the averaged weights the epoch end sees (AveragedWeights), checkpoints a
 kill cannot damage (Checkpoints), the epoch's scores told (EpochReport), a stop on a non-finite loss,
-the steps' edges where a stop signal is raised (StopBetweenSteps),
-and the epoch end's jobs handed to the watcher together (EpochEndHandOver).
+the steps' edges where a stop signal is raised (StopBetweenSteps) and the epoch end's jobs handed to
+the watcher together (EpochEndHandOver).
 
 On the training thread the callbacks do only what needs the net at that step (the validation
 slices' forward pass, copies of the weights, the checkpoint's save) and hand the rest (scoring,
