@@ -35,7 +35,6 @@ import tensorflow as tf
 from scipy import ndimage
 
 import callbacks
-import device
 import distribute
 import flags
 import inputs
@@ -289,7 +288,7 @@ def measure(args):
     run_inputs = inputs.load(args)
     stacks, train_indices, val_images, shown = run_inputs.stacks, run_inputs.train_indices, run_inputs.val_images, run_inputs.shown()
     strategy = tf.distribute.get_strategy()
-    setup = device.machine_setup(args.precision, args.batch_size, strategy)
+    setup = distribute.machine_setup(args.precision, args.batch_size, strategy)
     keras.utils.set_random_seed(args.seed)
     crops = run_inputs.crops(args.batch_size, args.crop, args.seed, args.loss)
     batches = distribute.training_batches(strategy, crops, args.steps_per_epoch, 0)

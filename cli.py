@@ -177,6 +177,11 @@ def index_list(text):
     return indices
 
 
+def index_list_text(indices):
+    """Indices as index_list reads them: "5,15,25"."""
+    return ",".join(map(str, indices))
+
+
 # --- parser --------------------------------------------------------------------------------------
 
 class HelpFormatter(argparse.HelpFormatter):

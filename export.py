@@ -30,17 +30,18 @@ from pathlib import Path
 import numpy as np
 
 import cli
-import data
 import files
-import inputs
 import predict
 import rundir
+import tiffs
+import tiling
+from settings import MULTIPLE
 
 CITATIONS = {
     "U-Net: Ronneberger, Fischer and Brox, MICCAI 2015": "10.1007/978-3-319-24574-4_28",
     "ISBI 2012 challenge: Arganda-Carreras et al., Front. Neuroanat. 2015": "10.3389/fnana.2015.00142",
 }
-HALO = predict.CONTEXT
+HALO = tiling.CONTEXT
 # bioimage.io's test of a written package, run in a fresh process (tested_in_a_fresh_process):
 # argv[1] the package, argv[2] where its summary goes as JSON.
 PACKAGE_TEST = """
@@ -84,9 +85,9 @@ def export_inputs(args):
     config = rundir.read_config(run_dir)
     # As training read them: a stack larger than memory allows stays on disk, only its validation
     # slices are read.
-    images, labels = (data.read_stack(rundir.recorded_path(config, name), data.memory_map_above(config.get("memmap", "auto")))
+    images, labels = (tiffs.read_stack(rundir.recorded_path(config, name), tiffs.memory_map_above(config.get("memmap", "auto")))
                       for name in ("images", "labels"))
-    cell, _ = data.cell_value(labels, rundir.recorded_path(config, "labels"), config.get("labels_polarity", "cells-high"))
+    cell, _ = tiffs.cell_value(labels, rundir.recorded_path(config, "labels"), config.get("labels_polarity", "cells-high"))
     indices = config["val_slices"]
     return checkpoint, run_dir, config, images[indices], (labels[indices] == cell).astype(np.uint8), indices
 
@@ -95,7 +96,7 @@ def export_inputs(args):
 
 def cover_image(image, mask, probability):
     """(H, 3W, 3) uint8: the slice, the cell probability and the error overlay side by side."""
-    from callbacks import error_overlay
+    from summaries import error_overlay
 
     grey = np.repeat(np.stack([image, probability])[..., np.newaxis], 3, axis=-1)
     panels = [grey[0], grey[1], error_overlay(image, mask, probability)]
@@ -123,7 +124,7 @@ cells (1) from membranes (0) in electron-microscopy slices.
 
 Images `{Path(config['images']).name}` (SHA-256 `{config['data_files']['images_sha256']}`), labels
 `{Path(config['labels']).name}` (SHA-256 `{config['data_files']['labels_sha256']}`); validation slices
-{inputs.describe_slices(config['val_slices'])}, training slices {inputs.describe_slices(config['train_slices'])}.
+{cli.index_list_text(config['val_slices'])}, training slices {cli.index_list_text(config['train_slices'])}.
 
 ## Validation scores of these weights
 
@@ -165,7 +166,7 @@ def model_description(args, config, files, scaling, shape, scores, slice_index):
         inputs=[v0_5.InputTensorDescr(
             id=image, description="grey EM slice, stored values (scaled by the preprocessing)",
             axes=[v0_5.BatchAxis(), *(v0_5.SpaceInputAxis(id=axis, size=v0_5.ParameterizedSize(
-                min=2 * HALO + predict.MULTIPLE, step=predict.MULTIPLE)) for axis in spatial),
+                min=2 * HALO + MULTIPLE, step=MULTIPLE)) for axis in spatial),
                   v0_5.ChannelAxis(channel_names=[v0_5.Identifier("grey")])],
             test_tensor=v0_5.FileDescr(source=files["test-input.npy"]),
             data=v0_5.IntervalOrRatioDataDescr(type="float32"),
@@ -236,7 +237,7 @@ def tested_in_a_fresh_process(package, folder):
 
 def export(args):
     checkpoint, run_dir, config, images, masks, indices = export_inputs(args)
-    scaling = data.ImageScaling.from_description(config["image_scaling"])
+    scaling = tiffs.ImageScaling.from_description(config["image_scaling"])
 
     # TensorFlow and bioimage.io's libraries take seconds to load: only now, once the inputs are good.
     cli.import_tensorflow()
@@ -254,11 +255,11 @@ def export(args):
     # backend reproduces; a mixed-precision net's outputs would differ between machines.
     model = unet.in_float32(trained)
     scaled = scaling.apply(images)
-    probabilities = predict.predict_stack(model, scaled)
+    probabilities = tiling.predict_stack(model, scaled)
     scores = metrics.isbi_scores(masks, probabilities)
     shown = len(indices) // 2
-    test_input = predict.with_context(images[shown].astype(np.float32))[np.newaxis, ..., np.newaxis]
-    test_output = predict.predict_batch(model, scaling.apply(test_input[..., 0]))[..., np.newaxis]
+    test_input = tiling.with_context(images[shown].astype(np.float32))[np.newaxis, ..., np.newaxis]
+    test_output = tiling.predict_batch(model, scaling.apply(test_input[..., 0]))[..., np.newaxis]
 
     with tempfile.TemporaryDirectory() as folder:
         written = {name: Path(folder) / name for name in ("unet.keras", "tf-saved-model.zip", "test-input.npy",

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+import batches
 import cli
 import data
 import rundir
+import tiffs
 from settings import DEPTH, MULTIPLE, WEIGHTED_LOSSES
 
 IMAGE_SLICES = 3  # validation slices shown as images
@@ -23,7 +25,7 @@ class RunInputs:
     """The checked stacks of a run and its split. `val_images` and `val_labels` are the whole
     validation slices, trimmed to sides the U-Net takes (multiples of 2**DEPTH)."""
 
-    stacks: data.TrainingStacks
+    stacks: tiffs.TrainingStacks
     images_path: Path
     labels_path: Path
     mirror: str | None  # the URL the stacks were downloaded from, None if they were on disk
@@ -36,13 +38,13 @@ class RunInputs:
     def crops(self, batch_size, crop, seed, loss):
         """The training batches: augmented random crops of the training slices, with their loss
         weights if `loss` is weighted (settings.WEIGHTED_LOSSES)."""
-        weights = ({index: data.border_weights(self.stacks.mask(index)) for index in self.train_indices}
+        weights = ({index: batches.border_weights(self.stacks.mask(index)) for index in self.train_indices}
                    if loss in WEIGHTED_LOSSES else None)
-        return data.RandomCrops(self.stacks, self.train_indices, batch_size, crop, seed, weights=weights)
+        return batches.RandomCrops(self.stacks, self.train_indices, batch_size, crop, seed, weights=weights)
 
     def val_weights(self, loss):
         """The loss weights of the validation slices, or None if `loss` is not weighted."""
-        return np.stack([data.border_weights(label) for label in self.val_labels]) if loss in WEIGHTED_LOSSES else None
+        return np.stack([batches.border_weights(label) for label in self.val_labels]) if loss in WEIGHTED_LOSSES else None
 
     def shown(self):
         """Positions, in the validation slices, of those shown as images: up to IMAGE_SLICES, spread out."""
@@ -50,8 +52,34 @@ class RunInputs:
         return np.linspace(0, count - 1, min(IMAGE_SLICES, count)).round().astype(int)
 
 
-def describe_slices(indices):
-    return ",".join(map(str, indices))
+def default_validation_slices(num_slices):
+    """Three slices spread through the stack (5, 15, 25 for ISBI's 30); one for tiny stacks."""
+    if num_slices < 4:
+        return [num_slices // 2]
+    return sorted({num_slices * (2 * k + 1) // 6 for k in range(3)})
+
+
+def split_slices(num_slices, validation_slices=None):
+    """(training indices, validation indices) of a stack of `num_slices` slices."""
+    if validation_slices is None:
+        validation_slices = default_validation_slices(num_slices)
+    validation = sorted(set(validation_slices))
+    out_of_range = [i for i in validation if not 0 <= i < num_slices]
+    if out_of_range:
+        raise data.DataError(
+            f"validation slice(s) {out_of_range} out of range: the stack has slices "
+            f"0..{num_slices - 1}; change --val-slices"
+        )
+    training = [i for i in range(num_slices) if i not in validation]
+    if num_slices == 1:
+        raise data.DataError("the stack holds one slice: a run needs at least two, one to train on and one to validate "
+                        "on (a 2-D TIFF is one slice)")
+    if not training:
+        raise data.DataError(
+            f"all {num_slices} slices are validation slices: leave at least one for training "
+            "in --val-slices"
+        )
+    return training, validation
 
 
 def load(args, resumed_config=None):
@@ -72,9 +100,9 @@ def load(args, resumed_config=None):
     # A resumed run goes on seeing its images as it did (the rule may have changed since it started),
     # unless it continues on new data.
     recorded = None if resumed_config is None or args.accept_new_data else resumed_config.get("image_scaling")
-    stacks = data.load_training_stacks(images_path, labels_path, data.memory_map_above(args.memmap),
-                                        args.labels_polarity, recorded and data.ImageScaling.from_description(recorded))
-    digests = digests or {"images": data.sha256_of(images_path), "labels": data.sha256_of(labels_path)}
+    stacks = tiffs.load_training_stacks(images_path, labels_path, tiffs.memory_map_above(args.memmap),
+                                        args.labels_polarity, recorded and tiffs.ImageScaling.from_description(recorded))
+    digests = digests or {"images": tiffs.sha256_of(images_path), "labels": tiffs.sha256_of(labels_path)}
     height, width = stacks.slice_shape
     if min(height, width) < MULTIPLE:
         raise cli.InputError(f"the slices of {images_path} are {height}x{width}: the U-Net takes at least "
@@ -82,12 +110,12 @@ def load(args, resumed_config=None):
     if min(stacks.slice_shape) < args.crop:
         raise cli.InputError(f"--crop {args.crop} is larger than the {stacks.slice_shape[0]}x{stacks.slice_shape[1]} "
                              f"slices: use --crop {min(stacks.slice_shape) // MULTIPLE * MULTIPLE} or less")
-    train_indices, val_indices = data.split_slices(len(stacks), args.val_slices)
-    data.check_masks(stacks, train_indices, val_indices, labels_path)
+    train_indices, val_indices = split_slices(len(stacks), args.val_slices)
+    tiffs.check_masks(stacks, train_indices, val_indices, labels_path)
     val_images = np.stack([stacks.image(index) for index in val_indices])
     val_labels = np.stack([stacks.mask(index) for index in val_indices])
     return RunInputs(stacks, images_path, labels_path, mirror, digests, train_indices, val_indices,
-                     data.trim_to_multiple(val_images, MULTIPLE), data.trim_to_multiple(val_labels, MULTIPLE))
+                     batches.trim_to_multiple(val_images, MULTIPLE), batches.trim_to_multiple(val_labels, MULTIPLE))
 
 
 def checked_digests(config, images_path, labels_path, accept_new_data):
@@ -101,7 +129,7 @@ def checked_digests(config, images_path, labels_path, accept_new_data):
             raise cli.InputError(f"the run's {name}, {path}, is not there: if its data moved, give where it is now with "
                                  "--images and --labels (or --data for ISBI 2012); the same files continue the run, "
                                  "other data needs --accept-new-data too")
-        digests[name] = data.sha256_of(path)
+        digests[name] = tiffs.sha256_of(path)
         expected = recorded.get(f"{name}_sha256")
         if accept_new_data:
             continue

@@ -72,7 +72,7 @@ LOSSES = {
     "dice": soft_dice_loss,
     "bce_dice": bce_dice_loss,
     # Weighted per pixel by the U-Net paper's weight map, which the batches carry as Keras' sample
-    # weights (data.RandomCrops, settings.WEIGHTED_LOSSES).
+    # weights (batches.RandomCrops, settings.WEIGHTED_LOSSES).
     "wbce": keras.losses.binary_crossentropy,
 }
 
@@ -237,3 +237,25 @@ def isbi_scores(labels, probabilities, thresholds=ISBI_THRESHOLDS):
     return {"v_rand": v_rand, "v_rand_threshold": v_rand_threshold,
             "v_info": v_info, "v_info_threshold": v_info_threshold,
             "pixel_error": 1.0 - pixel_f, "pixel_error_threshold": pixel_threshold}
+
+
+def validation_scores(labels, probabilities, weights, loss, metrics, isbi):
+    """{"loss": ..., each metric's name: ..., and with `isbi` the ISBI scores (isbi_scores)} of the
+    net's `probabilities` (slices, H, W) of the validation slices with `labels` (slices, H, W, 1)
+    and per-pixel loss `weights` (slices, H, W), for `loss` (a LOSSES function) and the Keras
+    `metrics` (training_metrics()).
+
+    Slice by slice, as Keras' evaluate with batches of one would, each pixel's loss weighted as in
+    training (Keras' mean over the pixels of weight x loss).
+    """
+    losses = []
+    for metric in metrics:
+        metric.reset_state()
+    for label, probability, slice_weights in zip(labels, probabilities[..., np.newaxis], weights):
+        losses.append(float(np.mean(slice_weights * loss(label[np.newaxis], probability[np.newaxis])[0])))
+        for metric in metrics:
+            metric.update_state(label[np.newaxis], probability[np.newaxis])
+    scores = {"loss": float(np.mean(losses)), **{metric.name: float(metric.result()) for metric in metrics}}
+    if isbi:
+        scores.update(isbi_scores(labels[..., 0], probabilities))
+    return scores

@@ -11,7 +11,7 @@ overlap-tile strategy); beyond a slice's edges the image is mirrored. --tta aver
 flips and rotations. With --labels it also prints the challenge's V_rand, V_info and pixel error.
 
 Grey values are scaled to [0, 1] as the run's training scaled them (its config.json's
-`image_scaling`); a stack whose own rule (data.ImageScaling) differs, e.g. a float32 or 16-bit
+`image_scaling`); a stack whose own rule (tiffs.ImageScaling) differs, e.g. a float32 or 16-bit
 copy of 8-bit training data, is refused unless --scaling says which to apply; a checkpoint outside
 a run directory scales the stack by its own values. Everything is checked before TensorFlow loads.
 """
@@ -28,11 +28,9 @@ import data
 import files
 import rundir
 import settings
+import tiffs
+import tiling
 from settings import MULTIPLE
-# 1024 takes a 512x512 ISBI slice whole; f=64 needs about 3 GB for it.
-DEFAULT_TILE = 1024
-CONTEXT = 32  # mirrored pixels around a slice predicted whole
-TILE_BATCH = 4
 
 
 class PredictError(cli.InputError):
@@ -61,7 +59,7 @@ def run_scaling(checkpoint):
     if not (checkpoint.parent / rundir.CONFIG).is_file():
         return None
     description = rundir.read_config(checkpoint.parent).get("image_scaling")
-    return None if description is None else data.ImageScaling.from_description(description)
+    return None if description is None else tiffs.ImageScaling.from_description(description)
 
 
 def input_scaling(run, own, args):
@@ -88,75 +86,6 @@ def load_model(path):
                            "give a .keras checkpoint written by train.py") from None
 
 
-# --- prediction -------------------------------------------------------------------------------
-
-def round_up(value, multiple):
-    return -(-value // multiple) * multiple
-
-
-def predict_batch(model, tiles):
-    """Cell probabilities of (N, H, W) tiles whose sides are multiples of 16."""
-    return np.asarray(model.predict_on_batch(tiles[..., np.newaxis]), dtype=np.float32)[..., 0]
-
-
-def with_context(image):
-    """A slice with CONTEXT mirrored pixels on each side, and more below and to the right up to sides
-    that the net takes (multiples of 16): the net's output, cropped by CONTEXT at the top and left,
-    is the slice's prediction."""
-    height, width = image.shape
-    bottom = round_up(height + 2 * CONTEXT, MULTIPLE) - height - CONTEXT
-    right = round_up(width + 2 * CONTEXT, MULTIPLE) - width - CONTEXT
-    return np.pad(image, ((CONTEXT, bottom), (CONTEXT, right)), mode="reflect")
-
-
-def predict_slice(model, image, tile=DEFAULT_TILE):
-    """(H, W) float32 cell probability of one slice of any size.
-
-    Beyond the slice's edges the image is mirrored, as in the U-Net paper, so that edge pixels
-    are predicted with context like any other. A slice that fits in `tile` x `tile` with
-    CONTEXT mirrored pixels around it goes through the net whole. A larger one is cut into tiles
-    of `tile` pixels that overlap by `tile // 4`: only the centre of each is kept, so every pixel
-    kept saw at least `tile // 8` pixels of context on each side.
-    """
-    height, width = image.shape
-    if height + 2 * CONTEXT <= tile and width + 2 * CONTEXT <= tile:
-        return predict_batch(model, with_context(image)[np.newaxis])[0, CONTEXT:CONTEXT + height, CONTEXT:CONTEXT + width]
-    margin = tile // 8
-    core = tile - 2 * margin
-    rows, columns = round_up(height, core), round_up(width, core)
-    padded = np.pad(image, ((margin, rows - height + margin), (margin, columns - width + margin)), mode="reflect")
-    corners = [(top, left) for top in range(0, rows, core) for left in range(0, columns, core)]
-    probabilities = np.empty((rows, columns), np.float32)
-    for start in range(0, len(corners), TILE_BATCH):
-        batch = corners[start:start + TILE_BATCH]
-        tiles = predict_batch(model, np.stack([padded[top:top + tile, left:left + tile] for top, left in batch]))
-        for (top, left), tile_probabilities in zip(batch, tiles):
-            probabilities[top:top + core, left:left + core] = tile_probabilities[margin:margin + core, margin:margin + core]
-    return probabilities[:height, :width]
-
-
-def dihedral(image, flip, turns):
-    return np.rot90(np.fliplr(image) if flip else image, turns)
-
-
-def undo_dihedral(image, flip, turns):
-    image = np.rot90(image, -turns)
-    return np.fliplr(image) if flip else image
-
-
-def predict_stack(model, images, tile=DEFAULT_TILE, tta=False, progress=None):
-    """(pages, H, W) float32 cell probabilities; with `tta` the mean over the 8 flips and rotations."""
-    transforms = [(flip, turns) for flip in (False, True) for turns in range(4)] if tta else [(False, 0)]
-    probabilities = np.empty(images.shape, np.float32)
-    for index, image in enumerate(images):
-        probabilities[index] = np.mean(
-            [undo_dihedral(predict_slice(model, np.ascontiguousarray(dihedral(image, flip, turns)), tile), flip, turns)
-             for flip, turns in transforms], axis=0)
-        if progress:
-            progress.update(index + 1)
-    return probabilities
-
-
 # --- command line -----------------------------------------------------------------------------
 
 def tile_size(text):
@@ -178,7 +107,7 @@ def build_parser():
     parser.add_argument("--scaling", choices=("run", "own"),
                         help="for a stack whose grey values are stored unlike the run's training data: scale them as "
                              "the run's (run) or by the stack's own values (own); such a stack is refused without it")
-    parser.add_argument("--tile", type=tile_size, default=DEFAULT_TILE, help="largest side predicted in one piece; larger slices go in overlapping tiles")
+    parser.add_argument("--tile", type=tile_size, default=tiling.DEFAULT_TILE, help="largest side predicted in one piece; larger slices go in overlapping tiles")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     return parser
 
@@ -189,16 +118,16 @@ def run(args):
     if why := files.why_not_writable(args.output):
         raise PredictError(f"cannot write {args.output} ({why}): choose another -o")
     checkpoint = checkpoint_path(args.model)
-    stack = data.read_stack(args.images)
-    scaling = input_scaling(run_scaling(checkpoint), data.ImageScaling.of(stack, args.images), args)
+    stack = tiffs.read_stack(args.images)
+    scaling = input_scaling(run_scaling(checkpoint), tiffs.ImageScaling.of(stack, args.images), args)
     images = scaling.apply(stack)
     labels = None
     if args.labels is not None:
-        label_stack = data.read_stack(args.labels)
+        label_stack = tiffs.read_stack(args.labels)
         if label_stack.shape != images.shape:
             raise PredictError(f"{args.labels} holds {label_stack.shape} masks but {args.images} holds {images.shape} "
                                "slices: give the masks of the same slices")
-        labels = (label_stack == data.cell_value(label_stack, args.labels, args.labels_polarity)[0]).astype(np.uint8)
+        labels = (label_stack == tiffs.cell_value(label_stack, args.labels, args.labels_polarity)[0]).astype(np.uint8)
 
     cli.import_tensorflow()  # only once the inputs are known to be good
     import metrics
@@ -206,7 +135,7 @@ def run(args):
     model = load_model(checkpoint)
     print(f"predicting {len(images)} slices of {images.shape[1]}x{images.shape[2]}"
           + (" with 8-fold test-time augmentation" if args.tta else "") + f"; grey values: {scaling.rule}")
-    probabilities = predict_stack(model, images, args.tile, args.tta, progress=Counter(len(images), "slice"))
+    probabilities = tiling.predict_stack(model, images, args.tile, args.tta, progress=Counter(len(images), "slice"))
     data.write_stack_atomically(args.output, probabilities, fix="free some space or choose another -o")
     print(f"wrote {args.output}: {len(probabilities)} pages of float32 cell probability")
 

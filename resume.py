@@ -18,15 +18,15 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 import files
 import rundir
 import runs
+import summaries
 import unet
-from callbacks import RunSummary
 from cli import InputError
 from rundir import LAST
 
 # Summaries written at the epoch index (Keras' epoch scalars, the best-so-far scalars, and the weight
 # histograms of runs started before they moved to the global step); all others are written at the
 # global training step.
-EPOCH_TAG = re.compile(r"^(epoch_|best_)|/histogram$")
+EPOCH_TAG = re.compile(rf"^({summaries.EPOCH_TAG.format('')}|{summaries.BEST_TAG.format('')})|/histogram$")
 
 
 class ResumeError(InputError):
@@ -85,12 +85,6 @@ def written_before(event, epoch, step):
     return event.step <= step
 
 
-def reached(run_dir):
-    """What a run had reached (RunSummary.reached), from its event files."""
-    validation = Path(run_dir) / rundir.VALIDATION
-    return RunSummary.reached(runs.read_scalars(validation) if validation.is_dir() else {})
-
-
 def continue_run(run_dir, config, epochs, command, setup):
     """The rundir.Run of a run to resume to `epochs` epochs, its event files cut back to its last
     checkpoint and its config.json updated. The caller holds the run's lock."""
@@ -101,4 +95,4 @@ def continue_run(run_dir, config, epochs, command, setup):
     cut_event_files(run_dir, initial_epoch, int(model.optimizer.iterations.numpy()))
     config.update(epochs=epochs, resumed=[*config.get("resumed", []), command], **setup)
     rundir.save_config(run_dir, config)
-    return rundir.Run(Path(run_dir), config, model, initial_epoch, reached(run_dir))
+    return rundir.Run(Path(run_dir), config, model, initial_epoch, runs.reached(run_dir))

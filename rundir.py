@@ -77,7 +77,7 @@ def create(logdir, name):
 @dataclasses.dataclass
 class Run:
     """A run being trained: its directory and config.json, its model, the epochs it has done and
-    what it had reached before (callbacks.RunSummary.reached: best scores; empty for a new run)."""
+    what it had reached before (runs.reached: best scores; empty for a new run)."""
 
     directory: Path
     config: dict

@@ -13,18 +13,19 @@ import tensorboard
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
-import data
-import inputs
+import batches
+import cli
 import rundir
 import settings
 from cli import InputError
+from summaries import EPOCH_TAG, EVALUATION_TAG
 
 HYPERPARAMETERS = ("loss", "lr", "ema", "filters", "dropout", "crop", "batch_size", "epochs", "steps_per_epoch", "precision", "seed")
 
 
 def hyperparameters(config):
     """The HParams tab's columns: training settings and the augmentation ranges."""
-    augmentation = {f"augment_{name}": value for name, value in dataclasses.asdict(data.Augmentation()).items()}
+    augmentation = {f"augment_{name}": value for name, value in dataclasses.asdict(batches.Augmentation()).items()}
     return {**{name: config[name] for name in HYPERPARAMETERS}, **augmentation}
 
 
@@ -65,7 +66,7 @@ def data_record(args, run_inputs):
 def run_config(args, run_inputs, command, setup):
     """A new run's config.json: the flags as resolved, the data and split (`run_inputs`,
     inputs.RunInputs), the directory and `command` that started it, the machine `setup`
-    (device.machine_setup) and its provenance."""
+    (distribute.machine_setup) and its provenance."""
     return {**{name: value for name, value in vars(args).items() if name not in settings.COMMAND_FLAGS},
             "mirror": run_inputs.mirror, **setup,
             "train_slices": run_inputs.train_indices, "val_slices": run_inputs.val_indices,
@@ -88,8 +89,8 @@ def run_documents(config):
         "run/data": markdown_table({**config["data_files"],
                                     "image scaling": config.get("image_scaling", {}).get("rule", "unknown"),
                                     "labels polarity": config.get("labels_polarity", "cells-high")}),
-        "run/split": markdown_table({"training slices": inputs.describe_slices(config["train_slices"]),
-                                     "validation slices": inputs.describe_slices(config["val_slices"])}),
+        "run/split": markdown_table({"training slices": cli.index_list_text(config["train_slices"]),
+                                     "validation slices": cli.index_list_text(config["val_slices"])}),
     }
 
 
@@ -109,6 +110,19 @@ def read_scalars(directory):
             if accumulator.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"}
 
 
+def reached(run_dir):
+    """What a run had reached, from its validation scalars: the best value so far of each score in
+    settings.BEST_SCORES, and the V_rand threshold of its latest evaluation (`v_rand_threshold`),
+    where it has them."""
+    directory = Path(run_dir) / rundir.VALIDATION
+    validation = read_scalars(directory) if directory.is_dir() else {}
+    reached = {name: better(value for _, value in validation[EPOCH_TAG.format(name)])
+               for name, (better, _) in settings.BEST_SCORES.items() if validation.get(EPOCH_TAG.format(name))}
+    if validation.get(EPOCH_TAG.format("v_rand_threshold")):
+        reached["v_rand_threshold"] = validation[EPOCH_TAG.format("v_rand_threshold")][-1][1]
+    return reached
+
+
 def last(series):
     return series[-1][1] if series else float("nan")
 
@@ -116,17 +130,17 @@ def last(series):
 def run_row(run_dir):
     config = rundir.read_config(run_dir)
     validation = read_scalars(run_dir / rundir.VALIDATION) if (run_dir / rundir.VALIDATION).is_dir() else {}
-    evaluations = validation.get("evaluation_loss_vs_iterations", [])
+    evaluations = validation.get(EVALUATION_TAG.format("loss"), [])
     row = {"run": run_dir.name, "loss": config.get("loss", "?"), "lr": config.get("lr", "?"),
            "steps": evaluations[-1][0] if evaluations else 0}
     for name, (better, _) in settings.BEST_SCORES.items():
-        values = [value for _, value in validation.get(f"epoch_{name}", [])]
+        values = [value for _, value in validation.get(EPOCH_TAG.format(name), [])]
         row[f"best_val_{COLUMN_NAMES[name]}"] = better(values) if values else float("nan")
         row[f"last_val_{COLUMN_NAMES[name]}"] = values[-1] if values else float("nan")
     return {
         **row,
-        "last_val_loss": last(validation.get("epoch_loss", [])),
-        "last_val_dice": last(validation.get("epoch_membrane_dice", [])),
+        "last_val_loss": last(validation.get(EPOCH_TAG.format("loss"), [])),
+        "last_val_dice": last(validation.get(EPOCH_TAG.format("membrane_dice"), [])),
     }
 
 

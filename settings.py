@@ -1,7 +1,7 @@
 """What a run can be set to, declared once with its domain, and the scores a run is judged by:
 the flags (flags.py) take their choices from here (and the defaults that more than one module
 needs: the epochs, the recipes), and the modules that implement a choice (metrics.LOSSES,
-device.py, distribute.make_strategy) are checked against it by the tests.
+distribute.device_settings, distribute.make_strategy) are checked against it by the tests.
 
 Imports nothing but the standard library, so that a command line is checked before TensorFlow
 loads.
@@ -11,7 +11,7 @@ DEPTH = 4  # poolings of the U-Net: crops and whole slices must be multiples of 
 MULTIPLE = 2**DEPTH
 
 LOSSES = ("bce", "mse", "dice", "bce_dice", "wbce")
-# Losses whose pixels are weighted by the U-Net paper's weight map (data.border_weights).
+# Losses whose pixels are weighted by the U-Net paper's weight map (batches.border_weights).
 WEIGHTED_LOSSES = ("wbce",)
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")

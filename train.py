@@ -106,7 +106,7 @@ def print_start(run, run_inputs, logdir, chief, worker_logdir):
     config = run.config
     print(f"device: {config['device']}; precision {config['precision']}, XLA {'on' if config['jit_compile'] else 'off'}")
     print(f"distribution: {config['distribution']}; global batch {config['global_batch_size']} crops")
-    print(f"slices: {len(run_inputs.train_indices)} training, validation {inputs.describe_slices(run_inputs.val_indices)} "
+    print(f"slices: {len(run_inputs.train_indices)} training, validation {cli.index_list_text(run_inputs.val_indices)} "
           f"of {len(run_inputs.stacks)} in {run_inputs.images_path}" + (" (memory-mapped)" if isinstance(run_inputs.stacks.images, np.memmap) else ""))
     if chief:
         print(f"run directory: {run.directory}" + (f" (resumed after epoch {run.initial_epoch})" if run.initial_epoch else ""))
@@ -154,7 +154,6 @@ def train(args, given, command):
     import keras
 
     import callbacks
-    import device
     import distribute
     import resume
     import runs
@@ -165,7 +164,7 @@ def train(args, given, command):
     strategy = distribute.make_strategy(args.strategy)  # first: it may configure TensorFlow's runtime
     chief = distribute.is_chief(strategy)
     keras.utils.set_random_seed(args.seed)
-    setup = device.machine_setup(args.precision, args.batch_size, strategy)
+    setup = distribute.machine_setup(args.precision, args.batch_size, strategy)
     new_run = args.resume is None or not chief  # a worker other than the chief writes a run of its own
     run, progress = None, None
     try:
@@ -184,7 +183,7 @@ def train(args, given, command):
                     run = resume.continue_run(args.resume, config, args.epochs, command, setup)
                 else:
                     run.model, run.initial_epoch = resume.restore_model(args.resume, config)
-                    run.reached = resume.reached(args.resume)
+                    run.reached = runs.reached(args.resume)
             run.model.jit_compile = setup["jit_compile"]
             print_start(run, run_inputs, args.logdir, chief, logdir)
 

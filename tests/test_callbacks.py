@@ -15,11 +15,14 @@ import pytest
 import tensorflow as tf
 
 import callbacks
+import checkpoints
 import metrics
-import predict
 import progress
 import rundir
+import summaries
+import tiling
 import unet
+import validation
 import watcher
 from conftest import read_events
 from rundir import TRAIN, VALIDATION
@@ -40,7 +43,7 @@ def crops():
 
 
 def logs_kept_in(epoch_logs):
-    """A callback keeping each epoch's logs in `epoch_logs`, as callbacks.Validation does before scoring."""
+    """A callback keeping each epoch's logs in `epoch_logs`, as validation.Validation does before scoring."""
     return keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: epoch_logs.__setitem__(epoch, dict(logs)))
 
 
@@ -100,7 +103,7 @@ def test_merges_and_splits_name_exactly_the_segments_and_cells_at_fault():
 def test_merges_and_splits_image_paints_them_in_two_colours():
     label, predicted_cell = label_with_a_merge_and_a_split()
     true_cells, segments = metrics.true_cells_of(label), metrics.thinned_segments(predicted_cell)
-    overlay = callbacks.topology_overlay(segments, true_cells, *metrics.merges_and_splits(true_cells, segments))
+    overlay = summaries.topology_overlay(segments, true_cells, *metrics.merges_and_splits(true_cells, segments))
     red, green, blue = np.moveaxis(overlay, -1, 0)
     orange = (red - blue > 0.3) & (green > 0.2)
     painted_blue = blue - red > 0.3
@@ -131,7 +134,7 @@ def attached(callback, model, steps=3):
 
 
 def validation_pass_of(model, images, shown):
-    validation_pass = attached(callbacks.ValidationPass(images, shown), model)
+    validation_pass = attached(validation.ValidationPass(images, shown), model)
     validation_pass.on_train_begin()
     return validation_pass
 
@@ -140,14 +143,14 @@ def test_validation_adds_the_loss_metrics_and_challenge_scores_of_the_whole_slic
     images, labels = slices()
     epoch_logs = {}
     with watcher.running() as watching:
-        validation = attached(callbacks.Validation(watching, epoch_logs, validation_pass_of(model, images, [0]), labels,
+        scoring = attached(validation.Validation(watching, epoch_logs, validation_pass_of(model, images, [0]), labels,
                                                    metrics.LOSSES["bce"], metrics.training_metrics(), 1), model)
-        validation.on_epoch_end(0, {"loss": 0.5})
-        validation.isbi_every = 2
-        validation.on_epoch_end(1, {"loss": 0.5})  # not an evaluation epoch: the loss and metrics only
+        scoring.on_epoch_end(0, {"loss": 0.5})
+        scoring.isbi_every = 2
+        scoring.on_epoch_end(1, {"loss": 0.5})  # not an evaluation epoch: the loss and metrics only
         watching.drain()
     logs = epoch_logs[0]
-    probabilities = predict.predict_stack(model, images)  # whole slices in mirrored context
+    probabilities = tiling.predict_stack(model, images)  # whole slices in mirrored context
     expected = np.mean(metrics.misclassified_pixel_fraction(labels[..., np.newaxis], probabilities[..., np.newaxis]))
     assert logs["val_misclassified_pixel_fraction"] == pytest.approx(float(expected), rel=1e-5)
     assert logs["val_v_rand"] == pytest.approx(metrics.isbi_scores(labels, probabilities)["v_rand"], rel=1e-5)
@@ -163,21 +166,22 @@ def test_the_validation_slices_go_through_the_net_once_per_training_step(tmp_pat
     epoch_logs = {}
     with watcher.running() as watching:
         writers = callbacks.SummaryWriters(tmp_path, watching)
-        validation = attached(callbacks.Validation(watching, epoch_logs, validation_pass, labels, metrics.LOSSES["bce"],
+        scoring = attached(validation.Validation(watching, epoch_logs, validation_pass, labels, metrics.LOSSES["bce"],
                                                    metrics.training_metrics(), 1), model)
-        summaries = attached(callbacks.ValidationSliceSummaries(writers, epoch_logs, validation_pass, labels[[0, 2]], [1, 7],
+        slice_summaries = attached(callbacks.ValidationSliceSummaries(writers, epoch_logs, validation_pass,
+                                                                      summaries.ShownSlices.of([1, 7], images[[0, 2]], labels[[0, 2]]),
                                                                 image_every=3, histogram_every=1), model)
-        summaries.on_train_begin()
+        slice_summaries.on_train_begin()
         assert len(calls) == 2  # the shown slices' images at step 0
-        summaries.on_epoch_begin(0)
+        slice_summaries.on_epoch_begin(0)
         model.optimizer.iterations.assign(3)
-        summaries.on_train_batch_end(2, {})  # images due at the epoch's last step wait for its end
+        slice_summaries.on_train_batch_end(2, {})  # images due at the epoch's last step wait for its end
         logs = {"loss": 0.5}
-        validation.on_epoch_end(0, logs)
-        summaries.on_epoch_end(0, logs)  # images, activation histograms and PR curve of the same pass
+        scoring.on_epoch_end(0, logs)
+        slice_summaries.on_epoch_end(0, logs)  # images, activation histograms and PR curve of the same pass
         writers.on_train_end()
     assert len(calls) == 2 + 3
-    assert calls[-1] == (1, 48 + 2 * predict.CONTEXT, 48 + 2 * predict.CONTEXT, 1)
+    assert calls[-1] == (1, 48 + 2 * tiling.CONTEXT, 48 + 2 * tiling.CONTEXT, 1)
     written, _ = read_events(tmp_path / VALIDATION)
     assert [step for step, _ in written["slice_07/prediction"]] == [0, 3]
     assert [step for step, _ in written["unet/activations/output"]] == [3]
@@ -188,10 +192,11 @@ def test_validation_slice_summaries_write_images_counts_and_histograms_into_vali
     epoch_logs = {0: {"loss": 0.5, "val_v_rand_threshold": 0.3}}
     with watcher.running() as watching:
         writers = callbacks.SummaryWriters(tmp_path, watching)
-        summaries = attached(callbacks.ValidationSliceSummaries(writers, epoch_logs, validation_pass_of(model, images, [0, 1]),
-                                                                labels, [4, 9], image_every=1, histogram_every=1), model)
-        summaries.on_train_begin()
-        summaries.on_epoch_end(0, epoch_logs[0])
+        slice_summaries = attached(callbacks.ValidationSliceSummaries(writers, epoch_logs, validation_pass_of(model, images, [0, 1]),
+                                                                      summaries.ShownSlices.of([4, 9], images, labels),
+                                                                      image_every=1, histogram_every=1), model)
+        slice_summaries.on_train_begin()
+        slice_summaries.on_epoch_end(0, epoch_logs[0])
         writers.on_epoch_end(0)
         # TrainingSummaries writes the epoch's scalars there too, through the same writer.
         writers.submit(VALIDATION, 1, lambda: tf.summary.scalar("epoch_loss", 0.5))
@@ -200,7 +205,7 @@ def test_validation_slice_summaries_write_images_counts_and_histograms_into_vali
     written, plugins = read_events(tmp_path / VALIDATION)
     for index in (4, 9):
         assert {f"slice_{index:02d}/{kind}" for kind in ("input", "label", "prediction", "error", "merges_and_splits")} <= set(written)
-    assert summaries.v_rand_threshold == 0.3
+    assert slice_summaries.v_rand_threshold == 0.3
     assert {tag for tag, (plugin, _) in plugins.items() if plugin == "histograms"} == {
         f"unet/activations/{name}" for name in unet.block_outputs()}
     assert [step for step, _ in written["shown_slices/merges"]] == [0]
@@ -231,22 +236,22 @@ def test_checkpoints_keep_the_best_v_rand_and_the_last_finite_epoch_once_the_wat
                   2: {"loss": float("nan"), "val_v_rand": 0.9}}  # NaN: neither
     scored = threading.Event()
     with watcher.running() as watching:
-        checkpoints = attached(callbacks.Checkpoints(watching, tmp_path, epoch_logs, "v_rand"), model)
+        checkpointing = attached(checkpoints.Checkpoints(watching, tmp_path, epoch_logs, "v_rand"), model)
         watching.submit(scored.wait)  # the watcher still scoring: the candidate waits, no checkpoint yet
-        checkpoints.on_epoch_end(0, epoch_logs[0])
+        checkpointing.on_epoch_end(0, epoch_logs[0])
         assert not (tmp_path / "last.keras").exists() and not (tmp_path / "best.keras").exists()
         assert [path.name for path in tmp_path.iterdir()] == [rundir.candidate_checkpoint(tmp_path, 0).name]
         scored.set()
         watching.drain()
         best = (tmp_path / "best.keras").read_bytes()
         assert (tmp_path / "last.keras").read_bytes() == best  # one save, copied
-        checkpoints.on_epoch_end(1, epoch_logs[1])
+        checkpointing.on_epoch_end(1, epoch_logs[1])
         watching.drain()
         assert (tmp_path / "best.keras").read_bytes() == best and (tmp_path / "last.keras").is_file()
         saved = {name: (tmp_path / name).read_bytes() for name in ("best.keras", "last.keras")}
-        checkpoints.on_epoch_end(2, epoch_logs[2])
+        checkpointing.on_epoch_end(2, epoch_logs[2])
         watching.drain()
-    assert {name: (tmp_path / name).read_bytes() for name in saved} == saved and checkpoints.best == 0.8
+    assert {name: (tmp_path / name).read_bytes() for name in saved} == saved and checkpointing.best == 0.8
     assert sorted(path.name for path in tmp_path.iterdir()) == ["best.keras", "last.keras"]
 
 
@@ -312,7 +317,7 @@ def test_the_progress_line_on_a_terminal_is_redrawn_in_place_within_its_width(co
     # The terminal turns each newline into \r\n; a lone \r returns to the line's start to redraw it.
     lines = output.decode().replace("\r\n", "\n").removesuffix("\n").split("\n")
     assert len(lines) == 4, lines  # per epoch: the live line, left as its last drawing, and the validation line
-    for epoch, (live, validation) in enumerate(zip(lines[::2], lines[1::2]), start=1):
+    for epoch, (live, validation_line) in enumerate(zip(lines[::2], lines[1::2]), start=1):
         drawings = [drawing.removesuffix("\x1b[K") for drawing in live.split("\r") if drawing]
         assert all(len(drawing) <= width for drawing in drawings), drawings
         assert drawings[-1].startswith(f"epoch {epoch}/2  step {BATCHES}/{BATCHES}  ")
@@ -320,5 +325,5 @@ def test_the_progress_line_on_a_terminal_is_redrawn_in_place_within_its_width(co
             assert len(drawings[-1]) == width
         else:
             assert re.search(r" s/step  loss \d\.\d{4}  misclassified \d\.\d{4}$", drawings[-1]), drawings[-1]
-        shown = validation.removeprefix("\r").removesuffix("\x1b[K")
+        shown = validation_line.removeprefix("\r").removesuffix("\x1b[K")
         assert re.fullmatch(r"  validation: misclassified \d\.\d{4}, loss \d\.\d{4}", shown), shown

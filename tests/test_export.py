@@ -11,10 +11,11 @@ import pytest
 
 from bioimageio.spec import load_model_description
 
-import data
 import export
 import predict
 import rundir
+import tiffs
+import tiling
 from conftest import ROOT, TINY
 
 
@@ -51,11 +52,11 @@ def test_the_test_output_is_predict_pys_prediction_of_that_slice(package, two_ru
         test_input = np.load(archive.open("test-input.npy"))
         test_output = np.load(archive.open("test-output.npy"))
     run_dir = two_run_logdir / "bce_lr1e-3"
-    stack = data.read_stack(isbi_dir / "train-volume.tif")
+    stack = tiffs.read_stack(isbi_dir / "train-volume.tif")
     np.testing.assert_array_equal(test_input[0, 32:32 + 512, 32:32 + 512, 0], stack[15])  # slice 15 with its context
     scaling = predict.run_scaling(run_dir / rundir.BEST)
     model = predict.load_model(run_dir / rundir.BEST)
-    expected = predict.predict_slice(model, scaling.apply(stack[15]))
+    expected = tiling.predict_slice(model, scaling.apply(stack[15]))
     np.testing.assert_allclose(test_output[0, 32:32 + 512, 32:32 + 512, 0], expected, atol=1e-5)
 
 
@@ -73,8 +74,8 @@ def test_a_directory_that_is_not_a_run_is_refused(tmp_path, capsys):
 
 
 def test_a_package_whose_test_output_does_not_reproduce_is_not_written(two_run_logdir, tmp_path, monkeypatch, capsys):
-    real_predict_batch = predict.predict_batch
-    monkeypatch.setattr(predict, "predict_batch", lambda model, tiles: real_predict_batch(model, tiles) + 0.1)
+    real_predict_batch = tiling.predict_batch
+    monkeypatch.setattr(tiling, "predict_batch", lambda model, tiles: real_predict_batch(model, tiles) + 0.1)
     assert export.main([str(two_run_logdir / "bce_lr1e-3"), "-o", str(tmp_path / "m.zip")]) == 2
     error = capsys.readouterr().err
     assert error.startswith("export.py: error: bioimage.io's test of the package failed (") and error.count("\n") == 1

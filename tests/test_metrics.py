@@ -60,7 +60,7 @@ def test_every_loss_is_smallest_for_the_right_answer(name):
 
 
 def test_weighted_bce_weighs_each_pixel_by_the_sample_weights_the_batches_carry():
-    # The weights come as a fourth axis of 1, as data.RandomCrops makes them; Keras averages weight x loss over the pixels.
+    # The weights come as a fourth axis of 1, as batches.RandomCrops makes them; Keras averages weight x loss over the pixels.
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Conv2D(1, 1, activation="sigmoid")])
     model.compile(loss=metrics.LOSSES["wbce"])

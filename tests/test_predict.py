@@ -8,6 +8,8 @@ import tifffile
 import data
 import predict
 import rundir
+import tiffs
+import tiling
 from conftest import read_events
 
 ISOTROPIC = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32) / 16
@@ -24,8 +26,8 @@ def convolution_model(kernel, activation=None):
 def test_overlapping_tiles_give_the_whole_slice_prediction():
     image = np.random.default_rng(0).random((100, 130), np.float32)
     model = convolution_model(ASYMMETRIC, "sigmoid")
-    whole = predict.predict_slice(model, image, tile=256)
-    tiled = predict.predict_slice(model, image, tile=64)  # 3 x 3 tiles of which 40 px are kept
+    whole = tiling.predict_slice(model, image, tile=256)
+    tiled = tiling.predict_slice(model, image, tile=64)  # 3 x 3 tiles of which 40 px are kept
     assert whole.shape == tiled.shape == image.shape and tiled.dtype == np.float32
     np.testing.assert_allclose(tiled, whole, atol=1e-6)
 
@@ -33,16 +35,16 @@ def test_overlapping_tiles_give_the_whole_slice_prediction():
 def test_tta_leaves_a_flip_and_rotation_invariant_model_unchanged():
     images = np.random.default_rng(1).random((2, 48, 80), np.float32)
     model = convolution_model(ISOTROPIC, "sigmoid")
-    np.testing.assert_allclose(predict.predict_stack(model, images, tta=True), predict.predict_stack(model, images), atol=1e-6)
+    np.testing.assert_allclose(tiling.predict_stack(model, images, tta=True), tiling.predict_stack(model, images), atol=1e-6)
 
 
 def test_tta_of_a_linear_model_is_the_model_with_the_symmetrised_kernel():
     images = np.random.default_rng(2).random((1, 48, 48), np.float32)
     symmetrised = np.mean([np.rot90(np.fliplr(ASYMMETRIC) if flip else ASYMMETRIC, turns)
                            for flip in (False, True) for turns in range(4)], axis=0)
-    augmented = predict.predict_stack(convolution_model(ASYMMETRIC), images, tta=True)
-    expected = predict.predict_stack(convolution_model(symmetrised), images)
-    assert not np.allclose(augmented, predict.predict_stack(convolution_model(ASYMMETRIC), images), atol=1e-3)
+    augmented = tiling.predict_stack(convolution_model(ASYMMETRIC), images, tta=True)
+    expected = tiling.predict_stack(convolution_model(symmetrised), images)
+    assert not np.allclose(augmented, tiling.predict_stack(convolution_model(ASYMMETRIC), images), atol=1e-3)
     # Away from the zero-padded edge, where flipping moves the padding.
     np.testing.assert_allclose(augmented[:, 1:-1, 1:-1], expected[:, 1:-1, 1:-1], atol=1e-5)
 
@@ -139,7 +141,7 @@ def test_a_tile_that_the_net_cannot_take_is_refused(identity_checkpoint, tmp_pat
 def test_a_stack_stored_unlike_the_runs_data_is_refused_unless_told_how_to_scale_it(two_run_logdir, isbi_dir, tmp_path,
                                                                                     capsys):
     run_dir = two_run_logdir / "bce_lr1e-3"
-    stored = data.read_stack(isbi_dir / data.TEST_IMAGES)[:2]
+    stored = tiffs.read_stack(isbi_dir / data.TEST_IMAGES)[:2]
     as_uint8 = tmp_path / "uint8.tif"
     as_float = tmp_path / "float.tif"
     tifffile.imwrite(as_uint8, stored, photometric="minisblack")

@@ -16,11 +16,12 @@ from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorflow.core.protobuf.config_pb2 import RunMetadata
 
-import data
+import batches
 import metrics
-import predict
 import rundir
 import runs
+import tiffs
+import tiling
 import train
 from conftest import ROOT, TINY_STEPS, read_events, runs_in
 
@@ -78,12 +79,12 @@ def test_isbi_scores_every_eval_every_epochs_beside_the_validation_loss(events):
 
 def test_validation_scores_are_those_of_that_epochs_model_on_the_slices_as_predict_py_predicts_them(events, two_run_logdir,
                                                                                                       isbi_dir):
-    # callbacks.Validation stands in for Keras' validation_data, on whole slices in predict.py's mirrored context;
+    # validation.Validation stands in for Keras' validation_data, on whole slices in predict.py's mirrored context;
     # last.keras holds the last epoch's model.
     model = keras.models.load_model(two_run_logdir / "bce_lr1e-3" / "last.keras", compile=False)
-    stacks = data.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
+    stacks = tiffs.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
     images, labels = (np.stack([read(index) for index in (5, 15, 25)]) for read in (stacks.image, stacks.mask))
-    probabilities = predict.predict_stack(model, images)[..., np.newaxis]
+    probabilities = tiling.predict_stack(model, images)[..., np.newaxis]
     truth = labels[..., np.newaxis].astype(np.float32)
     expected = {"loss": float(np.mean(keras.losses.binary_crossentropy(truth, probabilities)))}
     for metric in metrics.training_metrics():
@@ -102,9 +103,9 @@ def test_logged_isbi_scores_are_those_of_the_model_at_that_epoch(events, two_run
     fractions = [float(value) for _, value in validation["epoch_misclassified_pixel_fraction"]]
     epoch = int(np.argmin(fractions))
     model = keras.models.load_model(two_run_logdir / "bce_lr1e-3" / "best.keras", compile=False)
-    stacks = data.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
+    stacks = tiffs.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
     images, labels = (np.stack([read(index) for index in (5, 15, 25)]) for read in (stacks.image, stacks.mask))
-    probabilities = predict.predict_stack(model, images)
+    probabilities = tiling.predict_stack(model, images)
     expected = metrics.isbi_scores(labels, probabilities)
     for score in ("v_rand", "v_info", "pixel_error"):
         assert float(validation[f"epoch_{score}"][epoch][1]) == pytest.approx(expected[score], rel=1e-5)
@@ -157,16 +158,16 @@ def test_prediction_images_and_their_error_scalars_share_the_global_step(events)
 def test_a_weighted_loss_shows_its_weight_maps_and_logs_the_weighted_validation_loss(events, two_run_logdir, isbi_dir):
     run = events["wbce_lr1e-3/validation"]
     assert "slice_15/loss_weights" not in events["bce_lr1e-3/validation"]
-    stacks = data.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
-    weights = data.border_weights(stacks.mask(15))
+    stacks = tiffs.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
+    weights = batches.border_weights(stacks.mask(15))
     assert steps(run["slice_15/loss_weights"]) == [0]
     shown = decode(run["slice_15/loss_weights"][0][1]) / 255.0
     assert np.abs(shown - weights / weights.max()).max() <= 1 / 255 + 1e-6
     model = keras.models.load_model(two_run_logdir / "wbce_lr1e-3" / "last.keras", compile=False)
     images, labels = (np.stack([read(index) for index in (5, 15, 25)]) for read in (stacks.image, stacks.mask))
-    probabilities = predict.predict_stack(model, images)[..., np.newaxis]
+    probabilities = tiling.predict_stack(model, images)[..., np.newaxis]
     per_pixel = keras.losses.binary_crossentropy(labels[..., np.newaxis].astype(np.float32), probabilities)
-    expected = np.mean([data.border_weights(label) for label in labels] * np.asarray(per_pixel))
+    expected = np.mean([batches.border_weights(label) for label in labels] * np.asarray(per_pixel))
     assert float(run["epoch_loss"][-1][1]) == pytest.approx(float(expected), rel=1e-5)
 
 
@@ -191,8 +192,8 @@ def test_images_at_an_epoch_end_are_the_prediction_of_that_epochs_model(events, 
     # context), and last.keras holds the weights of that step.
     (step, value), = [item for item in events["bce_lr1e-3/validation"]["slice_15/prediction"] if item[0] == TINY_STEPS]
     model = keras.models.load_model(two_run_logdir / "bce_lr1e-3" / "last.keras", compile=False)
-    stacks = data.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
-    probability = predict.predict_slice(model, stacks.image(15))
+    stacks = tiffs.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
+    probability = tiling.predict_slice(model, stacks.image(15))
     assert np.abs(decode(value) / 255.0 - probability).max() <= 1 / 255 + 1e-6
 
 

@@ -16,9 +16,11 @@ import tifffile
 
 import keras
 
+import batches
 import data
 import predict
 import rundir
+import tiffs
 import train
 from conftest import ROOT, TINY, cells_and_membranes
 from test_cli import run_command
@@ -45,8 +47,8 @@ def test_inverted_isbi_labels_are_refused_and_taken_with_the_polarity_flag(tmp_p
                              "--logdir", str(tmp_path / "logs")], capsys)
     assert "the cell value 255 (cells-high) covers 22% of the pixels" in error
     assert "this looks like membranes; pass --labels-polarity membranes-high if that is what they are" in error
-    stacks = data.load_training_stacks(isbi_dir / "train-volume.tif", inverted, polarity="membranes-high")
-    straight = data.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
+    stacks = tiffs.load_training_stacks(isbi_dir / "train-volume.tif", inverted, polarity="membranes-high")
+    straight = tiffs.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
     np.testing.assert_array_equal(stacks.mask(7), straight.mask(7))
 
 
@@ -54,7 +56,7 @@ def test_inverted_isbi_labels_are_refused_and_taken_with_the_polarity_flag(tmp_p
 def test_labels_of_one_value_are_refused(value, tmp_path):
     write_stack(tmp_path / "labels.tif", np.full((3, 32, 32), value, np.uint8))
     with pytest.raises(data.DataError, match=f"holds the value {value} only: a mask needs both cell and membrane"):
-        data.cell_value(data.read_stack(tmp_path / "labels.tif"), tmp_path / "labels.tif")
+        tiffs.cell_value(tiffs.read_stack(tmp_path / "labels.tif"), tmp_path / "labels.tif")
 
 
 def test_labels_with_a_nan_name_its_place(tmp_path):
@@ -62,7 +64,7 @@ def test_labels_with_a_nan_name_its_place(tmp_path):
     labels[1, 3, 5] = np.nan
     write_stack(tmp_path / "labels.tif", labels)
     with pytest.raises(data.DataError, match="labels.tif holds nan at slice 1, row 3, column 5"):
-        data.cell_value(data.read_stack(tmp_path / "labels.tif"), tmp_path / "labels.tif")
+        tiffs.cell_value(tiffs.read_stack(tmp_path / "labels.tif"), tmp_path / "labels.tif")
 
 
 def test_a_validation_slice_without_membrane_is_refused_and_a_training_one_warned_of(tmp_path, capsys):
@@ -73,8 +75,8 @@ def test_a_validation_slice_without_membrane_is_refused_and_a_training_one_warne
              "--crop", "64", "--logdir", str(tmp_path / "logs")]
     error = one_line_exit_2(flags + ["--val-slices", "1,3"], capsys)
     assert f"validation slice 1 of {tmp_path / 'l.tif'} has no membrane: its scores would mean nothing" in error
-    stacks = data.load_training_stacks(tmp_path / "i.tif", tmp_path / "l.tif")
-    data.check_masks(stacks, [0, 1, 2], [3], tmp_path / "l.tif")
+    stacks = tiffs.load_training_stacks(tmp_path / "i.tif", tmp_path / "l.tif")
+    tiffs.check_masks(stacks, [0, 1, 2], [3], tmp_path / "l.tif")
     assert capsys.readouterr().err == f"warning: training slice 1 of {tmp_path / 'l.tif'} has no membrane\n"
 
 
@@ -84,7 +86,7 @@ GREY = np.random.default_rng(1).random((4, 64, 64))
 
 
 def percentiles_to_unit_range(stored):
-    low, high = np.percentile(stored, data.PERCENTILES)
+    low, high = np.percentile(stored, tiffs.PERCENTILES)
     return np.clip((stored.astype(np.float64) - low) / (high - low), 0, 1)
 
 
@@ -96,18 +98,18 @@ def percentiles_to_unit_range(stored):
 ])
 def test_one_scaling_for_training_crops_validation_and_predict(stored, expected, tmp_path):
     images = write_stack(tmp_path / "images.tif", stored)
-    stacks = data.load_training_stacks(images, write_stack(tmp_path / "labels.tif", cells_and_membranes(4)))
+    stacks = tiffs.load_training_stacks(images, write_stack(tmp_path / "labels.tif", cells_and_membranes(4)))
     validation = stacks.image(2)
     expected = percentiles_to_unit_range(stored) if expected is None else expected
     np.testing.assert_allclose(validation, expected[2], atol=1e-6)
     assert validation.min() >= 0 and validation.max() <= 1
     # Training: a whole-slice crop without augmentation is the slice as the net sees it.
-    crop, _ = data.augmented_crop(stacks, 2, 64, np.random.default_rng(0), data.NO_AUGMENTATION)
+    crop, _ = batches.augmented_crop(stacks, 2, 64, np.random.default_rng(0), batches.NO_AUGMENTATION)
     np.testing.assert_allclose(crop, validation, atol=1e-6)
     # predict.py: the scaling the run recorded in its config.json, applied to the same stack.
     rundir.save_config(tmp_path, {"image_scaling": stacks.scaling.describe()})
     scaling = predict.run_scaling(tmp_path / rundir.BEST)
-    np.testing.assert_array_equal(scaling.apply(data.read_stack(images))[2], validation)
+    np.testing.assert_array_equal(scaling.apply(tiffs.read_stack(images))[2], validation)
 
 
 @pytest.mark.parametrize("damage", ["one saturated pixel", "a detector offset", "a burned-in scale bar"])
@@ -122,7 +124,7 @@ def test_a_few_outlier_pixels_or_an_offset_do_not_set_the_scaling(damage):
         damaged += 30000
     else:
         damaged[:, 120:122, 4:16] = 65535  # 0.15 % of each slice, as 3x130 pixels of a 512x512 one
-    seen = {name: data.ImageScaling.of(stack, name).apply(stack) for name, stack in (("clean", clean), ("damaged", damaged))}
+    seen = {name: tiffs.ImageScaling.of(stack, name).apply(stack) for name, stack in (("clean", clean), ("damaged", damaged))}
     # The damaged pixels themselves aside (the offset changes all of them, by the same amount).
     outside = np.zeros(clean.shape, bool) if damage == "a detector offset" else damaged != clean
     np.testing.assert_allclose(seen["damaged"][~outside], seen["clean"][~outside], atol=3 / 255)
@@ -130,7 +132,7 @@ def test_a_few_outlier_pixels_or_an_offset_do_not_set_the_scaling(damage):
 
 def test_a_stack_of_one_float_value_is_not_divided_by_zero(tmp_path):
     stack = np.full((2, 16, 16), 7.0, np.float32)
-    assert np.all(np.isfinite(data.ImageScaling.of(stack, "flat.tif").apply(stack)))
+    assert np.all(np.isfinite(tiffs.ImageScaling.of(stack, "flat.tif").apply(stack)))
 
 
 def test_predict_refuses_a_nan_patch_even_with_the_runs_scaling(two_epoch_run, tmp_path, capsys):
@@ -151,9 +153,9 @@ def test_pages_appended_one_by_one_are_all_read(tmp_path):
         tifffile.imwrite(path, page, photometric="minisblack", append=True)
     with tifffile.TiffFile(path) as tiff:
         assert len(tiff.series) == 3  # what tifffile's series[0] alone would have read: one page
-    np.testing.assert_array_equal(data.read_stack(path), pages)
+    np.testing.assert_array_equal(tiffs.read_stack(path), pages)
     with pytest.raises(data.DataError, match="3 slices as 3 separate series, which cannot be memory-mapped"):
-        data.read_stack(path, memory_map_above=0)
+        tiffs.read_stack(path, memory_map_above=0)
 
 
 # --- one writer per run, and --resume -------------------------------------------------------------
@@ -228,7 +230,7 @@ def test_resume_refuses_data_that_changed_unless_told(two_epoch_run, tmp_path, s
     assert moved == error
     assert train.main(["--resume", str(run_dir), "--epochs", "3", "--accept-new-data"]) == 0
     # The new data is now the run's: a later --resume takes it without the flag.
-    assert json.loads((run_dir / "config.json").read_text())["data_files"]["labels_sha256"] == data.sha256_of(labels)
+    assert json.loads((run_dir / "config.json").read_text())["data_files"]["labels_sha256"] == tiffs.sha256_of(labels)
     assert train.main(["--resume", str(run_dir), "--epochs", "4"]) == 0
 
 

@@ -1,0 +1,82 @@
+"""A run's checkpoints: `best.keras` and `last.keras`, saved on the training thread at each epoch's
+end and promoted by the run's watcher once the epoch is scored and logged, each step atomic, so
+that a kill or a full disk never leaves a damaged checkpoint (Checkpoints); and the one line that
+says how to go on when one cannot be written (CheckpointError).
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+
+import files
+from cli import InputError
+from rundir import BEST, LAST, candidate_checkpoint
+from settings import BEST_SCORES
+
+
+class CheckpointError(InputError):
+    """A checkpoint that cannot be written (a full disk, ...): the run stops, and the line says
+    how to go on."""
+
+
+def checkpoint_error(path, error):
+    how = (f"continue the run from its last checkpoint with --resume {path.parent}"
+           if (path.parent / LAST).is_file() else "start the run again")
+    return CheckpointError(f"cannot write {path} ({error.strerror or error}): free some space, then {how}")
+
+
+class Checkpoints(keras.callbacks.Callback):
+    """`best.keras` when the validation `score` (settings.CHECKPOINT_SCORE, or
+    CHECKPOINT_SCORE_WITHOUT_ISBI for a run that never scores V_rand) improves on `best`, and
+    `last.keras`, after every epoch whose loss is finite (weights that produced NaN are no
+    checkpoint to go back to). Must be the last callback that writes, after every summary of the
+    epoch.
+
+    The epoch's net is saved on the training thread to a candidate (rundir.candidate_checkpoint),
+    and promoted by the watcher once it has scored the epoch and written everything the epoch
+    logged: copied to `best.keras` if it is the best, then renamed to `last.keras`. Each step is
+    atomic; a kill leaves the former checkpoints and a candidate that --resume removes.
+    """
+
+    def __init__(self, watcher, run_dir, epoch_logs, score, best=None):
+        super().__init__()
+        self.watcher = watcher
+        self.run_dir = Path(run_dir)
+        self.epoch_logs = epoch_logs
+        self.score = score
+        self.best = best
+
+    def improves(self, score):
+        better, _ = BEST_SCORES[self.score]
+        return score is not None and np.isfinite(score) and (self.best is None or better(score, self.best) != self.best)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not np.isfinite(logs["loss"]):
+            return
+        candidate = candidate_checkpoint(self.run_dir, epoch)
+        try:
+            candidate.unlink(missing_ok=True)  # never written through a link planted there
+            self.model.save(candidate)
+        except OSError as error:
+            candidate.unlink(missing_ok=True)
+            self.watcher.drain()  # the advice depends on whether the former epoch's checkpoint is in place
+            raise checkpoint_error(self.run_dir / LAST, error) from None
+        self.watcher.submit(lambda: self.promote(candidate, self.epoch_logs[epoch].get(f"val_{self.score}")))
+
+    def promote(self, candidate, score):
+        """On the watcher: `candidate` copied to best.keras if `score` improves on the best, then
+        renamed to last.keras."""
+        path = self.run_dir / BEST
+        try:
+            if self.improves(score):
+                with files.replaced_atomically(path) as temporary:
+                    shutil.copyfile(candidate, temporary)
+                self.best = score
+            path = self.run_dir / LAST
+            os.replace(candidate, path)
+        except OSError as error:
+            candidate.unlink(missing_ok=True)
+            raise checkpoint_error(path, error) from None
