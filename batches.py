@@ -15,6 +15,7 @@ from skimage.measure import label as connected_components
 
 from tiffs import TrainingStacks
 
+
 @dataclasses.dataclass(frozen=True)
 class Augmentation:
     """Random transforms applied to image and mask in lockstep (intensity: image only).
@@ -53,8 +54,12 @@ def upsampling_basis(shape, grid):
     Resizing is linear, so a coarse grid upsamples as the sum of these weighted by its values, in
     a tenth of the time of resizing it (which was a third of the time of a crop)."""
     impulses = np.eye(grid * grid).reshape(grid, grid, grid, grid)
-    return np.stack([[skimage.transform.resize(impulse, shape, order=3, mode="edge", clip=False) for impulse in row]
-                     for row in impulses])
+    return np.stack(
+        [
+            [skimage.transform.resize(impulse, shape, order=3, mode="edge", clip=False) for impulse in row]
+            for row in impulses
+        ]
+    )
 
 
 def sample_coordinates(rng, slice_shape, crop, augmentation):
@@ -120,7 +125,7 @@ def augmented_crop(stacks, index, crop, rng, augmentation=Augmentation(), weight
 # --- the U-Net paper's loss weights ------------------------------------------------------------
 
 BORDER_WEIGHT = 10.0  # w0 of Ronneberger et al. (2015), eq. 2
-BORDER_SIGMA = 5.0    # sigma of eq. 2, in pixels
+BORDER_SIGMA = 5.0  # sigma of eq. 2, in pixels
 # Beyond this distance (d1 + d2) the border term is below w0 e^-12.5 = 4e-5, and is left out.
 BORDER_REACH = 5 * BORDER_SIGMA
 
@@ -141,7 +146,10 @@ def border_weights(mask, w0=BORDER_WEIGHT, sigma=BORDER_SIGMA):
     # Each cell's distances only within `reach` of it: the slice's full distance transform per cell
     # would take a minute for the 30 ISBI slices.
     for label, box in enumerate(ndimage.find_objects(cells), start=1):
-        window = tuple(slice(max(part.start - reach, 0), min(part.stop + reach, size)) for part, size in zip(box, mask.shape))
+        window = tuple(
+            slice(max(part.start - reach, 0), min(part.stop + reach, size))
+            for part, size in zip(box, mask.shape, strict=True)
+        )
         distance = ndimage.distance_transform_edt(cells[window] != label)
         second[window] = np.minimum(second[window], np.maximum(nearest[window], distance))
         nearest[window] = np.minimum(nearest[window], distance)
@@ -152,6 +160,7 @@ def border_weights(mask, w0=BORDER_WEIGHT, sigma=BORDER_SIGMA):
 
 
 # --- batches ----------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class RandomCrops:
@@ -182,14 +191,22 @@ class RandomCrops:
         """(images, masks[, weights]), each (batch_size, crop, crop, 1) float32."""
         rng = np.random.default_rng([self.seed, epoch, index, stream])
         picks = rng.integers(len(self.slices), size=self.batch_size)
-        crops = [augmented_crop(self.stacks, self.slices[i], self.crop, rng, self.augmentation,
-                                None if self.weights is None else self.weights[self.slices[i]]) for i in picks]
-        return tuple(np.stack(part)[..., np.newaxis] for part in zip(*crops))
+        crops = [
+            augmented_crop(
+                self.stacks,
+                self.slices[i],
+                self.crop,
+                rng,
+                self.augmentation,
+                None if self.weights is None else self.weights[self.slices[i]],
+            )
+            for i in picks
+        ]
+        return tuple(np.stack(part)[..., np.newaxis] for part in zip(*crops, strict=True))
 
 
 def trim_to_multiple(stack, multiple):
     """Centre-crop the slices of (N, H, W) to the largest height and width divisible by `multiple`."""
     height, width = (size - size % multiple for size in stack.shape[1:3])
     top, left = (stack.shape[1] - height) // 2, (stack.shape[2] - width) // 2
-    return stack[:, top:top + height, left:left + width]
-
+    return stack[:, top : top + height, left : left + width]

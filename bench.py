@@ -18,12 +18,9 @@ Takes train.py's flags for the configuration and prints one table (markdown, for
   slices after every batch through a new summary writer), and the speed-up over it.
 """
 
-import collections
 import shlex
-import statistics
 import sys
 import tempfile
-import time
 
 import cli
 
@@ -38,110 +35,50 @@ import callbacks
 import distribute
 import flags
 import inputs
-import metrics
 import rundir
 import runs
 import settings
+import timing
 import unet
 import watcher
 from unet import build_unet
 
-CONV_PEAK_SHAPES = [(8, 128, 128, 32), (8, 64, 64, 64), (8, 32, 32, 128), (8, 16, 16, 256)]
-LAYER_REPEATS = 10
-
 
 def build_parser():
     parser = flags.build_parser(prog="bench.py")
-    parser.description = "Benchmark training speed, data pipeline and TensorBoard overhead for a train.py configuration."
+    parser.description = (
+        "Benchmark training speed, data pipeline and TensorBoard overhead for a train.py configuration."
+    )
     bench = parser.add_argument_group("benchmark")
-    bench.add_argument("--timed-steps", type=cli.positive(int), default=20,
-                       help="training steps timed per measurement, after warm-up")
-    bench.add_argument("--timed-epochs", type=cli.positive(int), default=2,
-                       help="epochs of --steps-per-epoch timed with and without callbacks, after one warm-up epoch each")
-    bench.add_argument("--step-only", action="store_true",
-                       help="measure the conv peak and the training step only (a minute; e.g. for a GPU's figure)")
+    bench.add_argument(
+        "--timed-steps", type=cli.positive(int), default=20, help="training steps timed per measurement, after warm-up"
+    )
+    bench.add_argument(
+        "--timed-epochs",
+        type=cli.positive(int),
+        default=2,
+        help="epochs of --steps-per-epoch timed with and without callbacks, after one warm-up epoch each",
+    )
+    bench.add_argument(
+        "--step-only",
+        action="store_true",
+        help="measure the conv peak and the training step only (a minute; e.g. for a GPU's figure)",
+    )
     return parser
 
 
-# --- FLOPs and peak -----------------------------------------------------------------------------
-
-def sized_convolutions(model, size):
-    """[(layer, forward FLOPs per image)] of the convolutions of `model` applied to `size` x `size`
-    images: multiply-adds x 2 (pooling, ReLU and concatenation are a rounding error next to them)."""
-    sized = keras.models.clone_model(model, input_tensors=keras.Input((size, size, model.input_shape[-1])))
-    convolutions = []
-    for layer in sized.layers:
-        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv2DTranspose)):
-            kernel_h, kernel_w, in_channels, out_channels = layer.kernel.shape
-            if isinstance(layer, keras.layers.Conv2DTranspose):  # kernel (h, w, out, in), one pass per input pixel
-                in_channels, out_channels = out_channels, in_channels
-                positions = np.prod(layer.input.shape[1:3])
-            else:
-                positions = np.prod(layer.output.shape[1:3])
-            convolutions.append((layer, int(2 * positions * kernel_h * kernel_w * in_channels * out_channels)))
-    return convolutions
-
-
-def forward_flops_per_image(model, size):
-    return sum(flops for _, flops in sized_convolutions(model, size))
-
-
-def median_seconds(function, repeats, warmup=2):
-    for _ in range(warmup):
-        function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def conv_rates(repeats=10):
-    """{input shape: GFLOP/s} of a forward 3x3 'same' convolution keeping the channel count, for
-    the shapes of CONV_PEAK_SHAPES, in the global dtype policy's compute precision."""
-    rates = {}
-    for shape in CONV_PEAK_SHAPES:
-        batch, height, width, channels = shape
-        conv = keras.layers.Conv2D(channels, 3, padding="same")
-        inputs = tf.random.uniform(shape)
-        forward = tf.function(lambda x: conv(x), jit_compile=False)
-        seconds = median_seconds(lambda: forward(inputs).numpy(), repeats)
-        rates[shape] = 2 * batch * height * width * 9 * channels * channels / seconds / 1e9
-    return rates
-
-
-def step_breakdown(model, batch, jit_compile, repeats):
-    """What a training step on `batch` is made of, in median seconds: the forward pass in training
-    mode, each convolution's forward pass alone ({layer name: (seconds, GFLOP/s)}), and the whole
-    step with XLA switched the other way (a copy of the model compiled so)."""
-    images, labels = batch
-    forward = tf.function(lambda x: model(x, training=True))
-    forward_seconds = median_seconds(lambda: forward(images).numpy(), repeats)
-    layers = {}
-    for layer, flops in sized_convolutions(model, images.shape[1]):
-        inputs = tf.random.uniform((images.shape[0], *layer.input.shape[1:]))
-        # LAYER_REPEATS different inputs in one call, so that a small layer is not timed as the call's overhead.
-        alone = tf.function(lambda x, layer=layer: tf.add_n([tf.reduce_sum(layer(x * (1 + 1e-3 * i)))
-                                                             for i in range(LAYER_REPEATS)]))
-        seconds = median_seconds(lambda: alone(inputs).numpy(), repeats) / LAYER_REPEATS
-        layers[layer.name] = (seconds, flops * images.shape[0] / seconds / 1e9)
-    other = keras.models.clone_model(model)
-    other.set_weights(model.get_weights())
-    other.compile(optimizer=keras.optimizers.Adam(1e-4), loss=model.loss, metrics=metrics.training_metrics(),
-                  jit_compile=not jit_compile)
-    other_step = median_seconds(lambda: other.train_on_batch(images, labels), repeats, warmup=3)
-    return {"forward": forward_seconds, "convolutions": layers, "other XLA step": other_step}
-
-
 # --- the reference: the seed article's pipeline ---------------------------------------------------
+
 
 def image_data_generator_pair(rng, image, mask, crop):
     """A random crop transformed as the seed article's ImageDataGenerator did it (rotation 0.2 deg,
     shifts 5 %, shear 0.05 deg, zoom 5 % per axis, horizontal flip, nearest fill; one affine_transform
     per array, linear, mask thresholded at 0.5)."""
     top, left = rng.integers(image.shape[0] - crop + 1), rng.integers(image.shape[1] - crop + 1)
-    image, mask = image[top:top + crop, left:left + crop], mask[top:top + crop, left:left + crop].astype(np.float32)
+    image, mask = (
+        image[top : top + crop, left : left + crop],
+        mask[top : top + crop, left : left + crop].astype(np.float32),
+    )
     theta = np.deg2rad(rng.uniform(-0.2, 0.2))
     shear = np.deg2rad(rng.uniform(-0.05, 0.05))
     zoom_row, zoom_col = rng.uniform(0.95, 1.05, size=2)
@@ -178,8 +115,9 @@ def reference_step_seconds(args, images, labels, shown_images, log_dir):
     {"bare": the training loop alone, "image callback": with the article's per-batch callback}."""
     keras.mixed_precision.set_global_policy("float32")
     model = build_unet(filters=args.filters)
-    model.compile(optimizer=keras.optimizers.Adam(args.lr), loss="binary_crossentropy", metrics=["accuracy"],
-                  jit_compile=False)
+    model.compile(
+        optimizer=keras.optimizers.Adam(args.lr), loss="binary_crossentropy", metrics=["accuracy"], jit_compile=False
+    )
     callback = PredictionImagesEveryBatch(str(log_dir), shown_images)
     callback.set_model(model)
     rng = np.random.default_rng(args.seed)
@@ -187,96 +125,15 @@ def reference_step_seconds(args, images, labels, shown_images, log_dir):
     def step(with_callback):
         picks = rng.integers(len(images), size=args.batch_size)
         pairs = [image_data_generator_pair(rng, images[i], labels[i], args.crop) for i in picks]
-        batch_images, batch_masks = map(np.stack, zip(*pairs))
+        batch_images, batch_masks = map(np.stack, zip(*pairs, strict=True))
         model.train_on_batch(batch_images[..., np.newaxis], batch_masks[..., np.newaxis])
         if with_callback:
             callback.on_train_batch_end(0)
 
-    return {"bare": median_seconds(lambda: step(False), args.timed_steps),
-            "image callback": median_seconds(lambda: step(True), args.timed_steps)}
-
-
-# --- this project's pipeline ----------------------------------------------------------------------
-
-def pipeline_images_per_second(batches, batch_size, repeats):
-    """Images/s that the training input pipeline `batches` delivers on its own, after a warm-up."""
-    iterator = iter(batches)
-    next(iterator)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        next(iterator)
-    return repeats * batch_size / (time.perf_counter() - start)
-
-
-class TimedCallback(keras.callbacks.Callback):
-    """Runs `callback` and adds up the wall seconds spent in its hooks, per epoch: those of the
-    epoch's batches and its end. The start and the end of training (the graph, draining the
-    watcher) are outside every epoch, as they are outside EpochTimes' epochs."""
-
-    HOOKS = ("on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_train_batch_begin",
-             "on_train_batch_end")
-    UNTIMED = ("on_train_begin", "on_train_end")
-
-    def __init__(self, callback):
-        super().__init__()
-        self.callback, self.epoch, self.seconds = callback, 0, collections.Counter()
-        for hook in self.HOOKS:
-            setattr(self, hook, self.timed(hook, getattr(callback, hook)))
-
-    def timed(self, name, hook):
-        def run(*arguments, **keywords):
-            if name == "on_epoch_begin":
-                self.epoch = arguments[0]
-            start = time.perf_counter()
-            hook(*arguments, **keywords)
-            if name not in self.UNTIMED:
-                self.seconds[self.epoch] += time.perf_counter() - start
-        return run
-
-    def set_model(self, model):
-        super().set_model(model)
-        self.callback.set_model(model)
-
-    def set_params(self, params):
-        super().set_params(params)
-        self.callback.set_params(params)
-
-
-class EpochTimes(keras.callbacks.Callback):
-    """Wall seconds of each epoch, from its first batch to after every other callback's epoch end,
-    and what `watching` (a watcher.Watcher) did after the first epoch: its busy and waited seconds,
-    up to the end of training (after the watcher was drained)."""
-
-    def __init__(self, watching=None):
-        super().__init__()
-        self.watching = watching
-        self.epochs, self._start = [], None
-        self.busy = self.waited = 0.0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.epochs.append(time.perf_counter() - self._start)
-        if epoch == 0 and self.watching:
-            self.busy, self.waited = -self.watching.busy, -self.watching.waited
-
-    def on_train_end(self, logs=None):
-        if self.watching:
-            self.busy += self.watching.busy
-            self.waited += self.watching.waited
-
-
-def timed_fit(model, batches, epochs, steps_per_epoch, callbacks=(), watching=None):
-    """(median wall seconds per epoch, {callback: median seconds per epoch}, EpochTimes) of
-    model.fit over `epochs` epochs after a first one (tracing, graph, step-0 images), which is
-    left out."""
-    timer = EpochTimes(watching)
-    timed = [TimedCallback(callback) for callback in callbacks]
-    model.fit(batches, epochs=epochs + 1, steps_per_epoch=steps_per_epoch, shuffle=False, verbose=0, callbacks=[*timed, timer])
-    breakdown = {type(callback.callback).__name__: statistics.median(callback.seconds[epoch] for epoch in range(1, epochs + 1))
-                 for callback in timed}
-    return statistics.median(timer.epochs[1:]), breakdown, timer
+    return {
+        "bare": timing.median_seconds(lambda: step(False), args.timed_steps),
+        "image callback": timing.median_seconds(lambda: step(True), args.timed_steps),
+    }
 
 
 def measuring(what):
@@ -286,7 +143,12 @@ def measuring(what):
 
 def measure(args):
     run_inputs = inputs.load(args)
-    stacks, train_indices, val_images, shown = run_inputs.stacks, run_inputs.train_indices, run_inputs.val_images, run_inputs.shown()
+    stacks, train_indices, val_images, shown = (
+        run_inputs.stacks,
+        run_inputs.train_indices,
+        run_inputs.val_images,
+        run_inputs.shown(),
+    )
     strategy = tf.distribute.get_strategy()
     setup = distribute.machine_setup(args.precision, args.batch_size, strategy)
     keras.utils.set_random_seed(args.seed)
@@ -295,28 +157,28 @@ def measure(args):
     results = {"device": setup["device"], "precision": setup["precision"], "XLA": setup["jit_compile"]}
 
     measuring("the 3x3-convolution peak")
-    results["conv rates"] = conv_rates()
+    results["conv rates"] = timing.conv_rates()
     measuring(f"the training step ({args.timed_steps} steps) and what it is made of")
     model = unet.compiled_unet(args.filters, args.loss, args.lr, setup["jit_compile"], args.ema, args.dropout)
-    flops_per_image = 3 * forward_flops_per_image(model, args.crop)
+    flops_per_image = 3 * timing.forward_flops_per_image(model, args.crop)
     batch = crops.batch(epoch=0, index=0)
-    step = median_seconds(lambda: model.train_on_batch(*batch), args.timed_steps, warmup=3)
+    step = timing.median_seconds(lambda: model.train_on_batch(*batch), args.timed_steps, warmup=3)
     results["step"] = step
     results["train images/s"] = args.batch_size / step
     results["GFLOP/image"] = flops_per_image / 1e9
     results["GFLOP/s"] = flops_per_image * args.batch_size / step / 1e9
-    results["step breakdown"] = step_breakdown(model, batch, setup["jit_compile"], args.timed_steps)
+    results["step breakdown"] = timing.step_breakdown(model, batch, setup["jit_compile"], args.timed_steps)
     if args.step_only:
         return results
 
     measuring("the data pipeline alone")
-    results["pipeline images/s"] = pipeline_images_per_second(batches, args.batch_size, 4 * args.timed_steps)
+    results["pipeline images/s"] = timing.pipeline_images_per_second(batches, args.batch_size, 4 * args.timed_steps)
 
     with tempfile.TemporaryDirectory() as logdir:
         args.logdir = logdir
         fit_epochs = f"{args.timed_epochs + 1} epochs of {args.steps_per_epoch} steps, the first one not timed"
         measuring(f"model.fit without callbacks ({fit_epochs})")
-        bare, _, _ = timed_fit(model, batches, args.timed_epochs, args.steps_per_epoch)
+        bare, _, _ = timing.timed_fit(model, batches, args.timed_epochs, args.steps_per_epoch)
         results["fit images/s"] = args.steps_per_epoch * args.batch_size / bare
         for inline in (False, True):
             way = "on the training thread" if inline else "with the watcher"
@@ -324,19 +186,41 @@ def measure(args):
             config = runs.run_config(args, run_inputs, "python bench.py", setup)
             run = rundir.Run(rundir.start(logdir, rundir.run_name(args.loss, args.lr), config), config, model)
             with watcher.running(inline) as watching:
-                watched, breakdown, timer = timed_fit(
-                    model, batches, args.timed_epochs, args.steps_per_epoch, watching=watching,
-                    callbacks=callbacks.for_run(args, run, run_inputs, callbacks.StopOnNonFiniteLoss(),
-                                                runs.hyperparameters(config), runs.run_documents(config), watching,
-                                                {}, lambda epoch, logs: None))
+                watched, breakdown, timer = timing.timed_fit(
+                    model,
+                    batches,
+                    args.timed_epochs,
+                    args.steps_per_epoch,
+                    watching=watching,
+                    callbacks=callbacks.for_run(
+                        args,
+                        run,
+                        run_inputs,
+                        callbacks.StopOnNonFiniteLoss(),
+                        runs.hyperparameters(config),
+                        runs.run_documents(config),
+                        watching,
+                        {},
+                        lambda epoch, logs: None,
+                    ),
+                )
             results["inline" if inline else "watcher"] = {
-                "images/s": args.steps_per_epoch * args.batch_size / watched, "overhead": (watched - bare) / watched,
-                "epoch seconds": watched, "breakdown": breakdown,
-                "busy": timer.busy / args.timed_epochs, "waited": timer.waited / args.timed_epochs}
+                "images/s": args.steps_per_epoch * args.batch_size / watched,
+                "overhead": (watched - bare) / watched,
+                "epoch seconds": watched,
+                "breakdown": breakdown,
+                "busy": timer.busy / args.timed_epochs,
+                "waited": timer.waited / args.timed_epochs,
+            }
         results["epoch seconds"] = bare
         measuring("the seed article's pipeline, bare and with its image callback")
-        reference = reference_step_seconds(args, np.stack([stacks.image(i) for i in train_indices]),
-                                           np.stack([stacks.mask(i) for i in train_indices]), val_images[shown], logdir)
+        reference = reference_step_seconds(
+            args,
+            np.stack([stacks.image(i) for i in train_indices]),
+            np.stack([stacks.mask(i) for i in train_indices]),
+            val_images[shown],
+            logdir,
+        )
         results["reference images/s"] = {name: args.batch_size / seconds for name, seconds in reference.items()}
     return results
 
@@ -345,37 +229,61 @@ def step_made_of(r):
     breakdown = r["step breakdown"]
     convolutions = breakdown["convolutions"]
     slowest = sorted(convolutions.items(), key=lambda item: item[1][1])[:3]
-    return (f"forward {breakdown['forward']:.3f} s ({breakdown['forward'] / r['step']:.0%}), of which the "
-            f"{len(convolutions)} convolutions alone {sum(seconds for seconds, _ in convolutions.values()):.3f} s; "
-            f"backward and update {r['step'] - breakdown['forward']:.3f} s. Slowest convolutions: "
-            + ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, (_, rate) in slowest)
-            + f". With XLA {'off' if r['XLA'] else 'on'}: {breakdown['other XLA step']:.3f} s per step")
+    return (
+        f"forward {breakdown['forward']:.3f} s ({breakdown['forward'] / r['step']:.0%}), of which the "
+        f"{len(convolutions)} convolutions alone {sum(seconds for seconds, _ in convolutions.values()):.3f} s; "
+        f"backward and update {r['step'] - breakdown['forward']:.3f} s. Slowest convolutions: "
+        + ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, (_, rate) in slowest)
+        + f". With XLA {'off' if r['XLA'] else 'on'}: {breakdown['other XLA step']:.3f} s per step"
+    )
 
 
 def format_results(args, r):
     peak = max(r["conv rates"].values())
     rows = [
-        ("configuration", f"U-Net f={args.filters}, {args.crop}x{args.crop} crops, batch {args.batch_size}, "
-                          f"{r['precision']}, XLA {'on' if r['XLA'] else 'off'}; {r['device']}"),
-        ("3x3 conv peak (forward)", f"{peak:.0f} GFLOP/s; by input: " + ", ".join(
-            f"{'x'.join(map(str, shape))} {rate:.0f}" for shape, rate in r["conv rates"].items())),
+        (
+            "configuration",
+            f"U-Net f={args.filters}, {args.crop}x{args.crop} crops, batch {args.batch_size}, "
+            f"{r['precision']}, XLA {'on' if r['XLA'] else 'off'}; {r['device']}",
+        ),
+        (
+            "3x3 conv peak (forward)",
+            f"{peak:.0f} GFLOP/s; by input: "
+            + ", ".join(f"{'x'.join(map(str, shape))} {rate:.0f}" for shape, rate in r["conv rates"].items()),
+        ),
         ("training FLOPs", f"{r['GFLOP/image']:.2f} GFLOP per image (3x forward)"),
-        ("training step, batch in memory", f"{r['step']:.3f} s = {r['train images/s']:.1f} images/s = "
-                                           f"{r['GFLOP/s']:.0f} GFLOP/s = {r['GFLOP/s'] / peak:.0%} of the conv peak"),
+        (
+            "training step, batch in memory",
+            f"{r['step']:.3f} s = {r['train images/s']:.1f} images/s = "
+            f"{r['GFLOP/s']:.0f} GFLOP/s = {r['GFLOP/s'] / peak:.0%} of the conv peak",
+        ),
         ("what the step is made of", step_made_of(r)),
     ]
     if args.step_only:
         return results_table(rows)
     rows += [
-        ("data pipeline alone", f"{r['pipeline images/s']:.0f} images/s (tf.data, {distribute.DATA_WORKERS} parallel calls) = "
-                                f"{r['pipeline images/s'] / r['train images/s']:.1f}x what training consumes"),
+        (
+            "data pipeline alone",
+            f"{r['pipeline images/s']:.0f} images/s (tf.data, {distribute.DATA_WORKERS} parallel calls) = "
+            f"{r['pipeline images/s'] / r['train images/s']:.1f}x what training consumes",
+        ),
         ("fit on the pipeline, no callbacks", f"{r['fit images/s']:.1f} images/s"),
         *watching_rows(args, r),
         ("reference: the seed article's loop, bare", f"{r['reference images/s']['bare']:.2f} images/s"),
-        ("reference: the seed article's loop with its image callback", f"{r['reference images/s']['image callback']:.2f} images/s"),
-        ("speed-up over the reference (fit with callbacks)", " and ".join(
-            f"{r['watcher']['images/s'] / rate:.1f}x over the {name} loop" for name, rate in
-            (("bare", r["reference images/s"]["bare"]), ("image-callback", r["reference images/s"]["image callback"])))),
+        (
+            "reference: the seed article's loop with its image callback",
+            f"{r['reference images/s']['image callback']:.2f} images/s",
+        ),
+        (
+            "speed-up over the reference (fit with callbacks)",
+            " and ".join(
+                f"{r['watcher']['images/s'] / rate:.1f}x over the {name} loop"
+                for name, rate in (
+                    ("bare", r["reference images/s"]["bare"]),
+                    ("image-callback", r["reference images/s"]["image callback"]),
+                )
+            ),
+        ),
     ]
     return results_table(rows)
 
@@ -392,23 +300,39 @@ def watching_rows(args, r):
 
     def hooks(breakdown):
         return ", ".join(f"{name} {seconds:.2f}" for name, seconds in breakdown.items() if seconds >= 0.005)
+
     return [
-        ("fit with validation and TensorBoard callbacks, watcher", f"{watched['images/s']:.1f} images/s: "
-                                                                   f"overhead {watched['overhead']:.1%} of wall time"),
-        ("the same, all on the training thread (no watcher)", f"{inline['images/s']:.1f} images/s: "
-                                                              f"overhead {inline['overhead']:.1%} of wall time"),
-        ("training thread blocked by watching, s per epoch", f"{blocked:.2f} s = {blocked / watched['epoch seconds']:.1%} "
-                                                             f"of the epoch ({hooks(watched['breakdown'])}), of which "
-                                                             f"{watched['waited']:.2f} s waiting for room in the watcher's queue"),
-        ("the watcher's work, s per epoch", f"{work:.2f} s of jobs timed alone; beside training they took "
-                                            f"{watched['busy']:.2f} s of wall time on the CPU time training left idle "
-                                            f"(epoch {r['epoch seconds']:.1f} s without callbacks, "
-                                            f"{watched['epoch seconds']:.1f} s with)"),
-        ("on the training thread without the watcher, s per epoch",
-         f"{sum(inline['breakdown'].values()):.2f} s ({hooks(inline['breakdown'])})"),
-        ("on an accelerator", f"the watcher keeps up while an epoch of {steps} steps trains in {work:.1f} s or "
-                              f"more, a step of {work / steps:.4f} s or more; at 0.005 s a step training would wait "
-                              f"{max(0.0, work - steps * 0.005):.1f} s an epoch for it (with this CPU's speed)"),
+        (
+            "fit with validation and TensorBoard callbacks, watcher",
+            f"{watched['images/s']:.1f} images/s: overhead {watched['overhead']:.1%} of wall time",
+        ),
+        (
+            "the same, all on the training thread (no watcher)",
+            f"{inline['images/s']:.1f} images/s: overhead {inline['overhead']:.1%} of wall time",
+        ),
+        (
+            "training thread blocked by watching, s per epoch",
+            f"{blocked:.2f} s = {blocked / watched['epoch seconds']:.1%} "
+            f"of the epoch ({hooks(watched['breakdown'])}), of which "
+            f"{watched['waited']:.2f} s waiting for room in the watcher's queue",
+        ),
+        (
+            "the watcher's work, s per epoch",
+            f"{work:.2f} s of jobs timed alone; beside training they took "
+            f"{watched['busy']:.2f} s of wall time on the CPU time training left idle "
+            f"(epoch {r['epoch seconds']:.1f} s without callbacks, "
+            f"{watched['epoch seconds']:.1f} s with)",
+        ),
+        (
+            "on the training thread without the watcher, s per epoch",
+            f"{sum(inline['breakdown'].values()):.2f} s ({hooks(inline['breakdown'])})",
+        ),
+        (
+            "on an accelerator",
+            f"the watcher keeps up while an epoch of {steps} steps trains in {work:.1f} s or "
+            f"more, a step of {work / steps:.4f} s or more; at 0.005 s a step training would wait "
+            f"{max(0.0, work - steps * 0.005):.1f} s an epoch for it (with this CPU's speed)",
+        ),
     ]
 
 

@@ -1,11 +1,11 @@
 """The Keras callbacks of a run, in the order for_run gives them: what watching takes from the
 training thread. The curves and the net's weights (TrainingSummaries), where the network is wrong
 on a few shown slices (ValidationSliceSummaries), what a run was and its best scores (RunSummary),
-the event writers they share (SummaryWriters), the averaged weights the epoch end sees
-(AveragedWeights), the epoch's scores told (EpochReport), a stop on a non-finite loss
-(StopOnNonFiniteLoss), the steps' edges where a stop signal is raised (StopBetweenSteps) and the
-epoch end's jobs handed to the watcher together (EpochEndHandOver); the validation pass and scores
-are validation.py's, the checkpoints checkpoints.py's.
+the event writers they share (SummaryWriters), the epoch's scores told (EpochReport), a stop on a
+non-finite loss (StopOnNonFiniteLoss), the steps' edges where a stop signal is raised
+(StopBetweenSteps) and the epoch end's jobs handed to the watcher together (EpochEndHandOver). The
+validation pass and scores are validation.py's, the checkpoints checkpoints.py's and the averaged
+weights' swap unet.py's.
 
 On the training thread the callbacks do only what needs the net at that step (the validation
 slices' forward pass, copies of the weights, the checkpoint's save) and hand the rest (scoring,
@@ -29,7 +29,7 @@ from metrics import LOSSES, THRESHOLD, training_metrics
 from rundir import TRAIN, VALIDATION
 from settings import BEST_SCORES, CHECKPOINT_SCORE, CHECKPOINT_SCORE_WITHOUT_ISBI, DEPTH
 from summaries import BATCH_GROUP, BEST_TAG, EPOCH_TAG, EVALUATION_TAG
-from unet import averages_weights, swap_averaged_weights
+from unet import AveragedWeights, averages_weights
 from validation import Validation, ValidationPass, forward_pass, global_step
 
 
@@ -138,9 +138,13 @@ class TrainingSummaries(StepCallback):
 
             def summaries():
                 for name, mean in means.items():
-                    tf.summary.scalar(f"{BATCH_GROUP}/{name}", (batch + 1) * mean - batch * previous.get(name, 0.0),
-                                      description="This training batch alone (not a mean since the epoch began).")
+                    tf.summary.scalar(
+                        f"{BATCH_GROUP}/{name}",
+                        (batch + 1) * mean - batch * previous.get(name, 0.0),
+                        description="This training batch alone (not a mean since the epoch began).",
+                    )
                 tf.summary.scalar(f"{BATCH_GROUP}/learning_rate", learning_rate)
+
             self.writers.submit(TRAIN, step, summaries)
         self._previous_means = logs if (step + 1) % self.update_freq == 0 else {}
 
@@ -191,8 +195,9 @@ class ValidationSliceSummaries(StepCallback):
     The net's output on the slices comes from the run's ValidationPass.
     """
 
-    def __init__(self, writers, epoch_logs, validation_pass, shown, image_every, histogram_every,
-                 v_rand_threshold=THRESHOLD):
+    def __init__(
+        self, writers, epoch_logs, validation_pass, shown, image_every, histogram_every, v_rand_threshold=THRESHOLD
+    ):
         super().__init__()
         self.writers = writers
         self.epoch_logs = epoch_logs
@@ -231,6 +236,7 @@ class ValidationSliceSummaries(StepCallback):
                 self.write_activations_and_pr_curve(activations, probabilities)
             if images:
                 self.write_images(probabilities)
+
         self.writers.submit(VALIDATION, step, summaries)
 
     def submit_images(self, step):
@@ -285,6 +291,7 @@ class RunSummary(keras.callbacks.Callback):
 
 # --- stops and hand-overs ----------------------------------------------------------------------
 
+
 class EpochReport(keras.callbacks.Callback):
     """Hands each epoch's logs with its validation scores to `report(epoch, logs)` once the watcher
     has scored the epoch, written its summaries and promoted its checkpoints (the progress line's
@@ -319,29 +326,6 @@ class EpochEndHandOver(keras.callbacks.Callback):
             self.watcher.release()
 
 
-class AveragedWeights(keras.callbacks.Callback):
-    """With `--ema`: from each epoch's end to the next epoch's start the net holds the moving
-    average of its weights, and the optimizer the weights it trains, so that everything the epoch
-    end writes (scores, images, histograms, checkpoints) is of the averaged net. Must come before
-    every callback that reads the net. Training itself never sees the average: each epoch swaps the weights back first."""
-
-    def __init__(self):
-        super().__init__()
-        self.swapped = False
-
-    def swap(self):
-        swap_averaged_weights(self.model)
-        self.swapped = not self.swapped
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if self.swapped:
-            self.swap()
-
-    def on_epoch_end(self, epoch, logs=None):
-        if not self.swapped:
-            self.swap()
-
-
 class StopBetweenSteps(keras.callbacks.Callback):
     """Where a stop signal that cli.stopping_between_steps kept back is raised: before a training
     step, and at an epoch's start, so that an epoch whose last step was done ends and keeps its
@@ -372,6 +356,7 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 
 # --- a run's callbacks --------------------------------------------------------------------------
 
+
 def for_run(args, run, inputs, stop, hyperparameters, documents, watcher, epoch_logs, report):
     """The callbacks of `run` (rundir.Run) on `inputs` (inputs.RunInputs) in the order they must
     run; `stop` is the run's StopOnNonFiniteLoss, `watcher` the watcher.Watcher that does their work
@@ -387,14 +372,31 @@ def for_run(args, run, inputs, stop, hyperparameters, documents, watcher, epoch_
         *([AveragedWeights()] if averages_weights(run.model) else []),
         validation_pass,
         # Before the summaries, whose watcher jobs read the scores it adds to the epoch logs.
-        Validation(watcher, epoch_logs, validation_pass, inputs.val_labels, LOSSES[args.loss], training_metrics(),
-                   args.eval_every, weights),
+        Validation(
+            watcher,
+            epoch_logs,
+            validation_pass,
+            inputs.val_labels,
+            LOSSES[args.loss],
+            training_metrics(),
+            args.eval_every,
+            weights,
+        ),
         TrainingSummaries(writers, epoch_logs, args.update_freq, args.histogram_freq),
-        ValidationSliceSummaries(writers, epoch_logs, validation_pass,
-                                 summaries.ShownSlices.of([indices[i] for i in shown], inputs.val_images[shown],
-                                                          inputs.val_labels[shown], None if weights is None else weights[shown]),
-                                 image_every=args.image_every, histogram_every=args.histogram_freq,
-                                 v_rand_threshold=run.reached.get("v_rand_threshold", THRESHOLD)),
+        ValidationSliceSummaries(
+            writers,
+            epoch_logs,
+            validation_pass,
+            summaries.ShownSlices.of(
+                [indices[i] for i in shown],
+                inputs.val_images[shown],
+                inputs.val_labels[shown],
+                None if weights is None else weights[shown],
+            ),
+            image_every=args.image_every,
+            histogram_every=args.histogram_freq,
+            v_rand_threshold=run.reached.get("v_rand_threshold", THRESHOLD),
+        ),
         RunSummary(writers, epoch_logs, run.directory.name, hyperparameters, documents, run.reached),
         stop,
         # Its epoch end flushes what the epoch logged, its training end drains the watcher.

@@ -23,8 +23,11 @@ class CheckpointError(InputError):
 
 
 def checkpoint_error(path, error):
-    how = (f"continue the run from its last checkpoint with --resume {path.parent}"
-           if (path.parent / LAST).is_file() else "start the run again")
+    how = (
+        f"continue the run from its last checkpoint with --resume {path.parent}"
+        if (path.parent / LAST).is_file()
+        else "start the run again"
+    )
     return CheckpointError(f"cannot write {path} ({error.strerror or error}): free some space, then {how}")
 
 

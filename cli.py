@@ -49,6 +49,7 @@ def import_tensorflow():
         stderr = os.dup(2)
     except (AttributeError, OSError):  # no stderr to keep clean (closed, or sys.stderr is None)
         import tensorflow
+
         return tensorflow
     reading, writing = os.pipe()
     level = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0")
@@ -80,7 +81,7 @@ def tensorflow_log_lines(text, min_log_level):
     `min_log_level` (TF_CPP_MIN_LOG_LEVEL: 0 shows all, 1 hides INFO, 2 WARNING too, 3 ERROR too)."""
     if min_log_level not in ("1", "2", "3"):
         return text
-    hidden = LOG_SEVERITIES[:int(min_log_level)]
+    hidden = LOG_SEVERITIES[: int(min_log_level)]
     kept = []
     for line in text.splitlines(keepends=True):
         log_line = LOG_LINE.match(line)
@@ -114,6 +115,7 @@ class Interrupted(Stopped):
 
 # --- argument types ------------------------------------------------------------------------------
 
+
 def checked_number(kind, text, condition, requirement):
     try:
         value = kind(text)
@@ -134,8 +136,12 @@ FLOAT32_MAX = 3.4028234663852886e38
 def positive_float32(text):
     """A positive number that TensorFlow's float32 variables hold as given (a learning rate):
     a larger one would become infinite there."""
-    return checked_number(float, text, lambda value: 1.2e-38 <= value <= FLOAT32_MAX,
-                          f"from 1.2e-38 to {FLOAT32_MAX:.4g} (what float32 holds)")
+    return checked_number(
+        float,
+        text,
+        lambda value: 1.2e-38 <= value <= FLOAT32_MAX,
+        f"from 1.2e-38 to {FLOAT32_MAX:.4g} (what float32 holds)",
+    )
 
 
 def fraction_below_one(text):
@@ -156,8 +162,10 @@ def multiple_of(multiple, why):
         value = positive(int)(text)
         if value % multiple:
             raise argparse.ArgumentTypeError(
-                f"{value} is not a multiple of {multiple} ({why}); try {max(multiple, value - value % multiple)}")
+                f"{value} is not a multiple of {multiple} ({why}); try {max(multiple, value - value % multiple)}"
+            )
         return value
+
     return check
 
 
@@ -183,6 +191,7 @@ def index_list_text(indices):
 
 
 # --- parser --------------------------------------------------------------------------------------
+
 
 class HelpFormatter(argparse.HelpFormatter):
     """Help as written: a `%` in a help text is a percent sign, and a flag's default, when it has
@@ -223,6 +232,7 @@ def parse_with_given(parser, argv):
 
 # --- messages ------------------------------------------------------------------------------------
 
+
 def say(prog, label, message):
     """One line on stderr, on a line of its own: `<prog>: <label>: <message>`."""
     sys.stdout.flush()
@@ -232,8 +242,11 @@ def say(prog, label, message):
 _interrupts = []  # the stop signals received while the command runs
 # The signals that stop a command as Ctrl-C does, each with the handler Python starts with where it
 # is not ignored (nohup ignores SIGHUP, a background shell job SIGINT: those stay ignored).
-STOP_SIGNALS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL,
-                signal.SIGHUP: signal.SIG_DFL}
+STOP_SIGNALS = {
+    signal.SIGINT: signal.default_int_handler,
+    signal.SIGTERM: signal.SIG_DFL,
+    signal.SIGHUP: signal.SIG_DFL,
+}
 
 
 def interrupted():
@@ -282,8 +295,11 @@ def run(prog, body):
     _interrupts.clear()
     handlers = {}
     if threading.current_thread() is threading.main_thread():  # only there can signals be set
-        handlers = {signum: signal.getsignal(signum) for signum, untouched in STOP_SIGNALS.items()
-                    if signal.getsignal(signum) is untouched}
+        handlers = {
+            signum: signal.getsignal(signum)
+            for signum, untouched in STOP_SIGNALS.items()
+            if signal.getsignal(signum) is untouched
+        }
     for signum in handlers:
         signal.signal(signum, _note_interrupt)
     code = 0

@@ -46,6 +46,7 @@ class DataError(cli.InputError):
 
 # --- download ---------------------------------------------------------------------------------
 
+
 def read_checksums(path=CHECKSUMS):
     """{relative path: sha256 hex digest} from a `sha256sum`-style file."""
     sums = {}
@@ -60,8 +61,7 @@ def mirror_url(mirror=None):
     base = mirror or os.environ.get(MIRROR_ENV) or DEFAULT_MIRROR
     if not base.startswith(("http://", "https://", "file://")):
         raise DataError(
-            f"mirror {base!r} is not a URL: give http(s)://... or file:///absolute/path "
-            f"(via --mirror or {MIRROR_ENV})"
+            f"mirror {base!r} is not a URL: give http(s)://... or file:///absolute/path (via --mirror or {MIRROR_ENV})"
         )
     return base.rstrip("/") + "/"
 
@@ -139,11 +139,12 @@ def ensure_isbi2012(data_dir=DEFAULT_DATA_DIR, mirror=None, names=tuple(STACK_SO
         download_isbi2012(data_dir, mirror)
 
 
-
 def build_parser():
     parser = cli.ArgumentParser("data.py", "Download ISBI 2012 as the challenge's TIFF stacks.")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help="directory for the TIFFs")
-    parser.add_argument("--mirror", help=f"base URL of a copy of zhixuhao/unet (http(s):// or file://); default ${MIRROR_ENV} or GitHub")
+    parser.add_argument(
+        "--mirror", help=f"base URL of a copy of zhixuhao/unet (http(s):// or file://); default ${MIRROR_ENV} or GitHub"
+    )
     parser.add_argument("--force", action="store_true", help="download even if the TIFFs are there")
     return parser
 

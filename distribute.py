@@ -35,6 +35,7 @@ class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
         def reduce_one(per_replica):
             scalar = self.experimental_local_results(per_replica)[0].shape.rank == 0
             return super(MultiWorkerMirroredStrategy, self).reduce(reduce_op, per_replica, None if scalar else axis)
+
         return tf.nest.map_structure(reduce_one, value)
 
 
@@ -48,8 +49,9 @@ def make_strategy(name):
     """
     tasks = flags.cluster_tasks(name)  # checked before TensorFlow loaded, by train.py and bench.py
     if name == "auto":
-        name = ("multiworker" if tasks > 1 else
-                "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "default")
+        name = (
+            "multiworker" if tasks > 1 else "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "default"
+        )
     if name == "multiworker":
         return MultiWorkerMirroredStrategy()
     if name == "mirrored":
@@ -80,8 +82,13 @@ def describe(strategy):
     replicas = strategy.num_replicas_in_sync
     task_type, task_id = task(strategy)
     where = f"; this process: {task_type} {task_id}{' (chief)' if is_chief(strategy) else ''}" if task_type else ""
-    name = ("MultiWorkerMirroredStrategy" if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) else
-            "MirroredStrategy" if isinstance(strategy, tf.distribute.MirroredStrategy) else "default strategy")
+    name = (
+        "MultiWorkerMirroredStrategy"
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        else "MirroredStrategy"
+        if isinstance(strategy, tf.distribute.MirroredStrategy)
+        else "default strategy"
+    )
     return f"{name}, {replicas} replica{'s' if replicas > 1 else ''}{where}"
 
 
@@ -92,7 +99,10 @@ def lost_worker(error):
     if not isinstance(error, tf.errors.UnavailableError):
         return None
     if "unhealthy" in error.message:
-        return ", ".join(sorted(set(re.findall(r"/job:\w+/replica:\d+/task:\d+", error.message.split("unhealthy")[1])))) or "a worker"
+        return (
+            ", ".join(sorted(set(re.findall(r"/job:\w+/replica:\d+/task:\d+", error.message.split("unhealthy")[1]))))
+            or "a worker"
+        )
     aborted = re.search(r"aborted by: ([^\n]+)", error.message)
     return aborted.group(1) if aborted else error.message.splitlines()[0][:120]
 
@@ -120,7 +130,8 @@ def training_batches(strategy, crops, steps_per_epoch, first_epoch, workers=DATA
     """The training batches from epoch `first_epoch` on, one stream per replica: the crops of epoch
     k are the same whether or not the run was resumed before it."""
     return strategy.distribute_datasets_from_function(
-        lambda context: replica_batches(crops, steps_per_epoch, first_epoch, context, workers))
+        lambda context: replica_batches(crops, steps_per_epoch, first_epoch, context, workers)
+    )
 
 
 def replica_batches(crops, steps_per_epoch, first_epoch, input_context, workers):
@@ -146,12 +157,15 @@ def replica_batches(crops, steps_per_epoch, first_epoch, input_context, workers)
         return tuple(tf.ensure_shape(part, shape) for part in parts)
 
     start = first_epoch * steps_per_epoch * local_replicas
-    return (tf.data.Dataset.range(start, np.iinfo(np.int64).max)
-            .map(built, num_parallel_calls=workers, deterministic=True)
-            .prefetch(tf.data.AUTOTUNE))
+    return (
+        tf.data.Dataset.range(start, np.iinfo(np.int64).max)
+        .map(built, num_parallel_calls=workers, deterministic=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
 
 
 # --- the device and its settings -----------------------------------------------------------------
+
 
 def cpu_flags():
     try:
@@ -189,6 +203,10 @@ def machine_setup(precision, batch_size, strategy):
     XLA, device, distribution and global batch."""
     policy, jit_compile, device = device_settings(precision)
     keras.mixed_precision.set_global_policy(policy)
-    return {"precision": policy, "jit_compile": jit_compile, "device": device,
-            "distribution": describe(strategy),
-            "global_batch_size": batch_size * strategy.num_replicas_in_sync}
+    return {
+        "precision": policy,
+        "jit_compile": jit_compile,
+        "device": device,
+        "distribution": describe(strategy),
+        "global_batch_size": batch_size * strategy.num_replicas_in_sync,
+    }

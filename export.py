@@ -62,6 +62,7 @@ class ExportError(cli.InputError):
 
 # --- before TensorFlow ------------------------------------------------------------------------
 
+
 def export_inputs(args):
     """(checkpoint, run directory, config, raw validation slices, their masks, validation indices)."""
     if args.output.exists() and not args.overwrite:
@@ -75,24 +76,33 @@ def export_inputs(args):
     try:
         LicenseId(args.license)
     except ValueError:
-        raise ExportError(f"--license {args.license!r} is no SPDX license identifier: give one such as MIT, "
-                          "CC-BY-4.0 or Apache-2.0 (https://spdx.org/licenses)") from None
+        raise ExportError(
+            f"--license {args.license!r} is no SPDX license identifier: give one such as MIT, "
+            "CC-BY-4.0 or Apache-2.0 (https://spdx.org/licenses)"
+        ) from None
     checkpoint = predict.checkpoint_path(args.model)
     run_dir = checkpoint.parent
     if not (run_dir / rundir.CONFIG).is_file():
-        raise ExportError(f"{checkpoint} is not in a run directory of train.py: the package needs the run's "
-                          "config.json (its data, scaling and validation slices)")
+        raise ExportError(
+            f"{checkpoint} is not in a run directory of train.py: the package needs the run's "
+            "config.json (its data, scaling and validation slices)"
+        )
     config = rundir.read_config(run_dir)
     # As training read them: a stack larger than memory allows stays on disk, only its validation
     # slices are read.
-    images, labels = (tiffs.read_stack(rundir.recorded_path(config, name), tiffs.memory_map_above(config.get("memmap", "auto")))
-                      for name in ("images", "labels"))
-    cell, _ = tiffs.cell_value(labels, rundir.recorded_path(config, "labels"), config.get("labels_polarity", "cells-high"))
+    images, labels = (
+        tiffs.read_stack(rundir.recorded_path(config, name), tiffs.memory_map_above(config.get("memmap", "auto")))
+        for name in ("images", "labels")
+    )
+    cell, _ = tiffs.cell_value(
+        labels, rundir.recorded_path(config, "labels"), config.get("labels_polarity", "cells-high")
+    )
     indices = config["val_slices"]
     return checkpoint, run_dir, config, images[indices], (labels[indices] == cell).astype(np.uint8), indices
 
 
 # --- the package --------------------------------------------------------------------------------
+
 
 def cover_image(image, mask, probability):
     """(H, 3W, 3) uint8: the slice, the cell probability and the error overlay side by side."""
@@ -106,37 +116,53 @@ def cover_image(image, mask, probability):
 def documentation(config, scores, slice_index, trained_policy):
     import runs  # loads TensorFlow: called once the inputs are known to be good
 
-    settings_rows = {name: config.get(name) for name in ("loss", "lr", "epochs", "steps_per_epoch", "batch_size",
-                                                          "crop", "filters", "seed", "precision", "labels_polarity")}
-    return f"""# U-Net for EM membranes ({Path(config['run_dir']).name})
+    settings_rows = {
+        name: config.get(name)
+        for name in (
+            "loss",
+            "lr",
+            "epochs",
+            "steps_per_epoch",
+            "batch_size",
+            "crop",
+            "filters",
+            "seed",
+            "precision",
+            "labels_polarity",
+        )
+    }
+    return f"""# U-Net for EM membranes ({Path(config["run_dir"]).name})
 
 A same-padded U-Net (Ronneberger et al. 2015) trained with this project's `train.py` to tell
 cells (1) from membranes (0) in electron-microscopy slices.
 
-- **Input**: one grey slice, scaled as in training: {config['image_scaling']['rule']}, then
+- **Input**: one grey slice, scaled as in training: {config["image_scaling"]["rule"]}, then
   clipped to [0, 1]. Sides must be multiples of 16; give the slice 32 mirrored pixels on each side
   (the output's halo), as the test input has.
 - **Output**: the probability of cell per pixel; crop 32 pixels (the halo) from each side.
-- **Precision**: float32 weights and computation{"" if trained_policy == "float32" else
-  f" (trained under Keras' {trained_policy} policy, cast to float32 for the package)"}.
+- **Precision**: float32 weights and computation{
+        ""
+        if trained_policy == "float32"
+        else f" (trained under Keras' {trained_policy} policy, cast to float32 for the package)"
+    }.
 
 ## Training data
 
-Images `{Path(config['images']).name}` (SHA-256 `{config['data_files']['images_sha256']}`), labels
-`{Path(config['labels']).name}` (SHA-256 `{config['data_files']['labels_sha256']}`); validation slices
-{cli.index_list_text(config['val_slices'])}, training slices {cli.index_list_text(config['train_slices'])}.
+Images `{Path(config["images"]).name}` (SHA-256 `{config["data_files"]["images_sha256"]}`), labels
+`{Path(config["labels"]).name}` (SHA-256 `{config["data_files"]["labels_sha256"]}`); validation slices
+{cli.index_list_text(config["val_slices"])}, training slices {cli.index_list_text(config["train_slices"])}.
 
 ## Validation scores of these weights
 
-On the validation slices, scored as the ISBI 2012 challenge does: V_rand {scores['v_rand']:.4f},
-V_info {scores['v_info']:.4f}, pixel error {scores['pixel_error']:.4f}. The test input is validation
+On the validation slices, scored as the ISBI 2012 challenge does: V_rand {scores["v_rand"]:.4f},
+V_info {scores["v_info"]:.4f}, pixel error {scores["pixel_error"]:.4f}. The test input is validation
 slice {slice_index}.
 
 ## Settings of the run
 
 {runs.markdown_table(settings_rows)}
 
-Command: `{config['command']}`
+Command: `{config["command"]}`
 """
 
 
@@ -148,46 +174,79 @@ def model_description(args, config, files, scaling, shape, scores, slice_index):
 
     preprocessing = []
     if (scaling.offset, scaling.scale) != (0.0, 1.0):
-        preprocessing.append(v0_5.ScaleLinearDescr(kwargs=v0_5.ScaleLinearKwargs(
-            gain=1.0 / scaling.scale, offset=-scaling.offset / scaling.scale)))
+        preprocessing.append(
+            v0_5.ScaleLinearDescr(
+                kwargs=v0_5.ScaleLinearKwargs(gain=1.0 / scaling.scale, offset=-scaling.offset / scaling.scale)
+            )
+        )
     preprocessing.append(v0_5.ClipDescr(kwargs=v0_5.ClipKwargs(min=0.0, max=1.0)))
     image, probability = v0_5.TensorId("image"), v0_5.TensorId("cell_probability")
     spatial = [v0_5.AxisId("y"), v0_5.AxisId("x")]
     return v0_5.ModelDescr(
         name=args.name or f"ISBI 2012 membrane U-Net {Path(config['run_dir']).name}",
         description="Same-padded U-Net that segments cells and membranes in EM slices (ISBI 2012 style); "
-                    "outputs the probability of cell.",
+        "outputs the probability of cell.",
         authors=[v0_5.Author(name=name) for name in args.author],
         cite=[v0_5.CiteEntry(text=text, doi=v0_5.Doi(doi)) for text, doi in CITATIONS.items()],
         license=v0_5.LicenseId(args.license),
         tags=["unet", "segmentation", "electron-microscopy", "membranes", "isbi2012", "2d", "keras"],
         documentation=v0_5.FileDescr(source=files["README.md"]),
         covers=[v0_5.FileDescr(source=files["cover.png"])],
-        inputs=[v0_5.InputTensorDescr(
-            id=image, description="grey EM slice, stored values (scaled by the preprocessing)",
-            axes=[v0_5.BatchAxis(), *(v0_5.SpaceInputAxis(id=axis, size=v0_5.ParameterizedSize(
-                min=2 * HALO + MULTIPLE, step=MULTIPLE)) for axis in spatial),
-                  v0_5.ChannelAxis(channel_names=[v0_5.Identifier("grey")])],
-            test_tensor=v0_5.FileDescr(source=files["test-input.npy"]),
-            data=v0_5.IntervalOrRatioDataDescr(type="float32"),
-            preprocessing=preprocessing)],
-        outputs=[v0_5.OutputTensorDescr(
-            id=probability, description="probability of cell (1) versus membrane (0)",
-            axes=[v0_5.BatchAxis(), *(v0_5.SpaceOutputAxisWithHalo(
-                id=axis, halo=HALO, size=v0_5.SizeReference(tensor_id=image, axis_id=axis)) for axis in spatial),
-                  v0_5.ChannelAxis(channel_names=[v0_5.Identifier("cell")])],
-            test_tensor=v0_5.FileDescr(source=files["test-output.npy"]),
-            data=v0_5.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)))],
+        inputs=[
+            v0_5.InputTensorDescr(
+                id=image,
+                description="grey EM slice, stored values (scaled by the preprocessing)",
+                axes=[
+                    v0_5.BatchAxis(),
+                    *(
+                        v0_5.SpaceInputAxis(
+                            id=axis, size=v0_5.ParameterizedSize(min=2 * HALO + MULTIPLE, step=MULTIPLE)
+                        )
+                        for axis in spatial
+                    ),
+                    v0_5.ChannelAxis(channel_names=[v0_5.Identifier("grey")]),
+                ],
+                test_tensor=v0_5.FileDescr(source=files["test-input.npy"]),
+                data=v0_5.IntervalOrRatioDataDescr(type="float32"),
+                preprocessing=preprocessing,
+            )
+        ],
+        outputs=[
+            v0_5.OutputTensorDescr(
+                id=probability,
+                description="probability of cell (1) versus membrane (0)",
+                axes=[
+                    v0_5.BatchAxis(),
+                    *(
+                        v0_5.SpaceOutputAxisWithHalo(
+                            id=axis, halo=HALO, size=v0_5.SizeReference(tensor_id=image, axis_id=axis)
+                        )
+                        for axis in spatial
+                    ),
+                    v0_5.ChannelAxis(channel_names=[v0_5.Identifier("cell")]),
+                ],
+                test_tensor=v0_5.FileDescr(source=files["test-output.npy"]),
+                data=v0_5.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
+            )
+        ],
         weights=v0_5.WeightsDescr(
             keras_v3=v0_5.KerasV3WeightsDescr(
-                source=files["unet.keras"], keras_version=v0_5.Version(keras.__version__),
-                backend=("tensorflow", v0_5.Version(tf.__version__))),
+                source=files["unet.keras"],
+                keras_version=v0_5.Version(keras.__version__),
+                backend=("tensorflow", v0_5.Version(tf.__version__)),
+            ),
             tensorflow_saved_model_bundle=v0_5.TensorflowSavedModelBundleWeightsDescr(
-                source=files["tf-saved-model.zip"], tensorflow_version=v0_5.Version(tf.__version__),
-                parent="keras_v3")),
+                source=files["tf-saved-model.zip"], tensorflow_version=v0_5.Version(tf.__version__), parent="keras_v3"
+            ),
+        ),
         training_data=None,
-        config={"isbi_unet": {"validation_scores": {name: float(value) for name, value in scores.items()},
-                              "test_slice": int(slice_index), "input_shape": list(shape)}},
+        config={
+            "isbi_unet": {
+                "validation_scores": {name: float(value) for name, value in scores.items()},
+                "test_slice": int(slice_index),
+                "input_shape": list(shape),
+            }
+        },
     )
 
 
@@ -200,8 +259,11 @@ def saved_model(model, path):
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint("serve", lambda images: {"cell_probability": model(images, training=False)},
-                         input_signature=[tf.TensorSpec((None, None, None, 1), tf.float32)])
+    archive.add_endpoint(
+        "serve",
+        lambda images: {"cell_probability": model(images, training=False)},
+        input_signature=[tf.TensorSpec((None, None, None, 1), tf.float32)],
+    )
     archive.write_out(str(path), verbose=False)
 
 
@@ -222,11 +284,18 @@ def tested_in_a_fresh_process(package, folder):
     summary_path = Path(folder) / "test-summary.json"
     try:
         # KERAS_BACKEND=tensorflow comes with this process's environment (cli.py).
-        result = subprocess.run([sys.executable, "-c", PACKAGE_TEST, str(package), str(summary_path)], cwd=folder,
-                                capture_output=True, text=True, timeout=PACKAGE_TEST_SECONDS)
+        result = subprocess.run(
+            [sys.executable, "-c", PACKAGE_TEST, str(package), str(summary_path)],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=PACKAGE_TEST_SECONDS,
+        )
     except subprocess.TimeoutExpired:
-        raise ExportError(f"bioimage.io's test of the package did not end within {PACKAGE_TEST_SECONDS // 60} minutes: "
-                          "no package written") from None
+        raise ExportError(
+            f"bioimage.io's test of the package did not end within {PACKAGE_TEST_SECONDS // 60} minutes: "
+            "no package written"
+        ) from None
     if not summary_path.is_file():
         last_line = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
         raise ExportError(f"bioimage.io's test of the package could not run ({last_line[:300]}): no package written")
@@ -262,15 +331,25 @@ def export(args):
     test_output = tiling.predict_batch(model, scaling.apply(test_input[..., 0]))[..., np.newaxis]
 
     with tempfile.TemporaryDirectory() as folder:
-        written = {name: Path(folder) / name for name in ("unet.keras", "tf-saved-model.zip", "test-input.npy",
-                                                            "test-output.npy", "cover.png", "README.md")}
+        written = {
+            name: Path(folder) / name
+            for name in (
+                "unet.keras",
+                "tf-saved-model.zip",
+                "test-input.npy",
+                "test-output.npy",
+                "cover.png",
+                "README.md",
+            )
+        }
         model.save(written["unet.keras"])
         saved_model(model, Path(folder) / "tf-saved-model")
         shutil.make_archive(str(written["tf-saved-model.zip"].with_suffix("")), "zip", Path(folder) / "tf-saved-model")
         np.save(written["test-input.npy"], test_input)
         np.save(written["test-output.npy"], test_output)
-        skimage.io.imsave(written["cover.png"], cover_image(scaled[shown], masks[shown], probabilities[shown]),
-                          check_contrast=False)
+        skimage.io.imsave(
+            written["cover.png"], cover_image(scaled[shown], masks[shown], probabilities[shown]), check_contrast=False
+        )
         written["README.md"].write_text(documentation(config, scores, indices[shown], unet.precision(trained)))
         description = model_description(args, config, written, scaling, test_input.shape, scores, indices[shown])
         (Path(folder) / "package").mkdir()
@@ -279,19 +358,26 @@ def export(args):
         args.output.parent.mkdir(parents=True, exist_ok=True)
         with files.replaced_atomically(args.output) as temporary:
             shutil.copyfile(package, temporary)
-    print(f"wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MiB): float32 weights keras_v3 and "
-          f"tensorflow_saved_model_bundle, test slice "
-          f"{indices[shown]}, validation V_rand {scores['v_rand']:.4f}, V_info {scores['v_info']:.4f}, pixel error "
-          f"{scores['pixel_error']:.4f}; bioimage.io's test passed")
+    print(
+        f"wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MiB): float32 weights keras_v3 and "
+        f"tensorflow_saved_model_bundle, test slice "
+        f"{indices[shown]}, validation V_rand {scores['v_rand']:.4f}, V_info {scores['v_info']:.4f}, pixel error "
+        f"{scores['pixel_error']:.4f}; bioimage.io's test passed"
+    )
 
 
 def build_parser():
-    parser = cli.ArgumentParser("export.py", "Package a run's U-Net as a bioimage.io model (the model zoo's zip format).")
-    parser.add_argument("model", type=Path, help="run directory of train.py (its best.keras) or a .keras checkpoint in one")
+    parser = cli.ArgumentParser(
+        "export.py", "Package a run's U-Net as a bioimage.io model (the model zoo's zip format)."
+    )
+    parser.add_argument(
+        "model", type=Path, help="run directory of train.py (its best.keras) or a .keras checkpoint in one"
+    )
     parser.add_argument("-o", "--output", type=Path, required=True, help="the .zip to write")
     parser.add_argument("--name", help="the model's name (default: from the run directory)")
-    parser.add_argument("--author", action="append", default=None,
-                        help="an author's name; repeat for several (default: the user name)")
+    parser.add_argument(
+        "--author", action="append", default=None, help="an author's name; repeat for several (default: the user name)"
+    )
     parser.add_argument("--license", default="MIT", help="SPDX license identifier of the weights")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     return parser

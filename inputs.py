@@ -38,13 +38,18 @@ class RunInputs:
     def crops(self, batch_size, crop, seed, loss):
         """The training batches: augmented random crops of the training slices, with their loss
         weights if `loss` is weighted (settings.WEIGHTED_LOSSES)."""
-        weights = ({index: batches.border_weights(self.stacks.mask(index)) for index in self.train_indices}
-                   if loss in WEIGHTED_LOSSES else None)
+        weights = (
+            {index: batches.border_weights(self.stacks.mask(index)) for index in self.train_indices}
+            if loss in WEIGHTED_LOSSES
+            else None
+        )
         return batches.RandomCrops(self.stacks, self.train_indices, batch_size, crop, seed, weights=weights)
 
     def val_weights(self, loss):
         """The loss weights of the validation slices, or None if `loss` is not weighted."""
-        return np.stack([batches.border_weights(label) for label in self.val_labels]) if loss in WEIGHTED_LOSSES else None
+        return (
+            np.stack([batches.border_weights(label) for label in self.val_labels]) if loss in WEIGHTED_LOSSES else None
+        )
 
     def shown(self):
         """Positions, in the validation slices, of those shown as images: up to IMAGE_SLICES, spread out."""
@@ -72,12 +77,13 @@ def split_slices(num_slices, validation_slices=None):
         )
     training = [i for i in range(num_slices) if i not in validation]
     if num_slices == 1:
-        raise data.DataError("the stack holds one slice: a run needs at least two, one to train on and one to validate "
-                        "on (a 2-D TIFF is one slice)")
+        raise data.DataError(
+            "the stack holds one slice: a run needs at least two, one to train on and one to validate "
+            "on (a 2-D TIFF is one slice)"
+        )
     if not training:
         raise data.DataError(
-            f"all {num_slices} slices are validation slices: leave at least one for training "
-            "in --val-slices"
+            f"all {num_slices} slices are validation slices: leave at least one for training in --val-slices"
         )
     return training, validation
 
@@ -95,27 +101,48 @@ def load(args, resumed_config=None):
         raise cli.InputError("give --images and --labels together, or neither to use ISBI 2012")
     images_path = Path(args.images or args.data / data.TRAIN_IMAGES)
     labels_path = Path(args.labels or args.data / data.TRAIN_LABELS)
-    digests = (None if resumed_config is None
-               else checked_digests(resumed_config, images_path, labels_path, args.accept_new_data))
+    digests = (
+        None
+        if resumed_config is None
+        else checked_digests(resumed_config, images_path, labels_path, args.accept_new_data)
+    )
     # A resumed run goes on seeing its images as it did (the rule may have changed since it started),
     # unless it continues on new data.
     recorded = None if resumed_config is None or args.accept_new_data else resumed_config.get("image_scaling")
-    stacks = tiffs.load_training_stacks(images_path, labels_path, tiffs.memory_map_above(args.memmap),
-                                        args.labels_polarity, recorded and tiffs.ImageScaling.from_description(recorded))
+    stacks = tiffs.load_training_stacks(
+        images_path,
+        labels_path,
+        tiffs.memory_map_above(args.memmap),
+        args.labels_polarity,
+        recorded and tiffs.ImageScaling.from_description(recorded),
+    )
     digests = digests or {"images": tiffs.sha256_of(images_path), "labels": tiffs.sha256_of(labels_path)}
     height, width = stacks.slice_shape
     if min(height, width) < MULTIPLE:
-        raise cli.InputError(f"the slices of {images_path} are {height}x{width}: the U-Net takes at least "
-                             f"{MULTIPLE}x{MULTIPLE} (it halves them {DEPTH} times)")
+        raise cli.InputError(
+            f"the slices of {images_path} are {height}x{width}: the U-Net takes at least "
+            f"{MULTIPLE}x{MULTIPLE} (it halves them {DEPTH} times)"
+        )
     if min(stacks.slice_shape) < args.crop:
-        raise cli.InputError(f"--crop {args.crop} is larger than the {stacks.slice_shape[0]}x{stacks.slice_shape[1]} "
-                             f"slices: use --crop {min(stacks.slice_shape) // MULTIPLE * MULTIPLE} or less")
+        raise cli.InputError(
+            f"--crop {args.crop} is larger than the {stacks.slice_shape[0]}x{stacks.slice_shape[1]} "
+            f"slices: use --crop {min(stacks.slice_shape) // MULTIPLE * MULTIPLE} or less"
+        )
     train_indices, val_indices = split_slices(len(stacks), args.val_slices)
     tiffs.check_masks(stacks, train_indices, val_indices, labels_path)
     val_images = np.stack([stacks.image(index) for index in val_indices])
     val_labels = np.stack([stacks.mask(index) for index in val_indices])
-    return RunInputs(stacks, images_path, labels_path, mirror, digests, train_indices, val_indices,
-                     batches.trim_to_multiple(val_images, MULTIPLE), batches.trim_to_multiple(val_labels, MULTIPLE))
+    return RunInputs(
+        stacks,
+        images_path,
+        labels_path,
+        mirror,
+        digests,
+        train_indices,
+        val_indices,
+        batches.trim_to_multiple(val_images, MULTIPLE),
+        batches.trim_to_multiple(val_labels, MULTIPLE),
+    )
 
 
 def checked_digests(config, images_path, labels_path, accept_new_data):
@@ -126,18 +153,24 @@ def checked_digests(config, images_path, labels_path, accept_new_data):
     digests = {}
     for name, path in (("images", images_path), ("labels", labels_path)):
         if not path.is_file():
-            raise cli.InputError(f"the run's {name}, {path}, is not there: if its data moved, give where it is now with "
-                                 "--images and --labels (or --data for ISBI 2012); the same files continue the run, "
-                                 "other data needs --accept-new-data too")
+            raise cli.InputError(
+                f"the run's {name}, {path}, is not there: if its data moved, give where it is now with "
+                "--images and --labels (or --data for ISBI 2012); the same files continue the run, "
+                "other data needs --accept-new-data too"
+            )
         digests[name] = tiffs.sha256_of(path)
         expected = recorded.get(f"{name}_sha256")
         if accept_new_data:
             continue
         if expected is None and path.absolute() != rundir.recorded_path(config, name).absolute():
-            raise cli.InputError(f"the run's config.json records no SHA-256 of its {name}, so {path} cannot be checked "
-                                 "against them: add --accept-new-data to continue on it")
+            raise cli.InputError(
+                f"the run's config.json records no SHA-256 of its {name}, so {path} cannot be checked "
+                "against them: add --accept-new-data to continue on it"
+            )
         if expected is not None and digests[name] != expected:
-            raise cli.InputError(f"{path} has changed since the run started (its SHA-256 differs from config.json's): "
-                                 "give the run's own file (--images, --labels), or add --accept-new-data to continue "
-                                 "on this data")
+            raise cli.InputError(
+                f"{path} has changed since the run started (its SHA-256 differs from config.json's): "
+                "give the run's own file (--images, --labels), or add --accept-new-data to continue "
+                "on this data"
+            )
     return digests

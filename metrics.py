@@ -133,7 +133,9 @@ def rand_and_info_scores(true_cells, proposed_segments):
     singletons = (proposed == 0) & (true_cells > 0)
     proposed[singletons] = proposed.max() + 1 + np.arange(np.count_nonzero(singletons))
     if not np.any(true_cells > 0):
-        return dict.fromkeys(("v_rand", "v_rand_split", "v_rand_merge", "v_info", "v_info_split", "v_info_merge"), np.nan)
+        return dict.fromkeys(
+            ("v_rand", "v_rand_split", "v_rand_merge", "v_info", "v_info_split", "v_info_merge"), np.nan
+        )
     joint = contingency_table(true_cells, proposed, ignore_labels=[0], normalize=True, sparse_type="array")
     true_sizes, proposed_sizes = joint.sum(axis=1), joint.sum(axis=0)
     sum_joint2, sum_true2, sum_proposed2 = np.sum(joint.data**2), np.sum(true_sizes**2), np.sum(proposed_sizes**2)
@@ -234,9 +236,14 @@ def isbi_scores(labels, probabilities, thresholds=ISBI_THRESHOLDS):
 
     (v_rand, v_rand_threshold), (v_info, v_info_threshold) = best(table["v_rand"]), best(table["v_info"])
     pixel_f, pixel_threshold = best(table["pixel_f_score"])
-    return {"v_rand": v_rand, "v_rand_threshold": v_rand_threshold,
-            "v_info": v_info, "v_info_threshold": v_info_threshold,
-            "pixel_error": 1.0 - pixel_f, "pixel_error_threshold": pixel_threshold}
+    return {
+        "v_rand": v_rand,
+        "v_rand_threshold": v_rand_threshold,
+        "v_info": v_info,
+        "v_info_threshold": v_info_threshold,
+        "pixel_error": 1.0 - pixel_f,
+        "pixel_error_threshold": pixel_threshold,
+    }
 
 
 def validation_scores(labels, probabilities, weights, loss, metrics, isbi):
@@ -251,7 +258,7 @@ def validation_scores(labels, probabilities, weights, loss, metrics, isbi):
     losses = []
     for metric in metrics:
         metric.reset_state()
-    for label, probability, slice_weights in zip(labels, probabilities[..., np.newaxis], weights):
+    for label, probability, slice_weights in zip(labels, probabilities[..., np.newaxis], weights, strict=True):
         losses.append(float(np.mean(slice_weights * loss(label[np.newaxis], probability[np.newaxis])[0])))
         for metric in metrics:
             metric.update_state(label[np.newaxis], probability[np.newaxis])

@@ -39,18 +39,23 @@ class PredictError(cli.InputError):
 
 # --- model ------------------------------------------------------------------------------------
 
+
 def checkpoint_path(run_or_checkpoint):
     """The checkpoint a run directory holds (best.keras), or the .keras file given."""
     path = Path(run_or_checkpoint)
     if path.is_dir():
         path = path / rundir.BEST
         if not path.is_file():
-            raise PredictError(f"{run_or_checkpoint} holds no {rundir.BEST}: give a run directory of train.py or a .keras checkpoint")
+            raise PredictError(
+                f"{run_or_checkpoint} holds no {rundir.BEST}: give a run directory of train.py or a .keras checkpoint"
+            )
     elif not path.is_file():
         raise PredictError(f"{path} not found: give a run directory of train.py or a .keras checkpoint")
     if not zipfile.is_zipfile(path):  # before TensorFlow, whose loader says "File not found" for it
-        raise PredictError(f"{path} is not a Keras model (a .keras file is a zip archive, and this is none): "
-                           "give a .keras checkpoint written by train.py")
+        raise PredictError(
+            f"{path} is not a Keras model (a .keras file is a zip archive, and this is none): "
+            "give a .keras checkpoint written by train.py"
+        )
     return path
 
 
@@ -70,9 +75,11 @@ def input_scaling(run, own, args):
         return own
     if args.scaling == "run" or (own.offset, own.scale) == (run.offset, run.scale):
         return run
-    raise PredictError(f"{args.images} is stored unlike the run's training data ({own.rule}; the run's: {run.rule}): "
-                       "add --scaling own to scale it by its own values (right for the same kind of images stored "
-                       "otherwise), or --scaling run to apply the run's")
+    raise PredictError(
+        f"{args.images} is stored unlike the run's training data ({own.rule}; the run's: {run.rule}): "
+        "add --scaling own to scale it by its own values (right for the same kind of images stored "
+        "otherwise), or --scaling run to apply the run's"
+    )
 
 
 def load_model(path):
@@ -82,11 +89,14 @@ def load_model(path):
         # compile=False: inference needs no loss, so the project's custom losses need not be registered.
         return keras.models.load_model(path, compile=False)
     except Exception as error:  # Keras raises several types for files it cannot read
-        raise PredictError(f"{path} is not a Keras model ({type(error).__name__}: {error}): "
-                           "give a .keras checkpoint written by train.py") from None
+        raise PredictError(
+            f"{path} is not a Keras model ({type(error).__name__}: {error}): "
+            "give a .keras checkpoint written by train.py"
+        ) from None
 
 
 # --- command line -----------------------------------------------------------------------------
+
 
 def tile_size(text):
     value = cli.multiple_of(MULTIPLE, f"the U-Net halves it {settings.DEPTH} times")(text)
@@ -96,18 +106,36 @@ def tile_size(text):
 
 
 def build_parser():
-    parser = cli.ArgumentParser("predict.py", "Write the cell probabilities of a TIFF stack predicted by a trained U-Net.")
-    parser.add_argument("model", type=Path, help="run directory of train.py (uses its best.keras) or a .keras checkpoint")
+    parser = cli.ArgumentParser(
+        "predict.py", "Write the cell probabilities of a TIFF stack predicted by a trained U-Net."
+    )
+    parser.add_argument(
+        "model", type=Path, help="run directory of train.py (uses its best.keras) or a .keras checkpoint"
+    )
     parser.add_argument("images", type=Path, help="multi-page TIFF of grey slices, e.g. data/isbi2012/test-volume.tif")
     parser.add_argument("-o", "--output", type=Path, required=True, help="the float32 multi-page TIFF to write")
     parser.add_argument("--tta", action="store_true", help="average the predictions of the 8 flips and rotations")
-    parser.add_argument("--labels", type=Path, help="binary masks of the same slices: also print V_rand, V_info and pixel error")
-    parser.add_argument("--labels-polarity", choices=settings.LABEL_POLARITIES, default="cells-high",
-                        help="which of the two --labels values is cell, as for train.py")
-    parser.add_argument("--scaling", choices=("run", "own"),
-                        help="for a stack whose grey values are stored unlike the run's training data: scale them as "
-                             "the run's (run) or by the stack's own values (own); such a stack is refused without it")
-    parser.add_argument("--tile", type=tile_size, default=tiling.DEFAULT_TILE, help="largest side predicted in one piece; larger slices go in overlapping tiles")
+    parser.add_argument(
+        "--labels", type=Path, help="binary masks of the same slices: also print V_rand, V_info and pixel error"
+    )
+    parser.add_argument(
+        "--labels-polarity",
+        choices=settings.LABEL_POLARITIES,
+        default="cells-high",
+        help="which of the two --labels values is cell, as for train.py",
+    )
+    parser.add_argument(
+        "--scaling",
+        choices=("run", "own"),
+        help="for a stack whose grey values are stored unlike the run's training data: scale them as "
+        "the run's (run) or by the stack's own values (own); such a stack is refused without it",
+    )
+    parser.add_argument(
+        "--tile",
+        type=tile_size,
+        default=tiling.DEFAULT_TILE,
+        help="largest side predicted in one piece; larger slices go in overlapping tiles",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     return parser
 
@@ -125,25 +153,33 @@ def run(args):
     if args.labels is not None:
         label_stack = tiffs.read_stack(args.labels)
         if label_stack.shape != images.shape:
-            raise PredictError(f"{args.labels} holds {label_stack.shape} masks but {args.images} holds {images.shape} "
-                               "slices: give the masks of the same slices")
+            raise PredictError(
+                f"{args.labels} holds {label_stack.shape} masks but {args.images} holds {images.shape} "
+                "slices: give the masks of the same slices"
+            )
         labels = (label_stack == tiffs.cell_value(label_stack, args.labels, args.labels_polarity)[0]).astype(np.uint8)
 
     cli.import_tensorflow()  # only once the inputs are known to be good
     import metrics
     from progress import Counter
+
     model = load_model(checkpoint)
-    print(f"predicting {len(images)} slices of {images.shape[1]}x{images.shape[2]}"
-          + (" with 8-fold test-time augmentation" if args.tta else "") + f"; grey values: {scaling.rule}")
+    print(
+        f"predicting {len(images)} slices of {images.shape[1]}x{images.shape[2]}"
+        + (" with 8-fold test-time augmentation" if args.tta else "")
+        + f"; grey values: {scaling.rule}"
+    )
     probabilities = tiling.predict_stack(model, images, args.tile, args.tta, progress=Counter(len(images), "slice"))
     data.write_stack_atomically(args.output, probabilities, fix="free some space or choose another -o")
     print(f"wrote {args.output}: {len(probabilities)} pages of float32 cell probability")
 
     if labels is not None:
         scores = metrics.isbi_scores(labels, probabilities)
-        print(f"V_rand {scores['v_rand']:.4f} (threshold {scores['v_rand_threshold']:.1f}), "
-              f"V_info {scores['v_info']:.4f} (threshold {scores['v_info_threshold']:.1f}), "
-              f"pixel error {scores['pixel_error']:.4f} (threshold {scores['pixel_error_threshold']:.1f})")
+        print(
+            f"V_rand {scores['v_rand']:.4f} (threshold {scores['v_rand_threshold']:.1f}), "
+            f"V_info {scores['v_info']:.4f} (threshold {scores['v_info_threshold']:.1f}), "
+            f"pixel error {scores['pixel_error']:.4f} (threshold {scores['pixel_error_threshold']:.1f})"
+        )
         return scores
     return None
 

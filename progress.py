@@ -20,8 +20,13 @@ WIDTH = 100
 REDRAWS_PER_SECOND = 10
 # The validation scores of an epoch's line, in words, in the order shown; those the epoch lacks
 # (the challenge's scores between evaluations, --eval-every) are left out.
-VALIDATION_WORDS = {"v_rand": "V_rand", "v_info": "V_info", "pixel_error": "pixel error",
-                    "misclassified_pixel_fraction": "misclassified", "loss": "loss"}
+VALIDATION_WORDS = {
+    "v_rand": "V_rand",
+    "v_info": "V_info",
+    "pixel_error": "pixel error",
+    "misclassified_pixel_fraction": "misclassified",
+    "loss": "loss",
+}
 
 
 def validation_line(logs):
@@ -81,9 +86,11 @@ class ProgressLine(keras.callbacks.Callback):
 
     def step_line(self):
         steps_done, now, logs = self._last_step
-        return (f"epoch {self._epoch + 1}/{self.epochs}  step {steps_done}/{self.params['steps']}  "
-                f"{(now - self._epoch_started) / steps_done:.3f} s/step  loss {logs['loss']:.4f}  "
-                f"misclassified {logs['misclassified_pixel_fraction']:.4f}")
+        return (
+            f"epoch {self._epoch + 1}/{self.epochs}  step {steps_done}/{self.params['steps']}  "
+            f"{(now - self._epoch_started) / steps_done:.3f} s/step  loss {logs['loss']:.4f}  "
+            f"misclassified {logs['misclassified_pixel_fraction']:.4f}"
+        )
 
     def draw(self, text):
         redraw(self.stream, text)

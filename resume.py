@@ -35,10 +35,11 @@ class ResumeError(InputError):
 
 # --- resuming ---------------------------------------------------------------------------------
 
+
 def restore_model(run_dir, config):
     """(compiled model with its optimizer state, completed epochs) from the run's last checkpoint.
     A checkpoint of a run with --ema holds the averaged weights as the net's and the trained ones
-    in the optimizer's average (callbacks.AveragedWeights): they are swapped back to train on."""
+    in the optimizer's average (unet.AveragedWeights): they are swapped back to train on."""
     path = Path(run_dir) / LAST
     try:
         model = keras.models.load_model(path)
@@ -47,10 +48,14 @@ def restore_model(run_dir, config):
         try:
             keras.models.load_model(best)
         except Exception:
-            raise ResumeError(f"{path} is unreadable ({type(error).__name__}), and so is {best}: the run cannot be "
-                              "resumed; start a new one") from None
-        raise ResumeError(f"{path} is unreadable ({type(error).__name__}), but {best} is whole: to continue from the "
-                          f"run's best epoch, copy it over (cp {best} {path}) and resume again") from None
+            raise ResumeError(
+                f"{path} is unreadable ({type(error).__name__}), and so is {best}: the run cannot be "
+                "resumed; start a new one"
+            ) from None
+        raise ResumeError(
+            f"{path} is unreadable ({type(error).__name__}), but {best} is whole: to continue from the "
+            f"run's best epoch, copy it over (cp {best} {path}) and resume again"
+        ) from None
     if unet.averages_weights(model):
         unet.swap_averaged_weights(model)
     return model, int(model.optimizer.iterations.numpy()) // config["steps_per_epoch"]
@@ -62,8 +67,9 @@ def cut_event_files(run_dir, epoch, step):
     epoch-indexed summaries of epoch `epoch` on, step-indexed ones after `step`, and a record a
     kill cut short. Each file is rewritten atomically, so a kill or a full disk during the cut
     leaves files that a second --resume cuts the same way."""
-    for path in sorted(path for directory in rundir.event_directories(run_dir)
-                       for path in directory.glob("events.out.tfevents.*")):
+    for path in sorted(
+        path for directory in rundir.event_directories(run_dir) for path in directory.glob("events.out.tfevents.*")
+    ):
         records = list(RawEventFileLoader(str(path)).Load())
         kept = [record for record in records if written_before(event_pb2.Event.FromString(record), epoch, step)]
         if len(kept) == len(records) and path.stat().st_size == sum(len(record) + 16 for record in records):
@@ -74,8 +80,10 @@ def cut_event_files(run_dir, epoch, step):
                 for record in kept:
                     writer.write(record)
         except OSError as error:
-            raise ResumeError(f"cannot rewrite {path} ({error.strerror}): free some space, then resume the run "
-                              "again (nothing was lost)") from None
+            raise ResumeError(
+                f"cannot rewrite {path} ({error.strerror}): free some space, then resume the run "
+                "again (nothing was lost)"
+            ) from None
 
 
 def written_before(event, epoch, step):

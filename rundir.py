@@ -53,7 +53,9 @@ def writable_directory(logdir):
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise InputError(f"cannot create a run directory in {logdir} ({existing} is a file): choose a writable --logdir")
+        raise InputError(
+            f"cannot create a run directory in {logdir} ({existing} is a file): choose a writable --logdir"
+        )
     if why := why_not_writable(existing / "run"):
         raise InputError(f"cannot create a run directory in {logdir} ({why}): choose a writable --logdir")
 
@@ -70,7 +72,9 @@ def create(logdir, name):
             except FileExistsError:
                 continue
     except OSError as error:
-        raise InputError(f"cannot create a run directory in {logdir} ({error.strerror}): choose a writable --logdir") from None
+        raise InputError(
+            f"cannot create a run directory in {logdir} ({error.strerror}): choose a writable --logdir"
+        ) from None
     raise InputError(f"{logdir} already holds 9999 runs named {name}: choose another --logdir")
 
 
@@ -124,11 +128,14 @@ def read_config(run_dir):
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise InputError(f"{path} is unreadable ({getattr(error, 'strerror', None) or error}): "
-                         "restore it, or move the run out of the way") from None
+        raise InputError(
+            f"{path} is unreadable ({getattr(error, 'strerror', None) or error}): "
+            "restore it, or move the run out of the way"
+        ) from None
     if not isinstance(config, dict):
-        raise InputError(f"{path} holds no settings (a JSON {type(config).__name__}): restore it, or move the run "
-                         "out of the way")
+        raise InputError(
+            f"{path} holds no settings (a JSON {type(config).__name__}): restore it, or move the run out of the way"
+        )
     return config
 
 
@@ -146,8 +153,11 @@ def checkpoint_step(path):
     import h5py  # Keras' own dependency, light: no TensorFlow
 
     try:
-        with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as stored, \
-                h5py.File(stored, "r") as weights:
+        with (
+            zipfile.ZipFile(path) as archive,
+            archive.open("model.weights.h5") as stored,
+            h5py.File(stored, "r") as weights,
+        ):
             return int(weights["optimizer/vars/0"][()])
     except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile):
         return None
@@ -185,7 +195,9 @@ def refuse_a_linked_lock(run_dir):
     by --resume, and by `locked`, which never follows one)."""
     path = Path(run_dir) / LOCK
     if path.is_symlink():
-        raise InputError(f"{path} is a symbolic link, not the run's lock file: remove it (rm {path}), then resume the run")
+        raise InputError(
+            f"{path} is a symbolic link, not the run's lock file: remove it (rm {path}), then resume the run"
+        )
 
 
 @contextlib.contextmanager

@@ -20,7 +20,19 @@ import settings
 from cli import InputError
 from summaries import EPOCH_TAG, EVALUATION_TAG
 
-HYPERPARAMETERS = ("loss", "lr", "ema", "filters", "dropout", "crop", "batch_size", "epochs", "steps_per_epoch", "precision", "seed")
+HYPERPARAMETERS = (
+    "loss",
+    "lr",
+    "ema",
+    "filters",
+    "dropout",
+    "crop",
+    "batch_size",
+    "epochs",
+    "steps_per_epoch",
+    "precision",
+    "seed",
+)
 
 
 def hyperparameters(config):
@@ -31,8 +43,12 @@ def hyperparameters(config):
 
 def git_commit():
     """'<commit>' or '<commit> (uncommitted changes)' of this project, or why there is none."""
+
     def git(*arguments):
-        return subprocess.run(["git", *arguments], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+        return subprocess.run(
+            ["git", *arguments], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+
     try:
         head, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.TimeoutExpired):
@@ -45,8 +61,13 @@ def git_commit():
 def provenance():
     """Versions and code a run used, for config.json and the Text tab."""
     return {
-        "versions": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
-                     "tensorboard": tensorboard.__version__, "numpy": np.__version__},
+        "versions": {
+            "python": platform.python_version(),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "tensorboard": tensorboard.__version__,
+            "numpy": np.__version__,
+        },
         "git_commit": git_commit(),
     }
 
@@ -58,20 +79,33 @@ def data_record(args, run_inputs):
     paths = {name: getattr(args, name) for name in settings.PATHS}
     paths.update(images=run_inputs.images_path, labels=run_inputs.labels_path)
     absolute = {name: None if path is None else str(Path(path).absolute()) for name, path in paths.items()}
-    return {**absolute, "image_scaling": run_inputs.stacks.scaling.describe(),
-            "data_files": {"images": absolute["images"], "images_sha256": run_inputs.sha256["images"],
-                           "labels": absolute["labels"], "labels_sha256": run_inputs.sha256["labels"]}}
+    return {
+        **absolute,
+        "image_scaling": run_inputs.stacks.scaling.describe(),
+        "data_files": {
+            "images": absolute["images"],
+            "images_sha256": run_inputs.sha256["images"],
+            "labels": absolute["labels"],
+            "labels_sha256": run_inputs.sha256["labels"],
+        },
+    }
 
 
 def run_config(args, run_inputs, command, setup):
     """A new run's config.json: the flags as resolved, the data and split (`run_inputs`,
     inputs.RunInputs), the directory and `command` that started it, the machine `setup`
     (distribute.machine_setup) and its provenance."""
-    return {**{name: value for name, value in vars(args).items() if name not in settings.COMMAND_FLAGS},
-            "mirror": run_inputs.mirror, **setup,
-            "train_slices": run_inputs.train_indices, "val_slices": run_inputs.val_indices,
-            "started_in": str(Path.cwd()), "command": command,
-            **provenance(), **data_record(args, run_inputs)}
+    return {
+        **{name: value for name, value in vars(args).items() if name not in settings.COMMAND_FLAGS},
+        "mirror": run_inputs.mirror,
+        **setup,
+        "train_slices": run_inputs.train_indices,
+        "val_slices": run_inputs.val_indices,
+        "started_in": str(Path.cwd()),
+        "command": command,
+        **provenance(),
+        **data_record(args, run_inputs),
+    }
 
 
 def markdown_table(rows):
@@ -80,34 +114,54 @@ def markdown_table(rows):
 
 def run_documents(config):
     """Markdown for the Text tab, one document per tag."""
-    settings = {key: value for key, value in config.items()
-                if key not in ("command", "versions", "data_files", "git_commit", "train_slices", "val_slices")}
+    settings = {
+        key: value
+        for key, value in config.items()
+        if key not in ("command", "versions", "data_files", "git_commit", "train_slices", "val_slices")
+    }
     return {
         "run/command": f"    {config['command']}",
         "run/configuration": markdown_table(settings),
         "run/versions": markdown_table({**config["versions"], "project commit": config["git_commit"]}),
-        "run/data": markdown_table({**config["data_files"],
-                                    "image scaling": config.get("image_scaling", {}).get("rule", "unknown"),
-                                    "labels polarity": config.get("labels_polarity", "cells-high")}),
-        "run/split": markdown_table({"training slices": cli.index_list_text(config["train_slices"]),
-                                     "validation slices": cli.index_list_text(config["val_slices"])}),
+        "run/data": markdown_table(
+            {
+                **config["data_files"],
+                "image scaling": config.get("image_scaling", {}).get("rule", "unknown"),
+                "labels polarity": config.get("labels_polarity", "cells-high"),
+            }
+        ),
+        "run/split": markdown_table(
+            {
+                "training slices": cli.index_list_text(config["train_slices"]),
+                "validation slices": cli.index_list_text(config["val_slices"]),
+            }
+        ),
     }
 
 
 # --- reading runs back ------------------------------------------------------------------------
 
 COLUMN_NAMES = {"misclassified_pixel_fraction": "mpf", "v_rand": "v_rand"}  # of the scores in settings.BEST_SCORES
-COLUMNS = ("run", "loss", "lr", "steps", *(f"{which}_val_{COLUMN_NAMES[name]}" for name in settings.BEST_SCORES
-                                             for which in ("best", "last")), "last_val_loss", "last_val_dice")
+COLUMNS = (
+    "run",
+    "loss",
+    "lr",
+    "steps",
+    *(f"{which}_val_{COLUMN_NAMES[name]}" for name in settings.BEST_SCORES for which in ("best", "last")),
+    "last_val_loss",
+    "last_val_dice",
+)
 
 
 def read_scalars(directory):
     """{tag: [(step, value)]} of the scalar summaries in one TensorBoard run directory."""
     accumulator = event_accumulator.EventAccumulator(str(directory), size_guidance={event_accumulator.TENSORS: 0})
     accumulator.Reload()
-    return {tag: [(event.step, float(tf.make_ndarray(event.tensor_proto))) for event in accumulator.Tensors(tag)]
-            for tag in accumulator.Tags()[event_accumulator.TENSORS]
-            if accumulator.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"}
+    return {
+        tag: [(event.step, float(tf.make_ndarray(event.tensor_proto))) for event in accumulator.Tensors(tag)]
+        for tag in accumulator.Tags()[event_accumulator.TENSORS]
+        if accumulator.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"
+    }
 
 
 def reached(run_dir):
@@ -116,8 +170,11 @@ def reached(run_dir):
     where it has them."""
     directory = Path(run_dir) / rundir.VALIDATION
     validation = read_scalars(directory) if directory.is_dir() else {}
-    reached = {name: better(value for _, value in validation[EPOCH_TAG.format(name)])
-               for name, (better, _) in settings.BEST_SCORES.items() if validation.get(EPOCH_TAG.format(name))}
+    reached = {
+        name: better(value for _, value in validation[EPOCH_TAG.format(name)])
+        for name, (better, _) in settings.BEST_SCORES.items()
+        if validation.get(EPOCH_TAG.format(name))
+    }
     if validation.get(EPOCH_TAG.format("v_rand_threshold")):
         reached["v_rand_threshold"] = validation[EPOCH_TAG.format("v_rand_threshold")][-1][1]
     return reached
@@ -131,8 +188,12 @@ def run_row(run_dir):
     config = rundir.read_config(run_dir)
     validation = read_scalars(run_dir / rundir.VALIDATION) if (run_dir / rundir.VALIDATION).is_dir() else {}
     evaluations = validation.get(EVALUATION_TAG.format("loss"), [])
-    row = {"run": run_dir.name, "loss": config.get("loss", "?"), "lr": config.get("lr", "?"),
-           "steps": evaluations[-1][0] if evaluations else 0}
+    row = {
+        "run": run_dir.name,
+        "loss": config.get("loss", "?"),
+        "lr": config.get("lr", "?"),
+        "steps": evaluations[-1][0] if evaluations else 0,
+    }
     for name, (better, _) in settings.BEST_SCORES.items():
         values = [value for _, value in validation.get(EPOCH_TAG.format(name), [])]
         row[f"best_val_{COLUMN_NAMES[name]}"] = better(values) if values else float("nan")
@@ -159,6 +220,9 @@ def summarize(logdir):
 def format_table(rows):
     def cell(value):
         return f"{value:.4g}" if isinstance(value, float) else str(value)
+
     table = [COLUMNS] + [tuple(cell(row[column]) for column in COLUMNS) for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip() for line in table)
+    return "\n".join(
+        "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip() for line in table
+    )

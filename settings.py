@@ -24,8 +24,10 @@ LABEL_POLARITIES = ("cells-high", "membranes-high")
 # run that never scores it (--eval-every 0) is checkpointed by the second. (In the learning-speed
 # trials the misclassified fraction's best epoch was not V_rand's: 0.0921 at V_rand 0.959, against
 # 0.0947 at 0.974.)
-BEST_SCORES = {"v_rand": (max, "best validation V_rand"),
-               "misclassified_pixel_fraction": (min, "best validation misclassified-pixel fraction")}
+BEST_SCORES = {
+    "v_rand": (max, "best validation V_rand"),
+    "misclassified_pixel_fraction": (min, "best validation misclassified-pixel fraction"),
+}
 CHECKPOINT_SCORE, CHECKPOINT_SCORE_WITHOUT_ISBI = BEST_SCORES
 
 # Flag sets for a whole recipe (--preset), each flag given on the command line overriding its value.

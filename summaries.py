@@ -34,15 +34,15 @@ GRAPH_TAG = "unet"
 PR_CURVE_TAG = "membrane_pr"
 SLICE_GROUP = "slice_{:02d}"  # the images of one shown validation slice, by its index in the stack
 
-BATCH_GROUP = "train_batch"   # the loss and metrics of single training batches
+BATCH_GROUP = "train_batch"  # the loss and metrics of single training batches
 SHOWN_GROUP = "shown_slices"  # scalars over the slices shown as images
 WEIGHTS_GROUP = "unet/weights"
 ACTIVATIONS_GROUP = "unet/activations"
 
-FALSE_MEMBRANE_RGB = (1.0, 0.0, 1.0)   # magenta: membrane predicted where the label says cell
+FALSE_MEMBRANE_RGB = (1.0, 0.0, 1.0)  # magenta: membrane predicted where the label says cell
 MISSED_MEMBRANE_RGB = (0.0, 1.0, 0.0)  # green: label says membrane, prediction says cell
-MERGE_RGB = (1.0, 0.5, 0.0)            # orange: one segment over two or more true cells
-SPLIT_RGB = (0.0, 0.45, 1.0)           # blue: one true cell cut into two or more segments
+MERGE_RGB = (1.0, 0.5, 0.0)  # orange: one segment over two or more true cells
+SPLIT_RGB = (0.0, 0.45, 1.0)  # blue: one true cell cut into two or more segments
 ERROR_OPACITY = 0.75
 TOPOLOGY_OPACITY = 0.6
 # EM texture barely compresses: 16 grey levels under the colours keep the structure recognisable
@@ -68,7 +68,10 @@ def topology_overlay(segments, true_cells, merging_segments, split_cells):
     shades = np.random.default_rng(0).uniform(0.45, 0.9, segments.max() + 1)
     shades[0] = 0.0
     overlay = np.repeat(shades[segments][..., np.newaxis], 3, axis=-1)
-    for wrong, colour in ((np.isin(segments, merging_segments), MERGE_RGB), (np.isin(true_cells, split_cells), SPLIT_RGB)):
+    for wrong, colour in (
+        (np.isin(segments, merging_segments), MERGE_RGB),
+        (np.isin(true_cells, split_cells), SPLIT_RGB),
+    ):
         overlay[wrong] = (1 - TOPOLOGY_OPACITY) * overlay[wrong] + TOPOLOGY_OPACITY * np.asarray(colour)
     return overlay
 
@@ -89,9 +92,11 @@ def sample_values(array, size=ACTIVATION_SAMPLE):
 def scalars(tag, values):
     """A summaries function for SummaryWriters.write: each of `values` ({name: value}) as a
     scalar tagged `tag.format(name)`."""
+
     def write():
         for name, value in values.items():
             tf.summary.scalar(tag.format(name), value)
+
     return write
 
 
@@ -119,8 +124,13 @@ class ShownSlices:
     @classmethod
     def of(cls, indices, images, labels, weights=None):
         """From (slices, H, W) `images` in [0, 1] and {0, 1} `labels`."""
-        return cls(list(indices), images[..., np.newaxis], labels[..., np.newaxis].astype(np.float32),
-                   [true_cells_of(label) for label in labels], weights)
+        return cls(
+            list(indices),
+            images[..., np.newaxis],
+            labels[..., np.newaxis].astype(np.float32),
+            [true_cells_of(label) for label in labels],
+            weights,
+        )
 
 
 def write_shown_slices(shown, probabilities, v_rand_threshold):
@@ -130,41 +140,60 @@ def write_shown_slices(shown, probabilities, v_rand_threshold):
     `merges_and_splits` per slice, and the misclassified fraction, merges and splits over them."""
     step = tf.summary.experimental.get_step()
     probabilities = probabilities[..., np.newaxis]
-    tf.summary.scalar(f"{SHOWN_GROUP}/misclassified_pixel_fraction",
-                      np.mean(misclassified_pixel_fraction(shown.labels, probabilities)),
-                      description="Misclassified-pixel fraction on the slices shown as images.")
+    tf.summary.scalar(
+        f"{SHOWN_GROUP}/misclassified_pixel_fraction",
+        np.mean(misclassified_pixel_fraction(shown.labels, probabilities)),
+        description="Misclassified-pixel fraction on the slices shown as images.",
+    )
     merges = splits = 0
     for position, index in enumerate(shown.indices):
         group = SLICE_GROUP.format(index)
         if step == 0:
-            tf.summary.image(f"{group}/input", shown.images[position:position + 1])
-            tf.summary.image(f"{group}/label", shown.labels[position:position + 1])
+            tf.summary.image(f"{group}/input", shown.images[position : position + 1])
+            tf.summary.image(f"{group}/label", shown.labels[position : position + 1])
             if shown.weights is not None:
                 weights = shown.weights[position]
-                tf.summary.image(f"{group}/loss_weights", (weights / weights.max())[np.newaxis, ..., np.newaxis],
-                                 description=f"The loss weight of each pixel (the U-Net paper's weight map), "
-                                             f"black 0 to white {weights.max():.1f}: the class balance plus a "
-                                             f"border term on membrane between close cells.")
+                tf.summary.image(
+                    f"{group}/loss_weights",
+                    (weights / weights.max())[np.newaxis, ..., np.newaxis],
+                    description=f"The loss weight of each pixel (the U-Net paper's weight map), "
+                    f"black 0 to white {weights.max():.1f}: the class balance plus a "
+                    f"border term on membrane between close cells.",
+                )
         probability = probabilities[position, ..., 0]
-        tf.summary.image(f"{group}/prediction", probabilities[position:position + 1],
-                         description="Probability of cell: black 0, white 1.")
+        tf.summary.image(
+            f"{group}/prediction",
+            probabilities[position : position + 1],
+            description="Probability of cell: black 0, white 1.",
+        )
         overlay = error_overlay(shown.images[position, ..., 0], shown.labels[position, ..., 0], probability)
-        tf.summary.image(f"{group}/error", overlay[np.newaxis],
-                         description="Errors on the EM slice: magenta = false membrane, green = missed membrane.")
+        tf.summary.image(
+            f"{group}/error",
+            overlay[np.newaxis],
+            description="Errors on the EM slice: magenta = false membrane, green = missed membrane.",
+        )
         # In double precision, as the challenge's scorer compares (metrics.isbi_scores_by_threshold).
         segments = thinned_segments(probability.astype(np.float64) > v_rand_threshold)
         merging_segments, split_cells = merges_and_splits(shown.true_cells[position], segments)
         merges, splits = merges + len(merging_segments), splits + len(split_cells)
-        tf.summary.image(f"{group}/merges_and_splits",
-                         topology_overlay(segments, shown.true_cells[position], merging_segments, split_cells)[np.newaxis],
-                         description="The cells the ISBI scorer sees in the prediction (grey, black 1-pixel "
-                                     "borders) at the best V_rand threshold of the latest evaluation: orange = a "
-                                     "segment that merges true cells (missing membrane), blue = a true cell split "
-                                     "into segments (false membrane). Both cost V_rand.")
-    tf.summary.scalar(f"{SHOWN_GROUP}/merges", merges,
-                      description="Segments that merge two or more true cells, over the shown slices.")
-    tf.summary.scalar(f"{SHOWN_GROUP}/splits", splits,
-                      description="True cells split into two or more segments, over the shown slices.")
+        tf.summary.image(
+            f"{group}/merges_and_splits",
+            topology_overlay(segments, shown.true_cells[position], merging_segments, split_cells)[np.newaxis],
+            description="The cells the ISBI scorer sees in the prediction (grey, black 1-pixel "
+            "borders) at the best V_rand threshold of the latest evaluation: orange = a "
+            "segment that merges true cells (missing membrane), blue = a true cell split "
+            "into segments (false membrane). Both cost V_rand.",
+        )
+    tf.summary.scalar(
+        f"{SHOWN_GROUP}/merges",
+        merges,
+        description="Segments that merge two or more true cells, over the shown slices.",
+    )
+    tf.summary.scalar(
+        f"{SHOWN_GROUP}/splits",
+        splits,
+        description="True cells split into two or more segments, over the shown slices.",
+    )
 
 
 def write_activations_and_pr_curve(activations, labels, probabilities):
@@ -173,9 +202,13 @@ def write_activations_and_pr_curve(activations, labels, probabilities):
     for name, values in activations.items():
         tf.summary.histogram(f"{ACTIVATIONS_GROUP}/{name}", values)
     membrane = labels[..., 0] < THRESHOLD
-    curve = pr_curve_summary.pb(PR_CURVE_TAG, labels=membrane, predictions=1.0 - probabilities,
-                                num_thresholds=PR_THRESHOLDS,
-                                description="Precision and recall of membrane at thresholds of 1 - p(cell).")
+    curve = pr_curve_summary.pb(
+        PR_CURVE_TAG,
+        labels=membrane,
+        predictions=1.0 - probabilities,
+        num_thresholds=PR_THRESHOLDS,
+        description="Precision and recall of membrane at thresholds of 1 - p(cell).",
+    )
     tf.summary.experimental.write_raw_pb(curve.SerializeToString(), step=tf.summary.experimental.get_step())
 
 
@@ -184,13 +217,21 @@ def write_graph(graph_def):
     under GRAPH_TAG), at step 0."""
     run_metadata = config_pb2.RunMetadata()
     run_metadata.function_graphs.add().pre_optimization_graph.ParseFromString(graph_def.SerializeToString())
-    summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(
-        tag=GRAPH_TAG, tensor=tensor_util.make_tensor_proto([run_metadata.SerializeToString()]),
-        metadata=summary_pb2.SummaryMetadata(
-            # content "1": the version of TensorFlow's own graph summary, which the Graphs tab insists on.
-            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=graph_metadata.PLUGIN_NAME_RUN_METADATA_WITH_GRAPH,
-                                                               content=b"1"),
-            data_class=summary_pb2.DATA_CLASS_BLOB_SEQUENCE))])
+    summary = summary_pb2.Summary(
+        value=[
+            summary_pb2.Summary.Value(
+                tag=GRAPH_TAG,
+                tensor=tensor_util.make_tensor_proto([run_metadata.SerializeToString()]),
+                metadata=summary_pb2.SummaryMetadata(
+                    # content "1": the version of TensorFlow's own graph summary, which the Graphs tab insists on.
+                    plugin_data=summary_pb2.SummaryMetadata.PluginData(
+                        plugin_name=graph_metadata.PLUGIN_NAME_RUN_METADATA_WITH_GRAPH, content=b"1"
+                    ),
+                    data_class=summary_pb2.DATA_CLASS_BLOB_SEQUENCE,
+                ),
+            )
+        ]
+    )
     tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=0)
 
 
@@ -211,8 +252,10 @@ def write_run(trial_id, hyperparameters, documents):
     """What the run was, at step 0: the `hyperparameters` for the HParams tab (with the metrics it
     shows for every run), the markdown `documents` ({tag: text}) for the Text tab and the Custom
     Scalars layout (comparison_layout)."""
-    hp.hparams_config(hparams=[hp.HParam(name) for name in hyperparameters],
-                      metrics=[hp.Metric(tag, group=group or None, display_name=name) for group, tag, name in HPARAMS_METRICS])
+    hp.hparams_config(
+        hparams=[hp.HParam(name) for name in hyperparameters],
+        metrics=[hp.Metric(tag, group=group or None, display_name=name) for group, tag, name in HPARAMS_METRICS],
+    )
     hp.hparams(hyperparameters, trial_id=trial_id)
     for name, markdown in documents.items():
         tf.summary.text(name, markdown)
@@ -223,27 +266,45 @@ def write_run(trial_id, hyperparameters, documents):
 def comparison_layout():
     """The Custom Scalars tab's dashboard: one chart per question, every run on it, all against the
     global training step. TensorBoard merges the layouts that the runs of a logdir carry."""
+
     def chart(title, *tags):
-        return layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(
-            tag=[f"^{tag}$" for tag in tags]))
+        return layout_pb2.Chart(
+            title=title, multiline=layout_pb2.MultilineChartContent(tag=[f"^{tag}$" for tag in tags])
+        )
 
     evaluation = EVALUATION_TAG.format
-    return layout_pb2.Layout(category=[
-        layout_pb2.Category(title="Which run learns better (validation slices, against the training step)", chart=[
-            chart("misclassified-pixel fraction (lower is better)", evaluation("misclassified_pixel_fraction")),
-            chart("V_rand, the ISBI challenge's main score (higher is better)", evaluation("v_rand")),
-            chart("V_info (higher is better)", evaluation("v_info")),
-            chart("pixel error, 1 - best F-score of cells (lower is better)", evaluation("pixel_error")),
-            chart("loss: training batches and validation", f"{BATCH_GROUP}/loss", evaluation("loss")),
-            chart("learning rate", f"{BATCH_GROUP}/learning_rate"),
-        ]),
-        layout_pb2.Category(title="Where the net is wrong (slices shown as images)", chart=[
-            chart("merges (missing membrane) and splits (false membrane)", f"{SHOWN_GROUP}/merges", f"{SHOWN_GROUP}/splits"),
-            chart("misclassified-pixel fraction", f"{SHOWN_GROUP}/misclassified_pixel_fraction"),
-        ]),
-        layout_pb2.Category(title="Training batches, each alone", closed=True, chart=[
-            chart("misclassified-pixel fraction", f"{BATCH_GROUP}/misclassified_pixel_fraction"),
-            chart("membrane Dice", f"{BATCH_GROUP}/membrane_dice"),
-            chart("accuracy", f"{BATCH_GROUP}/accuracy"),
-        ]),
-    ])
+    return layout_pb2.Layout(
+        category=[
+            layout_pb2.Category(
+                title="Which run learns better (validation slices, against the training step)",
+                chart=[
+                    chart("misclassified-pixel fraction (lower is better)", evaluation("misclassified_pixel_fraction")),
+                    chart("V_rand, the ISBI challenge's main score (higher is better)", evaluation("v_rand")),
+                    chart("V_info (higher is better)", evaluation("v_info")),
+                    chart("pixel error, 1 - best F-score of cells (lower is better)", evaluation("pixel_error")),
+                    chart("loss: training batches and validation", f"{BATCH_GROUP}/loss", evaluation("loss")),
+                    chart("learning rate", f"{BATCH_GROUP}/learning_rate"),
+                ],
+            ),
+            layout_pb2.Category(
+                title="Where the net is wrong (slices shown as images)",
+                chart=[
+                    chart(
+                        "merges (missing membrane) and splits (false membrane)",
+                        f"{SHOWN_GROUP}/merges",
+                        f"{SHOWN_GROUP}/splits",
+                    ),
+                    chart("misclassified-pixel fraction", f"{SHOWN_GROUP}/misclassified_pixel_fraction"),
+                ],
+            ),
+            layout_pb2.Category(
+                title="Training batches, each alone",
+                closed=True,
+                chart=[
+                    chart("misclassified-pixel fraction", f"{BATCH_GROUP}/misclassified_pixel_fraction"),
+                    chart("membrane Dice", f"{BATCH_GROUP}/membrane_dice"),
+                    chart("accuracy", f"{BATCH_GROUP}/accuracy"),
+                ],
+            ),
+        ]
+    )

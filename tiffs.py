@@ -24,6 +24,7 @@ from skimage.measure import label as connected_components
 import settings
 from data import DEFAULT_DATA_DIR, DataError
 
+
 def sha256_of(path):
     """The SHA-256 of a file, streamed: a stack may be larger than memory."""
     digest = hashlib.sha256()
@@ -58,7 +59,7 @@ def refuse_truncated(path, tiff, warnings):
     cut = next((message for message in warnings if "invalid page offset" in message), None)
     if cut is None:
         for index, page in enumerate(tiff.pages):
-            ends = [offset + count for offset, count in zip(page.dataoffsets, page.databytecounts)]
+            ends = [offset + count for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True)]
             if ends and max(ends) > size:
                 cut = f"the pixels of page {index + 1} of {pages} end past the file's end"
                 break
@@ -87,10 +88,16 @@ def read_stack(path, memory_map_above=math.inf):
             if len(series) > 1:  # pages appended one by one, or several stacks in one file
                 if any("S" in s.axes for s in series):
                     raise DataError(f"{path} holds colour pixels: convert it to greyscale, one slice per page")
-                if len({(s.shape[-2:], s.dtype) for s in series}) > 1 or any(len(s.shape) not in (2, 3) for s in series):
-                    listed = ", ".join(f"{s.shape} {s.dtype}" for s in series[:3]) + (", ..." if len(series) > 3 else "")
-                    raise DataError(f"{path} holds {len(series)} image series of different shapes or types ({listed}): "
-                                    "save one stack of grey slices, one per page")
+                if len({(s.shape[-2:], s.dtype) for s in series}) > 1 or any(
+                    len(s.shape) not in (2, 3) for s in series
+                ):
+                    listed = ", ".join(f"{s.shape} {s.dtype}" for s in series[:3]) + (
+                        ", ..." if len(series) > 3 else ""
+                    )
+                    raise DataError(
+                        f"{path} holds {len(series)} image series of different shapes or types ({listed}): "
+                        "save one stack of grey slices, one per page"
+                    )
                 shape = (sum(1 if len(s.shape) == 2 else s.shape[0] for s in series), *series[0].shape[-2:])
                 axes = "IYX"
             memory_map = math.prod(shape) * np.dtype(dtype).itemsize > memory_map_above
@@ -99,8 +106,13 @@ def read_stack(path, memory_map_above=math.inf):
                     f"{path} holds its {shape[0]} slices as {len(series)} separate series, which cannot be "
                     "memory-mapped: save it as one stack, e.g. tifffile.imwrite(path, stack), or use --memmap off"
                 )
-            stack = None if memory_map else np.concatenate(
-                [s.asarray().reshape(-1, *s.shape[-2:]) for s in series]) if len(series) > 1 else series[0].asarray()
+            stack = (
+                None
+                if memory_map
+                else np.concatenate([s.asarray().reshape(-1, *s.shape[-2:]) for s in series])
+                if len(series) > 1
+                else series[0].asarray()
+            )
     except DataError:
         raise
     except Exception as error:  # tifffile raises several types for damaged files
@@ -110,15 +122,18 @@ def read_stack(path, memory_map_above=math.inf):
         ) from None
     if "S" in axes:
         # tifffile stores a (3, H, W) or (4, H, W) array as one RGB(A) page unless told it is grey.
-        slices = (f"; if these are {shape[axes.index('S')]} grey slices, write them with "
-                  "tifffile.imwrite(path, stack, photometric='minisblack')" if axes == "SYX" else "")
-        raise DataError(f"{path} holds colour pixels (axes {axes}): convert it to greyscale, one slice per page{slices}")
-    if len(shape) not in (2, 3):
-        raise DataError(
-            f"{path} has shape {shape}: expected grey slices, one per page "
-            "(pages x height x width)"
+        slices = (
+            f"; if these are {shape[axes.index('S')]} grey slices, write them with "
+            "tifffile.imwrite(path, stack, photometric='minisblack')"
+            if axes == "SYX"
+            else ""
         )
-    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or dtype == bool):
+        raise DataError(
+            f"{path} holds colour pixels (axes {axes}): convert it to greyscale, one slice per page{slices}"
+        )
+    if len(shape) not in (2, 3):
+        raise DataError(f"{path} has shape {shape}: expected grey slices, one per page (pages x height x width)")
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.bool_)):
         raise DataError(f"{path} holds {dtype} pixels: save grey values as integers or real floats")
     if memory_map:
         stack = memory_mapped(path)
@@ -147,8 +162,10 @@ def refuse_non_finite(page, index, path):
     """DataError naming the first NaN or infinite value of slice `index`, if it has one."""
     if np.issubdtype(page.dtype, np.floating) and not np.all(np.isfinite(page)):
         row, column = np.argwhere(~np.isfinite(page))[0]
-        raise DataError(f"{path} holds {page[row, column]} at slice {index}, row {row}, column {column}: "
-                        "replace the values that are not finite (e.g. by the slice's median) and save it again")
+        raise DataError(
+            f"{path} holds {page[row, column]} at slice {index}, row {row}, column {column}: "
+            "replace the values that are not finite (e.g. by the slice's median) and save it again"
+        )
 
 
 PERCENTILES = (1.0, 99.8)  # CSBDeep's and StarDist's defaults
@@ -201,9 +218,12 @@ class ImageScaling:
         if np.issubdtype(stack.dtype, np.floating) and 0 <= low and high <= 1:
             return cls(0.0, 1.0, f"{stack.dtype} values in [0, 1]: as stored")
         bottom, top = (float(value) for value in np.percentile(np.concatenate(sample), PERCENTILES))
-        return cls(bottom, (top - bottom) or 1.0,
-                   f"{stack.dtype} values from {low:g} to {high:g}: percentiles {PERCENTILES[0]:g} to "
-                   f"{PERCENTILES[1]:g} ({bottom:g} to {top:g}) scaled to [0, 1]")
+        return cls(
+            bottom,
+            (top - bottom) or 1.0,
+            f"{stack.dtype} values from {low:g} to {high:g}: percentiles {PERCENTILES[0]:g} to "
+            f"{PERCENTILES[1]:g} ({bottom:g} to {top:g}) scaled to [0, 1]",
+        )
 
 
 def label_values(stack, path):
@@ -216,8 +236,10 @@ def label_values(stack, path):
     extremes = np.array(extremes)
     low, high = extremes[:, 0].min(), extremes[:, 1].max()
     if low == high:
-        raise DataError(f"{path} holds the value {low:g} only: a mask needs both cell and membrane pixels "
-                        "(e.g. 255 = cell, 0 = membrane)")
+        raise DataError(
+            f"{path} holds the value {low:g} only: a mask needs both cell and membrane pixels "
+            "(e.g. 255 = cell, 0 = membrane)"
+        )
     high_counts = []
     for index, labels in enumerate(stack):
         if np.any((labels != low) & (labels != high)):
@@ -293,20 +315,22 @@ def load_training_stacks(images_path, labels_path, memory_map_above=math.inf, po
     images, labels = read_stack(images_path, memory_map_above), read_stack(labels_path, memory_map_above)
     # A mask has two values; grey slices, many (more than a mask of a few classes would have).
     if len(np.unique(images[0])) <= 2 and len(np.unique(labels[0])) > 16:
-        raise DataError(f"{images_path} looks like masks (two values) and {labels_path} like images: are --images and "
-                        "--labels swapped?")
+        raise DataError(
+            f"{images_path} looks like masks (two values) and {labels_path} like images: are --images and "
+            "--labels swapped?"
+        )
     if len(images) != len(labels):
         raise DataError(
-            f"{images_path} has {len(images)} slices but {labels_path} has {len(labels)}: "
-            "give one mask per image slice"
+            f"{images_path} has {len(images)} slices but {labels_path} has {len(labels)}: give one mask per image slice"
         )
     if images.shape != labels.shape:
         raise DataError(
             f"slices of {images_path} are {images.shape[1:]} but masks in {labels_path} are "
             f"{labels.shape[1:]}: image and mask slices must have the same height and width"
         )
-    return TrainingStacks(images, labels, *cell_value(labels, labels_path, polarity),
-                          scaling or ImageScaling.of(images, images_path))
+    return TrainingStacks(
+        images, labels, *cell_value(labels, labels_path, polarity), scaling or ImageScaling.of(images, images_path)
+    )
 
 
 def check_masks(stacks, train_indices, val_indices, labels_path):
@@ -316,8 +340,9 @@ def check_masks(stacks, train_indices, val_indices, labels_path):
         cells = stacks.cell_pixels[index]
         missing = "membrane" if cells == math.prod(stacks.slice_shape) else "cell" if cells == 0 else None
         if missing and index in val_indices:
-            raise DataError(f"validation slice {index} of {labels_path} has no {missing}: its scores would mean "
-                            "nothing; choose other --val-slices")
+            raise DataError(
+                f"validation slice {index} of {labels_path} has no {missing}: its scores would mean "
+                "nothing; choose other --val-slices"
+            )
         if missing:
             print(f"warning: training slice {index} of {labels_path} has no {missing}", file=sys.stderr)
-

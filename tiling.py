@@ -46,7 +46,9 @@ def predict_slice(model, image, tile=DEFAULT_TILE):
     """
     height, width = image.shape
     if height + 2 * CONTEXT <= tile and width + 2 * CONTEXT <= tile:
-        return predict_batch(model, with_context(image)[np.newaxis])[0, CONTEXT:CONTEXT + height, CONTEXT:CONTEXT + width]
+        return predict_batch(model, with_context(image)[np.newaxis])[
+            0, CONTEXT : CONTEXT + height, CONTEXT : CONTEXT + width
+        ]
     margin = tile // 8
     core = tile - 2 * margin
     rows, columns = round_up(height, core), round_up(width, core)
@@ -54,10 +56,12 @@ def predict_slice(model, image, tile=DEFAULT_TILE):
     corners = [(top, left) for top in range(0, rows, core) for left in range(0, columns, core)]
     probabilities = np.empty((rows, columns), np.float32)
     for start in range(0, len(corners), TILE_BATCH):
-        batch = corners[start:start + TILE_BATCH]
-        tiles = predict_batch(model, np.stack([padded[top:top + tile, left:left + tile] for top, left in batch]))
-        for (top, left), tile_probabilities in zip(batch, tiles):
-            probabilities[top:top + core, left:left + core] = tile_probabilities[margin:margin + core, margin:margin + core]
+        batch = corners[start : start + TILE_BATCH]
+        tiles = predict_batch(model, np.stack([padded[top : top + tile, left : left + tile] for top, left in batch]))
+        for (top, left), tile_probabilities in zip(batch, tiles, strict=True):
+            probabilities[top : top + core, left : left + core] = tile_probabilities[
+                margin : margin + core, margin : margin + core
+            ]
     return probabilities[:height, :width]
 
 
@@ -76,8 +80,14 @@ def predict_stack(model, images, tile=DEFAULT_TILE, tta=False, progress=None):
     probabilities = np.empty(images.shape, np.float32)
     for index, image in enumerate(images):
         probabilities[index] = np.mean(
-            [undo_dihedral(predict_slice(model, np.ascontiguousarray(dihedral(image, flip, turns)), tile), flip, turns)
-             for flip, turns in transforms], axis=0)
+            [
+                undo_dihedral(
+                    predict_slice(model, np.ascontiguousarray(dihedral(image, flip, turns)), tile), flip, turns
+                )
+                for flip, turns in transforms
+            ],
+            axis=0,
+        )
         if progress:
             progress.update(index + 1)
     return probabilities

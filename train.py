@@ -38,6 +38,7 @@ TENSORBOARD_PORT = 6006  # TensorBoard's default
 
 # --- before TensorFlow: the run to resume ---------------------------------------------------------
 
+
 def resumable_config(run_dir):
     """The config.json of a run that --resume can continue."""
     config = rundir.read_config(run_dir)
@@ -45,8 +46,10 @@ def resumable_config(run_dir):
     rundir.refuse_a_linked_lock(run_dir)
     rundir.refuse_if_being_trained(run_dir)
     if not (Path(run_dir) / rundir.LAST).is_file():
-        raise cli.InputError(f"{run_dir} has no {rundir.LAST}: it stopped before its first epoch ended (or an older "
-                             "train.py ran it); start it anew")
+        raise cli.InputError(
+            f"{run_dir} has no {rundir.LAST}: it stopped before its first epoch ended (or an older "
+            "train.py ran it); start it anew"
+        )
     return config
 
 
@@ -55,18 +58,30 @@ def resumed_arguments(args, given, config):
     --memmap as given, and where its data is now if --data or --images and --labels are given
     (inputs.load checks that it is the run's data). Any other flag given, even at its default
     value, is refused."""
-    changed = sorted(f"--{name.replace('_', '-')}" for name in given
-                     if name not in (*settings.COMMAND_FLAGS, *settings.RESUMABLE, *settings.DATA_LOCATIONS))
+    changed = sorted(
+        f"--{name.replace('_', '-')}"
+        for name in given
+        if name not in (*settings.COMMAND_FLAGS, *settings.RESUMABLE, *settings.DATA_LOCATIONS)
+    )
     if changed:
-        raise cli.InputError(f"--resume continues a run with its own settings: drop {' '.join(changed)} "
-                             "(start a new run to change them)")
-    if "data" in given and rundir.recorded_path(config, "images") != rundir.recorded_path(config, "data") / data.TRAIN_IMAGES:
-        raise cli.InputError(f"{args.resume} trained on stacks of its own, not ISBI 2012 in a --data directory: give "
-                             "where they are now with --images and --labels")
+        raise cli.InputError(
+            f"--resume continues a run with its own settings: drop {' '.join(changed)} (start a new run to change them)"
+        )
+    if (
+        "data" in given
+        and rundir.recorded_path(config, "images") != rundir.recorded_path(config, "data") / data.TRAIN_IMAGES
+    ):
+        raise cli.InputError(
+            f"{args.resume} trained on stacks of its own, not ISBI 2012 in a --data directory: give "
+            "where they are now with --images and --labels"
+        )
     # --data: ISBI 2012 is now there; --images or --labels: that stack is now there.
     moved = given & set(settings.DATA_LOCATIONS) | ({"images", "labels"} if "data" in given else set())
-    kept = {name for name in vars(args) if name in config and name not in moved and name not in given
-            and name not in settings.COMMAND_FLAGS}
+    kept = {
+        name
+        for name in vars(args)
+        if name in config and name not in moved and name not in given and name not in settings.COMMAND_FLAGS
+    }
     # Settings a run's config.json lacks (added to train.py after it started) keep their defaults, or
     # what the run had in effect where that differs.
     resumed = {**vars(args), **settings.BEFORE_IT_EXISTED, **{name: config[name] for name in kept}}
@@ -79,6 +94,7 @@ def resumed_arguments(args, given, config):
 
 # --- the run ------------------------------------------------------------------------------------
 
+
 def stopped(error, run_dir, chief, new_run, lost_worker):
     """What to raise for `error`, raised while the run trained: one line that says how to go on.
     `lost_worker` is what the cluster lost if the error says so (distribute.lost_worker). A new run
@@ -88,30 +104,47 @@ def stopped(error, run_dir, chief, new_run, lost_worker):
     removed = chief and new_run and not checkpoint and isinstance(error, (KeyboardInterrupt, cli.InputError, OSError))
     if removed:
         shutil.rmtree(run_dir, ignore_errors=True)
-    go_on = (f"continue the run from its last checkpoint with --resume {run_dir}" if checkpoint
-             else f"no epoch of {run_dir} had ended, so nothing was kept: start the run again" if removed
-             else "it stopped before its first epoch ended: start it again")
+    go_on = (
+        f"continue the run from its last checkpoint with --resume {run_dir}"
+        if checkpoint
+        else f"no epoch of {run_dir} had ended, so nothing was kept: start the run again"
+        if removed
+        else "it stopped before its first epoch ended: start it again"
+    )
     if lost_worker:
-        return cli.Stopped(f"the cluster lost a worker ({lost_worker}); "
-                           + (go_on + (" on every worker" if checkpoint else "") if chief else "the chief says how to go on"))
+        return cli.Stopped(
+            f"the cluster lost a worker ({lost_worker}); "
+            + (go_on + (" on every worker" if checkpoint else "") if chief else "the chief says how to go on")
+        )
     if isinstance(error, KeyboardInterrupt):
         return cli.Interrupted(go_on)
     if isinstance(error, OSError):
-        return cli.InputError(f"cannot write in {run_dir} ({error.strerror or error}): free some space or fix its "
-                              f"permissions; {go_on}")
+        return cli.InputError(
+            f"cannot write in {run_dir} ({error.strerror or error}): free some space or fix its permissions; {go_on}"
+        )
     return error
 
 
 def print_start(run, run_inputs, logdir, chief, worker_logdir):
     config = run.config
-    print(f"device: {config['device']}; precision {config['precision']}, XLA {'on' if config['jit_compile'] else 'off'}")
+    print(
+        f"device: {config['device']}; precision {config['precision']}, XLA {'on' if config['jit_compile'] else 'off'}"
+    )
     print(f"distribution: {config['distribution']}; global batch {config['global_batch_size']} crops")
-    print(f"slices: {len(run_inputs.train_indices)} training, validation {cli.index_list_text(run_inputs.val_indices)} "
-          f"of {len(run_inputs.stacks)} in {run_inputs.images_path}" + (" (memory-mapped)" if isinstance(run_inputs.stacks.images, np.memmap) else ""))
+    print(
+        f"slices: {len(run_inputs.train_indices)} training, validation {cli.index_list_text(run_inputs.val_indices)} "
+        f"of {len(run_inputs.stacks)} in {run_inputs.images_path}"
+        + (" (memory-mapped)" if isinstance(run_inputs.stacks.images, np.memmap) else "")
+    )
     if chief:
-        print(f"run directory: {run.directory}" + (f" (resumed after epoch {run.initial_epoch})" if run.initial_epoch else ""))
-        print(f"watch it with: tensorboard --logdir {logdir}, then open "
-              f"http://localhost:{TENSORBOARD_PORT}/#custom_scalars to compare the runs")
+        print(
+            f"run directory: {run.directory}"
+            + (f" (resumed after epoch {run.initial_epoch})" if run.initial_epoch else "")
+        )
+        print(
+            f"watch it with: tensorboard --logdir {logdir}, then open "
+            f"http://localhost:{TENSORBOARD_PORT}/#custom_scalars to compare the runs"
+        )
     else:
         print(f"this worker logs to {worker_logdir}, removed at the end; the chief writes the run")
 
@@ -137,8 +170,13 @@ def train(args, given, command):
     if config is not None:
         args = resumed_arguments(args, given, config)
         # A run started before a setting existed records what it runs with (HParams reads them all).
-        config.update({name: value for name, value in vars(args).items()
-                       if name not in config and name not in settings.COMMAND_FLAGS})
+        config.update(
+            {
+                name: value
+                for name, value in vars(args).items()
+                if name not in config and name not in settings.COMMAND_FLAGS
+            }
+        )
     args.epochs = args.epochs or settings.DEFAULT_EPOCHS
     if config is not None:  # a finished run is told so now, not after TensorFlow has loaded
         step = rundir.checkpoint_step(Path(args.resume) / rundir.LAST)
@@ -176,7 +214,9 @@ def train(args, given, command):
                     run = rundir.Run(rundir.start(logdir, rundir.run_name(args.loss, args.lr), config), config)
                 held.enter_context(rundir.locked(run.directory if new_run else args.resume))
                 if args.resume is None:
-                    run.model = unet.compiled_unet(args.filters, args.loss, args.lr, setup["jit_compile"], args.ema, args.dropout)
+                    run.model = unet.compiled_unet(
+                        args.filters, args.loss, args.lr, setup["jit_compile"], args.ema, args.dropout
+                    )
                 elif chief:
                     # Where the run and its data are now, and with --accept-new-data what the data is.
                     config.update(run_dir=str(Path(args.resume).absolute()), **runs.data_record(args, run_inputs))
@@ -196,22 +236,41 @@ def train(args, given, command):
             # cannot shuffle a tf.data pipeline). verbose=0: ProgressLine in place of Keras' bar, before
             # for_run's callbacks so that an epoch's line is out before the watcher tells its scores.
             run.model.fit(
-                distribute.training_batches(strategy, run_inputs.crops(args.batch_size, args.crop, args.seed, args.loss),
-                                            args.steps_per_epoch, run.initial_epoch),
-                epochs=args.epochs, initial_epoch=run.initial_epoch, steps_per_epoch=args.steps_per_epoch, shuffle=False,
-                verbose=0, callbacks=[callbacks.StopBetweenSteps(), progress,
-                                      *callbacks.for_run(args, run, run_inputs, stop, runs.hyperparameters(run.config),
-                                                         runs.run_documents(run.config), watching, epoch_logs,
-                                                         progress.validated)])
+                distribute.training_batches(
+                    strategy,
+                    run_inputs.crops(args.batch_size, args.crop, args.seed, args.loss),
+                    args.steps_per_epoch,
+                    run.initial_epoch,
+                ),
+                epochs=args.epochs,
+                initial_epoch=run.initial_epoch,
+                steps_per_epoch=args.steps_per_epoch,
+                shuffle=False,
+                verbose=0,
+                callbacks=[
+                    callbacks.StopBetweenSteps(),
+                    progress,
+                    *callbacks.for_run(
+                        args,
+                        run,
+                        run_inputs,
+                        stop,
+                        runs.hyperparameters(run.config),
+                        runs.run_documents(run.config),
+                        watching,
+                        epoch_logs,
+                        progress.validated,
+                    ),
+                ],
+            )
     except BaseException as error:
-        if cli.interrupted():
-            error = KeyboardInterrupt()
+        cause = KeyboardInterrupt() if cli.interrupted() else error
         if run is None:  # nothing of the run is on disk yet
-            raise error from None
+            raise cause from None
         if progress is not None:
             progress.end_line()
         files.remove_partial_files([run.directory])  # a checkpoint candidate the stop cut short
-        raise stopped(error, run.directory, chief, new_run, distribute.lost_worker(error)) from None
+        raise stopped(cause, run.directory, chief, new_run, distribute.lost_worker(cause)) from None
     if not chief:
         if stop.message:
             raise cli.Stopped(f"{stop.message}; the chief says how to go on")
@@ -219,8 +278,10 @@ def train(args, given, command):
         return None
     if stop.message:
         if (run.directory / rundir.LAST).is_file():
-            raise cli.Stopped(f"{stop.message}; the last good checkpoint, {run.directory / rundir.LAST}, is kept: "
-                              f"lower --lr and start again, or continue from it with --resume {run.directory}")
+            raise cli.Stopped(
+                f"{stop.message}; the last good checkpoint, {run.directory / rundir.LAST}, is kept: "
+                f"lower --lr and start again, or continue from it with --resume {run.directory}"
+            )
         raise cli.Stopped(f"{stop.message}, before any epoch ended: start again with a lower --lr")
     print_end(run, epoch_logs)
     return run.directory
@@ -234,7 +295,11 @@ def print_summary(logdir):
 
     rows, unreadable = runs.summarize(logdir)
     if not rows:
-        raise unreadable[0] if unreadable else cli.InputError(f"no runs in {logdir}: give the --logdir of your training runs")
+        raise (
+            unreadable[0]
+            if unreadable
+            else cli.InputError(f"no runs in {logdir}: give the --logdir of your training runs")
+        )
     print(runs.format_table(rows))
     for error in unreadable:  # one damaged run does not hide the others
         cli.say("train.py", "skipped", error)

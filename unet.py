@@ -19,15 +19,23 @@ from settings import DEPTH
 def block_outputs(depth=DEPTH):
     """The names of the layers that end each block (a level's second convolution) and the
     output, from the top of the encoder down and back up."""
-    return ([f"enc{level}_conv2" for level in range(1, depth + 1)] + ["bottleneck_conv2"]
-            + [f"dec{level}_conv2" for level in range(depth, 0, -1)] + ["output"])
+    return (
+        [f"enc{level}_conv2" for level in range(1, depth + 1)]
+        + ["bottleneck_conv2"]
+        + [f"dec{level}_conv2" for level in range(depth, 0, -1)]
+        + ["output"]
+    )
 
 
 def conv_block(x, filters, prefix):
     for i in (1, 2):
         x = layers.Conv2D(
-            filters, 3, padding="same", activation="relu",
-            kernel_initializer="he_normal", name=f"{prefix}_conv{i}",
+            filters,
+            3,
+            padding="same",
+            activation="relu",
+            kernel_initializer="he_normal",
+            name=f"{prefix}_conv{i}",
         )(x)
     return x
 
@@ -60,11 +68,12 @@ def build_unet(filters=64, depth=DEPTH, channels=1, dropout=0.0):
 def compiled_unet(filters, loss, lr, jit_compile, ema=0.0, dropout=0.0):
     """A new U-Net compiled for training: Adam at `lr`, the loss named `loss` (metrics.LOSSES) and
     the training metrics. With `ema` > 0 Adam also keeps an exponential moving average of the
-    weights at that momentum (callbacks.AveragedWeights shows it to validation and checkpoints)."""
+    weights at that momentum (AveragedWeights shows it to validation and checkpoints)."""
     model = build_unet(filters=filters, dropout=dropout)
     optimizer = keras.optimizers.Adam(lr, **({"use_ema": True, "ema_momentum": ema} if ema else {}))
-    model.compile(optimizer=optimizer, loss=metrics.LOSSES[loss], metrics=metrics.training_metrics(),
-                  jit_compile=jit_compile)
+    model.compile(
+        optimizer=optimizer, loss=metrics.LOSSES[loss], metrics=metrics.training_metrics(), jit_compile=jit_compile
+    )
     # Now rather than inside the first training step, where Keras (without a tf.distribute strategy)
     # would create the optimizer's variables: a tf.function that creates variables is traced twice.
     model.optimizer.build(model.trainable_variables)
@@ -76,8 +85,9 @@ def swap_averaged_weights(model):
     compiled with `ema` > 0). Keras has no public access to the average except its
     SwapEMAWeights callback, which at the last epoch also overwrites the average; this is the one
     place that reads the optimizer's private list of averages (guarded by test_resume)."""
-    for variable, average in zip(model.trainable_variables, adam_of(model)._model_variables_moving_average,
-                                 strict=True):
+    for variable, average in zip(
+        model.trainable_variables, adam_of(model)._model_variables_moving_average, strict=True
+    ):
         value = keras.ops.convert_to_numpy(variable)
         variable.assign(average)
         average.assign(value)
@@ -105,6 +115,31 @@ def in_float32(model):
     if precision(model) == "float32":
         return model
     copy = keras.models.clone_model(
-        model, clone_function=lambda layer: layer.__class__.from_config({**layer.get_config(), "dtype": "float32"}))
+        model, clone_function=lambda layer: layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
+    )
     copy.set_weights(model.get_weights())
     return copy
+
+
+class AveragedWeights(keras.callbacks.Callback):
+    """With `--ema`: from each epoch's end to the next epoch's start the net holds the moving
+    average of its weights, and the optimizer the weights it trains, so that everything the epoch
+    end writes (scores, images, histograms, checkpoints) is of the averaged net. Must come before
+    every callback that reads the net. Training itself never sees the average: each epoch swaps
+    the weights back first."""
+
+    def __init__(self):
+        super().__init__()
+        self.swapped = False
+
+    def swap(self):
+        swap_averaged_weights(self.model)
+        self.swapped = not self.swapped
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.swapped:
+            self.swap()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.swapped:
+            self.swap()

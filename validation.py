@@ -52,8 +52,9 @@ class ValidationPass(keras.callbacks.Callback):
         self._activations = {}
 
     def on_train_begin(self, logs=None):
-        self._forward = forward_pass(keras.Model(self.model.inputs, [self.model.get_layer(name).output
-                                                                     for name in block_outputs()]))
+        self._forward = forward_pass(
+            keras.Model(self.model.inputs, [self.model.get_layer(name).output for name in block_outputs()])
+        )
 
     def probabilities(self, positions=None):
         """(slices, H, W) float32 cell probabilities of the slices at `positions` (all by default)
@@ -71,8 +72,10 @@ class ValidationPass(keras.callbacks.Callback):
         """{block name (unet.block_outputs): ACTIVATION_SAMPLE sampled output values of the shown
         slices} under the weights of the current step."""
         self.probabilities(self.shown)
-        return {name: np.concatenate([self._activations[position][name] for position in self.shown])
-                for name in block_outputs()}
+        return {
+            name: np.concatenate([self._activations[position][name] for position in self.shown])
+            for name in block_outputs()
+        }
 
     def predict(self, position):
         image = self.images[position]
@@ -89,8 +92,10 @@ class ValidationPass(keras.callbacks.Callback):
         self._probabilities[position] = within_slice(outputs[-1])[..., 0].astype(np.float32)
         if position in self.shown:
             share = ACTIVATION_SAMPLE // len(self.shown)
-            self._activations[position] = {name: sample_values(within_slice(output), share)
-                                           for name, output in zip(block_outputs(), outputs)}
+            self._activations[position] = {
+                name: sample_values(within_slice(output), share)
+                for name, output in zip(block_outputs(), outputs, strict=True)
+            }
 
 
 class Validation(keras.callbacks.Callback):

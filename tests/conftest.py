@@ -89,15 +89,19 @@ def read_events(directory):
         for event in EventFileLoader(str(path)).Load():
             for value in event.summary.value:
                 if value.metadata.plugin_data.plugin_name:
-                    plugins.setdefault(value.tag, (value.metadata.plugin_data.plugin_name, value.metadata.plugin_data.content))
+                    plugins.setdefault(
+                        value.tag, (value.metadata.plugin_data.plugin_name, value.metadata.plugin_data.content)
+                    )
                 series.setdefault(value.tag, []).append((event.step, tensor_util.make_ndarray(value.tensor)))
     return series, plugins
 
 
 def runs_in(logdir):
     """{TensorBoard run name: directory} of the directories under `logdir` that hold event files."""
-    return {str(path.parent.relative_to(logdir)).replace(os.sep, "/"): path.parent
-            for path in sorted(Path(logdir).rglob("events.out.tfevents.*"))}
+    return {
+        str(path.parent.relative_to(logdir)).replace(os.sep, "/"): path.parent
+        for path in sorted(Path(logdir).rglob("events.out.tfevents.*"))
+    }
 
 
 def cells_and_membranes(pages, height=64, width=64, spacing=8):
@@ -107,8 +111,24 @@ def cells_and_membranes(pages, height=64, width=64, spacing=8):
     return ((rows % spacing != 0) & (columns % spacing != 0)).astype(np.uint8) * 255
 
 
-TINY = ["--filters", "4", "--crop", "64", "--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "2",
-        "--image-every", "2", "--update-freq", "2", "--precision", "float32"]
+TINY = [
+    "--filters",
+    "4",
+    "--crop",
+    "64",
+    "--epochs",
+    "2",
+    "--steps-per-epoch",
+    "3",
+    "--batch-size",
+    "2",
+    "--image-every",
+    "2",
+    "--update-freq",
+    "2",
+    "--precision",
+    "float32",
+]
 TINY_STEPS = 2 * 3
 
 
@@ -121,6 +141,24 @@ def two_run_logdir(tmp_path_factory, isbi_dir):
 
     logdir = tmp_path_factory.mktemp("logs")
     for loss, eval_every, ema in (("bce", "1", "0"), ("wbce", "2", "0.9")):
-        assert train.main(TINY + ["--loss", loss, "--lr", "1e-3", "--eval-every", eval_every, "--ema", ema,
-                                  "--data", str(isbi_dir), "--logdir", str(logdir)]) == 0
+        assert (
+            train.main(
+                TINY
+                + [
+                    "--loss",
+                    loss,
+                    "--lr",
+                    "1e-3",
+                    "--eval-every",
+                    eval_every,
+                    "--ema",
+                    ema,
+                    "--data",
+                    str(isbi_dir),
+                    "--logdir",
+                    str(logdir),
+                ]
+            )
+            == 0
+        )
     return logdir

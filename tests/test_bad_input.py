@@ -31,20 +31,32 @@ def truncated(tmp_path, isbi_dir):
 
 
 def page_counts_differ(tmp_path, isbi_dir):
-    return ["--images", str(write_stack(tmp_path / "i.tif", cells_and_membranes(4))),
-            "--labels", str(write_stack(tmp_path / "l.tif", cells_and_membranes(3)))]
+    return [
+        "--images",
+        str(write_stack(tmp_path / "i.tif", cells_and_membranes(4))),
+        "--labels",
+        str(write_stack(tmp_path / "l.tif", cells_and_membranes(3))),
+    ]
 
 
 def slice_shapes_differ(tmp_path, isbi_dir):
-    return ["--images", str(write_stack(tmp_path / "i.tif", cells_and_membranes(4))),
-            "--labels", str(write_stack(tmp_path / "l.tif", cells_and_membranes(4, width=80)))]
+    return [
+        "--images",
+        str(write_stack(tmp_path / "i.tif", cells_and_membranes(4))),
+        "--labels",
+        str(write_stack(tmp_path / "l.tif", cells_and_membranes(4, width=80))),
+    ]
 
 
 def labels_not_binary(tmp_path, isbi_dir):
     labels = cells_and_membranes(4)
     labels[:, :, 3] = 128
-    return ["--images", str(write_stack(tmp_path / "i.tif", cells_and_membranes(4))),
-            "--labels", str(write_stack(tmp_path / "l.tif", labels))]
+    return [
+        "--images",
+        str(write_stack(tmp_path / "i.tif", cells_and_membranes(4))),
+        "--labels",
+        str(write_stack(tmp_path / "l.tif", labels)),
+    ]
 
 
 def crop_larger_than_a_slice(tmp_path, isbi_dir):
@@ -56,15 +68,30 @@ def validation_slice_out_of_range(tmp_path, isbi_dir):
 
 
 def no_training_slice_left(tmp_path, isbi_dir):
-    return ["--images", str(write_stack(tmp_path / "i.tif", cells_and_membranes(2))),
-            "--labels", str(write_stack(tmp_path / "l.tif", cells_and_membranes(2))), "--val-slices", "0,1",
-            "--crop", "64"]
+    return [
+        "--images",
+        str(write_stack(tmp_path / "i.tif", cells_and_membranes(2))),
+        "--labels",
+        str(write_stack(tmp_path / "l.tif", cells_and_membranes(2))),
+        "--val-slices",
+        "0,1",
+        "--crop",
+        "64",
+    ]
 
 
 def compressed_stack_to_memory_map(tmp_path, isbi_dir):
     tifffile.imwrite(tmp_path / "z.tif", cells_and_membranes(4), photometric="minisblack", compression="zlib")
-    return ["--images", str(tmp_path / "z.tif"), "--labels", str(write_stack(tmp_path / "l.tif", cells_and_membranes(4))),
-            "--memmap", "on", "--crop", "64"]
+    return [
+        "--images",
+        str(tmp_path / "z.tif"),
+        "--labels",
+        str(write_stack(tmp_path / "l.tif", cells_and_membranes(4))),
+        "--memmap",
+        "on",
+        "--crop",
+        "64",
+    ]
 
 
 def images_and_labels_swapped(tmp_path, isbi_dir):
@@ -78,13 +105,24 @@ def a_directory_as_images(tmp_path, isbi_dir):
 def three_slices_stored_as_rgb(tmp_path, isbi_dir):
     # As tifffile before 2026 stored (3, H, W) unless told: one page of separate RGB planes.
     tifffile.imwrite(tmp_path / "i.tif", cells_and_membranes(3), photometric="rgb", planarconfig="separate")
-    return ["--images", str(tmp_path / "i.tif"), "--labels", str(write_stack(tmp_path / "l.tif", cells_and_membranes(3)))]
+    return [
+        "--images",
+        str(tmp_path / "i.tif"),
+        "--labels",
+        str(write_stack(tmp_path / "l.tif", cells_and_membranes(3))),
+    ]
 
 
 def one_slice(tmp_path, isbi_dir):
     tifffile.imwrite(tmp_path / "i.tif", cells_and_membranes(1)[0])  # a 2-D TIFF
-    return ["--images", str(tmp_path / "i.tif"), "--labels", str(write_stack(tmp_path / "l.tif", cells_and_membranes(1))),
-            "--crop", "64"]
+    return [
+        "--images",
+        str(tmp_path / "i.tif"),
+        "--labels",
+        str(write_stack(tmp_path / "l.tif", cells_and_membranes(1))),
+        "--crop",
+        "64",
+    ]
 
 
 def mirror_unreachable(tmp_path, isbi_dir):
@@ -105,8 +143,10 @@ CASES = [
     (mirror_unreachable, "could not fetch http://127.0.0.1:9/"),
     (images_and_labels_swapped, "train-labels.tif looks like masks (two values) and"),
     (a_directory_as_images, "is a directory: give the multi-page TIFF file itself"),
-    (three_slices_stored_as_rgb, "if these are 3 grey slices, write them with tifffile.imwrite(path, stack, "
-                                 "photometric='minisblack')"),
+    (
+        three_slices_stored_as_rgb,
+        "if these are 3 grey slices, write them with tifffile.imwrite(path, stack, photometric='minisblack')",
+    ),
     (one_slice, "the stack holds one slice: a run needs at least two"),
 ]
 

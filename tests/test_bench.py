@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 import bench
+import timing
 from unet import build_unet
 
 
@@ -22,7 +23,7 @@ def unet_forward_flops(filters, size, depth=4):
 
 @pytest.mark.parametrize("filters, size", [(4, 64), (16, 128), (64, 512)])
 def test_forward_flops_counted_from_the_layers_match_the_figure(filters, size):
-    assert bench.forward_flops_per_image(build_unet(filters), size) == unet_forward_flops(filters, size)
+    assert timing.forward_flops_per_image(build_unet(filters), size) == unet_forward_flops(filters, size)
 
 
 def test_reference_augmentation_gives_aligned_binary_crops():
@@ -42,20 +43,57 @@ def test_reference_augmentation_gives_aligned_binary_crops():
 # on two cores whatever the configuration.
 @pytest.mark.slow
 def test_bench_prints_every_measure_for_a_tiny_configuration(isbi_dir, capsys):
-    assert bench.main(["--filters", "4", "--crop", "64", "--batch-size", "2", "--steps-per-epoch", "3",
-                       "--timed-steps", "2", "--timed-epochs", "1", "--precision", "float32",
-                       "--data", str(isbi_dir)]) == 0
+    assert (
+        bench.main(
+            [
+                "--filters",
+                "4",
+                "--crop",
+                "64",
+                "--batch-size",
+                "2",
+                "--steps-per-epoch",
+                "3",
+                "--timed-steps",
+                "2",
+                "--timed-epochs",
+                "1",
+                "--precision",
+                "float32",
+                "--data",
+                str(isbi_dir),
+            ]
+        )
+        == 0
+    )
     table, said = capsys.readouterr()
     # What it measures, said as it starts each part: the full bench runs for minutes.
     assert said.splitlines()[0] == "bench.py: measuring the 3x3-convolution peak"
     assert len(said.splitlines()) == 7 and all(line.startswith("bench.py: measuring ") for line in said.splitlines())
-    for row in ("3x3 conv peak", "training FLOPs", "of the conv peak", "data pipeline alone", "no callbacks",
-                "overhead", "Validation", "ValidationSliceSummaries", "watcher, ", "all on the training thread",
-                "training thread blocked by watching", "waiting for room in the watcher's queue", "s of jobs timed alone",
-                "on the CPU time training left idle",
-                "on an accelerator", "the watcher keeps up while an epoch of 3 steps",
-                "what the step is made of", "With XLA on", "the seed article's loop, bare",
-                "with its image callback", "over the bare loop", "over the image-callback loop"):
+    for row in (
+        "3x3 conv peak",
+        "training FLOPs",
+        "of the conv peak",
+        "data pipeline alone",
+        "no callbacks",
+        "overhead",
+        "Validation",
+        "ValidationSliceSummaries",
+        "watcher, ",
+        "all on the training thread",
+        "training thread blocked by watching",
+        "waiting for room in the watcher's queue",
+        "s of jobs timed alone",
+        "on the CPU time training left idle",
+        "on an accelerator",
+        "the watcher keeps up while an epoch of 3 steps",
+        "what the step is made of",
+        "With XLA on",
+        "the seed article's loop, bare",
+        "with its image callback",
+        "over the bare loop",
+        "over the image-callback loop",
+    ):
         assert row in table, row
     assert "U-Net f=4, 64x64 crops, batch 2, float32" in table
 
@@ -63,8 +101,26 @@ def test_bench_prints_every_measure_for_a_tiny_configuration(isbi_dir, capsys):
 # Slow: the conv peak and the XLA-compiled step alone take most of a minute on two cores.
 @pytest.mark.slow
 def test_bench_step_only_measures_the_step_and_nothing_after_it(isbi_dir, capsys):
-    assert bench.main(["--filters", "4", "--crop", "64", "--batch-size", "2", "--timed-steps", "2", "--precision", "float32",
-                       "--data", str(isbi_dir), "--step-only"]) == 0
+    assert (
+        bench.main(
+            [
+                "--filters",
+                "4",
+                "--crop",
+                "64",
+                "--batch-size",
+                "2",
+                "--timed-steps",
+                "2",
+                "--precision",
+                "float32",
+                "--data",
+                str(isbi_dir),
+                "--step-only",
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "of the conv peak" in table and "what the step is made of" in table and "With XLA on" in table
     assert "fit on the pipeline" not in table and "reference" not in table

@@ -52,21 +52,38 @@ def test_training_summaries_batch_scalars_are_each_batchs_own_values(tmp_path):
     model = tiny_model()
     by_hand = keras.models.clone_model(model)
     by_hand.set_weights(model.get_weights())
-    by_hand.compile(optimizer=keras.optimizers.Adam(1e-2), loss=metrics.LOSSES["bce"], metrics=metrics.training_metrics())
+    by_hand.compile(
+        optimizer=keras.optimizers.Adam(1e-2), loss=metrics.LOSSES["bce"], metrics=metrics.training_metrics()
+    )
     epoch_logs = {}
     with watcher.running() as watching:
         writers = callbacks.SummaryWriters(tmp_path, watching)
-        model.fit(images, labels, batch_size=BATCH_SIZE, epochs=2, shuffle=False, verbose=0,
-                  callbacks=[logs_kept_in(epoch_logs), callbacks.TrainingSummaries(writers, epoch_logs, update_freq=1,
-                                                                                   histogram_freq=2), writers])
-    expected = [by_hand.train_on_batch(images[i:i + BATCH_SIZE], labels[i:i + BATCH_SIZE], return_dict=True)
-                for _ in range(2) for i in range(0, len(images), BATCH_SIZE)]
+        model.fit(
+            images,
+            labels,
+            batch_size=BATCH_SIZE,
+            epochs=2,
+            shuffle=False,
+            verbose=0,
+            callbacks=[
+                logs_kept_in(epoch_logs),
+                callbacks.TrainingSummaries(writers, epoch_logs, update_freq=1, histogram_freq=2),
+                writers,
+            ],
+        )
+    expected = [
+        by_hand.train_on_batch(images[i : i + BATCH_SIZE], labels[i : i + BATCH_SIZE], return_dict=True)
+        for _ in range(2)
+        for i in range(0, len(images), BATCH_SIZE)
+    ]
 
     written, _ = read_events(tmp_path / TRAIN)
     for name in ("loss", "misclassified_pixel_fraction", "membrane_dice", "accuracy"):
         series = written[f"train_batch/{name}"]
         assert [step for step, _ in series] == list(range(1, 2 * BATCHES + 1))
-        assert [float(value) for _, value in series] == pytest.approx([batch[name] for batch in expected], rel=1e-4, abs=1e-6)
+        assert [float(value) for _, value in series] == pytest.approx(
+            [batch[name] for batch in expected], rel=1e-4, abs=1e-6
+        )
     # Not the running means Keras reports: the epoch's mean differs from its last batch's own value.
     assert written["epoch_loss"][0][1] != pytest.approx(written["train_batch/loss"][BATCHES - 1][1], rel=1e-3)
     assert [step for step, _ in written["epoch_learning_rate"]] == [0, 1]
@@ -115,6 +132,7 @@ def test_merges_and_splits_image_paints_them_in_two_colours():
 
 # --- the other callbacks, each on its own, hooks called as Keras calls them ---------------------
 
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_model()
@@ -143,8 +161,18 @@ def test_validation_adds_the_loss_metrics_and_challenge_scores_of_the_whole_slic
     images, labels = slices()
     epoch_logs = {}
     with watcher.running() as watching:
-        scoring = attached(validation.Validation(watching, epoch_logs, validation_pass_of(model, images, [0]), labels,
-                                                   metrics.LOSSES["bce"], metrics.training_metrics(), 1), model)
+        scoring = attached(
+            validation.Validation(
+                watching,
+                epoch_logs,
+                validation_pass_of(model, images, [0]),
+                labels,
+                metrics.LOSSES["bce"],
+                metrics.training_metrics(),
+                1,
+            ),
+            model,
+        )
         scoring.on_epoch_end(0, {"loss": 0.5})
         scoring.isbi_every = 2
         scoring.on_epoch_end(1, {"loss": 0.5})  # not an evaluation epoch: the loss and metrics only
@@ -166,11 +194,23 @@ def test_the_validation_slices_go_through_the_net_once_per_training_step(tmp_pat
     epoch_logs = {}
     with watcher.running() as watching:
         writers = callbacks.SummaryWriters(tmp_path, watching)
-        scoring = attached(validation.Validation(watching, epoch_logs, validation_pass, labels, metrics.LOSSES["bce"],
-                                                   metrics.training_metrics(), 1), model)
-        slice_summaries = attached(callbacks.ValidationSliceSummaries(writers, epoch_logs, validation_pass,
-                                                                      summaries.ShownSlices.of([1, 7], images[[0, 2]], labels[[0, 2]]),
-                                                                image_every=3, histogram_every=1), model)
+        scoring = attached(
+            validation.Validation(
+                watching, epoch_logs, validation_pass, labels, metrics.LOSSES["bce"], metrics.training_metrics(), 1
+            ),
+            model,
+        )
+        slice_summaries = attached(
+            callbacks.ValidationSliceSummaries(
+                writers,
+                epoch_logs,
+                validation_pass,
+                summaries.ShownSlices.of([1, 7], images[[0, 2]], labels[[0, 2]]),
+                image_every=3,
+                histogram_every=1,
+            ),
+            model,
+        )
         slice_summaries.on_train_begin()
         assert len(calls) == 2  # the shown slices' images at step 0
         slice_summaries.on_epoch_begin(0)
@@ -192,9 +232,17 @@ def test_validation_slice_summaries_write_images_counts_and_histograms_into_vali
     epoch_logs = {0: {"loss": 0.5, "val_v_rand_threshold": 0.3}}
     with watcher.running() as watching:
         writers = callbacks.SummaryWriters(tmp_path, watching)
-        slice_summaries = attached(callbacks.ValidationSliceSummaries(writers, epoch_logs, validation_pass_of(model, images, [0, 1]),
-                                                                      summaries.ShownSlices.of([4, 9], images, labels),
-                                                                      image_every=1, histogram_every=1), model)
+        slice_summaries = attached(
+            callbacks.ValidationSliceSummaries(
+                writers,
+                epoch_logs,
+                validation_pass_of(model, images, [0, 1]),
+                summaries.ShownSlices.of([4, 9], images, labels),
+                image_every=1,
+                histogram_every=1,
+            ),
+            model,
+        )
         slice_summaries.on_train_begin()
         slice_summaries.on_epoch_end(0, epoch_logs[0])
         writers.on_epoch_end(0)
@@ -204,21 +252,30 @@ def test_validation_slice_summaries_write_images_counts_and_histograms_into_vali
     assert len(list((tmp_path / VALIDATION).glob("events.out.tfevents.*"))) == 1  # one file per directory and process
     written, plugins = read_events(tmp_path / VALIDATION)
     for index in (4, 9):
-        assert {f"slice_{index:02d}/{kind}" for kind in ("input", "label", "prediction", "error", "merges_and_splits")} <= set(written)
+        assert {
+            f"slice_{index:02d}/{kind}" for kind in ("input", "label", "prediction", "error", "merges_and_splits")
+        } <= set(written)
     assert slice_summaries.v_rand_threshold == 0.3
     assert {tag for tag, (plugin, _) in plugins.items() if plugin == "histograms"} == {
-        f"unet/activations/{name}" for name in unet.block_outputs()}
+        f"unet/activations/{name}" for name in unet.block_outputs()
+    }
     assert [step for step, _ in written["shown_slices/merges"]] == [0]
     assert plugins["membrane_pr/pr_curves"][0] == "pr_curves"
 
 
 def test_run_summary_writes_the_run_once_and_the_best_scores_each_epoch(model, tmp_path):
-    epoch_logs = {0: {"val_misclassified_pixel_fraction": 0.2, "val_v_rand": 0.8},
-                  1: {"val_misclassified_pixel_fraction": 0.1, "val_v_rand": 0.95}}
+    epoch_logs = {
+        0: {"val_misclassified_pixel_fraction": 0.2, "val_v_rand": 0.8},
+        1: {"val_misclassified_pixel_fraction": 0.1, "val_v_rand": 0.95},
+    }
     with watcher.running() as watching:
         writers = callbacks.SummaryWriters(tmp_path, watching)
-        summary = attached(callbacks.RunSummary(writers, epoch_logs, "trial", {"loss": "bce"},
-                                                {"run/command": "python train.py"}, {"v_rand": 0.9}), model)
+        summary = attached(
+            callbacks.RunSummary(
+                writers, epoch_logs, "trial", {"loss": "bce"}, {"run/command": "python train.py"}, {"v_rand": 0.9}
+            ),
+            model,
+        )
         summary.on_train_begin()
         for epoch, logs in epoch_logs.items():
             summary.on_epoch_end(epoch, logs)
@@ -231,9 +288,11 @@ def test_run_summary_writes_the_run_once_and_the_best_scores_each_epoch(model, t
 
 
 def test_checkpoints_keep_the_best_v_rand_and_the_last_finite_epoch_once_the_watcher_scored_it(model, tmp_path):
-    epoch_logs = {0: {"loss": 0.5, "val_v_rand": 0.8, "val_misclassified_pixel_fraction": 0.2},
-                  1: {"loss": 0.4, "val_v_rand": 0.7, "val_misclassified_pixel_fraction": 0.1},  # worse V_rand: last only
-                  2: {"loss": float("nan"), "val_v_rand": 0.9}}  # NaN: neither
+    epoch_logs = {
+        0: {"loss": 0.5, "val_v_rand": 0.8, "val_misclassified_pixel_fraction": 0.2},
+        1: {"loss": 0.4, "val_v_rand": 0.7, "val_misclassified_pixel_fraction": 0.1},  # worse V_rand: last only
+        2: {"loss": float("nan"), "val_v_rand": 0.9},
+    }  # NaN: neither
     scored = threading.Event()
     with watcher.running() as watching:
         checkpointing = attached(checkpoints.Checkpoints(watching, tmp_path, epoch_logs, "v_rand"), model)
@@ -274,9 +333,17 @@ def test_averaged_weights_show_the_epoch_end_the_moving_average_and_train_on_the
     recorder = keras.callbacks.LambdaCallback(
         on_train_batch_end=lambda batch, logs: trained.append(output_bias()),
         on_epoch_end=lambda epoch, logs: seen_at_epoch_end.append(output_bias()),
-        on_epoch_begin=lambda epoch, logs: seen_at_epoch_begin.append(output_bias()))
-    model.fit(images, labels, batch_size=BATCH_SIZE, epochs=2, shuffle=False, verbose=0,
-              callbacks=[callbacks.AveragedWeights(), recorder])
+        on_epoch_begin=lambda epoch, logs: seen_at_epoch_begin.append(output_bias()),
+    )
+    model.fit(
+        images,
+        labels,
+        batch_size=BATCH_SIZE,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[unet.AveragedWeights(), recorder],
+    )
 
     average, by_hand = trained[0], []  # Keras starts the average at the first step's weights
     for weights in trained[1:]:
@@ -301,8 +368,16 @@ def test_the_progress_line_on_a_terminal_is_redrawn_in_place_within_its_width(co
     fcntl.ioctl(terminal_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     with open(terminal_end, "w") as terminal:
         line = progress.ProgressLine(2, terminal)
-        model.fit(images, labels, batch_size=BATCH_SIZE, epochs=2, shuffle=False, verbose=0,
-                  validation_data=(images, labels), callbacks=[line, scores_told_to(line)])
+        model.fit(
+            images,
+            labels,
+            batch_size=BATCH_SIZE,
+            epochs=2,
+            shuffle=False,
+            verbose=0,
+            validation_data=(images, labels),
+            callbacks=[line, scores_told_to(line)],
+        )
     output = b""
     while select.select([controller], [], [], 5)[0]:
         try:
@@ -317,7 +392,7 @@ def test_the_progress_line_on_a_terminal_is_redrawn_in_place_within_its_width(co
     # The terminal turns each newline into \r\n; a lone \r returns to the line's start to redraw it.
     lines = output.decode().replace("\r\n", "\n").removesuffix("\n").split("\n")
     assert len(lines) == 4, lines  # per epoch: the live line, left as its last drawing, and the validation line
-    for epoch, (live, validation_line) in enumerate(zip(lines[::2], lines[1::2]), start=1):
+    for epoch, (live, validation_line) in enumerate(zip(lines[::2], lines[1::2], strict=True), start=1):
         drawings = [drawing.removesuffix("\x1b[K") for drawing in live.split("\r") if drawing]
         assert all(len(drawing) <= width for drawing in drawings), drawings
         assert drawings[-1].startswith(f"epoch {epoch}/2  step {BATCHES}/{BATCHES}  ")

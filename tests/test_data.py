@@ -15,8 +15,8 @@ import inputs
 import tiffs
 from conftest import cells_and_membranes
 
-
 # --- download ---------------------------------------------------------------------------------
+
 
 def test_download_writes_three_30_page_stacks_equal_to_the_pngs(isbi_dir, local_mirror):
     for tiff_name, source_dir in data.STACK_SOURCES.items():
@@ -90,6 +90,7 @@ def test_data_py_command_downloads_once(tmp_path, mirror_url, capsys):
 
 # --- reading stacks ---------------------------------------------------------------------------
 
+
 def write_stack(path, stack):
     tifffile.imwrite(path, stack, photometric="minisblack")
 
@@ -116,8 +117,11 @@ def test_colour_tiff_is_refused(tmp_path):
 def test_truncated_tiff_is_named(isbi_dir, tmp_path):
     truncated = tmp_path / "train-volume.tif"
     truncated.write_bytes((isbi_dir / "train-volume.tif").read_bytes()[:100_000])
-    with pytest.raises(data.DataError, match=r"train-volume.tif is truncated \(100000 bytes; page 2's directory is at "
-                                             r"byte \d+, past the end\): copy it again from its source"):
+    with pytest.raises(
+        data.DataError,
+        match=r"train-volume.tif is truncated \(100000 bytes; page 2's directory is at "
+        r"byte \d+, past the end\): copy it again from its source",
+    ):
         tiffs.read_stack(truncated)
 
 
@@ -154,14 +158,17 @@ def test_large_stacks_are_memory_mapped_and_read_the_same(tmp_path):
     labels = cells_and_membranes(3, 64, 80)
     write_stack(tmp_path / "labels.tif", labels)
     loaded = tiffs.load_training_stacks(tmp_path / "images.tif", tmp_path / "labels.tif")
-    mapped = tiffs.load_training_stacks(tmp_path / "images.tif", tmp_path / "labels.tif",
-                                       memory_map_above=images.nbytes - 1)
+    mapped = tiffs.load_training_stacks(
+        tmp_path / "images.tif", tmp_path / "labels.tif", memory_map_above=images.nbytes - 1
+    )
     assert isinstance(mapped.images, np.memmap) and isinstance(mapped.labels, np.memmap)
     assert not isinstance(loaded.images, np.memmap)
     for index in range(3):
         np.testing.assert_array_equal(mapped.image(index), loaded.image(index))
         np.testing.assert_array_equal(mapped.mask(index), labels[index] == 255)
-    crops = [batches.RandomCrops(stacks, [0, 2], batch_size=2, crop=32, seed=1).batch(1, 2) for stacks in (loaded, mapped)]
+    crops = [
+        batches.RandomCrops(stacks, [0, 2], batch_size=2, crop=32, seed=1).batch(1, 2) for stacks in (loaded, mapped)
+    ]
     np.testing.assert_array_equal(crops[0][0], crops[1][0])
 
 
@@ -172,6 +179,7 @@ def test_a_compressed_stack_cannot_be_memory_mapped(tmp_path):
 
 
 # --- split ------------------------------------------------------------------------------------
+
 
 def test_default_split_of_isbi_validates_on_three_spread_slices():
     training, validation = inputs.split_slices(30)
@@ -189,6 +197,7 @@ def test_split_rejects_out_of_range_and_leaves_a_training_slice():
 
 # --- augmentation -----------------------------------------------------------------------------
 
+
 def stripes_and_blobs(size=128):
     """A binary test pattern with no symmetry, so any misalignment shows."""
     rows, cols = np.mgrid[:size, :size]
@@ -204,8 +213,13 @@ def one_slice(image, mask):
 
 def in_memory(images, masks):
     """TrainingStacks of float images in [0, 1], taken as stored, and {0, 1} masks."""
-    return tiffs.TrainingStacks(images, masks, cell_value=1, cell_pixels=masks.sum(axis=(1, 2)),
-                               scaling=tiffs.ImageScaling(0.0, 1.0, "as stored"))
+    return tiffs.TrainingStacks(
+        images,
+        masks,
+        cell_value=1,
+        cell_pixels=masks.sum(axis=(1, 2)),
+        scaling=tiffs.ImageScaling(0.0, 1.0, "as stored"),
+    )
 
 
 def test_image_and_mask_stay_aligned_through_every_transform():
@@ -260,14 +274,18 @@ def test_crops_outside_the_slice_are_mirrored_in_as_scipy_does():
     coordinates = rng.uniform(-30, 80, size=(2, 16, 16))
     folded = batches.mirrored(coordinates, image.shape)
     assert folded.min() >= 0 and (folded.max(axis=(1, 2)) <= np.array([39, 55])).all()
-    np.testing.assert_allclose(ndimage.map_coordinates(image, folded, order=1, mode="nearest"),
-                               ndimage.map_coordinates(image, coordinates, order=1, mode="mirror"), atol=1e-6)
+    np.testing.assert_allclose(
+        ndimage.map_coordinates(image, folded, order=1, mode="nearest"),
+        ndimage.map_coordinates(image, coordinates, order=1, mode="mirror"),
+        atol=1e-6,
+    )
 
 
 def test_random_crops_are_reproducible_and_differ_between_batches_epochs_and_streams():
     images = np.random.default_rng(5).random((3, 96, 96), dtype=np.float32)
-    crops = batches.RandomCrops(in_memory(images, (images > 0.5).astype(np.uint8)), [0, 2],
-                             batch_size=2, crop=32, seed=7)
+    crops = batches.RandomCrops(
+        in_memory(images, (images > 0.5).astype(np.uint8)), [0, 2], batch_size=2, crop=32, seed=7
+    )
     x, y = crops.batch(epoch=0, index=1)
     assert x.shape == y.shape == (2, 32, 32, 1) and x.dtype == y.dtype == np.float32
     np.testing.assert_array_equal(crops.batch(0, 1)[0], x)
@@ -277,13 +295,17 @@ def test_random_crops_are_reproducible_and_differ_between_batches_epochs_and_str
 
 def test_replica_batches_take_each_replica_its_own_stream_in_order():
     images = np.random.default_rng(8).random((2, 64, 64), dtype=np.float32)
-    crops = batches.RandomCrops(in_memory(images, (images > 0.5).astype(np.uint8)), [0, 1],
-                             batch_size=2, crop=16, seed=3)
+    crops = batches.RandomCrops(
+        in_memory(images, (images > 0.5).astype(np.uint8)), [0, 1], batch_size=2, crop=16, seed=3
+    )
     # Worker 1 of 2 with 2 replicas each: its replicas are streams 2 and 3; from epoch 1 of 3-step epochs.
-    replica_batches = distribute.replica_batches(crops, steps_per_epoch=3, first_epoch=1, input_context=tf.distribute.InputContext(2, 1, 4), workers=2)
+    replica_batches = distribute.replica_batches(
+        crops, steps_per_epoch=3, first_epoch=1, input_context=tf.distribute.InputContext(2, 1, 4), workers=2
+    )
     elements = [images.numpy() for images, _ in replica_batches.take(8)]
-    expected = [crops.batch(epoch, index, stream)[0] for epoch, index in ((1, 0), (1, 1), (1, 2), (2, 0))
-                for stream in (2, 3)]
+    expected = [
+        crops.batch(epoch, index, stream)[0] for epoch, index in ((1, 0), (1, 1), (1, 2), (2, 0)) for stream in (2, 3)
+    ]
     for element, batch in zip(elements, expected, strict=True):
         np.testing.assert_array_equal(element, batch)
     # A single replica draws stream 0 from step 0.
@@ -299,6 +321,7 @@ def test_trim_to_multiple_keeps_the_centre():
 
 
 # --- the U-Net paper's loss weights ----------------------------------------------------------
+
 
 def test_border_weights_peak_between_two_close_cells_and_balance_the_classes():
     mask = np.zeros((40, 60), np.uint8)
@@ -319,8 +342,15 @@ def test_border_weights_peak_between_two_close_cells_and_balance_the_classes():
 def test_weights_stay_aligned_with_masks_through_every_transform():
     mask = stripes_and_blobs()
     weights = {0: mask.astype(np.float32)}  # weights that are the mask: after augmentation they must agree
-    crops = batches.RandomCrops(one_slice(np.random.default_rng(2).random(mask.shape, dtype=np.float32), mask), [0],
-                             batch_size=4, crop=64, seed=1, augmentation=SHAPE_ONLY, weights=weights)
+    crops = batches.RandomCrops(
+        one_slice(np.random.default_rng(2).random(mask.shape, dtype=np.float32), mask),
+        [0],
+        batch_size=4,
+        crop=64,
+        seed=1,
+        augmentation=SHAPE_ONLY,
+        weights=weights,
+    )
     for index in range(3):
         _, mask_crops, weight_crops = crops.batch(0, index)
         assert weight_crops.shape == mask_crops.shape == (4, 64, 64, 1)

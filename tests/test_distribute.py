@@ -30,8 +30,20 @@ sys.exit(train.main(sys.argv[1:]))
 
 
 def tiny_run_arguments(small_isbi_dir, logdir, strategy):
-    return TINY + ["--loss", "bce", "--lr", "1e-3", "--eval-every", "1", "--strategy", strategy,
-                   "--data", str(small_isbi_dir), "--logdir", str(logdir)]
+    return TINY + [
+        "--loss",
+        "bce",
+        "--lr",
+        "1e-3",
+        "--eval-every",
+        "1",
+        "--strategy",
+        strategy,
+        "--data",
+        str(small_isbi_dir),
+        "--logdir",
+        str(logdir),
+    ]
 
 
 def finished(processes):
@@ -48,8 +60,14 @@ def finished(processes):
 
 
 def start(arguments, **environment):
-    return subprocess.Popen([sys.executable, *arguments], cwd=ROOT, env={**os.environ, **environment},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, *arguments],
+        cwd=ROOT,
+        env={**os.environ, **environment},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def tags_by_part(logdir, run):
@@ -78,7 +96,9 @@ def free_ports(count):
 
 
 def test_two_devices_under_mirrored_strategy_log_what_one_device_logs(small_isbi_dir, two_run_logdir, tmp_path):
-    (code, output), = finished([start(["-c", ON_TWO_CPU_DEVICES, *tiny_run_arguments(small_isbi_dir, tmp_path, "mirrored")])])
+    ((code, output),) = finished(
+        [start(["-c", ON_TWO_CPU_DEVICES, *tiny_run_arguments(small_isbi_dir, tmp_path, "mirrored")])]
+    )
     assert code == 0, output
     assert "distribution: MirroredStrategy, 2 replicas; global batch 4 crops" in output
     config = json.loads((tmp_path / "bce_lr1e-3" / "config.json").read_text())
@@ -93,9 +113,13 @@ def test_two_devices_under_mirrored_strategy_log_what_one_device_logs(small_isbi
 @pytest.mark.slow
 def test_two_workers_train_one_run_that_only_the_chief_writes(small_isbi_dir, two_run_logdir, tmp_path):
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    processes = [start(["train.py", *tiny_run_arguments(small_isbi_dir, tmp_path, "multiworker")],
-                       TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
-                 for index in range(2)]
+    processes = [
+        start(
+            ["train.py", *tiny_run_arguments(small_isbi_dir, tmp_path, "multiworker")],
+            TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}),
+        )
+        for index in range(2)
+    ]
     (chief_code, chief_output), (worker_code, worker_output) = finished(processes)
     assert chief_code == 0, chief_output
     assert worker_code == 0, worker_output
@@ -115,20 +139,37 @@ def test_two_workers_train_one_run_that_only_the_chief_writes(small_isbi_dir, tw
 
 def test_a_lost_worker_stops_the_chief_with_one_line(small_isbi_dir, tmp_path):
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    arguments = TINY + ["--epochs", "50", "--strategy", "multiworker", "--data", str(small_isbi_dir), "--logdir", str(tmp_path)]
-    chief, worker = [start(["train.py", *arguments], PYTHONUNBUFFERED="1",
-                           TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
-                     for index in range(2)]
+    arguments = TINY + [
+        "--epochs",
+        "50",
+        "--strategy",
+        "multiworker",
+        "--data",
+        str(small_isbi_dir),
+        "--logdir",
+        str(tmp_path),
+    ]
+    chief, worker = [
+        start(
+            ["train.py", *arguments],
+            PYTHONUNBUFFERED="1",
+            TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}),
+        )
+        for index in range(2)
+    ]
     try:
         # Training has begun on both once the worker's callbacks have written the start of its run.
-        worker_logdir = next(Path(line.removeprefix("this worker logs to ").split(", removed at the end")[0])
-                             for line in worker.stdout if line.startswith("this worker logs to "))
+        worker_logdir = next(
+            Path(line.removeprefix("this worker logs to ").split(", removed at the end")[0])
+            for line in worker.stdout
+            if line.startswith("this worker logs to ")
+        )
         deadline = time.monotonic() + 240
         while not list(worker_logdir.glob(f"*/{rundir.VALIDATION}/events.out.tfevents.*")):
             assert time.monotonic() < deadline, "the worker's run did not start within 4 minutes"
             time.sleep(0.05)
         worker.kill()
-        (code, output), = finished([chief])
+        ((code, output),) = finished([chief])
     finally:
         worker.kill()
     assert code == 1, output

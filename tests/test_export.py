@@ -8,7 +8,6 @@ import zipfile
 
 import numpy as np
 import pytest
-
 from bioimageio.spec import load_model_description
 
 import export
@@ -33,8 +32,15 @@ def test_the_package_passes_bioimageio_cores_own_test(package, tmp_path, monkeyp
     summary = bioimageio.core.test_model(str(package))
     assert summary.status == "passed", summary.format()
     with zipfile.ZipFile(package) as archive:
-        assert sorted(archive.namelist()) == ["README.md", "cover.png", "rdf.yaml", "test-input.npy",
-                                              "test-output.npy", "tf-saved-model.zip", "unet.keras"]
+        assert sorted(archive.namelist()) == [
+            "README.md",
+            "cover.png",
+            "rdf.yaml",
+            "test-input.npy",
+            "test-output.npy",
+            "tf-saved-model.zip",
+            "unet.keras",
+        ]
     description = load_model_description(package)
     assert description.format_version.startswith("0.5")
     assert description.weights.keras_v3 is not None and description.weights.tensorflow_saved_model_bundle is not None
@@ -53,11 +59,13 @@ def test_the_test_output_is_predict_pys_prediction_of_that_slice(package, two_ru
         test_output = np.load(archive.open("test-output.npy"))
     run_dir = two_run_logdir / "bce_lr1e-3"
     stack = tiffs.read_stack(isbi_dir / "train-volume.tif")
-    np.testing.assert_array_equal(test_input[0, 32:32 + 512, 32:32 + 512, 0], stack[15])  # slice 15 with its context
+    np.testing.assert_array_equal(
+        test_input[0, 32 : 32 + 512, 32 : 32 + 512, 0], stack[15]
+    )  # slice 15 with its context
     scaling = predict.run_scaling(run_dir / rundir.BEST)
     model = predict.load_model(run_dir / rundir.BEST)
     expected = tiling.predict_slice(model, scaling.apply(stack[15]))
-    np.testing.assert_allclose(test_output[0, 32:32 + 512, 32:32 + 512, 0], expected, atol=1e-5)
+    np.testing.assert_allclose(test_output[0, 32 : 32 + 512, 32 : 32 + 512, 0], expected, atol=1e-5)
 
 
 def test_an_existing_package_is_kept(package, two_run_logdir, capsys):
@@ -69,8 +77,10 @@ def test_an_existing_package_is_kept(package, two_run_logdir, capsys):
 
 def test_a_directory_that_is_not_a_run_is_refused(tmp_path, capsys):
     assert export.main([str(tmp_path), "-o", str(tmp_path / "m.zip")]) == 2
-    assert capsys.readouterr().err == f"export.py: error: {tmp_path} holds no best.keras: give a run directory of " \
-                                      "train.py or a .keras checkpoint\n"
+    assert (
+        capsys.readouterr().err == f"export.py: error: {tmp_path} holds no best.keras: give a run directory of "
+        "train.py or a .keras checkpoint\n"
+    )
 
 
 def test_a_package_whose_test_output_does_not_reproduce_is_not_written(two_run_logdir, tmp_path, monkeypatch, capsys):
@@ -89,7 +99,9 @@ def test_a_checkpoint_that_is_not_a_model_or_not_in_a_run_is_refused(two_run_log
     (run_dir / rundir.BEST).write_bytes(b"half a checkpoint")
     assert export.main([str(run_dir), "-o", str(tmp_path / "m.zip")]) == 2
     error = capsys.readouterr().err
-    assert error.startswith(f"export.py: error: {run_dir / rundir.BEST} is not a Keras model") and error.count("\n") == 1
+    assert (
+        error.startswith(f"export.py: error: {run_dir / rundir.BEST} is not a Keras model") and error.count("\n") == 1
+    )
     alone = shutil.copy(two_run_logdir / "bce_lr1e-3" / rundir.BEST, tmp_path / "alone.keras")
     assert export.main([str(alone), "-o", str(tmp_path / "m.zip")]) == 2
     assert "is not in a run directory of train.py" in capsys.readouterr().err
@@ -108,17 +120,42 @@ def test_a_mixed_bfloat16_run_exports_a_float32_package_that_passes_the_test_any
     for directory in (started, exporting, testing):
         directory.mkdir()
     checkout_before = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-    trained = subprocess.run([sys.executable, ROOT / "train.py", *TINY, "--precision", "mixed_bfloat16", "--epochs", "1",
-                              "--data", str(isbi_dir), "--logdir", "logs"], cwd=started, capture_output=True, text=True)
+    trained = subprocess.run(
+        [
+            sys.executable,
+            ROOT / "train.py",
+            *TINY,
+            "--precision",
+            "mixed_bfloat16",
+            "--epochs",
+            "1",
+            "--data",
+            str(isbi_dir),
+            "--logdir",
+            "logs",
+        ],
+        cwd=started,
+        capture_output=True,
+        text=True,
+    )
     assert trained.returncode == 0, trained.stderr
-    exported = subprocess.run([sys.executable, ROOT / "export.py", started / "logs" / "bce_lr1e-4", "-o", "model.zip"],
-                              cwd=exporting, capture_output=True, text=True)
+    exported = subprocess.run(
+        [sys.executable, ROOT / "export.py", started / "logs" / "bce_lr1e-4", "-o", "model.zip"],
+        cwd=exporting,
+        capture_output=True,
+        text=True,
+    )
     assert exported.returncode == 0 and exported.stderr == "", exported.stderr
     assert "float32 weights" in exported.stdout and "bioimage.io's test passed" in exported.stdout
     assert [path.name for path in exporting.iterdir()] == ["model.zip"]
 
-    tested = subprocess.run(["bioimageio", "test", exporting / "model.zip"], cwd=testing, capture_output=True, text=True,
-                            env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+    tested = subprocess.run(
+        ["bioimageio", "test", exporting / "model.zip"],
+        cwd=testing,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KERAS_BACKEND": "tensorflow"},
+    )
     assert tested.returncode == 0, tested.stdout[-3000:]
     with zipfile.ZipFile(exporting / "model.zip") as archive:
         readme = archive.read("README.md").decode()
@@ -126,17 +163,28 @@ def test_a_mixed_bfloat16_run_exports_a_float32_package_that_passes_the_test_any
     assert "float32 weights and computation (trained under Keras' mixed_bfloat16 policy" in readme
     net = keras.models.load_model(tmp_path / "unet.keras", compile=False)
     assert {layer.dtype_policy.name for layer in net.layers} == {"float32"}
-    assert subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout == checkout_before
+    assert (
+        subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+        == checkout_before
+    )
 
 
-@pytest.mark.parametrize("output, extra, message", [
-    ("a-directory.zip", ["--overwrite"], "a-directory.zip is a directory): choose another -o"),
-    ("a-file/m.zip", [], "a-file is a file): choose another -o"),
-    ("/proc/m.zip", [], "cannot write /proc/m.zip (/proc: "),
-    ("m.zip", ["--license", "free-for-all"], "--license 'free-for-all' is no SPDX license identifier: give one such as MIT"),
-])
-def test_an_export_that_cannot_be_written_is_one_line_and_writes_nothing(output, extra, message, two_run_logdir, tmp_path,
-                                                                          monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "output, extra, message",
+    [
+        ("a-directory.zip", ["--overwrite"], "a-directory.zip is a directory): choose another -o"),
+        ("a-file/m.zip", [], "a-file is a file): choose another -o"),
+        ("/proc/m.zip", [], "cannot write /proc/m.zip (/proc: "),
+        (
+            "m.zip",
+            ["--license", "free-for-all"],
+            "--license 'free-for-all' is no SPDX license identifier: give one such as MIT",
+        ),
+    ],
+)
+def test_an_export_that_cannot_be_written_is_one_line_and_writes_nothing(
+    output, extra, message, two_run_logdir, tmp_path, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a-directory.zip").mkdir()
     (tmp_path / "a-file").write_text("a file of the user's")

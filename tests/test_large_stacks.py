@@ -18,8 +18,12 @@ SLICES, SIDE = 4800, 512  # uint8: 1.17 GiB per stack, more than the budget; ISB
 def write_stack(path, slice_of):
     """A SLICES-page uint8 TIFF written a page at a time, never whole in this process's memory."""
     with tifffile.TiffWriter(path) as tiff:
-        tiff.write((slice_of(index) for index in range(SLICES)), shape=(SLICES, SIDE, SIDE), dtype=np.uint8,
-                   photometric="minisblack")
+        tiff.write(
+            (slice_of(index) for index in range(SLICES)),
+            shape=(SLICES, SIDE, SIDE),
+            dtype=np.uint8,
+            photometric="minisblack",
+        )
 
 
 def peak_process_memory(process):
@@ -48,9 +52,26 @@ def test_a_stack_larger_than_the_memory_budget_trains_from_its_memory_mapped_fil
     assert (tmp_path / "images.tif").stat().st_size > MEMORY_BUDGET
 
     process = subprocess.Popen(
-        [sys.executable, "train.py", *TINY, "--memmap", "on", "--eval-every", "0", "--images", str(tmp_path / "images.tif"),
-         "--labels", str(tmp_path / "labels.tif"), "--logdir", str(tmp_path / "logs")],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "train.py",
+            *TINY,
+            "--memmap",
+            "on",
+            "--eval-every",
+            "0",
+            "--images",
+            str(tmp_path / "images.tif"),
+            "--labels",
+            str(tmp_path / "labels.tif"),
+            "--logdir",
+            str(tmp_path / "logs"),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output = []
     reader = threading.Thread(target=lambda: output.append(process.stdout.read()))
     reader.start()

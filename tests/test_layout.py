@@ -23,8 +23,11 @@ def imported_modules(path):
 
 
 def test_no_library_module_imports_a_command():
-    found = {module: sorted(imported_modules(ROOT / f"{module}.py") & COMMANDS)
-             for module in MODULES if module not in COMMANDS}
+    found = {
+        module: sorted(imported_modules(ROOT / f"{module}.py") & COMMANDS)
+        for module in MODULES
+        if module not in COMMANDS
+    }
     assert {module: commands for module, commands in found.items() if commands} == {}
 
 

@@ -10,22 +10,20 @@ def batch(*images):
     return np.asarray(images, dtype=np.float32)[..., np.newaxis]
 
 
-LABEL = batch([[1, 1, 0, 0],
-               [1, 1, 0, 0]])
+LABEL = batch([[1, 1, 0, 0], [1, 1, 0, 0]])
 
 
 def test_misclassified_pixel_fraction_counts_thresholded_disagreements():
     # Two of eight pixels on the wrong side of 0.5; confident or not does not matter.
-    prediction = batch([[0.9, 0.51, 0.1, 0.49],
-                        [0.2, 1.0, 0.0, 0.7]])
+    prediction = batch([[0.9, 0.51, 0.1, 0.49], [0.2, 1.0, 0.0, 0.7]])
     np.testing.assert_allclose(metrics.misclassified_pixel_fraction(LABEL, prediction), [2 / 8])
 
 
 def test_misclassified_pixel_fraction_is_per_image_for_any_size():
     label = np.ones((3, 5, 7, 1), np.float32)
     prediction = np.ones((3, 5, 7, 1), np.float32)
-    prediction[1, 0, :3] = 0.0   # 3 wrong pixels in image 1
-    prediction[2] = 0.2          # all wrong in image 2
+    prediction[1, 0, :3] = 0.0  # 3 wrong pixels in image 1
+    prediction[2] = 0.2  # all wrong in image 2
     np.testing.assert_allclose(metrics.misclassified_pixel_fraction(label, prediction), [0, 3 / 35, 1], rtol=1e-6)
 
 
@@ -35,8 +33,7 @@ def test_exactly_one_half_counts_as_cell():
 
 def test_membrane_dice_by_hand():
     # Label membrane: the 4 right-hand pixels. Predicted membrane: 3 of them plus 1 cell pixel.
-    prediction = batch([[0.9, 0.2, 0.1, 0.1],
-                        [0.9, 0.9, 0.1, 0.8]])
+    prediction = batch([[0.9, 0.2, 0.1, 0.1], [0.9, 0.9, 0.1, 0.8]])
     intersection, total = 3, 4 + 4
     expected = (2 * intersection + metrics.SMOOTHING) / (total + metrics.SMOOTHING)
     np.testing.assert_allclose(metrics.membrane_dice(LABEL, prediction), [expected], rtol=1e-6)
@@ -60,7 +57,8 @@ def test_every_loss_is_smallest_for_the_right_answer(name):
 
 
 def test_weighted_bce_weighs_each_pixel_by_the_sample_weights_the_batches_carry():
-    # The weights come as a fourth axis of 1, as batches.RandomCrops makes them; Keras averages weight x loss over the pixels.
+    # The weights come as a fourth axis of 1, as batches.RandomCrops makes them; Keras averages
+    # weight x loss over the pixels.
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Conv2D(1, 1, activation="sigmoid")])
     model.compile(loss=metrics.LOSSES["wbce"])
@@ -69,12 +67,12 @@ def test_weighted_bce_weighs_each_pixel_by_the_sample_weights_the_batches_carry(
     weights = rng.uniform(0.5, 10, (2, 4, 4, 1)).astype(np.float32)
     per_pixel = keras.losses.binary_crossentropy(labels, model.predict(images, verbose=0))
     assert model.evaluate(images, labels, sample_weight=weights, verbose=0) == pytest.approx(
-        float(np.mean(weights[..., 0] * per_pixel)), rel=1e-5)
+        float(np.mean(weights[..., 0] * per_pixel)), rel=1e-5
+    )
 
 
 def test_soft_dice_loss_by_hand():
-    prediction = batch([[1, 1, 0.5, 0],
-                        [1, 1, 0, 0]])  # membrane probability 0.5, 1, 1, 1 on the membrane pixels
+    prediction = batch([[1, 1, 0.5, 0], [1, 1, 0, 0]])  # membrane probability 0.5, 1, 1, 1 on the membrane pixels
     dice = (2 * 3.5 + metrics.SMOOTHING) / (4 + 3.5 + metrics.SMOOTHING)
     np.testing.assert_allclose(metrics.soft_dice_loss(LABEL, prediction), [1 - dice], rtol=1e-6)
 
@@ -82,8 +80,7 @@ def test_soft_dice_loss_by_hand():
 # --- ISBI challenge scores --------------------------------------------------------------------
 
 # Three true cells on 16 foreground pixels: A (4 px), B (4 px), C (8 px), membrane columns 2 and 5.
-TRUE_MASK = np.array([[1, 1, 0, 1, 1, 0, 1, 1, 1, 1],
-                      [1, 1, 0, 1, 1, 0, 1, 1, 1, 1]], dtype=np.uint8)
+TRUE_MASK = np.array([[1, 1, 0, 1, 1, 0, 1, 1, 1, 1], [1, 1, 0, 1, 1, 0, 1, 1, 1, 1]], dtype=np.uint8)
 
 
 def scores_of(proposed_cell_mask):
@@ -140,10 +137,11 @@ def test_label_ids_do_not_matter():
     split = TRUE_MASK.copy()
     split[:, 8] = 0
     proposed = metrics.thinned_segments(split.astype(bool))
-    renumber_true = np.array([0, 7, 3, 40])      # background stays 0
+    renumber_true = np.array([0, 7, 3, 40])  # background stays 0
     renumber_proposed = np.array([0, 9, 2, 5, 1])
     assert metrics.rand_and_info_scores(renumber_true[true_cells], renumber_proposed[proposed]) == pytest.approx(
-        metrics.rand_and_info_scores(true_cells, proposed))
+        metrics.rand_and_info_scores(true_cells, proposed)
+    )
 
 
 def test_thinning_leaves_one_pixel_lines_and_drops_dangling_border():

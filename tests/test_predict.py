@@ -18,7 +18,9 @@ ASYMMETRIC = np.array([[0, 1, 3], [0, 2, 0], [-1, 0, 0]], np.float32)
 
 def convolution_model(kernel, activation=None):
     """A one-layer fully convolutional model on slices of any size: its receptive field is 3x3."""
-    model = keras.Sequential([keras.Input((None, None, 1)), keras.layers.Conv2D(1, 3, padding="same", activation=activation)])
+    model = keras.Sequential(
+        [keras.Input((None, None, 1)), keras.layers.Conv2D(1, 3, padding="same", activation=activation)]
+    )
     model.layers[0].set_weights([kernel[:, :, np.newaxis, np.newaxis], np.zeros(1, np.float32)])
     return model
 
@@ -35,13 +37,21 @@ def test_overlapping_tiles_give_the_whole_slice_prediction():
 def test_tta_leaves_a_flip_and_rotation_invariant_model_unchanged():
     images = np.random.default_rng(1).random((2, 48, 80), np.float32)
     model = convolution_model(ISOTROPIC, "sigmoid")
-    np.testing.assert_allclose(tiling.predict_stack(model, images, tta=True), tiling.predict_stack(model, images), atol=1e-6)
+    np.testing.assert_allclose(
+        tiling.predict_stack(model, images, tta=True), tiling.predict_stack(model, images), atol=1e-6
+    )
 
 
 def test_tta_of_a_linear_model_is_the_model_with_the_symmetrised_kernel():
     images = np.random.default_rng(2).random((1, 48, 48), np.float32)
-    symmetrised = np.mean([np.rot90(np.fliplr(ASYMMETRIC) if flip else ASYMMETRIC, turns)
-                           for flip in (False, True) for turns in range(4)], axis=0)
+    symmetrised = np.mean(
+        [
+            np.rot90(np.fliplr(ASYMMETRIC) if flip else ASYMMETRIC, turns)
+            for flip in (False, True)
+            for turns in range(4)
+        ],
+        axis=0,
+    )
     augmented = tiling.predict_stack(convolution_model(ASYMMETRIC), images, tta=True)
     expected = tiling.predict_stack(convolution_model(symmetrised), images)
     assert not np.allclose(augmented, tiling.predict_stack(convolution_model(ASYMMETRIC), images), atol=1e-3)
@@ -59,7 +69,9 @@ def identity_checkpoint(tmp_path):
     return path
 
 
-def test_submission_tiff_has_the_pages_shape_dtype_and_polarity_of_the_input(isbi_dir, identity_checkpoint, tmp_path, capsys):
+def test_submission_tiff_has_the_pages_shape_dtype_and_polarity_of_the_input(
+    isbi_dir, identity_checkpoint, tmp_path, capsys
+):
     # Four label slices as input: an identity model turns cells (255) into probability 1.
     labels = tmp_path / "labels.tif"
     tifffile.imwrite(labels, tifffile.imread(isbi_dir / "train-labels.tif")[:4], photometric="minisblack")
@@ -83,16 +95,28 @@ def test_a_trained_run_turns_test_volume_into_a_30_page_float32_tiff(two_run_log
 
 
 @pytest.mark.parametrize("run_name", ["bce_lr1e-3", "wbce_lr1e-3"])  # the second with averaged weights
-def test_the_v_rand_a_run_logged_is_what_predict_py_prints_for_its_checkpoint(two_run_logdir, isbi_dir, tmp_path,
-                                                                             capsys, run_name):
+def test_the_v_rand_a_run_logged_is_what_predict_py_prints_for_its_checkpoint(
+    two_run_logdir, isbi_dir, tmp_path, capsys, run_name
+):
     run = two_run_logdir / run_name
     written, _ = read_events(run / rundir.VALIDATION)
     logged = float(written["epoch_v_rand"][-1][1])
     slices = rundir.read_config(run)["val_slices"]
     for name in ("train-volume.tif", "train-labels.tif"):
         tifffile.imwrite(tmp_path / name, tifffile.imread(isbi_dir / name)[slices], photometric="minisblack")
-    assert predict.main([str(run / rundir.LAST), str(tmp_path / "train-volume.tif"), "-o", str(tmp_path / "probs.tif"),
-                         "--labels", str(tmp_path / "train-labels.tif")]) == 0
+    assert (
+        predict.main(
+            [
+                str(run / rundir.LAST),
+                str(tmp_path / "train-volume.tif"),
+                "-o",
+                str(tmp_path / "probs.tif"),
+                "--labels",
+                str(tmp_path / "train-labels.tif"),
+            ]
+        )
+        == 0
+    )
     assert f"V_rand {logged:.4f}" in capsys.readouterr().out
 
 
@@ -138,8 +162,9 @@ def test_a_tile_that_the_net_cannot_take_is_refused(identity_checkpoint, tmp_pat
     assert "100 is not a multiple of 16" in one_error_line(capsys)
 
 
-def test_a_stack_stored_unlike_the_runs_data_is_refused_unless_told_how_to_scale_it(two_run_logdir, isbi_dir, tmp_path,
-                                                                                    capsys):
+def test_a_stack_stored_unlike_the_runs_data_is_refused_unless_told_how_to_scale_it(
+    two_run_logdir, isbi_dir, tmp_path, capsys
+):
     run_dir = two_run_logdir / "bce_lr1e-3"
     stored = tiffs.read_stack(isbi_dir / data.TEST_IMAGES)[:2]
     as_uint8 = tmp_path / "uint8.tif"
@@ -150,7 +175,8 @@ def test_a_stack_stored_unlike_the_runs_data_is_refused_unless_told_how_to_scale
     assert capsys.readouterr().err == (
         f"predict.py: error: {as_float} is stored unlike the run's training data (float32 values in [0, 1]: as stored; "
         "the run's: uint8 values: 8-bit, divided by 255): add --scaling own to scale it by its own values (right for "
-        "the same kind of images stored otherwise), or --scaling run to apply the run's\n")
+        "the same kind of images stored otherwise), or --scaling run to apply the run's\n"
+    )
     assert not (tmp_path / "p.tif").exists()
     assert predict.main([str(run_dir), str(as_float), "-o", str(tmp_path / "own.tif"), "--scaling", "own"]) == 0
     assert predict.main([str(run_dir), str(as_uint8), "-o", str(tmp_path / "run.tif")]) == 0

@@ -30,8 +30,10 @@ def tiny_run(small_isbi_dir, logdir, *flags):
 
 def raw_events(run_dir):
     """{subdirectory: {tag: [(step, value)]}} in file order, duplicates and all."""
-    return {("" if directory == run_dir else directory.name): read_events(directory)[0]
-            for directory in [run_dir, *sorted(path for path in run_dir.iterdir() if path.is_dir())]}
+    return {
+        ("" if directory == run_dir else directory.name): read_events(directory)[0]
+        for directory in [run_dir, *sorted(path for path in run_dir.iterdir() if path.is_dir())]
+    }
 
 
 def steps(series):
@@ -53,20 +55,30 @@ def test_a_resumed_run_writes_the_same_curves_as_one_run_straight_through(straig
     straight, resumed = map(raw_events, straight_and_resumed)
     assert straight.keys() == resumed.keys()
     for part in straight:
-        assert {tag: steps(series) for tag, series in resumed[part].items()} == \
-               {tag: steps(series) for tag, series in straight[part].items()}, part
+        assert {tag: steps(series) for tag, series in resumed[part].items()} == {
+            tag: steps(series) for tag, series in straight[part].items()
+        }, part
     # Same weights, optimizer state, average and crops in the same order after the restart: the same
     # losses, of the trained weights (train) and of their average (validation).
-    for part, tag in (("train", "epoch_loss"), ("validation", "epoch_loss"), ("train", "train_batch/loss"),
-                      ("validation", "shown_slices/misclassified_pixel_fraction")):
-        np.testing.assert_allclose([value for _, value in resumed[part][tag]],
-                                   [value for _, value in straight[part][tag]], rtol=1e-6, err_msg=tag)
+    for part, tag in (
+        ("train", "epoch_loss"),
+        ("validation", "epoch_loss"),
+        ("train", "train_batch/loss"),
+        ("validation", "shown_slices/misclassified_pixel_fraction"),
+    ):
+        np.testing.assert_allclose(
+            [value for _, value in resumed[part][tag]],
+            [value for _, value in straight[part][tag]],
+            rtol=1e-6,
+            err_msg=tag,
+        )
     assert steps(resumed["train"]["epoch_loss"]) == [0, 1, 2]
     assert steps(resumed["train"]["train_batch/loss"]) == [2, 4, 6, 8]
 
 
 def test_the_watcher_writes_every_tag_step_and_value_that_watching_on_the_training_thread_writes(
-        straight_and_resumed, small_isbi_dir, tmp_path, monkeypatch):
+    straight_and_resumed, small_isbi_dir, tmp_path, monkeypatch
+):
     # The same run as the straight one, its watching done at once on the training thread (bench.py's
     # baseline): what the watcher wrote beside training is the same, in the same order.
     monkeypatch.setattr(watcher, "running", functools.partial(watcher.running, inline=True))
@@ -124,8 +136,25 @@ def test_resume_of_a_damaged_checkpoint_is_refused(tmp_path, capsys):
 def test_kill_9_mid_epoch_is_recoverable(tmp_path, small_isbi_dir):
     logdir = tmp_path / "logs"
     run_dir = logdir / "bce_lr1e-3"
-    command = [sys.executable, "train.py", *TINY, "--epochs", "5", "--eval-every", "0", "--update-freq", "1",
-               "--image-every", "1", "--lr", "1e-3", "--data", str(small_isbi_dir), "--logdir", str(logdir)]
+    command = [
+        sys.executable,
+        "train.py",
+        *TINY,
+        "--epochs",
+        "5",
+        "--eval-every",
+        "0",
+        "--update-freq",
+        "1",
+        "--image-every",
+        "1",
+        "--lr",
+        "1e-3",
+        "--data",
+        str(small_isbi_dir),
+        "--logdir",
+        str(logdir),
+    ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not (run_dir / rundir.LAST).exists() and time.monotonic() < deadline and process.poll() is None:
@@ -156,8 +185,24 @@ def test_kill_9_mid_epoch_is_recoverable(tmp_path, small_isbi_dir):
 def test_a_non_finite_loss_stops_the_run_with_step_loss_and_lr(tmp_path, small_isbi_dir, capsys, precision):
     # A rate near float32's largest overflows the weights within a few steps in any precision; with
     # 1e30 the loss stayed finite where oneDNN is on (CPUs with AVX-512 bf16).
-    assert train.main(TINY + ["--loss", "mse", "--lr", "3e38", "--precision", precision,
-                              "--data", str(small_isbi_dir), "--logdir", str(tmp_path)]) == 1
+    assert (
+        train.main(
+            TINY
+            + [
+                "--loss",
+                "mse",
+                "--lr",
+                "3e38",
+                "--precision",
+                precision,
+                "--data",
+                str(small_isbi_dir),
+                "--logdir",
+                str(tmp_path),
+            ]
+        )
+        == 1
+    )
     error = capsys.readouterr().err
     assert "the training loss became nan at step" in error and "with lr 3e+38" in error
     assert "start again with a lower --lr" in error and "Traceback" not in error
@@ -179,8 +224,13 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, sma
     assert tiny_run(small_isbi_dir, tmp_path, "--eval-every", "0") == 2
     run_dir = tmp_path / "bce_lr1e-3"
     error = capsys.readouterr().err
-    assert f"cannot write {run_dir}/" in error and "(No space left on device): free some space, then continue " \
-           f"the run from its last checkpoint with --resume {run_dir}" in error and error.count("\n") == 1
+    assert (
+        f"cannot write {run_dir}/" in error
+        and "(No space left on device): free some space, then continue "
+        f"the run from its last checkpoint with --resume {run_dir}"
+        in error
+        and error.count("\n") == 1
+    )
     monkeypatch.undo()
     last = keras.models.load_model(run_dir / rundir.LAST)
     assert int(last.optimizer.iterations.numpy()) == 3  # the first epoch's, whole
@@ -190,9 +240,24 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, sma
 # Slow: two processes train at once; test_trust's two resumes started together check the same lock by default.
 @pytest.mark.slow
 def test_two_runs_started_together_get_two_directories(tmp_path, small_isbi_dir):
-    command = [sys.executable, "train.py", *TINY, "--epochs", "1", "--eval-every", "0", "--lr", "1e-3",
-               "--data", str(small_isbi_dir), "--logdir", str(tmp_path)]
-    processes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    command = [
+        sys.executable,
+        "train.py",
+        *TINY,
+        "--epochs",
+        "1",
+        "--eval-every",
+        "0",
+        "--lr",
+        "1e-3",
+        "--data",
+        str(small_isbi_dir),
+        "--logdir",
+        str(tmp_path),
+    ]
+    processes = [
+        subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)
+    ]
     assert [process.wait(timeout=300) for process in processes] == [0, 0]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bce_lr1e-3", "bce_lr1e-3_2"]
     for run_dir in tmp_path.iterdir():

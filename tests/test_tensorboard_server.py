@@ -26,14 +26,28 @@ def tensorboard(two_run_logdir):
     pytest.importorskip("tensorboard", reason="tensorboard is not installed")
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(two_run_logdir),
-         "--host", "127.0.0.1", "--port", str(port), "--reload_interval", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(two_run_logdir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--reload_interval",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
     def get(route, **query):
         url = f"http://127.0.0.1:{port}{route}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
         with urllib.request.urlopen(url, timeout=30) as response:
             return response.read()
+
     get.url = f"http://127.0.0.1:{port}"
 
     try:
@@ -62,10 +76,16 @@ def test_scalars_of_both_runs(tensorboard):
     for loss in ("bce", "wbce"):
         for part in ("train", "validation"):
             assert {"epoch_loss", "epoch_misclassified_pixel_fraction"} <= set(tags[f"{loss}_lr1e-3/{part}"])
-        points = get_json(tensorboard, "/data/plugin/scalars/scalars",
-                          run=f"{loss}_lr1e-3/validation", tag="epoch_misclassified_pixel_fraction")
+        points = get_json(
+            tensorboard,
+            "/data/plugin/scalars/scalars",
+            run=f"{loss}_lr1e-3/validation",
+            tag="epoch_misclassified_pixel_fraction",
+        )
         assert [step for _, step, _ in points] == [0, 1]
-        assert {"shown_slices/misclassified_pixel_fraction", "shown_slices/merges"} <= set(tags[f"{loss}_lr1e-3/validation"])
+        assert {"shown_slices/misclassified_pixel_fraction", "shown_slices/merges"} <= set(
+            tags[f"{loss}_lr1e-3/validation"]
+        )
     v_rand = get_json(tensorboard, "/data/plugin/scalars/scalars", run="bce_lr1e-3/validation", tag="epoch_v_rand")
     assert [step for _, step, _ in v_rand] == [0, 1] and all(0 <= value <= 1 for _, _, value in v_rand)
 
@@ -73,8 +93,11 @@ def test_scalars_of_both_runs(tensorboard):
 def test_prediction_and_error_images(tensorboard):
     run = "bce_lr1e-3/validation"
     tags = get_json(tensorboard, "/data/plugin/images/tags")[run]
-    assert {f"slice_{i:02d}/{kind}" for i in (5, 15, 25)
-            for kind in ("input", "label", "prediction", "error", "merges_and_splits")} <= set(tags)
+    assert {
+        f"slice_{i:02d}/{kind}"
+        for i in (5, 15, 25)
+        for kind in ("input", "label", "prediction", "error", "merges_and_splits")
+    } <= set(tags)
     entries = get_json(tensorboard, "/data/plugin/images/images", run=run, tag="slice_15/error", sample=0)
     assert [entry["step"] for entry in entries] == [0, 2, 4, 6]
     png = tensorboard("/data/plugin/images/individualImage?" + entries[-1]["query"])
@@ -82,8 +105,9 @@ def test_prediction_and_error_images(tensorboard):
 
 
 def test_weight_histograms(tensorboard):
-    points = get_json(tensorboard, "/data/plugin/histograms/histograms",
-                      run="wbce_lr1e-3/train", tag="unet/weights/dec1_conv2/kernel")
+    points = get_json(
+        tensorboard, "/data/plugin/histograms/histograms", run="wbce_lr1e-3/train", tag="unet/weights/dec1_conv2/kernel"
+    )
     assert [step for _, step, _ in points] == [3, 6]
 
 
@@ -101,10 +125,19 @@ def test_forward_pass_graph_with_the_paper_layer_names(tensorboard):
 
 def test_hparams_table_compares_the_runs(tensorboard):
     request = urllib.request.Request(
-        tensorboard.url + "/data/plugin/hparams/session_groups", method="POST",
+        tensorboard.url + "/data/plugin/hparams/session_groups",
+        method="POST",
         headers={"Content-Type": "application/json"},
-        data=json.dumps({"experimentName": "", "startIndex": 0, "sliceSize": 100, "colParams": [],
-                         "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_RUNNING"]}).encode())
+        data=json.dumps(
+            {
+                "experimentName": "",
+                "startIndex": 0,
+                "sliceSize": 100,
+                "colParams": [],
+                "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_RUNNING"],
+            }
+        ).encode(),
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         groups = json.loads(response.read())["sessionGroups"]
     by_loss = {group["hparams"]["loss"]: group for group in groups}
@@ -121,7 +154,9 @@ def test_text_and_pr_curves(tensorboard):
     assert "--loss wbce" in text[0]["text"]
     pr_tags = get_json(tensorboard, "/data/plugin/pr_curves/tags")
     assert "membrane_pr/pr_curves" in pr_tags["bce_lr1e-3/validation"]
-    curves = get_json(tensorboard, "/data/plugin/pr_curves/pr_curves", run="bce_lr1e-3/validation", tag="membrane_pr/pr_curves")
+    curves = get_json(
+        tensorboard, "/data/plugin/pr_curves/pr_curves", run="bce_lr1e-3/validation", tag="membrane_pr/pr_curves"
+    )
     assert [entry["step"] for entry in curves["bce_lr1e-3/validation"]] == [3, 6]
 
 
@@ -134,8 +169,10 @@ def test_comparison_dashboard_serves_both_runs_on_one_chart(tensorboard):
     layout = get_json(tensorboard, "/data/plugin/custom_scalars/layout")
     first = layout["category"][0]
     assert first["title"].startswith("Which run learns better")
-    v_rand, = [chart for chart in first["chart"] if chart["title"].startswith("V_rand")]
-    pattern, = v_rand["multiline"]["tag"]
+    (v_rand,) = [chart for chart in first["chart"] if chart["title"].startswith("V_rand")]
+    (pattern,) = v_rand["multiline"]["tag"]
     for loss, steps in (("bce", [3, 6]), ("wbce", [3])):
-        series = get_json(tensorboard, "/data/plugin/custom_scalars/scalars", run=f"{loss}_lr1e-3/validation", tag=pattern)
+        series = get_json(
+            tensorboard, "/data/plugin/custom_scalars/scalars", run=f"{loss}_lr1e-3/validation", tag=pattern
+        )
         assert [step for _, step, _ in series["tag_to_events"]["evaluation_v_rand_vs_iterations"]] == steps

@@ -25,6 +25,7 @@ import tiling
 import train
 from conftest import ROOT, TINY_STEPS, read_events, runs_in
 
+
 @pytest.fixture(scope="module")
 def read_back(two_run_logdir):
     """{TensorBoard run: (series, plugins)} of the two-run log directory (conftest.read_events)."""
@@ -39,8 +40,10 @@ def events(read_back):
 
 def tags_of_plugin(read_back, plugin):
     """{run: {tag: plugin content}} of the tags written for `plugin`."""
-    return {run: {tag: content for tag, (name, content) in plugins.items() if name == plugin}
-            for run, (_, plugins) in read_back.items()}
+    return {
+        run: {tag: content for tag, (name, content) in plugins.items() if name == plugin}
+        for run, (_, plugins) in read_back.items()
+    }
 
 
 def steps(series):
@@ -48,7 +51,9 @@ def steps(series):
 
 
 def test_each_loss_is_its_own_run_with_train_and_validation_subdirectories(events):
-    assert sorted(events) == sorted(f"{loss}_lr1e-3{part}" for loss in ("bce", "wbce") for part in ("", "/train", "/validation"))
+    assert sorted(events) == sorted(
+        f"{loss}_lr1e-3{part}" for loss in ("bce", "wbce") for part in ("", "/train", "/validation")
+    )
 
 
 @pytest.mark.parametrize("loss", ["bce", "wbce"])
@@ -69,16 +74,19 @@ def test_isbi_scores_every_eval_every_epochs_beside_the_validation_loss(events):
             series = events[run][f"epoch_{score}"]
             assert steps(series) == expected_steps
             assert all(0.0 <= float(value) <= 1.0 for _, value in series)
-            assert all(float(value) in np.float32(metrics.ISBI_THRESHOLDS)
-                       for _, value in events[run][f"epoch_{score}_threshold"])
+            assert all(
+                float(value) in np.float32(metrics.ISBI_THRESHOLDS)
+                for _, value in events[run][f"epoch_{score}_threshold"]
+            )
     assert "epoch_v_rand" not in events["bce_lr1e-3/train"]
     best = events["bce_lr1e-3"]["best_v_rand"]
     assert steps(best) == [0, 1]
     assert float(best[-1][1]) == max(float(value) for _, value in events["bce_lr1e-3/validation"]["epoch_v_rand"])
 
 
-def test_validation_scores_are_those_of_that_epochs_model_on_the_slices_as_predict_py_predicts_them(events, two_run_logdir,
-                                                                                                      isbi_dir):
+def test_validation_scores_are_those_of_that_epochs_model_on_the_slices_as_predict_py_predicts_them(
+    events, two_run_logdir, isbi_dir
+):
     # validation.Validation stands in for Keras' validation_data, on whole slices in predict.py's mirrored context;
     # last.keras holds the last epoch's model.
     model = keras.models.load_model(two_run_logdir / "bce_lr1e-3" / "last.keras", compile=False)
@@ -92,7 +100,7 @@ def test_validation_scores_are_those_of_that_epochs_model_on_the_slices_as_predi
         expected[metric.name] = float(metric.result())
     validation = events["bce_lr1e-3/validation"]
     for name in ("loss", "accuracy", "misclassified_pixel_fraction", "membrane_dice"):
-        (step, value), = [item for item in validation[f"epoch_{name}"] if item[0] == 1]
+        ((step, value),) = [item for item in validation[f"epoch_{name}"] if item[0] == 1]
         assert float(value) == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
     assert steps(validation["evaluation_loss_vs_iterations"]) == [3, TINY_STEPS]
 
@@ -135,7 +143,7 @@ def test_weight_histograms_for_every_layer_each_epoch(events):
 
 
 def test_forward_pass_graph_with_the_layer_names(events):
-    (step, value), = events["bce_lr1e-3/train"]["unet"]  # a RunMetadata, as trace_export writes it
+    ((step, value),) = events["bce_lr1e-3/train"]["unet"]  # a RunMetadata, as trace_export writes it
     metadata = RunMetadata.FromString(value.item())  # a blob sequence of one, as the Graphs tab reads it
     nodes = [node.name for graph in metadata.function_graphs for node in graph.pre_optimization_graph.node]
     for layer in ("enc1_conv1", "enc4_pool", "bottleneck_conv2", "dec1_up", "dec1_concat", "output"):
@@ -190,7 +198,9 @@ def test_images_show_the_whole_slice_on_a_fixed_scale(events):
 def test_images_at_an_epoch_end_are_the_prediction_of_that_epochs_model(events, two_run_logdir, isbi_dir):
     # The images of the epoch's last step come from the epoch end's validation pass (predict.py's mirrored
     # context), and last.keras holds the weights of that step.
-    (step, value), = [item for item in events["bce_lr1e-3/validation"]["slice_15/prediction"] if item[0] == TINY_STEPS]
+    ((step, value),) = [
+        item for item in events["bce_lr1e-3/validation"]["slice_15/prediction"] if item[0] == TINY_STEPS
+    ]
     model = keras.models.load_model(two_run_logdir / "bce_lr1e-3" / "last.keras", compile=False)
     stacks = tiffs.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
     probability = tiling.predict_slice(model, stacks.image(15))
@@ -212,7 +222,9 @@ def test_error_overlay_paints_false_and_missed_membrane_on_the_em_slice(events):
         assert np.all(np.abs(red - blue)[~(false_membrane | missed_membrane)] == 0)  # grey elsewhere
         wrong += (false_membrane | missed_membrane).sum()
     # The scalar is the fraction of painted pixels over the shown slices.
-    assert float(run["shown_slices/misclassified_pixel_fraction"][-1][1]) == pytest.approx(wrong / (3 * 512 * 512), abs=1e-6)
+    assert float(run["shown_slices/misclassified_pixel_fraction"][-1][1]) == pytest.approx(
+        wrong / (3 * 512 * 512), abs=1e-6
+    )
 
 
 def test_images_per_step_are_few_and_small(events):
@@ -240,29 +252,40 @@ def test_activation_histograms_and_membrane_pr_curve_at_each_epoch_end(events):
 def test_hparams_for_the_hparams_tab(read_back):
     for loss in ("bce", "wbce"):
         content = tags_of_plugin(read_back, hparams_metadata.PLUGIN_NAME)[f"{loss}_lr1e-3"]
-        session = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
+        session = hparams_metadata.parse_session_start_info_plugin_data(
+            content[hparams_metadata.SESSION_START_INFO_TAG]
+        )
         assert session.hparams["loss"].string_value == loss
         assert session.hparams["lr"].number_value == pytest.approx(1e-3)
         assert session.hparams["filters"].number_value == 4
         assert session.hparams["augment_rotation_degrees"].number_value == 180
         experiment = hparams_metadata.parse_experiment_plugin_data(content[hparams_metadata.EXPERIMENT_TAG])
         assert {(metric.name.group, metric.name.tag) for metric in experiment.metric_infos} >= {
-            ("", "best_misclassified_pixel_fraction"), ("validation", "epoch_misclassified_pixel_fraction"),
-            ("", "best_v_rand"), ("validation", "epoch_v_rand"), ("validation", "epoch_v_info"),
-            ("validation", "epoch_pixel_error")}
+            ("", "best_misclassified_pixel_fraction"),
+            ("validation", "epoch_misclassified_pixel_fraction"),
+            ("", "best_v_rand"),
+            ("validation", "epoch_v_rand"),
+            ("validation", "epoch_v_info"),
+            ("validation", "epoch_pixel_error"),
+        }
 
 
 def test_best_validation_fraction_per_epoch(events):
     for loss in ("bce", "wbce"):
         best = events[f"{loss}_lr1e-3"]["best_misclassified_pixel_fraction"]
-        epochs = [float(value) for _, value in events[f"{loss}_lr1e-3/validation"]["epoch_misclassified_pixel_fraction"]]
+        epochs = [
+            float(value) for _, value in events[f"{loss}_lr1e-3/validation"]["epoch_misclassified_pixel_fraction"]
+        ]
         assert steps(best) == [0, 1]
         assert float(best[-1][1]) == pytest.approx(min(epochs))
 
 
 def test_text_tab_records_command_versions_data_and_split(events, isbi_dir):
     run = events["bce_lr1e-3"]
-    text = {tag: run[tag][0][1].item().decode() for tag in ("run/command", "run/configuration", "run/versions", "run/data", "run/split")}
+    text = {
+        tag: run[tag][0][1].item().decode()
+        for tag in ("run/command", "run/configuration", "run/versions", "run/data", "run/split")
+    }
     assert "python train.py" in text["run/command"] and "--loss bce" in text["run/command"]
     assert f"| tensorflow | `{tf.__version__}` |" in text["run/versions"]
     assert "project commit" in text["run/versions"]
@@ -277,8 +300,11 @@ def test_summary_prints_one_row_per_run(two_run_logdir, events, capsys):
     assert train.main(["--summary", str(two_run_logdir)]) == 0
     header, *rows = capsys.readouterr().out.strip().splitlines()
     assert header.split() == list(runs.COLUMNS)
-    assert [row.split()[:4] for row in rows] == [["bce_lr1e-3", "bce", "0.001", "6"], ["wbce_lr1e-3", "wbce", "0.001", "6"]]
-    bce = dict(zip(runs.COLUMNS, rows[0].split()))
+    assert [row.split()[:4] for row in rows] == [
+        ["bce_lr1e-3", "bce", "0.001", "6"],
+        ["wbce_lr1e-3", "wbce", "0.001", "6"],
+    ]
+    bce = dict(zip(runs.COLUMNS, rows[0].split(), strict=True))
     epochs = [float(v) for _, v in events["bce_lr1e-3/validation"]["epoch_misclassified_pixel_fraction"]]
     assert float(bce["best_val_mpf"]) == pytest.approx(min(epochs), abs=1e-4)
     assert float(bce["last_val_mpf"]) == pytest.approx(epochs[-1], abs=1e-4)
@@ -320,27 +346,38 @@ def test_a_second_run_with_the_same_name_gets_its_own_directory(tmp_path):
     assert {path: path.read_bytes() for path in first.rglob("*")} == before
 
 
-@pytest.mark.parametrize("lr, name", [(1e-4, "bce_lr1e-4"), (3e-4, "bce_lr3e-4"), (0.001, "bce_lr1e-3"),
-                                      (1.5e-4, "bce_lr1.5e-4"), (1.00001e-4, "bce_lr1.00001e-4")])
+@pytest.mark.parametrize(
+    "lr, name",
+    [
+        (1e-4, "bce_lr1e-4"),
+        (3e-4, "bce_lr3e-4"),
+        (0.001, "bce_lr1e-3"),
+        (1.5e-4, "bce_lr1.5e-4"),
+        (1.00001e-4, "bce_lr1.00001e-4"),
+    ],
+)
 def test_run_names_keep_distinct_learning_rates_apart(lr, name):
     assert rundir.run_name("bce", lr) == name
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--crop", "100"], "not a multiple of 16"),
-    (["--lr", "-1"], "must be a finite number from 1.2e-38 to 3.403e+38 (what float32 holds)"),
-    (["--lr", "1e39"], "must be a finite number from 1.2e-38 to 3.403e+38 (what float32 holds)"),
-    (["--lr", "fast"], "is not a float"),
-    (["--lr", "nan"], "must be a finite number from 1.2e-38"),
-    (["--lr", "inf"], "must be a finite number from 1.2e-38"),
-    (["--epochs", "0"], "must be a finite number greater than 0"),
-    (["--seed", "-1"], "must be a finite number from 0 to 4294967295"),
-    (["--val-slices", ","], "names no slice"),
-    (["--val-slices", "3,3"], "names a slice twice"),
-    (["--val-slices", "-2"], "holds a negative index"),
-    (["--loss", "hinge"], "invalid choice: 'hinge' (choose from 'bce', 'mse', 'dice', 'bce_dice', 'wbce')"),
-    (["--val-slices", "5,x"], "comma-separated list"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--crop", "100"], "not a multiple of 16"),
+        (["--lr", "-1"], "must be a finite number from 1.2e-38 to 3.403e+38 (what float32 holds)"),
+        (["--lr", "1e39"], "must be a finite number from 1.2e-38 to 3.403e+38 (what float32 holds)"),
+        (["--lr", "fast"], "is not a float"),
+        (["--lr", "nan"], "must be a finite number from 1.2e-38"),
+        (["--lr", "inf"], "must be a finite number from 1.2e-38"),
+        (["--epochs", "0"], "must be a finite number greater than 0"),
+        (["--seed", "-1"], "must be a finite number from 0 to 4294967295"),
+        (["--val-slices", ","], "names no slice"),
+        (["--val-slices", "3,3"], "names a slice twice"),
+        (["--val-slices", "-2"], "holds a negative index"),
+        (["--loss", "hinge"], "invalid choice: 'hinge' (choose from 'bce', 'mse', 'dice', 'bce_dice', 'wbce')"),
+        (["--val-slices", "5,x"], "comma-separated list"),
+    ],
+)
 def test_bad_flags_give_one_line_and_exit_2(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main(flags)
@@ -353,8 +390,21 @@ def test_bad_data_is_reported_without_a_traceback(tmp_path):
     images = tmp_path / "images.tif"
     images.write_bytes(b"II*\x00garbage")
     result = subprocess.run(
-        [sys.executable, "train.py", "--images", str(images), "--labels", str(images), "--logdir", str(tmp_path / "logs")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "train.py",
+            "--images",
+            str(images),
+            "--labels",
+            str(images),
+            "--logdir",
+            str(tmp_path / "logs"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert f"train.py: error: {images} is not a readable TIFF" in result.stderr
@@ -363,16 +413,27 @@ def test_bad_data_is_reported_without_a_traceback(tmp_path):
 
 
 def test_comparison_dashboard_charts_only_tags_the_runs_have(events):
-    layouts = [layout_pb2.Layout.FromString(events[run][custom_scalar_metadata.CONFIG_SUMMARY_TAG][0][1].item())
-               for run in ("bce_lr1e-3", "wbce_lr1e-3")]
+    layouts = [
+        layout_pb2.Layout.FromString(events[run][custom_scalar_metadata.CONFIG_SUMMARY_TAG][0][1].item())
+        for run in ("bce_lr1e-3", "wbce_lr1e-3")
+    ]
     assert layouts[0] == layouts[1]
     first, *_ = layouts[0].category
     assert first.title.startswith("Which run learns better")
     assert [chart.title.split(" (")[0].split(":")[0] for chart in first.chart] == [
-        "misclassified-pixel fraction", "V_rand, the ISBI challenge's main score", "V_info", "pixel error, 1 - best F-score of cells",
-        "loss", "learning rate"]
-    scalar_tags = {tag for run in events.values() for tag, series in run.items() if series and series[0][1].ndim == 0
-                   and series[0][1].dtype != object}
+        "misclassified-pixel fraction",
+        "V_rand, the ISBI challenge's main score",
+        "V_info",
+        "pixel error, 1 - best F-score of cells",
+        "loss",
+        "learning rate",
+    ]
+    scalar_tags = {
+        tag
+        for run in events.values()
+        for tag, series in run.items()
+        if series and series[0][1].ndim == 0 and series[0][1].dtype != object
+    }
     for category in layouts[0].category:
         for chart in category.chart:
             for pattern in chart.multiline.tag:
@@ -382,8 +443,10 @@ def test_comparison_dashboard_charts_only_tags_the_runs_have(events):
 def test_time_series_groups_put_curves_and_images_before_histograms(read_back):
     # The Time Series tab groups tags by their first "/" part, sorts the groups by name (the same
     # order as Python's for these names) and opens the first two.
-    groups = {plugin: {tag.split("/")[0] for tags in tags_of_plugin(read_back, plugin).values() for tag in tags}
-              for plugin in ("scalars", "images", "histograms")}
+    groups = {
+        plugin: {tag.split("/")[0] for tags in tags_of_plugin(read_back, plugin).values() for tag in tags}
+        for plugin in ("scalars", "images", "histograms")
+    }
     order = sorted(set().union(*groups.values()))
     assert groups["histograms"] == {"unet"} and order[-1] == "unet"
     assert order[:2] == ["best_misclassified_pixel_fraction", "best_v_rand"]

@@ -10,11 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import tifffile
-
-import keras
 
 import batches
 import data
@@ -41,10 +40,13 @@ def one_line_exit_2(flags, capsys):
 
 # --- labels ---------------------------------------------------------------------------------------
 
+
 def test_inverted_isbi_labels_are_refused_and_taken_with_the_polarity_flag(tmp_path, isbi_dir, capsys):
     inverted = write_stack(tmp_path / "inverted.tif", 255 - tifffile.imread(isbi_dir / "train-labels.tif"))
-    error = one_line_exit_2(["--images", str(isbi_dir / "train-volume.tif"), "--labels", str(inverted),
-                             "--logdir", str(tmp_path / "logs")], capsys)
+    error = one_line_exit_2(
+        ["--images", str(isbi_dir / "train-volume.tif"), "--labels", str(inverted), "--logdir", str(tmp_path / "logs")],
+        capsys,
+    )
     assert "the cell value 255 (cells-high) covers 22% of the pixels" in error
     assert "this looks like membranes; pass --labels-polarity membranes-high if that is what they are" in error
     stacks = tiffs.load_training_stacks(isbi_dir / "train-volume.tif", inverted, polarity="membranes-high")
@@ -71,8 +73,16 @@ def test_a_validation_slice_without_membrane_is_refused_and_a_training_one_warne
     labels = cells_and_membranes(6)
     labels[1] = 255  # no membrane
     images = np.random.default_rng(0).integers(0, 256, labels.shape, dtype=np.uint8)
-    flags = ["--images", str(write_stack(tmp_path / "i.tif", images)), "--labels", str(write_stack(tmp_path / "l.tif", labels)),
-             "--crop", "64", "--logdir", str(tmp_path / "logs")]
+    flags = [
+        "--images",
+        str(write_stack(tmp_path / "i.tif", images)),
+        "--labels",
+        str(write_stack(tmp_path / "l.tif", labels)),
+        "--crop",
+        "64",
+        "--logdir",
+        str(tmp_path / "logs"),
+    ]
     error = one_line_exit_2(flags + ["--val-slices", "1,3"], capsys)
     assert f"validation slice 1 of {tmp_path / 'l.tif'} has no membrane: its scores would mean nothing" in error
     stacks = tiffs.load_training_stacks(tmp_path / "i.tif", tmp_path / "l.tif")
@@ -90,12 +100,15 @@ def percentiles_to_unit_range(stored):
     return np.clip((stored.astype(np.float64) - low) / (high - low), 0, 1)
 
 
-@pytest.mark.parametrize("stored, expected", [
-    (np.round(GREY * 255).astype(np.uint8), np.round(GREY * 255) / 255),
-    (np.round(GREY * 4095).astype(np.uint16), None),  # 12-bit data in uint16: percentiles
-    ((GREY * 255).astype(np.float32), None),  # floats in 0..255: percentiles
-    ((GREY * 0.8).astype(np.float32), GREY * 0.8),  # floats in [0, 1]: as stored
-])
+@pytest.mark.parametrize(
+    "stored, expected",
+    [
+        (np.round(GREY * 255).astype(np.uint8), np.round(GREY * 255) / 255),
+        (np.round(GREY * 4095).astype(np.uint16), None),  # 12-bit data in uint16: percentiles
+        ((GREY * 255).astype(np.float32), None),  # floats in 0..255: percentiles
+        ((GREY * 0.8).astype(np.float32), GREY * 0.8),  # floats in [0, 1]: as stored
+    ],
+)
 def test_one_scaling_for_training_crops_validation_and_predict(stored, expected, tmp_path):
     images = write_stack(tmp_path / "images.tif", stored)
     stacks = tiffs.load_training_stacks(images, write_stack(tmp_path / "labels.tif", cells_and_membranes(4)))
@@ -124,7 +137,10 @@ def test_a_few_outlier_pixels_or_an_offset_do_not_set_the_scaling(damage):
         damaged += 30000
     else:
         damaged[:, 120:122, 4:16] = 65535  # 0.15 % of each slice, as 3x130 pixels of a 512x512 one
-    seen = {name: tiffs.ImageScaling.of(stack, name).apply(stack) for name, stack in (("clean", clean), ("damaged", damaged))}
+    seen = {
+        name: tiffs.ImageScaling.of(stack, name).apply(stack)
+        for name, stack in (("clean", clean), ("damaged", damaged))
+    }
     # The damaged pixels themselves aside (the offset changes all of them, by the same amount).
     outside = np.zeros(clean.shape, bool) if damage == "a detector offset" else damaged != clean
     np.testing.assert_allclose(seen["damaged"][~outside], seen["clean"][~outside], atol=3 / 255)
@@ -138,13 +154,21 @@ def test_a_stack_of_one_float_value_is_not_divided_by_zero(tmp_path):
 def test_predict_refuses_a_nan_patch_even_with_the_runs_scaling(two_epoch_run, tmp_path, capsys):
     images = np.random.default_rng(0).integers(0, 256, (2, 64, 64)).astype(np.float32)
     images[1, 20:30, 40:50] = np.nan
-    assert predict.main([str(two_epoch_run), str(write_stack(tmp_path / "nan.tif", images)), "-o", str(tmp_path / "p.tif")]) == 2
-    assert capsys.readouterr().err == (f"predict.py: error: {tmp_path / 'nan.tif'} holds nan at slice 1, row 20, column 40: "
-                                       "replace the values that are not finite (e.g. by the slice's median) and save it again\n")
+    assert (
+        predict.main(
+            [str(two_epoch_run), str(write_stack(tmp_path / "nan.tif", images)), "-o", str(tmp_path / "p.tif")]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err == (
+        f"predict.py: error: {tmp_path / 'nan.tif'} holds nan at slice 1, row 20, column 40: "
+        "replace the values that are not finite (e.g. by the slice's median) and save it again\n"
+    )
     assert not (tmp_path / "p.tif").exists()
 
 
 # --- stacks ---------------------------------------------------------------------------------------
+
 
 def test_pages_appended_one_by_one_are_all_read(tmp_path):
     path = tmp_path / "appended.tif"
@@ -160,10 +184,14 @@ def test_pages_appended_one_by_one_are_all_read(tmp_path):
 
 # --- one writer per run, and --resume -------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def two_epoch_run(tmp_path_factory, small_isbi_dir):
     logdir = tmp_path_factory.mktemp("trust")
-    assert train.main(TINY + ["--lr", "1e-3", "--eval-every", "0", "--data", str(small_isbi_dir), "--logdir", str(logdir)]) == 0
+    assert (
+        train.main(TINY + ["--lr", "1e-3", "--eval-every", "0", "--data", str(small_isbi_dir), "--logdir", str(logdir)])
+        == 0
+    )
     return logdir / "bce_lr1e-3"
 
 
@@ -176,8 +204,10 @@ def copy_of(run_dir, tmp_path):
 def test_two_resumes_started_together_train_once(two_epoch_run, tmp_path):
     run_dir = copy_of(two_epoch_run, tmp_path)
     command = [sys.executable, "train.py", "--resume", str(run_dir), "--epochs", "4"]
-    processes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                 for _ in range(2)]
+    processes = [
+        subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     results = sorted((process.wait(timeout=300), process.stderr.read()) for process in processes)
     assert [code for code, _ in results] == [0, 2], results
     assert results[1][1].startswith(f"train.py: error: {run_dir} is being trained by process ")
@@ -207,8 +237,10 @@ def test_a_damaged_last_checkpoint_beside_a_whole_best_one_says_how_to_continue(
     (run_dir / rundir.LAST).write_bytes((run_dir / rundir.LAST).read_bytes()[:1000])
     error = one_line_exit_2(["--resume", str(run_dir), "--epochs", "3"], capsys)
     last, best = run_dir / rundir.LAST, run_dir / rundir.BEST
-    assert error.endswith(f"but {best} is whole: to continue from the run's best epoch, copy it over (cp {best} {last}) "
-                          "and resume again\n")
+    assert error.endswith(
+        f"but {best} is whole: to continue from the run's best epoch, copy it over (cp {best} {last}) "
+        "and resume again\n"
+    )
     shutil.copyfile(best, last)
     assert train.main(["--resume", str(run_dir), "--epochs", "3"]) == 0
 
@@ -225,8 +257,19 @@ def test_resume_refuses_data_that_changed_unless_told(two_epoch_run, tmp_path, s
     write_stack(labels, stack)
     error = one_line_exit_2(["--resume", str(run_dir), "--epochs", "3"], capsys)
     assert f"{labels} has changed since the run started" in error and "--accept-new-data" in error
-    moved = one_line_exit_2(["--resume", str(run_dir), "--epochs", "3", "--images", str(small_isbi_dir / "train-volume.tif"),
-                             "--labels", str(labels)], capsys)
+    moved = one_line_exit_2(
+        [
+            "--resume",
+            str(run_dir),
+            "--epochs",
+            "3",
+            "--images",
+            str(small_isbi_dir / "train-volume.tif"),
+            "--labels",
+            str(labels),
+        ],
+        capsys,
+    )
     assert moved == error
     assert train.main(["--resume", str(run_dir), "--epochs", "3", "--accept-new-data"]) == 0
     # The new data is now the run's: a later --resume takes it without the flag.
@@ -241,7 +284,10 @@ def test_a_run_resumes_from_any_directory_and_after_its_data_moved(tmp_path, sma
         shutil.copy(small_isbi_dir / name, started / "isbi" / name)
     elsewhere.mkdir()
     monkeypatch.chdir(started)
-    assert train.main(TINY + ["--epochs", "1", "--lr", "1e-3", "--eval-every", "0", "--data", "isbi", "--logdir", "logs"]) == 0
+    assert (
+        train.main(TINY + ["--epochs", "1", "--lr", "1e-3", "--eval-every", "0", "--data", "isbi", "--logdir", "logs"])
+        == 0
+    )
     run_dir = started / "logs" / "bce_lr1e-3"
     config = json.loads((run_dir / rundir.CONFIG).read_text())
     assert config["images"] == str(started / "isbi" / data.TRAIN_IMAGES) and config["started_in"] == str(started)
@@ -252,17 +298,20 @@ def test_a_run_resumes_from_any_directory_and_after_its_data_moved(tmp_path, sma
     (started / "isbi").rename(tmp_path / "moved")
     capsys.readouterr()
     error = one_line_exit_2(["--resume", str(run_dir), "--epochs", "3"], capsys)
-    assert error == (f"train.py: error: the run's images, {started / 'isbi' / data.TRAIN_IMAGES}, is not there: if its "
-                     "data moved, give where it is now with --images and --labels (or --data for ISBI 2012); the same "
-                     "files continue the run, other data needs --accept-new-data too\n")
+    assert error == (
+        f"train.py: error: the run's images, {started / 'isbi' / data.TRAIN_IMAGES}, is not there: if its "
+        "data moved, give where it is now with --images and --labels (or --data for ISBI 2012); the same "
+        "files continue the run, other data needs --accept-new-data too\n"
+    )
     assert train.main(["--resume", str(run_dir), "--epochs", "3", "--data", str(tmp_path / "moved")]) == 0
     assert json.loads((run_dir / rundir.CONFIG).read_text())["images"] == str(tmp_path / "moved" / data.TRAIN_IMAGES)
     assert steps(raw_events(run_dir)["train"]["epoch_loss"]) == [0, 1, 2]
     assert list(elsewhere.iterdir()) == []
 
 
-def test_resume_takes_one_moved_stack_and_refuses_data_for_a_run_on_stacks_of_its_own(two_epoch_run, tmp_path, small_isbi_dir,
-                                                                                      capsys):
+def test_resume_takes_one_moved_stack_and_refuses_data_for_a_run_on_stacks_of_its_own(
+    two_epoch_run, tmp_path, small_isbi_dir, capsys
+):
     run_dir = copy_of(two_epoch_run, tmp_path)
     moved = shutil.copy(small_isbi_dir / data.TRAIN_IMAGES, tmp_path / "moved-images.tif")
     assert train.main(["--resume", str(run_dir), "--epochs", "3", "--images", str(moved)]) == 0
@@ -270,8 +319,10 @@ def test_resume_takes_one_moved_stack_and_refuses_data_for_a_run_on_stacks_of_it
     assert (config["images"], config["labels"]) == (str(moved), str(small_isbi_dir / data.TRAIN_LABELS))
     capsys.readouterr()
     error = one_line_exit_2(["--resume", str(run_dir), "--epochs", "4", "--data", str(small_isbi_dir)], capsys)
-    assert error == (f"train.py: error: {run_dir} trained on stacks of its own, not ISBI 2012 in a --data directory: "
-                     "give where they are now with --images and --labels\n")
+    assert error == (
+        f"train.py: error: {run_dir} trained on stacks of its own, not ISBI 2012 in a --data directory: "
+        "give where they are now with --images and --labels\n"
+    )
 
 
 def test_nothing_written_follows_a_link_planted_in_the_run_directory(two_epoch_run, tmp_path):
@@ -288,19 +339,25 @@ def test_nothing_written_follows_a_link_planted_in_the_run_directory(two_epoch_r
     assert steps(raw_events(run_dir)["train"]["epoch_loss"]) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("name, value, why", [
-    ("steps_per_epoch", 0, "'0' must be a finite number greater than 0"),
-    ("loss", "hinge", "invalid choice: 'hinge'"),
-    ("val_slices", "5,15,25", "not a list"),
-    ("seed", -1, "'-1' must be a finite number from 0 to 4294967295"),
-])
+@pytest.mark.parametrize(
+    "name, value, why",
+    [
+        ("steps_per_epoch", 0, "'0' must be a finite number greater than 0"),
+        ("loss", "hinge", "invalid choice: 'hinge'"),
+        ("val_slices", "5,15,25", "not a list"),
+        ("seed", -1, "'-1' must be a finite number from 0 to 4294967295"),
+    ],
+)
 def test_a_hand_edited_config_is_checked_as_its_flag_would_be(name, value, why, two_epoch_run, tmp_path, capsys):
     run_dir = copy_of(two_epoch_run, tmp_path)
     config = json.loads((run_dir / rundir.CONFIG).read_text())
     (run_dir / rundir.CONFIG).write_text(json.dumps({**config, name: value}))
     error = one_line_exit_2(["--resume", str(run_dir), "--epochs", "3"], capsys)
-    assert error == (f"train.py: error: {run_dir / rundir.CONFIG} records {name} {value!r}, which train.py refuses "
-                     f"({why}") + error.split(why, 1)[1]
+    assert (
+        error
+        == (f"train.py: error: {run_dir / rundir.CONFIG} records {name} {value!r}, which train.py refuses ({why}")
+        + error.split(why, 1)[1]
+    )
     assert error.endswith("): restore it, or move the run out of the way\n")
 
 
@@ -311,8 +368,13 @@ def test_a_finished_run_is_refused_before_tensorflow_and_a_refusal_after_it_is_o
     # A damaged last.keras is found only by loading it, after TensorFlow: still one line.
     run_dir = copy_of(two_epoch_run, tmp_path)
     (run_dir / rundir.LAST).write_bytes((run_dir / rundir.LAST).read_bytes()[:1000])
-    damaged = subprocess.run([sys.executable, "train.py", "--resume", str(run_dir), "--epochs", "3"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=300)
+    damaged = subprocess.run(
+        [sys.executable, "train.py", "--resume", str(run_dir), "--epochs", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert damaged.returncode == 2 and damaged.stderr.count("\n") == 1
     assert damaged.stderr.startswith(f"train.py: error: {run_dir / rundir.LAST} is unreadable (")
 
@@ -348,11 +410,15 @@ def test_summary_of_a_damaged_config_is_one_line(two_epoch_run, tmp_path, capsys
     assert said.count("\n") == 1
 
 
-def test_a_full_disk_at_the_first_checkpoint_advises_a_new_start_and_keeps_nothing(tmp_path, small_isbi_dir, monkeypatch, capsys):
+def test_a_full_disk_at_the_first_checkpoint_advises_a_new_start_and_keeps_nothing(
+    tmp_path, small_isbi_dir, monkeypatch, capsys
+):
     def disk_full(model, filepath, *args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(keras.Model, "save", disk_full)
-    error = one_line_exit_2(TINY + ["--lr", "1e-3", "--eval-every", "0", "--data", str(small_isbi_dir), "--logdir", str(tmp_path)], capsys)
+    error = one_line_exit_2(
+        TINY + ["--lr", "1e-3", "--eval-every", "0", "--data", str(small_isbi_dir), "--logdir", str(tmp_path)], capsys
+    )
     assert error.endswith("(No space left on device): free some space, then start the run again\n")
     assert list(tmp_path.iterdir()) == []  # no run directory without a checkpoint left behind

@@ -17,7 +17,9 @@ def test_jobs_run_in_the_order_handed_over_on_a_thread_of_their_own():
             time.sleep(0.001 * (5 - number))  # later jobs quicker: order is kept anyway
             done.append(number)
             threads.add(threading.current_thread().name)
+
         return run
+
     with watcher.running() as watching:
         for number in range(5):
             watching.submit(job(number))
@@ -46,6 +48,7 @@ def test_a_failed_job_stops_the_later_ones_and_is_raised_once_at_the_next_hand_o
 
     def fails():
         raise OSError(28, "No space left on device")
+
     with watcher.running() as watching:
         watching.submit(fails)
         watching.submit(lambda: ran.append("after"))
@@ -81,6 +84,7 @@ def test_the_watcher_and_the_threads_it_starts_take_only_idle_cpu_time_and_the_c
         helper = threading.Thread(target=lambda: policies.setdefault("started by it", os.sched_getscheduler(0)))
         helper.start()
         helper.join()
+
     with watcher.running() as watching:
         watching.submit(job)
         watching.drain()
