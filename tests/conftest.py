@@ -1,9 +1,11 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.util import tensor_util
 
@@ -111,25 +113,20 @@ def cells_and_membranes(pages, height=64, width=64, spacing=8):
     return ((rows % spacing != 0) & (columns % spacing != 0)).astype(np.uint8) * 255
 
 
-TINY = [
-    "--filters",
-    "4",
-    "--crop",
-    "64",
-    "--epochs",
-    "2",
-    "--steps-per-epoch",
-    "3",
-    "--batch-size",
-    "2",
-    "--image-every",
-    "2",
-    "--update-freq",
-    "2",
-    "--precision",
-    "float32",
-]
+# A run of seconds: a 4-filter net on 64x64 crops, 2 epochs of 3 steps, images every 2 steps.
+TINY = (
+    "--filters 4 --crop 64 --epochs 2 --steps-per-epoch 3 --batch-size 2 --image-every 2 --update-freq 2 "
+    "--precision float32"
+).split()
 TINY_STEPS = 2 * 3
+
+
+def tiny_run(data_dir, logdir, *flags):
+    """train.py's exit code for a TINY run at --lr 1e-3 on the stacks in `data_dir`, logged under
+    `logdir`, with `flags` added (a later one wins)."""
+    import train
+
+    return train.main([*TINY, "--lr", "1e-3", "--data", str(data_dir), "--logdir", str(logdir), *flags])
 
 
 @pytest.fixture(scope="session")
@@ -137,28 +134,46 @@ def two_run_logdir(tmp_path_factory, isbi_dir):
     """A log directory with two tiny runs on ISBI 2012: `bce_lr1e-3`, scored as in the challenge
     every epoch, and `wbce_lr1e-3` (the U-Net paper's weighted loss), every second epoch, with
     averaged weights (--ema)."""
-    import train
-
     logdir = tmp_path_factory.mktemp("logs")
     for loss, eval_every, ema in (("bce", "1", "0"), ("wbce", "2", "0.9")):
-        assert (
-            train.main(
-                TINY
-                + [
-                    "--loss",
-                    loss,
-                    "--lr",
-                    "1e-3",
-                    "--eval-every",
-                    eval_every,
-                    "--ema",
-                    ema,
-                    "--data",
-                    str(isbi_dir),
-                    "--logdir",
-                    str(logdir),
-                ]
-            )
-            == 0
-        )
+        assert tiny_run(isbi_dir, logdir, "--loss", loss, "--eval-every", eval_every, "--ema", ema) == 0
     return logdir
+
+
+def write_stack(path, stack):
+    """`stack` (pages, H, W) as a multi-page grey TIFF at `path`; `path`."""
+    tifffile.imwrite(path, stack, photometric="minisblack")
+    return path
+
+
+def raw_events(run_dir):
+    """{subdirectory: {tag: [(step, value)]}} of a run directory, in file order, duplicates and all."""
+    return {
+        ("" if directory == run_dir else directory.name): read_events(directory)[0]
+        for directory in [run_dir, *sorted(path for path in run_dir.iterdir() if path.is_dir())]
+    }
+
+
+def steps(series):
+    return [step for step, _ in series]
+
+
+MAIN_THEN_REPORT = (
+    "import sys, {module}\n"
+    "try:\n    code = {module}.main(sys.argv[1:])\n"
+    "finally:\n    print('tensorflow imported:', 'tensorflow' in sys.modules)\n"
+    "sys.exit(code)"
+)
+
+
+def run_command(module, arguments, **environment):
+    """`module`.main(arguments) in a fresh process; its stdout ends with whether TensorFlow was
+    imported, which says that a refusal came before it loaded (the seconds it would take)."""
+    return subprocess.run(
+        [sys.executable, "-c", MAIN_THEN_REPORT.format(module=module), *map(str, arguments)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **environment},
+    )

@@ -8,12 +8,7 @@ import pytest
 import tifffile
 
 import train
-from conftest import cells_and_membranes
-
-
-def write_stack(path, stack):
-    tifffile.imwrite(path, stack, photometric="minisblack")
-    return path
+from conftest import cells_and_membranes, write_stack
 
 
 def missing(tmp_path, isbi_dir):

@@ -19,7 +19,7 @@ import flags
 import metrics
 import predict
 import settings
-from conftest import ROOT, TINY, cells_and_membranes
+from conftest import ROOT, TINY, cells_and_membranes, run_command, write_stack
 
 ENTRY_POINTS = ["train.py", "predict.py", "bench.py", "data.py", "export.py"]
 
@@ -67,32 +67,6 @@ def test_the_losses_offered_are_those_metrics_implements():
 
 
 # What a subprocess runs: the command's main(), then whether TensorFlow was imported by then.
-MAIN_THEN_REPORT = (
-    "import sys, {module}\n"
-    "try:\n    code = {module}.main(sys.argv[1:])\n"
-    "finally:\n    print('tensorflow imported:', 'tensorflow' in sys.modules)\n"
-    "sys.exit(code)"
-)
-
-
-def run_command(module, arguments, **environment):
-    start = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-c", MAIN_THEN_REPORT.format(module=module), *map(str, arguments)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **environment},
-    )
-    return result, time.monotonic() - start
-
-
-def write_stack(path, stack):
-    tifffile.imwrite(path, stack, photometric="minisblack")
-    return path
-
-
 def own_stacks(tmp_path, images=None, labels=None, pages=4):
     images = np.random.default_rng(0).integers(0, 256, (pages, 64, 64), dtype=np.uint8) if images is None else images
     labels = cells_and_membranes(pages) if labels is None else labels
@@ -198,16 +172,15 @@ TRAIN_CASES = {
 
 
 @pytest.mark.parametrize("case", TRAIN_CASES)
-def test_bad_input_is_one_line_exit_2_within_seconds_before_tensorflow(case, tmp_path, isbi_dir):
+def test_bad_input_is_one_line_exit_2_before_tensorflow(case, tmp_path, isbi_dir):
     make_flags, message = TRAIN_CASES[case]
     flags = make_flags(tmp_path, isbi_dir)
     before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
-    result, seconds = run_command("train", [*flags, "--logdir", tmp_path / "logs"])
+    result = run_command("train", [*flags, "--logdir", tmp_path / "logs"])
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("train.py: error: "), result.stderr
     assert message in result.stderr
     assert result.stdout.endswith("tensorflow imported: False\n")
-    assert seconds < 3, f"{seconds:.1f} s"
     assert not (tmp_path / "logs").exists()
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
 
@@ -234,21 +207,20 @@ CLUSTER_CASES = {
 @pytest.mark.parametrize("case", CLUSTER_CASES)
 def test_a_tf_config_the_strategy_cannot_start_with_is_refused_before_tensorflow(case, tmp_path, isbi_dir):
     strategy, tf_config, message = CLUSTER_CASES[case]
-    result, seconds = run_command(
+    result = run_command(
         "train", ["--data", isbi_dir, "--strategy", strategy, "--logdir", tmp_path / "logs"], TF_CONFIG=tf_config
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr
     assert result.stdout.endswith("tensorflow imported: False\n")
-    assert seconds < 3, f"{seconds:.1f} s"
     assert not (tmp_path / "logs").exists()
 
 
 def test_predict_refuses_bad_input_before_tensorflow(tmp_path, isbi_dir):
-    result, seconds = run_command(
+    result = run_command(
         "predict", [tmp_path / "nothing.keras", isbi_dir / "test-volume.tif", "-o", tmp_path / "p.tif"]
     )
-    assert result.returncode == 2 and seconds < 3
+    assert result.returncode == 2
     assert (
         result.stderr == f"predict.py: error: {tmp_path / 'nothing.keras'} not found: give a run directory of train.py "
         "or a .keras checkpoint\n"
@@ -258,7 +230,7 @@ def test_predict_refuses_bad_input_before_tensorflow(tmp_path, isbi_dir):
 
 def test_predict_refuses_a_checkpoint_that_is_no_model_before_tensorflow(tmp_path, isbi_dir):
     (tmp_path / "half.keras").write_bytes(b"half a checkpoint")
-    result, _ = run_command("predict", [tmp_path / "half.keras", isbi_dir / data.TEST_IMAGES, "-o", tmp_path / "p.tif"])
+    result = run_command("predict", [tmp_path / "half.keras", isbi_dir / data.TEST_IMAGES, "-o", tmp_path / "p.tif"])
     assert result.returncode == 2 and result.stderr == (
         f"predict.py: error: {tmp_path / 'half.keras'} is not a Keras model (a .keras file is a zip archive, and this "
         "is none): give a .keras checkpoint written by train.py\n"
@@ -268,16 +240,14 @@ def test_predict_refuses_a_checkpoint_that_is_no_model_before_tensorflow(tmp_pat
 
 def test_predict_refuses_a_truncated_stack_before_tensorflow(tmp_path, isbi_dir, two_run_logdir):
     cut = truncated_copy(tmp_path, isbi_dir)
-    result, _ = run_command("predict", [two_run_logdir / "bce_lr1e-3", cut, "-o", tmp_path / "p.tif"])
+    result = run_command("predict", [two_run_logdir / "bce_lr1e-3", cut, "-o", tmp_path / "p.tif"])
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith(f"predict.py: error: {cut} is truncated (") and "copy it again" in result.stderr
     assert result.stdout.endswith("tensorflow imported: False\n") and not (tmp_path / "p.tif").exists()
 
 
 def test_predict_refuses_a_destination_it_cannot_write_before_tensorflow(tmp_path, isbi_dir, two_run_logdir):
-    result, _ = run_command(
-        "predict", [two_run_logdir / "bce_lr1e-3", isbi_dir / data.TEST_IMAGES, "-o", "/proc/p.tif"]
-    )
+    result = run_command("predict", [two_run_logdir / "bce_lr1e-3", isbi_dir / data.TEST_IMAGES, "-o", "/proc/p.tif"])
     assert result.returncode == 2 and result.stderr.startswith("predict.py: error: cannot write /proc/p.tif (/proc: ")
     assert result.stderr.endswith("): choose another -o\n") and result.stderr.count("\n") == 1
     assert result.stdout.endswith("tensorflow imported: False\n")

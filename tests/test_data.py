@@ -13,7 +13,7 @@ import data
 import distribute
 import inputs
 import tiffs
-from conftest import cells_and_membranes
+from conftest import cells_and_membranes, write_stack
 
 # --- download ---------------------------------------------------------------------------------
 
@@ -89,10 +89,6 @@ def test_data_py_command_downloads_once(tmp_path, mirror_url, capsys):
 
 
 # --- reading stacks ---------------------------------------------------------------------------
-
-
-def write_stack(path, stack):
-    tifffile.imwrite(path, stack, photometric="minisblack")
 
 
 def test_missing_stack_says_how_to_get_it(tmp_path):

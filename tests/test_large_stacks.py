@@ -15,7 +15,7 @@ MEMORY_BUDGET = 2**30  # bytes of process memory (RssAnon) the run may take; a t
 SLICES, SIDE = 4800, 512  # uint8: 1.17 GiB per stack, more than the budget; ISBI-sized slices
 
 
-def write_stack(path, slice_of):
+def write_stack_by_page(path, slice_of):
     """A SLICES-page uint8 TIFF written a page at a time, never whole in this process's memory."""
     with tifffile.TiffWriter(path) as tiff:
         tiff.write(
@@ -47,8 +47,8 @@ def test_a_stack_larger_than_the_memory_budget_trains_from_its_memory_mapped_fil
     rng = np.random.default_rng(0)
     cells = cells_and_membranes(1, SIDE, SIDE)[0]
     texture = rng.integers(0, 256, (SIDE, SIDE), dtype=np.uint8)
-    write_stack(tmp_path / "images.tif", lambda index: np.roll(texture, index, axis=0))
-    write_stack(tmp_path / "labels.tif", lambda index: np.roll(cells, index, axis=0))
+    write_stack_by_page(tmp_path / "images.tif", lambda index: np.roll(texture, index, axis=0))
+    write_stack_by_page(tmp_path / "labels.tif", lambda index: np.roll(cells, index, axis=0))
     assert (tmp_path / "images.tif").stat().st_size > MEMORY_BUDGET
 
     process = subprocess.Popen(

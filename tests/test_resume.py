@@ -21,23 +21,7 @@ import resume
 import rundir
 import train
 import watcher
-from conftest import ROOT, TINY, read_events
-
-
-def tiny_run(small_isbi_dir, logdir, *flags):
-    return train.main(TINY + ["--lr", "1e-3", "--data", str(small_isbi_dir), "--logdir", str(logdir), *flags])
-
-
-def raw_events(run_dir):
-    """{subdirectory: {tag: [(step, value)]}} in file order, duplicates and all."""
-    return {
-        ("" if directory == run_dir else directory.name): read_events(directory)[0]
-        for directory in [run_dir, *sorted(path for path in run_dir.iterdir() if path.is_dir())]
-    }
-
-
-def steps(series):
-    return [step for step, _ in series]
+from conftest import ROOT, TINY, raw_events, steps, tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,7 @@ import predict
 import rundir
 import tiffs
 import train
-from conftest import ROOT, TINY, cells_and_membranes
-from test_cli import run_command
-from test_resume import raw_events, steps
-
-
-def write_stack(path, stack):
-    tifffile.imwrite(path, stack, photometric="minisblack")
-    return path
+from conftest import ROOT, TINY, cells_and_membranes, raw_events, run_command, steps, write_stack
 
 
 def one_line_exit_2(flags, capsys):
@@ -362,7 +355,7 @@ def test_a_hand_edited_config_is_checked_as_its_flag_would_be(name, value, why, 
 
 
 def test_a_finished_run_is_refused_before_tensorflow_and_a_refusal_after_it_is_one_line(two_epoch_run, tmp_path):
-    finished, _ = run_command("train", ["--resume", two_epoch_run])
+    finished = run_command("train", ["--resume", two_epoch_run])
     assert finished.returncode == 2 and finished.stdout.endswith("tensorflow imported: False\n")
     assert finished.stderr == f"train.py: error: {rundir.finished(two_epoch_run, 2)}\n"
     # A damaged last.keras is found only by loading it, after TensorFlow: still one line.
