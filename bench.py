@@ -353,7 +353,7 @@ def main(argv=None):
     args = flags.with_preset(args, given)
     if args.resume or args.summary:
         parser.error("--resume and --summary are train.py's; bench.py measures a new configuration")
-    args.epochs = args.epochs or settings.DEFAULT_EPOCHS
+    args.epochs = args.epochs or settings.DEFAULTS["epochs"]
     return cli.run("bench.py", lambda: benchmark(args, argv))
 
 

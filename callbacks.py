@@ -190,13 +190,13 @@ class ValidationSliceSummaries(StepCallback):
     that merge true cells in orange and the true cells that are split in blue; `input` and `label`
     once, and `loss_weights` when the loss is weighted (`weights`, per shown slice). Under
     `shown_slices/`: the misclassified-pixel fraction over the slices and the number of merges and
-    splits. Every `histogram_every` epochs: histograms of each block's activations
+    splits. Every `histogram_freq` epochs: histograms of each block's activations
     (`unet/activations/...`) and the precision-recall curve of membrane detection (`membrane_pr`).
     The net's output on the slices comes from the run's ValidationPass.
     """
 
     def __init__(
-        self, writers, epoch_logs, validation_pass, shown, image_every, histogram_every, v_rand_threshold=THRESHOLD
+        self, writers, epoch_logs, validation_pass, shown, image_every, histogram_freq, v_rand_threshold=THRESHOLD
     ):
         super().__init__()
         self.writers = writers
@@ -204,7 +204,7 @@ class ValidationSliceSummaries(StepCallback):
         self.validation_pass = validation_pass
         self.shown = shown
         self.image_every = image_every
-        self.histogram_every = histogram_every
+        self.histogram_freq = histogram_freq
         self.v_rand_threshold = v_rand_threshold
         self._images_deferred_to = None
 
@@ -225,7 +225,7 @@ class ValidationSliceSummaries(StepCallback):
 
     def on_epoch_end(self, epoch, logs=None):
         step = global_step(self.model)
-        histograms = self.histogram_every and epoch % self.histogram_every == 0 and np.isfinite(logs["loss"])
+        histograms = self.histogram_freq and epoch % self.histogram_freq == 0 and np.isfinite(logs["loss"])
         activations = self.validation_pass.activations() if histograms else None
         probabilities = self.validation_pass.probabilities(self.validation_pass.shown)
         images = self._images_deferred_to == step
@@ -394,7 +394,7 @@ def for_run(args, run, inputs, stop, hyperparameters, documents, watcher, epoch_
                 None if weights is None else weights[shown],
             ),
             image_every=args.image_every,
-            histogram_every=args.histogram_freq,
+            histogram_freq=args.histogram_freq,
             v_rand_threshold=run.reached.get("v_rand_threshold", THRESHOLD),
         ),
         RunSummary(writers, epoch_logs, run.directory.name, hyperparameters, documents, run.reached),

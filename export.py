@@ -91,12 +91,10 @@ def export_inputs(args):
     # As training read them: a stack larger than memory allows stays on disk, only its validation
     # slices are read.
     images, labels = (
-        tiffs.read_stack(rundir.recorded_path(config, name), tiffs.memory_map_above(config.get("memmap", "auto")))
+        tiffs.read_stack(rundir.recorded_path(config, name), tiffs.memory_map_above(config["memmap"]))
         for name in ("images", "labels")
     )
-    cell, _ = tiffs.cell_value(
-        labels, rundir.recorded_path(config, "labels"), config.get("labels_polarity", "cells-high")
-    )
+    cell, _ = tiffs.cell_value(labels, rundir.recorded_path(config, "labels"), config["labels_polarity"])
     indices = config["val_slices"]
     return checkpoint, run_dir, config, images[indices], (labels[indices] == cell).astype(np.uint8), indices
 

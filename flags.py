@@ -10,7 +10,7 @@ from pathlib import Path
 import cli
 import data
 import settings
-from settings import MULTIPLE
+from settings import DEFAULTS, MULTIPLE
 
 
 def describe(values):
@@ -100,12 +100,12 @@ def build_parser(prog="train.py", exit_on_error=True):
         help="a recipe of several flags, each overridable: "
         + "; ".join(f"{name} = {describe(values)}" for name, values in settings.PRESETS.items()),
     )
-    run.add_argument("--loss", choices=settings.LOSSES, default="bce", help="training loss")
-    run.add_argument("--lr", type=cli.positive_float32, default=1e-4, help="Adam learning rate")
+    run.add_argument("--loss", choices=settings.LOSSES, default=DEFAULTS["loss"], help="training loss")
+    run.add_argument("--lr", type=cli.positive_float32, default=DEFAULTS["lr"], help="Adam learning rate")
     run.add_argument(
         "--ema",
         type=cli.fraction_below_one,
-        default=0.99,
+        default=DEFAULTS["ema"],
         metavar="MOMENTUM",
         help="momentum of an exponential moving average of the weights that validation, checkpoints "
         "and the epoch's histograms see instead of the last step's weights (steadier curves, see "
@@ -114,36 +114,46 @@ def build_parser(prog="train.py", exit_on_error=True):
     run.add_argument(
         "--epochs",
         type=cli.positive(int),
-        help=f"number of epochs (default: {settings.DEFAULT_EPOCHS}; with --resume, the run's own)",
+        help=f"number of epochs (default: {DEFAULTS['epochs']}; with --resume, the run's own)",
     )
-    run.add_argument("--steps-per-epoch", type=cli.positive(int), default=200, help="training batches per epoch")
-    run.add_argument("--batch-size", type=cli.positive(int), default=1, help="crops per training batch")
+    run.add_argument(
+        "--steps-per-epoch",
+        type=cli.positive(int),
+        default=DEFAULTS["steps_per_epoch"],
+        help="training batches per epoch",
+    )
+    run.add_argument(
+        "--batch-size", type=cli.positive(int), default=DEFAULTS["batch_size"], help="crops per training batch"
+    )
     run.add_argument(
         "--crop",
         type=cli.multiple_of(MULTIPLE, f"the U-Net halves it {settings.DEPTH} times"),
-        default=256,
+        default=DEFAULTS["crop"],
         help=f"training crop size in pixels, a multiple of {MULTIPLE}",
     )
     run.add_argument(
-        "--filters", type=cli.positive(int), default=16, help="filters of the first U-Net level; the paper has 64"
+        "--filters",
+        type=cli.positive(int),
+        default=DEFAULTS["filters"],
+        help="filters of the first U-Net level; the paper has 64",
     )
     run.add_argument(
         "--dropout",
         type=cli.fraction_below_one,
-        default=0.0,
+        default=DEFAULTS["dropout"],
         help="dropout rate after the bottleneck's convolutions, as in the paper (0.5); 0 for none",
     )
-    run.add_argument("--seed", type=cli.seed, default=0, help="seed for weights, crops and augmentation")
+    run.add_argument("--seed", type=cli.seed, default=DEFAULTS["seed"], help="seed for weights, crops and augmentation")
     run.add_argument(
         "--precision",
         choices=settings.PRECISIONS,
-        default="auto",
+        default=DEFAULTS["precision"],
         help="Keras dtype policy; auto picks one for the device found, see docs/performance.md",
     )
     run.add_argument(
         "--strategy",
         choices=settings.STRATEGIES,
-        default="auto",
+        default=DEFAULTS["strategy"],
         help="tf.distribute strategy: mirrored = every GPU of this machine, multiworker = several "
         "machines named by TF_CONFIG; auto picks one, see docs/scaling.md",
     )
@@ -160,7 +170,7 @@ def build_parser(prog="train.py", exit_on_error=True):
     where.add_argument(
         "--labels-polarity",
         choices=settings.LABEL_POLARITIES,
-        default="cells-high",
+        default=DEFAULTS["labels_polarity"],
         help="which of the two label values is cell: the higher (ISBI: 255 = cell, 0 = membrane) "
         "or the lower; a stack that looks the other way round is refused",
     )
@@ -171,7 +181,7 @@ def build_parser(prog="train.py", exit_on_error=True):
     where.add_argument(
         "--memmap",
         choices=settings.MEMMAP_CHOICES,
-        default="auto",
+        default=DEFAULTS["memmap"],
         help="read training crops straight from the TIFFs instead of loading them; auto does so for "
         f"a stack larger than {settings.MEMMAP_SHARE:.0%} of this machine's memory",
     )
@@ -182,23 +192,29 @@ def build_parser(prog="train.py", exit_on_error=True):
     )
     board = parser.add_argument_group("TensorBoard")
     board.add_argument(
-        "--image-every", type=cli.positive(int), default=200, help="write prediction images every N training steps"
+        "--image-every",
+        type=cli.positive(int),
+        default=DEFAULTS["image_every"],
+        help="write prediction images every N training steps",
     )
     board.add_argument(
         "--histogram-freq",
         type=cli.non_negative_int,
-        default=1,
+        default=DEFAULTS["histogram_freq"],
         help="write weight and activation histograms and PR curves every N epochs, 0 for never",
     )
     board.add_argument(
         "--eval-every",
         type=cli.non_negative_int,
-        default=1,
+        default=DEFAULTS["eval_every"],
         help="score the whole validation slices as the ISBI challenge does (V_rand, V_info, "
         "pixel error) every N epochs, 0 for never",
     )
     board.add_argument(
-        "--update-freq", type=cli.positive(int), default=10, help="write batch-level scalars every N steps"
+        "--update-freq",
+        type=cli.positive(int),
+        default=DEFAULTS["update_freq"],
+        help="write batch-level scalars every N steps",
     )
     parser.add_argument(
         "--resume",

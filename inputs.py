@@ -108,7 +108,7 @@ def load(args, resumed_config=None):
     )
     # A resumed run goes on seeing its images as it did (the rule may have changed since it started),
     # unless it continues on new data.
-    recorded = None if resumed_config is None or args.accept_new_data else resumed_config.get("image_scaling")
+    recorded = None if resumed_config is None or args.accept_new_data else resumed_config["image_scaling"]
     stacks = tiffs.load_training_stacks(
         images_path,
         labels_path,
@@ -149,7 +149,7 @@ def checked_digests(config, images_path, labels_path, accept_new_data):
     """The SHA-256 of the files a resumed run is to continue on; unless `accept_new_data`, refused
     if they are not those the run started with (their SHA-256 in its config.json), saying how to
     go on. A file that is not there is refused too."""
-    recorded = config.get("data_files", {})
+    recorded = config["data_files"]
     digests = {}
     for name, path in (("images", images_path), ("labels", labels_path)):
         if not path.is_file():

@@ -63,7 +63,7 @@ def run_scaling(checkpoint):
     """The image scaling of the run a checkpoint belongs to, or None if it has no run directory."""
     if not (checkpoint.parent / rundir.CONFIG).is_file():
         return None
-    description = rundir.read_config(checkpoint.parent).get("image_scaling")
+    description = rundir.read_config(checkpoint.parent)["image_scaling"]
     return None if description is None else tiffs.ImageScaling.from_description(description)
 
 
@@ -121,7 +121,7 @@ def build_parser():
     parser.add_argument(
         "--labels-polarity",
         choices=settings.LABEL_POLARITIES,
-        default="cells-high",
+        default=settings.DEFAULTS["labels_polarity"],
         help="which of the two --labels values is cell, as for train.py",
     )
     parser.add_argument(

@@ -101,6 +101,6 @@ def continue_run(run_dir, config, epochs, command, setup):
         raise ResumeError(rundir.finished(run_dir, initial_epoch))
     files.remove_partial_files(rundir.event_directories(run_dir))
     cut_event_files(run_dir, initial_epoch, int(model.optimizer.iterations.numpy()))
-    config.update(epochs=epochs, resumed=[*config.get("resumed", []), command], **setup)
+    config.update(epochs=epochs, resumed=[*config["resumed"], command], **setup)
     rundir.save_config(run_dir, config)
     return rundir.Run(Path(run_dir), config, model, initial_epoch, runs.reached(run_dir))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+import settings
 from cli import InputError
 from files import replaced_atomically, why_not_writable
 
@@ -116,12 +117,40 @@ def save_config(run_dir, config):
 def recorded_path(config, name):
     """The path config.json records as `name` (settings.PATHS): absolute since config.json records
     `started_in`; a run started before recorded them relative to a directory it did not name, so
-    they are taken as relative to the current one."""
-    return Path(config.get("started_in", ".")) / config[name]
+    they are taken as relative to the current one (migrate)."""
+    return Path(config["started_in"]) / config[name]
+
+
+# The form of config.json that this code writes and reads; migrate() brings an older one up to it.
+CONFIG_VERSION = 1
+# What a config.json written before config_version (version 0) may lack, beside the settings of
+# settings.DEFAULTS: the directory its paths are relative to, the records of its data and resumes.
+UNVERSIONED = {"started_in": ".", "image_scaling": None, "data_files": {}, "resumed": []}
+
+
+def migrate(config, path):
+    """A run's config.json (read from `path`) as CONFIG_VERSION has it, whatever version wrote it:
+    the settings added since the run started get the value it ran with (settings.BEFORE_IT_EXISTED
+    where that differs from today's default); the records it lacks, UNVERSIONED's. InputError for
+    one written by a newer version of this project, or of this version but lacking a setting (a
+    hand edit: today's default could be what the run never had)."""
+    version = config.get("config_version", 0)
+    if not isinstance(version, int) or not 0 <= version <= CONFIG_VERSION:
+        raise InputError(
+            f"{path} has config_version {version!r}, which this version of the project does not know "
+            f"(it writes {CONFIG_VERSION}): update the project to continue the run"
+        )
+    if version == 0:
+        config = {**settings.DEFAULTS, **settings.BEFORE_IT_EXISTED, **UNVERSIONED, **config}
+    missing = [name for name in (*settings.DEFAULTS, *UNVERSIONED) if name not in config]
+    if missing:
+        raise InputError(f"{path} lacks {', '.join(missing)}: restore it from a copy, or move the run out of the way")
+    return {**config, "config_version": CONFIG_VERSION}
 
 
 def read_config(run_dir):
-    """A run directory's config.json; InputError if it is none or the file is unreadable."""
+    """A run directory's config.json, brought up to date (migrate); InputError if it is none or
+    the file is unreadable."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise InputError(f"{run_dir} is not a run directory (no {CONFIG}): give a directory that train.py created")
@@ -136,7 +165,7 @@ def read_config(run_dir):
         raise InputError(
             f"{path} holds no settings (a JSON {type(config).__name__}): restore it, or move the run out of the way"
         )
-    return config
+    return migrate(config, path)
 
 
 def candidate_checkpoint(run_dir, epoch):

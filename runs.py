@@ -96,6 +96,7 @@ def run_config(args, run_inputs, command, setup):
     inputs.RunInputs), the directory and `command` that started it, the machine `setup`
     (distribute.machine_setup) and its provenance."""
     return {
+        "config_version": rundir.CONFIG_VERSION,
         **{name: value for name, value in vars(args).items() if name not in settings.COMMAND_FLAGS},
         "mirror": run_inputs.mirror,
         **setup,
@@ -103,6 +104,7 @@ def run_config(args, run_inputs, command, setup):
         "val_slices": run_inputs.val_indices,
         "started_in": str(Path.cwd()),
         "command": command,
+        "resumed": [],
         **provenance(),
         **data_record(args, run_inputs),
     }
@@ -126,8 +128,8 @@ def run_documents(config):
         "run/data": markdown_table(
             {
                 **config["data_files"],
-                "image scaling": config.get("image_scaling", {}).get("rule", "unknown"),
-                "labels polarity": config.get("labels_polarity", "cells-high"),
+                "image scaling": (config["image_scaling"] or {"rule": "not recorded"})["rule"],
+                "labels polarity": config["labels_polarity"],
             }
         ),
         "run/split": markdown_table(

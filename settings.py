@@ -1,6 +1,6 @@
 """What a run can be set to, declared once with its domain, and the scores a run is judged by:
 the flags (flags.py) take their choices from here (and the defaults that more than one module
-needs: the epochs, the recipes), and the modules that implement a choice (metrics.LOSSES,
+needs: DEFAULTS, the recipes), and the modules that implement a choice (metrics.LOSSES,
 distribute.device_settings, distribute.make_strategy) are checked against it by the tests.
 
 Imports nothing but the standard library, so that a command line is checked before TensorFlow
@@ -35,11 +35,34 @@ CHECKPOINT_SCORE, CHECKPOINT_SCORE_WITHOUT_ISBI = BEST_SCORES
 # 64 filters, the border-weighted loss, large tiles one at a time, dropout at the bottleneck.
 PRESETS = {"paper": {"filters": 64, "loss": "wbce", "crop": 256, "batch_size": 1, "dropout": 0.5}}
 
-DEFAULT_EPOCHS = 15
+# The default of every setting of a run (flags.py gives them to the flags; rundir.migrate to the
+# settings an older run's config.json lacks).
+DEFAULTS = {
+    "loss": "bce",
+    "lr": 1e-4,
+    "ema": 0.99,
+    "epochs": 15,
+    "steps_per_epoch": 200,
+    "batch_size": 1,
+    "crop": 256,
+    "filters": 16,
+    "dropout": 0.0,
+    "seed": 0,
+    "precision": "auto",
+    "strategy": "auto",
+    "preset": None,
+    "labels_polarity": "cells-high",
+    "memmap": "auto",
+    "val_slices": None,  # inputs.default_validation_slices
+    "image_every": 200,
+    "histogram_freq": 1,
+    "eval_every": 1,
+    "update_freq": 10,
+}
 MEMMAP_SHARE = 0.25  # --memmap auto maps a stack larger than this share of the machine's memory
 
-# What a run started before a setting existed ran with, where that differs from today's default: a
-# resumed run's config.json that lacks the setting gets this value.
+# What a run started before a setting existed ran with, where that differs from today's default: an
+# older run's config.json that lacks the setting gets this value (rundir.migrate).
 BEFORE_IT_EXISTED = {"ema": 0.0}
 
 # Flags about the command, not the run: never recorded in a run's config.json.

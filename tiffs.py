@@ -255,7 +255,7 @@ def label_values(stack, path):
 REGION_SAMPLE = 8  # slices whose connected regions are counted to tell cells from membranes
 
 
-def cell_value(stack, path, polarity="cells-high"):
+def cell_value(stack, path, polarity=settings.DEFAULTS["labels_polarity"]):
     """(the label value that means cell, cell pixels per slice): the cell value is the higher of
     the two for `polarity` "cells-high", the lower for "membranes-high".
 
@@ -308,7 +308,9 @@ class TrainingStacks:
         return (self.labels[index][region] == self.cell_value).astype(np.uint8)
 
 
-def load_training_stacks(images_path, labels_path, memory_map_above=math.inf, polarity="cells-high", scaling=None):
+def load_training_stacks(
+    images_path, labels_path, memory_map_above=math.inf, polarity=settings.DEFAULTS["labels_polarity"], scaling=None
+):
     """The image and mask stacks as TrainingStacks; each memory-mapped if larger than
     `memory_map_above` bytes. `polarity` says which label value is cell (settings.LABEL_POLARITIES);
     the images are scaled by `scaling` (a resumed run's), else by their own (ImageScaling.of)."""

@@ -82,9 +82,7 @@ def resumed_arguments(args, given, config):
         for name in vars(args)
         if name in config and name not in moved and name not in given and name not in settings.COMMAND_FLAGS
     }
-    # Settings a run's config.json lacks (added to train.py after it started) keep their defaults, or
-    # what the run had in effect where that differs.
-    resumed = {**vars(args), **settings.BEFORE_IT_EXISTED, **{name: config[name] for name in kept}}
+    resumed = {**vars(args), **{name: config[name] for name in kept}}
     for name in settings.PATHS:
         if resumed[name] is not None:
             resumed[name] = rundir.recorded_path(config, name) if name in kept else Path(resumed[name])
@@ -177,7 +175,7 @@ def train(args, given, command):
                 if name not in config and name not in settings.COMMAND_FLAGS
             }
         )
-    args.epochs = args.epochs or settings.DEFAULT_EPOCHS
+    args.epochs = args.epochs or settings.DEFAULTS["epochs"]
     if config is not None:  # a finished run is told so now, not after TensorFlow has loaded
         step = rundir.checkpoint_step(Path(args.resume) / rundir.LAST)
         if step is not None and step // config["steps_per_epoch"] >= args.epochs:

@@ -102,7 +102,7 @@ class Validation(keras.callbacks.Callback):
     """The validation scores of each epoch, from the ValidationPass of the epoch's last step, scored
     by the watcher into `epoch_logs[epoch]` (a copy of the epoch's logs, made here on the training
     thread): the loss and the compiled metrics every epoch (`val_loss`,
-    `val_misclassified_pixel_fraction`, ...) and every `isbi_every` epochs the ISBI challenge's
+    `val_misclassified_pixel_fraction`, ...) and every `eval_every` epochs the ISBI challenge's
     scores (`val_v_rand`, `val_v_info`, `val_pixel_error` and the thresholds that give them).
     With `weights` (per slice, batches.border_weights), the loss is weighted as the training loss is.
     The callbacks after this one read the scores from `epoch_logs` in their watcher jobs.
@@ -114,7 +114,7 @@ class Validation(keras.callbacks.Callback):
     ...; the progress line (progress.py), the closing line and checkpoints see them too.
     """
 
-    def __init__(self, watcher, epoch_logs, validation_pass, labels, loss, metrics, isbi_every, weights=None):
+    def __init__(self, watcher, epoch_logs, validation_pass, labels, loss, metrics, eval_every, weights=None):
         super().__init__()
         self.watcher = watcher
         self.epoch_logs = epoch_logs
@@ -122,7 +122,7 @@ class Validation(keras.callbacks.Callback):
         self.labels = labels[..., np.newaxis].astype(np.float32)
         self.loss = loss
         self.metrics = metrics
-        self.isbi_every = isbi_every
+        self.eval_every = eval_every
         self.weights = np.ones(labels.shape, np.float32) if weights is None else weights
 
     def on_epoch_end(self, epoch, logs=None):
@@ -132,6 +132,6 @@ class Validation(keras.callbacks.Callback):
 
     def score(self, logs, epoch, probabilities):
         """Add the validation scores of `probabilities` (slices, H, W) to `logs`."""
-        isbi = bool(self.isbi_every) and epoch % self.isbi_every == 0 and np.isfinite(logs["loss"])
+        isbi = bool(self.eval_every) and epoch % self.eval_every == 0 and np.isfinite(logs["loss"])
         scores = validation_scores(self.labels, probabilities, self.weights, self.loss, self.metrics, isbi)
         logs.update({f"val_{name}": value for name, value in scores.items()})

@@ -174,7 +174,7 @@ def test_validation_adds_the_loss_metrics_and_challenge_scores_of_the_whole_slic
             model,
         )
         scoring.on_epoch_end(0, {"loss": 0.5})
-        scoring.isbi_every = 2
+        scoring.eval_every = 2
         scoring.on_epoch_end(1, {"loss": 0.5})  # not an evaluation epoch: the loss and metrics only
         watching.drain()
     logs = epoch_logs[0]
@@ -207,7 +207,7 @@ def test_the_validation_slices_go_through_the_net_once_per_training_step(tmp_pat
                 validation_pass,
                 summaries.ShownSlices.of([1, 7], images[[0, 2]], labels[[0, 2]]),
                 image_every=3,
-                histogram_every=1,
+                histogram_freq=1,
             ),
             model,
         )
@@ -239,7 +239,7 @@ def test_validation_slice_summaries_write_images_counts_and_histograms_into_vali
                 validation_pass_of(model, images, [0, 1]),
                 summaries.ShownSlices.of([4, 9], images, labels),
                 image_every=1,
-                histogram_every=1,
+                histogram_freq=1,
             ),
             model,
         )

@@ -38,6 +38,17 @@ def option_strings(script):
     return [option for action in parser._actions for option in action.option_strings]
 
 
+def test_every_setting_of_a_run_takes_its_default_from_settings():
+    parsed = vars(flags.build_parser().parse_args([]))
+    # --mirror says where the data came from, and --epochs defaults to the run's own on --resume.
+    run_settings = {
+        name: value
+        for name, value in parsed.items()
+        if name not in (*settings.COMMAND_FLAGS, *settings.PATHS, "mirror")
+    }
+    assert run_settings == {**settings.DEFAULTS, "epochs": None}
+
+
 @pytest.mark.parametrize("script", ENTRY_POINTS)
 def test_help_of_every_command_lists_every_flag(script):
     result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -4,6 +4,7 @@ import errno
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import flags
 import inputs
 import resume
 import rundir
+import settings
 import train
 import watcher
 from conftest import ROOT, TINY, raw_events, steps, tiny_run
@@ -252,7 +254,8 @@ def test_two_runs_started_together_get_two_directories(tmp_path, small_isbi_dir)
 
 def test_a_run_started_before_a_setting_existed_resumes_with_what_it_ran_with():
     args, given = cli.parse_with_given(flags.build_parser(), ["--resume", "run"])
-    resumed = train.resumed_arguments(args, given, {"loss": "bce", "lr": 1e-4, "crop": 128, "batch_size": 4})
+    older = rundir.migrate({"loss": "bce", "lr": 1e-4, "crop": 128, "batch_size": 4}, "config.json")
+    resumed = train.resumed_arguments(args, given, older)
     assert (resumed.ema, resumed.crop, resumed.batch_size) == (0.0, 128, 4)  # not today's defaults
     assert resumed.dropout == 0.0
 
@@ -261,11 +264,29 @@ def test_a_run_started_before_its_settings_existed_resumes_and_records_them(tmp_
     assert tiny_run(small_isbi_dir, tmp_path, "--epochs", "1", "--ema", "0") == 0
     run_dir = tmp_path / "bce_lr1e-3"
     config = json.loads((run_dir / "config.json").read_text())
-    del config["ema"], config["dropout"], config["preset"]
+    # As config.json was before it had a version, or these settings.
+    del config["config_version"], config["ema"], config["dropout"], config["preset"], config["resumed"]
     (run_dir / "config.json").write_text(json.dumps(config))
     assert train.main(["--resume", str(run_dir), "--epochs", "2"]) == 0
     resumed = json.loads((run_dir / "config.json").read_text())
     assert (resumed["ema"], resumed["dropout"], resumed["preset"]) == (0.0, 0.0, None)
+    assert resumed["config_version"] == rundir.CONFIG_VERSION and len(resumed["resumed"]) == 1
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"config_version": 99}, "has config_version 99, which this version of the project does not know"),
+        ({"config_version": "1"}, "has config_version '1', which this version of the project does not know"),
+        ({"lr": None}, "lacks lr: restore it from a copy"),
+    ],
+)
+def test_a_config_of_a_newer_version_or_lacking_a_setting_is_refused(tmp_path, edit, message):
+    config = {**settings.DEFAULTS, **rundir.UNVERSIONED, "config_version": rundir.CONFIG_VERSION, **edit}
+    config = {name: value for name, value in config.items() if name not in edit or edit[name] is not None}
+    (tmp_path / rundir.CONFIG).write_text(json.dumps(config))
+    with pytest.raises(cli.InputError, match=re.escape(f"{tmp_path / rundir.CONFIG} {message}")):
+        rundir.read_config(tmp_path)
 
 
 def test_a_resumed_run_scales_its_images_as_recorded(tmp_path, small_isbi_dir):
