@@ -12,14 +12,14 @@ import keras
 import numpy as np
 
 import files
-from cli import InputError
+from cli import Stopped
 from rundir import BEST, LAST, candidate_checkpoint
 from settings import BEST_SCORES
 
 
-class CheckpointError(InputError):
-    """A checkpoint that cannot be written (a full disk, ...): the run stops, and the line says
-    how to go on."""
+class CheckpointError(Stopped):
+    """A checkpoint that cannot be written (a full disk, ...): the run stops (exit code 1), and the
+    line says how to go on."""
 
 
 def checkpoint_error(path, error):

@@ -249,11 +249,15 @@ STOP_SIGNALS = {
 }
 
 
-def interrupted():
-    """Whether a stop signal came while the command ran. Whatever is raised after it is the
-    interrupt's doing: TensorFlow's C++ code, interrupted while it hands results to Python, can
-    raise a SystemError in place of the KeyboardInterrupt."""
-    return bool(_interrupts)
+def interrupted(error):
+    """Whether `error` is a stop signal's doing: a KeyboardInterrupt, or, once a signal came,
+    what TensorFlow raises in its place when the KeyboardInterrupt lands in its C++ code (a
+    SystemError) or cancels its work after one (tf.errors.CancelledError)."""
+    if isinstance(error, KeyboardInterrupt):
+        return True
+    tensorflow = sys.modules.get("tensorflow")
+    cancelled = (tensorflow.errors.CancelledError,) if tensorflow is not None else ()
+    return bool(_interrupts) and isinstance(error, (SystemError, *cancelled))
 
 
 def _note_interrupt(signum, frame):
@@ -307,8 +311,8 @@ def run(prog, body):
         body()
     except (InputError, Stopped) as error:
         code = told(prog, error)
-    except Exception:
-        if not interrupted():
+    except Exception as error:
+        if not interrupted(error):
             raise
         code = told(prog, Interrupted("nothing was written"))
     except KeyboardInterrupt:

@@ -36,6 +36,13 @@ class ResumeError(InputError):
 # --- resuming ---------------------------------------------------------------------------------
 
 
+def described(error):
+    """`error` in one line: its type and the first line of its message, which says whether the file
+    is damaged or the code cannot read it."""
+    first = next(iter(str(error).strip().splitlines()), "")
+    return f"{type(error).__name__}: {first[:160]}" if first else type(error).__name__
+
+
 def restore_model(run_dir, config):
     """(compiled model with its optimizer state, completed epochs) from the run's last checkpoint.
     A checkpoint of a run with --ema holds the averaged weights as the net's and the trained ones
@@ -45,17 +52,17 @@ def restore_model(run_dir, config):
         model = keras.models.load_model(path)
     except Exception as error:  # Keras raises several types for files it cannot read
         best = Path(run_dir) / rundir.BEST
+        why = described(error)
         try:
             keras.models.load_model(best)
         except Exception:
             raise ResumeError(
-                f"{path} is unreadable ({type(error).__name__}), and so is {best}: the run cannot be "
-                "resumed; start a new one"
-            ) from None
+                f"{path} is unreadable ({why}), and so is {best}: the run cannot be resumed; start a new one"
+            ) from error
         raise ResumeError(
-            f"{path} is unreadable ({type(error).__name__}), but {best} is whole: to continue from the "
+            f"{path} is unreadable ({why}), but {best} is whole: to continue from the "
             f"run's best epoch, copy it over (cp {best} {path}) and resume again"
-        ) from None
+        ) from error
     if unet.averages_weights(model):
         unet.swap_averaged_weights(model)
     return model, int(model.optimizer.iterations.numpy()) // config["steps_per_epoch"]

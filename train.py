@@ -96,10 +96,13 @@ def resumed_arguments(args, given, config):
 def stopped(error, run_dir, chief, new_run, lost_worker):
     """What to raise for `error`, raised while the run trained: one line that says how to go on.
     `lost_worker` is what the cluster lost if the error says so (distribute.lost_worker). A new run
-    stopped by Ctrl-C or a write error before its first checkpoint is removed: there is nothing in
-    it to resume."""
+    stopped by Ctrl-C, a refusal or a file error before its first checkpoint is removed: there is
+    nothing in it to resume."""
+    from checkpoints import CheckpointError  # TensorFlow is loaded by now
+
     checkpoint = (run_dir / rundir.LAST).is_file()
-    removed = chief and new_run and not checkpoint and isinstance(error, (KeyboardInterrupt, cli.InputError, OSError))
+    ends = (KeyboardInterrupt, cli.InputError, CheckpointError, OSError)
+    removed = chief and new_run and not checkpoint and isinstance(error, ends)
     if removed:
         shutil.rmtree(run_dir, ignore_errors=True)
     go_on = (
@@ -116,10 +119,9 @@ def stopped(error, run_dir, chief, new_run, lost_worker):
         )
     if isinstance(error, KeyboardInterrupt):
         return cli.Interrupted(go_on)
-    if isinstance(error, OSError):
-        return cli.InputError(
-            f"cannot write in {run_dir} ({error.strerror or error}): free some space or fix its permissions; {go_on}"
-        )
+    if isinstance(error, OSError):  # where the run's files are read and written (checkpoints say so themselves)
+        where = f" on {error.filename}" if error.filename else ""
+        return cli.Stopped(f"a file error{where} ({error.strerror or error}) stopped the run; {go_on}")
     return error
 
 
@@ -262,13 +264,13 @@ def train(args, given, command):
                 ],
             )
     except BaseException as error:
-        cause = KeyboardInterrupt() if cli.interrupted() else error
+        cause = KeyboardInterrupt() if cli.interrupted(error) else error
         if run is None:  # nothing of the run is on disk yet
-            raise cause from None
+            raise cause from error
         if progress is not None:
             progress.end_line()
         files.remove_partial_files([run.directory])  # a checkpoint candidate the stop cut short
-        raise stopped(cause, run.directory, chief, new_run, distribute.lost_worker(cause)) from None
+        raise stopped(cause, run.directory, chief, new_run, distribute.lost_worker(cause)) from error
     if not chief:
         if stop.message:
             raise cli.Stopped(f"{stop.message}; the chief says how to go on")

@@ -450,3 +450,11 @@ def test_an_error_raised_after_ctrl_c_is_told_as_the_interrupt(capsys, untouched
 
     with pytest.raises(SystemError):  # without Ctrl-C, an error is no interrupt
         cli.run("train.py", broken)
+
+    def a_bug_after_ctrl_c():
+        with cli.stopping_between_steps():
+            signal.raise_signal(signal.SIGINT)  # noted, to be raised at the next step's edge
+            raise ValueError("a bug of the step in flight")
+
+    with pytest.raises(ValueError):  # after Ctrl-C too: a bug is told as itself, not as the interrupt
+        cli.run("train.py", a_bug_after_ctrl_c)

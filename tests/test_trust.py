@@ -21,7 +21,7 @@ import predict
 import rundir
 import tiffs
 import train
-from conftest import ROOT, TINY, cells_and_membranes, raw_events, run_command, steps, write_stack
+from conftest import ROOT, TINY, cells_and_membranes, raw_events, run_command, steps, tiny_run, write_stack
 
 
 def one_line_exit_2(flags, capsys):
@@ -410,8 +410,8 @@ def test_a_full_disk_at_the_first_checkpoint_advises_a_new_start_and_keeps_nothi
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(keras.Model, "save", disk_full)
-    error = one_line_exit_2(
-        TINY + ["--lr", "1e-3", "--eval-every", "0", "--data", str(small_isbi_dir), "--logdir", str(tmp_path)], capsys
-    )
+    assert tiny_run(small_isbi_dir, tmp_path, "--eval-every", "0") == 1  # a run that stopped
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("train.py: stopped: cannot write ")
     assert error.endswith("(No space left on device): free some space, then start the run again\n")
     assert list(tmp_path.iterdir()) == []  # no run directory without a checkpoint left behind
