@@ -33,7 +33,7 @@ def checkpoint_error(path, error):
 
 class Checkpoints(keras.callbacks.Callback):
     """`best.keras` when the validation `score` (settings.CHECKPOINT_SCORE, or
-    CHECKPOINT_SCORE_WITHOUT_ISBI for a run that never scores V_rand) improves on `best`, and
+    CHECKPOINT_SCORE_WITHOUT_ISBI for a run that never scores V_rand) improves on `best_score`, and
     `last.keras`, after every epoch whose loss is finite (weights that produced NaN are no
     checkpoint to go back to). Must be the last callback that writes, after every summary of the
     epoch.
@@ -44,17 +44,21 @@ class Checkpoints(keras.callbacks.Callback):
     atomic; a kill leaves the former checkpoints and a candidate that --resume removes.
     """
 
-    def __init__(self, watcher, run_dir, epoch_logs, score, best=None):
+    def __init__(self, watcher, run_dir, epoch_logs, score, best_score=None):
         super().__init__()
         self.watcher = watcher
         self.run_dir = Path(run_dir)
         self.epoch_logs = epoch_logs
         self.score = score
-        self.best = best
+        self.best_score = best_score
 
     def improves(self, score):
         better, _ = BEST_SCORES[self.score]
-        return score is not None and np.isfinite(score) and (self.best is None or better(score, self.best) != self.best)
+        return (
+            score is not None
+            and np.isfinite(score)
+            and (self.best_score is None or better(score, self.best_score) != self.best_score)
+        )
 
     def on_epoch_end(self, epoch, logs=None):
         if not np.isfinite(logs["loss"]):
@@ -66,7 +70,7 @@ class Checkpoints(keras.callbacks.Callback):
         except OSError as error:
             candidate.unlink(missing_ok=True)
             self.watcher.drain()  # the advice depends on whether the former epoch's checkpoint is in place
-            raise checkpoint_error(self.run_dir / LAST, error) from None
+            raise checkpoint_error(self.run_dir / LAST, error) from error
         self.watcher.submit(lambda: self.promote(candidate, self.epoch_logs[epoch].get(f"val_{self.score}")))
 
     def promote(self, candidate, score):
@@ -77,9 +81,9 @@ class Checkpoints(keras.callbacks.Callback):
             if self.improves(score):
                 with files.replaced_atomically(path) as temporary:
                     shutil.copyfile(candidate, temporary)
-                self.best = score
+                self.best_score = score
             path = self.run_dir / LAST
             os.replace(candidate, path)
         except OSError as error:
             candidate.unlink(missing_ok=True)
-            raise checkpoint_error(path, error) from None
+            raise checkpoint_error(path, error) from error

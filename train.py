@@ -161,22 +161,14 @@ def print_end(run, epoch_logs):
     print(", ".join(scores) + f"; checkpoints {run.directory / rundir.BEST}, {run.directory / rundir.LAST}")
 
 
-def train(args, given, command):
-    """Run a training, or with --resume continue one; return its run directory (None on a worker
-    other than the chief)."""
+def checked(args, given):
+    """(the arguments of the run, the config.json of the run to resume or None, its RunInputs), all
+    checked before TensorFlow loads: a refusal comes in a second."""
     if args.accept_new_data and args.resume is None:
         raise cli.InputError("--accept-new-data goes with --resume: a new run records the data it starts with")
     config = None if args.resume is None else resumable_config(args.resume)
     if config is not None:
         args = resumed_arguments(args, given, config)
-        # A run started before a setting existed records what it runs with (HParams reads them all).
-        config.update(
-            {
-                name: value
-                for name, value in vars(args).items()
-                if name not in config and name not in settings.COMMAND_FLAGS
-            }
-        )
     args.epochs = args.epochs or settings.DEFAULTS["epochs"]
     if config is not None:  # a finished run is told so now, not after TensorFlow has loaded
         step = rundir.checkpoint_step(Path(args.resume) / rundir.LAST)
@@ -186,91 +178,78 @@ def train(args, given, command):
     if args.resume is None:
         rundir.writable_directory(args.logdir)
     flags.cluster_tasks(args.strategy)
+    return args, config, run_inputs
 
-    # TensorFlow takes seconds to load: only now, once every input above is known to be good.
-    cli.import_tensorflow()
-    import keras
 
-    import callbacks
-    import distribute
+def open_run(args, resumed_config, run_inputs, command, setup, logdir, chief, held):
+    """The Run to train, built whole, its directory locked for as long as `held` holds: the run to
+    resume (on the chief), or a new run in `logdir`, whose net is built before its directory is
+    made, so that a directory never lacks its net. A worker other than the chief trains the resumed
+    run's net in a directory of its own: the chief writes the run."""
     import resume
     import runs
     import unet
+
+    if args.resume is not None and chief:
+        return resumed_run(args, resumed_config, run_inputs, command, setup, held)
+    if args.resume is None:
+        model = unet.compiled_unet(args.filters, args.loss, args.lr, setup["jit_compile"], args.ema, args.dropout)
+        initial_epoch, reached = 0, {}
+    else:
+        model, initial_epoch = resume.restore_model(args.resume, resumed_config)
+        reached = runs.reached(args.resume)
+    config = runs.run_config(args, run_inputs, command, setup)
+    directory = rundir.start(logdir, rundir.run_name(args.loss, args.lr), config)
+    held.enter_context(rundir.locked(directory))
+    return rundir.Run(directory, config, model, initial_epoch, reached)
+
+
+def resumed_run(args, config, run_inputs, command, setup, held):
+    """The run to resume, locked: its net from its last checkpoint, its event files cut back to it,
+    and its config.json updated with where the run and its data are now (and with
+    --accept-new-data, what the data is)."""
+    import resume
+    import runs
+
+    held.enter_context(rundir.locked(args.resume))
+    config.update(run_dir=str(Path(args.resume).absolute()), **runs.data_record(args, run_inputs))
+    return resume.continue_run(args.resume, config, args.epochs, command, setup)
+
+
+def fit(run, args, run_inputs, strategy, stop, progress, epoch_logs, held):
+    """Train `run` to args.epochs, watched: the watcher scores, renders and writes beside training
+    (its end, normal or not, finishes them); a stop signal is raised between two steps, not inside
+    TensorFlow."""
+    import callbacks
+    import distribute
+    import runs
     import watcher
-    from progress import ProgressLine
 
-    strategy = distribute.make_strategy(args.strategy)  # first: it may configure TensorFlow's runtime
-    chief = distribute.is_chief(strategy)
-    keras.utils.set_random_seed(args.seed)
-    setup = distribute.machine_setup(args.precision, args.batch_size, strategy)
-    new_run = args.resume is None or not chief  # a worker other than the chief writes a run of its own
-    run, progress = None, None
-    try:
-        with contextlib.ExitStack() as held:
-            logdir = held.enter_context(distribute.log_directory(strategy, args.logdir))
-            with strategy.scope():
-                if new_run:
-                    config = runs.run_config(args, run_inputs, command, setup)
-                    run = rundir.Run(rundir.start(logdir, rundir.run_name(args.loss, args.lr), config), config)
-                held.enter_context(rundir.locked(run.directory if new_run else args.resume))
-                if args.resume is None:
-                    run.model = unet.compiled_unet(
-                        args.filters, args.loss, args.lr, setup["jit_compile"], args.ema, args.dropout
-                    )
-                elif chief:
-                    # Where the run and its data are now, and with --accept-new-data what the data is.
-                    config.update(run_dir=str(Path(args.resume).absolute()), **runs.data_record(args, run_inputs))
-                    run = resume.continue_run(args.resume, config, args.epochs, command, setup)
-                else:
-                    run.model, run.initial_epoch = resume.restore_model(args.resume, config)
-                    run.reached = runs.reached(args.resume)
-            run.model.jit_compile = setup["jit_compile"]
-            print_start(run, run_inputs, args.logdir, chief, logdir)
+    watching = held.enter_context(watcher.running())
+    held.enter_context(cli.stopping_between_steps())
+    # shuffle=False: the batches come in the order of their seeds (Keras would only warn that it
+    # cannot shuffle a tf.data pipeline). verbose=0: ProgressLine in place of Keras' bar, before
+    # for_run's callbacks so that an epoch's line is out before the watcher tells its scores.
+    batches = run_inputs.crops(args.batch_size, args.crop, args.seed, args.loss)
+    documents = runs.run_documents(run.config)
+    hyperparameters = runs.hyperparameters(run.config)
+    watching_callbacks = callbacks.for_run(
+        args, run, run_inputs, stop, hyperparameters, documents, watching, epoch_logs, progress.validated
+    )
+    run.model.fit(
+        distribute.training_batches(strategy, batches, args.steps_per_epoch, run.initial_epoch),
+        epochs=args.epochs,
+        initial_epoch=run.initial_epoch,
+        steps_per_epoch=args.steps_per_epoch,
+        shuffle=False,
+        verbose=0,
+        callbacks=[callbacks.StopBetweenSteps(), progress, *watching_callbacks],
+    )
 
-            stop, progress, epoch_logs = callbacks.StopOnNonFiniteLoss(), ProgressLine(args.epochs), {}
-            # Scoring, rendering and writing beside training; its end (normal or not) finishes them.
-            watching = held.enter_context(watcher.running())
-            # A stop signal raised between steps, not inside TensorFlow.
-            held.enter_context(cli.stopping_between_steps())
-            # shuffle=False: the batches come in the order of their seeds (Keras would only warn that it
-            # cannot shuffle a tf.data pipeline). verbose=0: ProgressLine in place of Keras' bar, before
-            # for_run's callbacks so that an epoch's line is out before the watcher tells its scores.
-            run.model.fit(
-                distribute.training_batches(
-                    strategy,
-                    run_inputs.crops(args.batch_size, args.crop, args.seed, args.loss),
-                    args.steps_per_epoch,
-                    run.initial_epoch,
-                ),
-                epochs=args.epochs,
-                initial_epoch=run.initial_epoch,
-                steps_per_epoch=args.steps_per_epoch,
-                shuffle=False,
-                verbose=0,
-                callbacks=[
-                    callbacks.StopBetweenSteps(),
-                    progress,
-                    *callbacks.for_run(
-                        args,
-                        run,
-                        run_inputs,
-                        stop,
-                        runs.hyperparameters(run.config),
-                        runs.run_documents(run.config),
-                        watching,
-                        epoch_logs,
-                        progress.validated,
-                    ),
-                ],
-            )
-    except BaseException as error:
-        cause = KeyboardInterrupt() if cli.interrupted(error) else error
-        if run is None:  # nothing of the run is on disk yet
-            raise cause from error
-        if progress is not None:
-            progress.end_line()
-        files.remove_partial_files([run.directory])  # a checkpoint candidate the stop cut short
-        raise stopped(cause, run.directory, chief, new_run, distribute.lost_worker(cause)) from error
+
+def report(run, stop, epoch_logs, chief):
+    """The run's end: its best scores, or one line on why it stopped; its directory (None on a
+    worker other than the chief)."""
     if not chief:
         if stop.message:
             raise cli.Stopped(f"{stop.message}; the chief says how to go on")
@@ -285,6 +264,43 @@ def train(args, given, command):
         raise cli.Stopped(f"{stop.message}, before any epoch ended: start again with a lower --lr")
     print_end(run, epoch_logs)
     return run.directory
+
+
+def train(args, given, command):
+    """Run a training, or with --resume continue one; return its run directory (None on a worker
+    other than the chief)."""
+    args, resumed_config, run_inputs = checked(args, given)
+    # TensorFlow takes seconds to load: only now, once every input above is known to be good.
+    cli.import_tensorflow()
+    import keras
+
+    import callbacks
+    import distribute
+    from progress import ProgressLine
+
+    strategy = distribute.make_strategy(args.strategy)  # first: it may configure TensorFlow's runtime
+    chief = distribute.is_chief(strategy)
+    keras.utils.set_random_seed(args.seed)
+    setup = distribute.machine_setup(args.precision, args.batch_size, strategy)
+    stop, progress, epoch_logs = callbacks.StopOnNonFiniteLoss(), ProgressLine(args.epochs), {}
+    run = None
+    try:
+        with contextlib.ExitStack() as held:
+            logdir = held.enter_context(distribute.log_directory(strategy, args.logdir))
+            with strategy.scope():
+                run = open_run(args, resumed_config, run_inputs, command, setup, logdir, chief, held)
+            run.model.jit_compile = setup["jit_compile"]
+            print_start(run, run_inputs, args.logdir, chief, logdir)
+            fit(run, args, run_inputs, strategy, stop, progress, epoch_logs, held)
+    except BaseException as error:
+        cause = KeyboardInterrupt() if cli.interrupted(error) else error
+        if run is None:  # nothing of the run is on disk yet
+            raise cause from error
+        progress.end_line()
+        files.remove_partial_files([run.directory])  # a checkpoint candidate the stop cut short
+        new_run = args.resume is None or not chief
+        raise stopped(cause, run.directory, chief, new_run, distribute.lost_worker(cause)) from error
+    return report(run, stop, epoch_logs, chief)
 
 
 def print_summary(logdir):

@@ -310,7 +310,7 @@ def test_checkpoints_keep_the_best_v_rand_and_the_last_finite_epoch_once_the_wat
         saved = {name: (tmp_path / name).read_bytes() for name in ("best.keras", "last.keras")}
         checkpointing.on_epoch_end(2, epoch_logs[2])
         watching.drain()
-    assert {name: (tmp_path / name).read_bytes() for name in saved} == saved and checkpointing.best == 0.8
+    assert {name: (tmp_path / name).read_bytes() for name in saved} == saved and checkpointing.best_score == 0.8
     assert sorted(path.name for path in tmp_path.iterdir()) == ["best.keras", "last.keras"]
 
 
