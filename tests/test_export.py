@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,7 +151,8 @@ def test_a_mixed_bfloat16_run_exports_a_float32_package_that_passes_the_test_any
     assert [path.name for path in exporting.iterdir()] == ["model.zip"]
 
     tested = subprocess.run(
-        ["bioimageio", "test", exporting / "model.zip"],
+        # bioimage.io's own command, installed beside this Python (in a venv that is not activated too).
+        [Path(sys.executable).with_name("bioimageio"), "test", exporting / "model.zip"],
         cwd=testing,
         capture_output=True,
         text=True,
