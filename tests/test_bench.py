@@ -39,33 +39,15 @@ def test_reference_augmentation_gives_aligned_binary_crops():
         assert np.mean((crop_image > 0.5) == (crop_mask > 0.5)) > 0.95
 
 
+TINY_BENCH = "--filters 4 --crop 64 --batch-size 2 --timed-steps 2 --precision float32".split()
+
+
 # Slow: bench.py's fixed-size parts (the conv peak, the XLA step, the reference loop) take over a minute
 # on two cores whatever the configuration.
 @pytest.mark.slow
 def test_bench_prints_every_measure_for_a_tiny_configuration(isbi_dir, capsys):
-    assert (
-        bench.main(
-            [
-                "--filters",
-                "4",
-                "--crop",
-                "64",
-                "--batch-size",
-                "2",
-                "--steps-per-epoch",
-                "3",
-                "--timed-steps",
-                "2",
-                "--timed-epochs",
-                "1",
-                "--precision",
-                "float32",
-                "--data",
-                str(isbi_dir),
-            ]
-        )
-        == 0
-    )
+    flags = [*TINY_BENCH, "--steps-per-epoch", "3", "--timed-epochs", "1", "--data", str(isbi_dir)]
+    assert bench.main(flags) == 0
     table, said = capsys.readouterr()
     # What it measures, said as it starts each part: the full bench runs for minutes.
     assert said.splitlines()[0] == "bench.py: measuring the 3x3-convolution peak"
@@ -101,26 +83,7 @@ def test_bench_prints_every_measure_for_a_tiny_configuration(isbi_dir, capsys):
 # Slow: the conv peak and the XLA-compiled step alone take most of a minute on two cores.
 @pytest.mark.slow
 def test_bench_step_only_measures_the_step_and_nothing_after_it(isbi_dir, capsys):
-    assert (
-        bench.main(
-            [
-                "--filters",
-                "4",
-                "--crop",
-                "64",
-                "--batch-size",
-                "2",
-                "--timed-steps",
-                "2",
-                "--precision",
-                "float32",
-                "--data",
-                str(isbi_dir),
-                "--step-only",
-            ]
-        )
-        == 0
-    )
+    assert bench.main([*TINY_BENCH, "--data", str(isbi_dir), "--step-only"]) == 0
     table = capsys.readouterr().out
     assert "of the conv peak" in table and "what the step is made of" in table and "With XLA on" in table
     assert "fit on the pipeline" not in table and "reference" not in table
