@@ -135,7 +135,7 @@ def migrate(config, path):
     one written by a newer version of this project, or of this version but lacking a setting (a
     hand edit: today's default could be what the run never had)."""
     version = config.get("config_version", 0)
-    if not isinstance(version, int) or not 0 <= version <= CONFIG_VERSION:
+    if type(version) is not int or not 0 <= version <= CONFIG_VERSION:  # JSON true is no version
         raise InputError(
             f"{path} has config_version {version!r}, which this version of the project does not know "
             f"(it writes {CONFIG_VERSION}): update the project to continue the run"

@@ -278,6 +278,7 @@ def test_a_run_started_before_its_settings_existed_resumes_and_records_them(tmp_
     [
         ({"config_version": 99}, "has config_version 99, which this version of the project does not know"),
         ({"config_version": "1"}, "has config_version '1', which this version of the project does not know"),
+        ({"config_version": True}, "has config_version True, which this version of the project does not know"),
         ({"lr": None}, "lacks lr: restore it from a copy"),
     ],
 )
