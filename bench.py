@@ -156,10 +156,13 @@ def measure(args):
     batches = distribute.training_batches(strategy, crops, args.steps_per_epoch, 0)
     results = {"device": setup["device"], "precision": setup["precision"], "XLA": setup["jit_compile"]}
 
+    def compiled_unet():
+        return unet.compiled_unet(args.filters, args.loss, args.lr, setup["jit_compile"], args.ema, args.dropout)
+
     measuring("the 3x3-convolution peak")
     results["conv rates"] = timing.conv_rates()
     measuring(f"the training step ({args.timed_steps} steps) and what it is made of")
-    model = unet.compiled_unet(args.filters, args.loss, args.lr, setup["jit_compile"], args.ema, args.dropout)
+    model = compiled_unet()
     flops_per_image = 3 * timing.forward_flops_per_image(model, args.crop)
     batch = crops.batch(epoch=0, index=0)
     step = timing.median_seconds(lambda: model.train_on_batch(*batch), args.timed_steps, warmup=3)
@@ -178,12 +181,15 @@ def measure(args):
         args.logdir = logdir
         fit_epochs = f"{args.timed_epochs + 1} epochs of {args.steps_per_epoch} steps, the first one not timed"
         measuring(f"model.fit without callbacks ({fit_epochs})")
-        bare, _, _ = timing.timed_fit(model, batches, args.timed_epochs, args.steps_per_epoch)
+        # Each fit on a new net, from step 0 as train.py's run starts: on a net trained on, the
+        # steps at which images are due (every --image-every) would fall within epochs, not at their ends.
+        bare, _, _ = timing.timed_fit(compiled_unet(), batches, args.timed_epochs, args.steps_per_epoch)
         results["fit images/s"] = args.steps_per_epoch * args.batch_size / bare
         for inline in (False, True):
             way = "on the training thread" if inline else "with the watcher"
             measuring(f"model.fit with train.py's callbacks, watching {way} ({fit_epochs})")
             config = runs.run_config(args, run_inputs, "python bench.py", setup)
+            model = compiled_unet()
             run = rundir.Run(rundir.start(logdir, rundir.run_name(args.loss, args.lr), config), config, model)
             with watcher.running(inline) as watching:
                 watched, breakdown, timer = timing.timed_fit(

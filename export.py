@@ -135,9 +135,9 @@ A same-padded U-Net (Ronneberger et al. 2015) trained with this project's `train
 cells (1) from membranes (0) in electron-microscopy slices.
 
 - **Input**: one grey slice, scaled as in training: {config["image_scaling"]["rule"]}, then
-  clipped to [0, 1]. Sides must be multiples of 16; give the slice 32 mirrored pixels on each side
+  clipped to [0, 1]. Sides must be multiples of {MULTIPLE}; give the slice {HALO} mirrored pixels on each side
   (the output's halo), as the test input has.
-- **Output**: the probability of cell per pixel; crop 32 pixels (the halo) from each side.
+- **Output**: the probability of cell per pixel; crop {HALO} pixels (the halo) from each side.
 - **Precision**: float32 weights and computation{
         ""
         if trained_policy == "float32"

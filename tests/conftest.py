@@ -13,9 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+import inputs  # noqa: E402
 
 SHARED_MIRROR = ROOT.parent / "shared" / "data" / "isbi2012-mirror"
 CHECKOUT_DATA = ROOT / data.DEFAULT_DATA_DIR
+ISBI_VALIDATION_SLICES = inputs.default_validation_slices(data.NUM_SLICES)  # the slices a run on ISBI shows
 
 
 def given_mirror():

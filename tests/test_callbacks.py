@@ -25,7 +25,17 @@ import unet
 import validation
 import watcher
 from conftest import read_events
-from rundir import TRAIN, VALIDATION
+from rundir import BEST, LAST, TRAIN, VALIDATION
+from summaries import (
+    ACTIVATIONS_GROUP,
+    BATCH_GROUP,
+    BEST_TAG,
+    EPOCH_TAG,
+    PR_CURVE_TAG,
+    SHOWN_GROUP,
+    SLICE_GROUP,
+    WEIGHTS_GROUP,
+)
 
 BATCHES, BATCH_SIZE, SIDE = 4, 2, 32
 
@@ -79,17 +89,19 @@ def test_training_summaries_batch_scalars_are_each_batchs_own_values(tmp_path):
 
     written, _ = read_events(tmp_path / TRAIN)
     for name in ("loss", "misclassified_pixel_fraction", "membrane_dice", "accuracy"):
-        series = written[f"train_batch/{name}"]
+        series = written[f"{BATCH_GROUP}/{name}"]
         assert [step for step, _ in series] == list(range(1, 2 * BATCHES + 1))
         assert [float(value) for _, value in series] == pytest.approx(
             [batch[name] for batch in expected], rel=1e-4, abs=1e-6
         )
     # Not the running means Keras reports: the epoch's mean differs from its last batch's own value.
-    assert written["epoch_loss"][0][1] != pytest.approx(written["train_batch/loss"][BATCHES - 1][1], rel=1e-3)
-    assert [step for step, _ in written["epoch_learning_rate"]] == [0, 1]
+    assert written[EPOCH_TAG.format("loss")][0][1] != pytest.approx(
+        written[f"{BATCH_GROUP}/loss"][BATCHES - 1][1], rel=1e-3
+    )
+    assert [step for step, _ in written[EPOCH_TAG.format("learning_rate")]] == [0, 1]
 
     # Histograms every second epoch: only the first epoch's, at its last step.
-    assert [step for step, _ in written["unet/weights/enc1_conv1/kernel"]] == [BATCHES]
+    assert [step for step, _ in written[f"{WEIGHTS_GROUP}/enc1_conv1/kernel"]] == [BATCHES]
     assert [step for step, _ in written["unet"]] == [0]  # the graph
 
 
@@ -223,8 +235,8 @@ def test_the_validation_slices_go_through_the_net_once_per_training_step(tmp_pat
     assert len(calls) == 2 + 3
     assert calls[-1] == (1, 48 + 2 * tiling.CONTEXT, 48 + 2 * tiling.CONTEXT, 1)
     written, _ = read_events(tmp_path / VALIDATION)
-    assert [step for step, _ in written["slice_07/prediction"]] == [0, 3]
-    assert [step for step, _ in written["unet/activations/output"]] == [3]
+    assert [step for step, _ in written[f"{SLICE_GROUP.format(7)}/prediction"]] == [0, 3]
+    assert [step for step, _ in written[f"{ACTIVATIONS_GROUP}/output"]] == [3]
 
 
 def test_validation_slice_summaries_write_images_counts_and_histograms_into_validation(model, tmp_path):
@@ -247,20 +259,21 @@ def test_validation_slice_summaries_write_images_counts_and_histograms_into_vali
         slice_summaries.on_epoch_end(0, epoch_logs[0])
         writers.on_epoch_end(0)
         # TrainingSummaries writes the epoch's scalars there too, through the same writer.
-        writers.submit(VALIDATION, 1, lambda: tf.summary.scalar("epoch_loss", 0.5))
+        writers.submit(VALIDATION, 1, lambda: tf.summary.scalar(EPOCH_TAG.format("loss"), 0.5))
         writers.on_train_end()
     assert len(list((tmp_path / VALIDATION).glob("events.out.tfevents.*"))) == 1  # one file per directory and process
     written, plugins = read_events(tmp_path / VALIDATION)
     for index in (4, 9):
         assert {
-            f"slice_{index:02d}/{kind}" for kind in ("input", "label", "prediction", "error", "merges_and_splits")
+            f"{SLICE_GROUP.format(index)}/{kind}"
+            for kind in ("input", "label", "prediction", "error", "merges_and_splits")
         } <= set(written)
     assert slice_summaries.v_rand_threshold == 0.3
     assert {tag for tag, (plugin, _) in plugins.items() if plugin == "histograms"} == {
-        f"unet/activations/{name}" for name in unet.block_outputs()
+        f"{ACTIVATIONS_GROUP}/{name}" for name in unet.block_outputs()
     }
-    assert [step for step, _ in written["shown_slices/merges"]] == [0]
-    assert plugins["membrane_pr/pr_curves"][0] == "pr_curves"
+    assert [step for step, _ in written[f"{SHOWN_GROUP}/merges"]] == [0]
+    assert plugins[f"{PR_CURVE_TAG}/pr_curves"][0] == "pr_curves"
 
 
 def test_run_summary_writes_the_run_once_and_the_best_scores_each_epoch(model, tmp_path):
@@ -281,8 +294,12 @@ def test_run_summary_writes_the_run_once_and_the_best_scores_each_epoch(model, t
             summary.on_epoch_end(epoch, logs)
         writers.on_train_end()
     written, plugins = read_events(tmp_path)
-    assert [float(value) for _, value in written["best_v_rand"]] == pytest.approx([0.9, 0.95])  # resumed from 0.9
-    assert [float(value) for _, value in written["best_misclassified_pixel_fraction"]] == pytest.approx([0.2, 0.1])
+    assert [float(value) for _, value in written[BEST_TAG.format("v_rand")]] == pytest.approx(
+        [0.9, 0.95]
+    )  # resumed from 0.9
+    assert [float(value) for _, value in written[BEST_TAG.format("misclassified_pixel_fraction")]] == pytest.approx(
+        [0.2, 0.1]
+    )
     assert plugins["run/command"][0] == "text"
     assert {plugin for plugin, _ in plugins.values()} >= {"hparams", "custom_scalars"}
 
@@ -298,20 +315,20 @@ def test_checkpoints_keep_the_best_v_rand_and_the_last_finite_epoch_once_the_wat
         checkpointing = attached(checkpoints.Checkpoints(watching, tmp_path, epoch_logs, "v_rand"), model)
         watching.submit(scored.wait)  # the watcher still scoring: the candidate waits, no checkpoint yet
         checkpointing.on_epoch_end(0, epoch_logs[0])
-        assert not (tmp_path / "last.keras").exists() and not (tmp_path / "best.keras").exists()
+        assert not (tmp_path / LAST).exists() and not (tmp_path / BEST).exists()
         assert [path.name for path in tmp_path.iterdir()] == [rundir.candidate_checkpoint(tmp_path, 0).name]
         scored.set()
         watching.drain()
-        best = (tmp_path / "best.keras").read_bytes()
-        assert (tmp_path / "last.keras").read_bytes() == best  # one save, copied
+        best = (tmp_path / BEST).read_bytes()
+        assert (tmp_path / LAST).read_bytes() == best  # one save, copied
         checkpointing.on_epoch_end(1, epoch_logs[1])
         watching.drain()
-        assert (tmp_path / "best.keras").read_bytes() == best and (tmp_path / "last.keras").is_file()
-        saved = {name: (tmp_path / name).read_bytes() for name in ("best.keras", "last.keras")}
+        assert (tmp_path / BEST).read_bytes() == best and (tmp_path / LAST).is_file()
+        saved = {name: (tmp_path / name).read_bytes() for name in (BEST, LAST)}
         checkpointing.on_epoch_end(2, epoch_logs[2])
         watching.drain()
     assert {name: (tmp_path / name).read_bytes() for name in saved} == saved and checkpointing.best_score == 0.8
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["best.keras", "last.keras"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [BEST, LAST]
 
 
 def test_stop_on_non_finite_loss_names_the_step_and_learning_rate(model):

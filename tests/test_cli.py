@@ -20,6 +20,7 @@ import metrics
 import predict
 import settings
 from conftest import ROOT, TINY, cells_and_membranes, run_command, write_stack
+from rundir import CONFIG, LAST
 
 ENTRY_POINTS = ["train.py", "predict.py", "bench.py", "data.py", "export.py"]
 
@@ -110,8 +111,8 @@ def appended_pages_of_two_sizes(tmp_path, isbi_dir):
 def resume_with_a_flag_at_its_default(tmp_path, isbi_dir):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "config.json").write_text(json.dumps({"loss": "mse", "steps_per_epoch": 3}))
-    (run_dir / "last.keras").write_bytes(b"")
+    (run_dir / CONFIG).write_text(json.dumps({"loss": "mse", "steps_per_epoch": 3}))
+    (run_dir / LAST).write_bytes(b"")
     return ["--resume", run_dir, "--loss", "bce"]
 
 
@@ -279,7 +280,7 @@ def test_a_tiny_run_writes_nothing_to_stderr_one_line_per_epoch_when_piped_and_r
     assert [line.split()[1] for line in epoch_lines] == ["1/2", "2/2"]
     assert all("; validation: V_rand " in line and "pixel error" in line for line in epoch_lines), epoch_lines
     assert "\r" not in result.stdout and "\x1b" not in result.stdout
-    config = json.loads((tmp_path / "logs" / "bce_lr1e-4" / "config.json").read_text())
+    config = json.loads((tmp_path / "logs" / "bce_lr1e-4" / CONFIG).read_text())
     assert config["mirror"] == data.mirror_url(mirror_url)
     assert config["image_scaling"] == {"offset": 0.0, "scale": 255.0, "rule": "uint8 values: 8-bit, divided by 255"}
 
@@ -360,12 +361,12 @@ def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_kept(tmp_path, smal
 
 
 def test_ctrl_c_after_a_checkpoint_names_the_run_to_resume_on_a_line_of_its_own(tmp_path, small_isbi_dir):
-    code, output, run_dir = interrupt_when(tmp_path, small_isbi_dir, lambda run_dir: (run_dir / "last.keras").is_file())
+    code, output, run_dir = interrupt_when(tmp_path, small_isbi_dir, lambda run_dir: (run_dir / LAST).is_file())
     assert code == 130, output
     assert output.endswith(
         f"\ntrain.py: interrupted: continue the run from its last checkpoint with --resume {run_dir}\n"
     )
-    assert (run_dir / "last.keras").is_file()
+    assert (run_dir / LAST).is_file()
 
 
 # Slow: a third training stopped by a real signal. By default Ctrl-C after a checkpoint takes the same
@@ -373,13 +374,13 @@ def test_ctrl_c_after_a_checkpoint_names_the_run_to_resume_on_a_line_of_its_own(
 @pytest.mark.slow
 def test_sigterm_after_a_checkpoint_stops_the_run_like_ctrl_c_with_exit_code_143(tmp_path, small_isbi_dir):
     code, output, run_dir = interrupt_when(
-        tmp_path, small_isbi_dir, lambda run_dir: (run_dir / "last.keras").is_file(), signal.SIGTERM
+        tmp_path, small_isbi_dir, lambda run_dir: (run_dir / LAST).is_file(), signal.SIGTERM
     )
     assert code == 128 + signal.SIGTERM, output
     assert output.endswith(
         f"\ntrain.py: stopped by SIGTERM: continue the run from its last checkpoint with --resume {run_dir}\n"
     ), output[-400:]
-    assert (run_dir / "last.keras").is_file()
+    assert (run_dir / LAST).is_file()
 
 
 def test_sighup_before_the_first_checkpoint_removes_the_run(tmp_path, small_isbi_dir):

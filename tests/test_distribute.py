@@ -14,6 +14,8 @@ import pytest
 
 import rundir
 from conftest import ROOT, TINY, TINY_STEPS, read_events
+from rundir import BEST, CONFIG, LAST
+from summaries import BATCH_GROUP
 
 RUN_TIMEOUT = 300  # seconds; a tiny run takes under a minute
 RUN_PARTS = ("", "/train", "/validation")
@@ -82,7 +84,7 @@ def tags_by_part(logdir, run):
 
 
 def batch_loss_steps(logdir, run):
-    return [step for step, _ in read_events(Path(logdir) / run / "train")[0]["train_batch/loss"]]
+    return [step for step, _ in read_events(Path(logdir) / run / "train")[0][f"{BATCH_GROUP}/loss"]]
 
 
 def free_ports(count):
@@ -101,7 +103,7 @@ def test_two_devices_under_mirrored_strategy_log_what_one_device_logs(small_isbi
     )
     assert code == 0, output
     assert "distribution: MirroredStrategy, 2 replicas; global batch 4 crops" in output
-    config = json.loads((tmp_path / "bce_lr1e-3" / "config.json").read_text())
+    config = json.loads((tmp_path / "bce_lr1e-3" / CONFIG).read_text())
     assert config["global_batch_size"] == 4 and config["distribution"].startswith("MirroredStrategy, 2 replicas")
     # two_run_logdir's bce run: the same tiny run on one device.
     assert tags_by_part(tmp_path, "bce_lr1e-3") == tags_by_part(two_run_logdir, "bce_lr1e-3")
@@ -129,7 +131,7 @@ def test_two_workers_train_one_run_that_only_the_chief_writes(small_isbi_dir, tw
     # Only the chief wrote: one run directory, with checkpoints and events of every part.
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bce_lr1e-3"]
     run_dir = tmp_path / "bce_lr1e-3"
-    assert (run_dir / "last.keras").is_file() and (run_dir / "best.keras").is_file()
+    assert (run_dir / LAST).is_file() and (run_dir / BEST).is_file()
     assert tags_by_part(tmp_path, "bce_lr1e-3") == tags_by_part(two_run_logdir, "bce_lr1e-3")
     assert batch_loss_steps(tmp_path, "bce_lr1e-3")[-1] == TINY_STEPS
     # The other worker wrote to a temporary directory, and removed it.

@@ -10,6 +10,7 @@ import pytest
 import tifffile
 
 from conftest import ROOT, TINY, cells_and_membranes
+from rundir import LAST
 
 MEMORY_BUDGET = 2**30  # bytes of process memory (RssAnon) the run may take; a tiny ISBI run takes 0.45 GiB
 SLICES, SIDE = 4800, 512  # uint8: 1.17 GiB per stack, more than the budget; ISBI-sized slices
@@ -82,5 +83,5 @@ def test_a_stack_larger_than_the_memory_budget_trains_from_its_memory_mapped_fil
         reader.join()
     assert process.returncode == 0, output[0]
     assert f"of {SLICES} in {tmp_path / 'images.tif'} (memory-mapped)" in output[0]
-    assert (tmp_path / "logs" / "bce_lr1e-4" / "last.keras").is_file()
+    assert (tmp_path / "logs" / "bce_lr1e-4" / LAST).is_file()
     assert peak < MEMORY_BUDGET, f"peak {peak / 2**30:.2f} GiB"

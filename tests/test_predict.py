@@ -11,6 +11,8 @@ import rundir
 import tiffs
 import tiling
 from conftest import read_events
+from rundir import BEST
+from summaries import EPOCH_TAG
 
 ISOTROPIC = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32) / 16
 ASYMMETRIC = np.array([[0, 1, 3], [0, 2, 0], [-1, 0, 0]], np.float32)
@@ -100,7 +102,7 @@ def test_the_v_rand_a_run_logged_is_what_predict_py_prints_for_its_checkpoint(
 ):
     run = two_run_logdir / run_name
     written, _ = read_events(run / rundir.VALIDATION)
-    logged = float(written["epoch_v_rand"][-1][1])
+    logged = float(written[EPOCH_TAG.format("v_rand")][-1][1])
     slices = rundir.read_config(run)["val_slices"]
     for name in ("train-volume.tif", "train-labels.tif"):
         tifffile.imwrite(tmp_path / name, tifffile.imread(isbi_dir / name)[slices], photometric="minisblack")
@@ -140,7 +142,7 @@ def test_a_directory_that_is_not_a_run_is_refused(isbi_dir, tmp_path, capsys):
 
 
 def test_a_file_that_is_not_a_model_is_refused(isbi_dir, tmp_path, capsys):
-    bogus = tmp_path / "best.keras"
+    bogus = tmp_path / BEST
     bogus.write_bytes(b"not a zip")
     assert predict.main([str(bogus), str(isbi_dir / "test-volume.tif"), "-o", str(tmp_path / "p.tif")]) == 2
     assert "is not a Keras model" in one_error_line(capsys)

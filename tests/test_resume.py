@@ -24,6 +24,8 @@ import settings
 import train
 import watcher
 from conftest import ROOT, TINY, raw_events, steps, tiny_run
+from rundir import CONFIG
+from summaries import BATCH_GROUP, EPOCH_TAG, SHOWN_GROUP, SLICE_GROUP
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +49,10 @@ def test_a_resumed_run_writes_the_same_curves_as_one_run_straight_through(straig
     # Same weights, optimizer state, average and crops in the same order after the restart: the same
     # losses, of the trained weights (train) and of their average (validation).
     for part, tag in (
-        ("train", "epoch_loss"),
-        ("validation", "epoch_loss"),
-        ("train", "train_batch/loss"),
-        ("validation", "shown_slices/misclassified_pixel_fraction"),
+        ("train", EPOCH_TAG.format("loss")),
+        ("validation", EPOCH_TAG.format("loss")),
+        ("train", f"{BATCH_GROUP}/loss"),
+        ("validation", f"{SHOWN_GROUP}/misclassified_pixel_fraction"),
     ):
         np.testing.assert_allclose(
             [value for _, value in resumed[part][tag]],
@@ -58,8 +60,8 @@ def test_a_resumed_run_writes_the_same_curves_as_one_run_straight_through(straig
             rtol=1e-6,
             err_msg=tag,
         )
-    assert steps(resumed["train"]["epoch_loss"]) == [0, 1, 2]
-    assert steps(resumed["train"]["train_batch/loss"]) == [2, 4, 6, 8]
+    assert steps(resumed["train"][EPOCH_TAG.format("loss")]) == [0, 1, 2]
+    assert steps(resumed["train"][f"{BATCH_GROUP}/loss"]) == [2, 4, 6, 8]
 
 
 def test_the_watcher_writes_every_tag_step_and_value_that_watching_on_the_training_thread_writes(
@@ -81,7 +83,7 @@ def test_the_watcher_writes_every_tag_step_and_value_that_watching_on_the_traini
 
 
 def test_a_resumed_run_records_how_it_was_continued(straight_and_resumed):
-    config = json.loads((straight_and_resumed[1] / "config.json").read_text())
+    config = json.loads((straight_and_resumed[1] / CONFIG).read_text())
     assert config["epochs"] == 3
     assert config["resumed"] == [f"python train.py --resume {straight_and_resumed[1]} --epochs 3"]
 
@@ -106,14 +108,14 @@ def test_resume_of_a_directory_that_is_not_a_run_is_refused(tmp_path, capsys):
 
 
 def test_resume_of_a_run_without_a_finished_epoch_is_refused(tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps({"steps_per_epoch": 3}))
+    (tmp_path / CONFIG).write_text(json.dumps({"steps_per_epoch": 3}))
     assert train.main(["--resume", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert "has no last.keras: it stopped before its first epoch ended" in error and error.count("\n") == 1
 
 
 def test_resume_of_a_damaged_checkpoint_is_refused(tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps({"steps_per_epoch": 3}))
+    (tmp_path / CONFIG).write_text(json.dumps({"steps_per_epoch": 3}))
     (tmp_path / rundir.LAST).write_bytes(b"half a checkpoint")
     with pytest.raises(resume.ResumeError, match="last.keras is unreadable .*start a new one"):
         resume.restore_model(tmp_path, {"steps_per_epoch": 3})
@@ -157,10 +159,10 @@ def test_kill_9_mid_epoch_is_recoverable(tmp_path, small_isbi_dir):
     for part, tags in events.items():
         for tag, series in tags.items():
             assert steps(series) == sorted(set(steps(series))), (part, tag)  # strictly increasing
-    assert steps(events["train"]["epoch_loss"]) == list(range(5))
-    assert steps(events["train"]["train_batch/loss"]) == list(range(1, 5 * 3 + 1))
-    assert steps(events["validation"]["slice_15/prediction"]) == list(range(5 * 3 + 1))
-    assert len(steps(killed["train"]["train_batch/loss"])) < 5 * 3  # it was killed before the end
+    assert steps(events["train"][EPOCH_TAG.format("loss")]) == list(range(5))
+    assert steps(events["train"][f"{BATCH_GROUP}/loss"]) == list(range(1, 5 * 3 + 1))
+    assert steps(events["validation"][f"{SLICE_GROUP.format(15)}/prediction"]) == list(range(5 * 3 + 1))
+    assert len(steps(killed["train"][f"{BATCH_GROUP}/loss"])) < 5 * 3  # it was killed before the end
     assert not list(run_dir.rglob(".*partial*"))
     model = keras.models.load_model(run_dir / rundir.BEST)  # intact, whichever epoch it is from
     assert model.output_shape == (None, None, None, 1)
@@ -247,14 +249,14 @@ def test_two_runs_started_together_get_two_directories(tmp_path, small_isbi_dir)
     assert [process.wait(timeout=300) for process in processes] == [0, 0]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bce_lr1e-3", "bce_lr1e-3_2"]
     for run_dir in tmp_path.iterdir():
-        assert json.loads((run_dir / "config.json").read_text())["run_dir"] == str(run_dir)
+        assert json.loads((run_dir / CONFIG).read_text())["run_dir"] == str(run_dir)
         assert len(list((run_dir / "train").glob("events.out.tfevents.*"))) == 1
         assert (run_dir / rundir.LAST).is_file()
 
 
 def test_a_run_started_before_a_setting_existed_resumes_with_what_it_ran_with():
     args, given = cli.parse_with_given(flags.build_parser(), ["--resume", "run"])
-    older = rundir.migrate({"loss": "bce", "lr": 1e-4, "crop": 128, "batch_size": 4}, "config.json")
+    older = rundir.migrate({"loss": "bce", "lr": 1e-4, "crop": 128, "batch_size": 4}, CONFIG)
     resumed = train.resumed_arguments(args, given, older)
     assert (resumed.ema, resumed.crop, resumed.batch_size) == (0.0, 128, 4)  # not today's defaults
     assert resumed.dropout == 0.0
@@ -263,12 +265,12 @@ def test_a_run_started_before_a_setting_existed_resumes_with_what_it_ran_with():
 def test_a_run_started_before_its_settings_existed_resumes_and_records_them(tmp_path, small_isbi_dir):
     assert tiny_run(small_isbi_dir, tmp_path, "--epochs", "1", "--ema", "0") == 0
     run_dir = tmp_path / "bce_lr1e-3"
-    config = json.loads((run_dir / "config.json").read_text())
+    config = json.loads((run_dir / CONFIG).read_text())
     # As config.json was before it had a version, or these settings.
     del config["config_version"], config["ema"], config["dropout"], config["preset"], config["resumed"]
-    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / CONFIG).write_text(json.dumps(config))
     assert train.main(["--resume", str(run_dir), "--epochs", "2"]) == 0
-    resumed = json.loads((run_dir / "config.json").read_text())
+    resumed = json.loads((run_dir / CONFIG).read_text())
     assert (resumed["ema"], resumed["dropout"], resumed["preset"]) == (0.0, 0.0, None)
     assert resumed["config_version"] == rundir.CONFIG_VERSION and len(resumed["resumed"]) == 1
 

@@ -10,6 +10,18 @@ import urllib.request
 
 import pytest
 
+from conftest import ISBI_VALIDATION_SLICES
+from summaries import (
+    ACTIVATIONS_GROUP,
+    BEST_TAG,
+    EPOCH_TAG,
+    EVALUATION_TAG,
+    PR_CURVE_TAG,
+    SHOWN_GROUP,
+    SLICE_GROUP,
+    WEIGHTS_GROUP,
+)
+
 RUNS = [f"{loss}_lr1e-3{part}" for loss in ("bce", "wbce") for part in ("", "/train", "/validation")]
 START_TIMEOUT_S = 90
 
@@ -75,18 +87,22 @@ def test_scalars_of_both_runs(tensorboard):
     tags = get_json(tensorboard, "/data/plugin/scalars/tags")
     for loss in ("bce", "wbce"):
         for part in ("train", "validation"):
-            assert {"epoch_loss", "epoch_misclassified_pixel_fraction"} <= set(tags[f"{loss}_lr1e-3/{part}"])
+            assert {EPOCH_TAG.format("loss"), EPOCH_TAG.format("misclassified_pixel_fraction")} <= set(
+                tags[f"{loss}_lr1e-3/{part}"]
+            )
         points = get_json(
             tensorboard,
             "/data/plugin/scalars/scalars",
             run=f"{loss}_lr1e-3/validation",
-            tag="epoch_misclassified_pixel_fraction",
+            tag=EPOCH_TAG.format("misclassified_pixel_fraction"),
         )
         assert [step for _, step, _ in points] == [0, 1]
-        assert {"shown_slices/misclassified_pixel_fraction", "shown_slices/merges"} <= set(
+        assert {f"{SHOWN_GROUP}/misclassified_pixel_fraction", f"{SHOWN_GROUP}/merges"} <= set(
             tags[f"{loss}_lr1e-3/validation"]
         )
-    v_rand = get_json(tensorboard, "/data/plugin/scalars/scalars", run="bce_lr1e-3/validation", tag="epoch_v_rand")
+    v_rand = get_json(
+        tensorboard, "/data/plugin/scalars/scalars", run="bce_lr1e-3/validation", tag=EPOCH_TAG.format("v_rand")
+    )
     assert [step for _, step, _ in v_rand] == [0, 1] and all(0 <= value <= 1 for _, _, value in v_rand)
 
 
@@ -94,11 +110,13 @@ def test_prediction_and_error_images(tensorboard):
     run = "bce_lr1e-3/validation"
     tags = get_json(tensorboard, "/data/plugin/images/tags")[run]
     assert {
-        f"slice_{i:02d}/{kind}"
-        for i in (5, 15, 25)
+        f"{SLICE_GROUP.format(i)}/{kind}"
+        for i in ISBI_VALIDATION_SLICES
         for kind in ("input", "label", "prediction", "error", "merges_and_splits")
     } <= set(tags)
-    entries = get_json(tensorboard, "/data/plugin/images/images", run=run, tag="slice_15/error", sample=0)
+    entries = get_json(
+        tensorboard, "/data/plugin/images/images", run=run, tag=f"{SLICE_GROUP.format(15)}/error", sample=0
+    )
     assert [entry["step"] for entry in entries] == [0, 2, 4, 6]
     png = tensorboard("/data/plugin/images/individualImage?" + entries[-1]["query"])
     assert png.startswith(b"\x89PNG")
@@ -106,7 +124,10 @@ def test_prediction_and_error_images(tensorboard):
 
 def test_weight_histograms(tensorboard):
     points = get_json(
-        tensorboard, "/data/plugin/histograms/histograms", run="wbce_lr1e-3/train", tag="unet/weights/dec1_conv2/kernel"
+        tensorboard,
+        "/data/plugin/histograms/histograms",
+        run="wbce_lr1e-3/train",
+        tag=f"{WEIGHTS_GROUP}/dec1_conv2/kernel",
     )
     assert [step for _, step, _ in points] == [3, 6]
 
@@ -144,25 +165,33 @@ def test_hparams_table_compares_the_runs(tensorboard):
     assert set(by_loss) == {"bce", "wbce"}
     assert (by_loss["bce"]["hparams"]["ema"], by_loss["wbce"]["hparams"]["ema"]) == (0, 0.9)
     metrics = {(value["name"].get("group", ""), value["name"]["tag"]) for value in by_loss["bce"]["metricValues"]}
-    assert ("", "best_misclassified_pixel_fraction") in metrics
-    assert ("validation", "epoch_misclassified_pixel_fraction") in metrics
-    assert {("validation", "epoch_v_rand"), ("validation", "epoch_v_info"), ("", "best_v_rand")} <= metrics
+    assert ("", BEST_TAG.format("misclassified_pixel_fraction")) in metrics
+    assert ("validation", EPOCH_TAG.format("misclassified_pixel_fraction")) in metrics
+    assert {
+        ("validation", EPOCH_TAG.format("v_rand")),
+        ("validation", EPOCH_TAG.format("v_info")),
+        ("", BEST_TAG.format("v_rand")),
+    } <= metrics
 
 
 def test_text_and_pr_curves(tensorboard):
     text = get_json(tensorboard, "/data/plugin/text/text", run="wbce_lr1e-3", tag="run/command")
     assert "--loss wbce" in text[0]["text"]
     pr_tags = get_json(tensorboard, "/data/plugin/pr_curves/tags")
-    assert "membrane_pr/pr_curves" in pr_tags["bce_lr1e-3/validation"]
+    assert f"{PR_CURVE_TAG}/pr_curves" in pr_tags["bce_lr1e-3/validation"]
     curves = get_json(
-        tensorboard, "/data/plugin/pr_curves/pr_curves", run="bce_lr1e-3/validation", tag="membrane_pr/pr_curves"
+        tensorboard, "/data/plugin/pr_curves/pr_curves", run="bce_lr1e-3/validation", tag=f"{PR_CURVE_TAG}/pr_curves"
     )
     assert [entry["step"] for entry in curves["bce_lr1e-3/validation"]] == [3, 6]
 
 
 def test_activation_histograms(tensorboard):
     tags = get_json(tensorboard, "/data/plugin/histograms/tags")["bce_lr1e-3/validation"]
-    assert {"unet/activations/enc1_conv2", "unet/activations/bottleneck_conv2", "unet/activations/output"} <= set(tags)
+    assert {
+        f"{ACTIVATIONS_GROUP}/enc1_conv2",
+        f"{ACTIVATIONS_GROUP}/bottleneck_conv2",
+        f"{ACTIVATIONS_GROUP}/output",
+    } <= set(tags)
 
 
 def test_comparison_dashboard_serves_both_runs_on_one_chart(tensorboard):
@@ -175,4 +204,4 @@ def test_comparison_dashboard_serves_both_runs_on_one_chart(tensorboard):
         series = get_json(
             tensorboard, "/data/plugin/custom_scalars/scalars", run=f"{loss}_lr1e-3/validation", tag=pattern
         )
-        assert [step for _, step, _ in series["tag_to_events"]["evaluation_v_rand_vs_iterations"]] == steps
+        assert [step for _, step, _ in series["tag_to_events"][EVALUATION_TAG.format("v_rand")]] == steps

@@ -23,7 +23,20 @@ import runs
 import tiffs
 import tiling
 import train
-from conftest import ROOT, TINY_STEPS, read_events, runs_in
+from conftest import ISBI_VALIDATION_SLICES, ROOT, TINY_STEPS, read_events, runs_in
+from rundir import BEST, CONFIG, LAST
+from settings import BEST_SCORES, CHECKPOINT_SCORE
+from summaries import (
+    ACTIVATIONS_GROUP,
+    BATCH_GROUP,
+    BEST_TAG,
+    EPOCH_TAG,
+    EVALUATION_TAG,
+    PR_CURVE_TAG,
+    SHOWN_GROUP,
+    SLICE_GROUP,
+    WEIGHTS_GROUP,
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,27 +74,31 @@ def test_epoch_curves_for_training_and_validation(events, loss):
     for part in ("train", "validation"):
         run = events[f"{loss}_lr1e-3/{part}"]
         for metric in ("loss", "accuracy", "misclassified_pixel_fraction", "membrane_dice"):
-            series = run[f"epoch_{metric}"]
+            series = run[EPOCH_TAG.format(metric)]
             assert steps(series) == [0, 1]  # every epoch, although neither ends on an update_freq step
             assert all(np.isfinite(value) for _, value in series)
-    fractions = [float(v) for _, v in events[f"{loss}_lr1e-3/validation"]["epoch_misclassified_pixel_fraction"]]
+    fractions = [
+        float(v) for _, v in events[f"{loss}_lr1e-3/validation"][EPOCH_TAG.format("misclassified_pixel_fraction")]
+    ]
     assert all(0 <= f <= 1 for f in fractions)
 
 
 def test_isbi_scores_every_eval_every_epochs_beside_the_validation_loss(events):
     for run, expected_steps in (("bce_lr1e-3/validation", [0, 1]), ("wbce_lr1e-3/validation", [0])):
         for score in ("v_rand", "v_info", "pixel_error"):
-            series = events[run][f"epoch_{score}"]
+            series = events[run][EPOCH_TAG.format(score)]
             assert steps(series) == expected_steps
             assert all(0.0 <= float(value) <= 1.0 for _, value in series)
             assert all(
                 float(value) in np.float32(metrics.ISBI_THRESHOLDS)
-                for _, value in events[run][f"epoch_{score}_threshold"]
+                for _, value in events[run][EPOCH_TAG.format(f"{score}_threshold")]
             )
-    assert "epoch_v_rand" not in events["bce_lr1e-3/train"]
-    best = events["bce_lr1e-3"]["best_v_rand"]
+    assert EPOCH_TAG.format("v_rand") not in events["bce_lr1e-3/train"]
+    best = events["bce_lr1e-3"][BEST_TAG.format("v_rand")]
     assert steps(best) == [0, 1]
-    assert float(best[-1][1]) == max(float(value) for _, value in events["bce_lr1e-3/validation"]["epoch_v_rand"])
+    assert float(best[-1][1]) == max(
+        float(value) for _, value in events["bce_lr1e-3/validation"][EPOCH_TAG.format("v_rand")]
+    )
 
 
 def test_validation_scores_are_those_of_that_epochs_model_on_the_slices_as_predict_py_predicts_them(
@@ -89,9 +106,11 @@ def test_validation_scores_are_those_of_that_epochs_model_on_the_slices_as_predi
 ):
     # validation.Validation stands in for Keras' validation_data, on whole slices in predict.py's mirrored context;
     # last.keras holds the last epoch's model.
-    model = keras.models.load_model(two_run_logdir / "bce_lr1e-3" / "last.keras", compile=False)
+    model = keras.models.load_model(two_run_logdir / "bce_lr1e-3" / LAST, compile=False)
     stacks = tiffs.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
-    images, labels = (np.stack([read(index) for index in (5, 15, 25)]) for read in (stacks.image, stacks.mask))
+    images, labels = (
+        np.stack([read(index) for index in ISBI_VALIDATION_SLICES]) for read in (stacks.image, stacks.mask)
+    )
     probabilities = tiling.predict_stack(model, images)[..., np.newaxis]
     truth = labels[..., np.newaxis].astype(np.float32)
     expected = {"loss": float(np.mean(keras.losses.binary_crossentropy(truth, probabilities)))}
@@ -100,44 +119,49 @@ def test_validation_scores_are_those_of_that_epochs_model_on_the_slices_as_predi
         expected[metric.name] = float(metric.result())
     validation = events["bce_lr1e-3/validation"]
     for name in ("loss", "accuracy", "misclassified_pixel_fraction", "membrane_dice"):
-        ((step, value),) = [item for item in validation[f"epoch_{name}"] if item[0] == 1]
+        ((step, value),) = [item for item in validation[EPOCH_TAG.format(name)] if item[0] == 1]
         assert float(value) == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
-    assert steps(validation["evaluation_loss_vs_iterations"]) == [3, TINY_STEPS]
+    assert steps(validation[EVALUATION_TAG.format("loss")]) == [3, TINY_STEPS]
 
 
 def test_logged_isbi_scores_are_those_of_the_model_at_that_epoch(events, two_run_logdir, isbi_dir):
-    # best.keras is the model of the first epoch with the lowest misclassified fraction.
+    # best.keras is the model of the first epoch with the best checkpoint score (V_rand).
     validation = events["bce_lr1e-3/validation"]
-    fractions = [float(value) for _, value in validation["epoch_misclassified_pixel_fraction"]]
-    epoch = int(np.argmin(fractions))
-    model = keras.models.load_model(two_run_logdir / "bce_lr1e-3" / "best.keras", compile=False)
+    better, _ = BEST_SCORES[CHECKPOINT_SCORE]
+    scores = [float(value) for _, value in validation[EPOCH_TAG.format(CHECKPOINT_SCORE)]]
+    epoch = scores.index(better(scores))
+    model = keras.models.load_model(two_run_logdir / "bce_lr1e-3" / BEST, compile=False)
     stacks = tiffs.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
-    images, labels = (np.stack([read(index) for index in (5, 15, 25)]) for read in (stacks.image, stacks.mask))
+    images, labels = (
+        np.stack([read(index) for index in ISBI_VALIDATION_SLICES]) for read in (stacks.image, stacks.mask)
+    )
     probabilities = tiling.predict_stack(model, images)
     expected = metrics.isbi_scores(labels, probabilities)
     for score in ("v_rand", "v_info", "pixel_error"):
-        assert float(validation[f"epoch_{score}"][epoch][1]) == pytest.approx(expected[score], rel=1e-5)
+        assert float(validation[EPOCH_TAG.format(score)][epoch][1]) == pytest.approx(expected[score], rel=1e-5)
 
 
 def test_batch_scalars_at_the_global_step(events):
     run = events["bce_lr1e-3/train"]
     for name in ("loss", "misclassified_pixel_fraction", "membrane_dice", "accuracy", "learning_rate"):
-        assert steps(run[f"train_batch/{name}"]) == [2, 4, 6]
-    assert [float(value) for _, value in run["train_batch/learning_rate"]] == pytest.approx([1e-3] * 3)
+        assert steps(run[f"{BATCH_GROUP}/{name}"]) == [2, 4, 6]
+    assert [float(value) for _, value in run[f"{BATCH_GROUP}/learning_rate"]] == pytest.approx([1e-3] * 3)
     assert not any(tag.startswith("batch_") for tag in run)  # Keras' running means are not written
 
 
 def test_validation_curves_also_against_the_global_step(events):
     run = events["wbce_lr1e-3/validation"]
-    assert steps(run["evaluation_loss_vs_iterations"]) == [3, 6]
-    assert steps(run["evaluation_v_rand_vs_iterations"]) == [3]  # scored every second epoch
-    assert [value for _, value in run["evaluation_loss_vs_iterations"]] == [value for _, value in run["epoch_loss"]]
+    assert steps(run[EVALUATION_TAG.format("loss")]) == [3, 6]
+    assert steps(run[EVALUATION_TAG.format("v_rand")]) == [3]  # scored every second epoch
+    assert [value for _, value in run[EVALUATION_TAG.format("loss")]] == [
+        value for _, value in run[EPOCH_TAG.format("loss")]
+    ]
 
 
 def test_weight_histograms_for_every_layer_each_epoch(events):
     run = events["bce_lr1e-3/train"]
     for layer in ("enc1_conv1", "bottleneck_conv2", "dec1_up", "output"):
-        histogram = run[f"unet/weights/{layer}/kernel"]
+        histogram = run[f"{WEIGHTS_GROUP}/{layer}/kernel"]
         assert steps(histogram) == [3, 6]
         assert histogram[0][1].shape[1] == 3  # (bucket left, bucket right, count) rows
 
@@ -155,28 +179,30 @@ def test_prediction_images_and_their_error_scalars_share_the_global_step(events)
     run = events["bce_lr1e-3/validation"]
     image_steps = list(range(0, TINY_STEPS + 1, 2))
     for name in ("misclassified_pixel_fraction", "merges", "splits"):
-        assert steps(run[f"shown_slices/{name}"]) == image_steps
-    for index in (5, 15, 25):
+        assert steps(run[f"{SHOWN_GROUP}/{name}"]) == image_steps
+    for index in ISBI_VALIDATION_SLICES:
         for kind in ("prediction", "error", "merges_and_splits"):
-            assert steps(run[f"slice_{index:02d}/{kind}"]) == image_steps
-        assert steps(run[f"slice_{index:02d}/input"]) == [0]
-        assert steps(run[f"slice_{index:02d}/label"]) == [0]
+            assert steps(run[f"{SLICE_GROUP.format(index)}/{kind}"]) == image_steps
+        assert steps(run[f"{SLICE_GROUP.format(index)}/input"]) == [0]
+        assert steps(run[f"{SLICE_GROUP.format(index)}/label"]) == [0]
 
 
 def test_a_weighted_loss_shows_its_weight_maps_and_logs_the_weighted_validation_loss(events, two_run_logdir, isbi_dir):
     run = events["wbce_lr1e-3/validation"]
-    assert "slice_15/loss_weights" not in events["bce_lr1e-3/validation"]
+    assert f"{SLICE_GROUP.format(15)}/loss_weights" not in events["bce_lr1e-3/validation"]
     stacks = tiffs.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
     weights = batches.border_weights(stacks.mask(15))
-    assert steps(run["slice_15/loss_weights"]) == [0]
-    shown = decode(run["slice_15/loss_weights"][0][1]) / 255.0
+    assert steps(run[f"{SLICE_GROUP.format(15)}/loss_weights"]) == [0]
+    shown = decode(run[f"{SLICE_GROUP.format(15)}/loss_weights"][0][1]) / 255.0
     assert np.abs(shown - weights / weights.max()).max() <= 1 / 255 + 1e-6
-    model = keras.models.load_model(two_run_logdir / "wbce_lr1e-3" / "last.keras", compile=False)
-    images, labels = (np.stack([read(index) for index in (5, 15, 25)]) for read in (stacks.image, stacks.mask))
+    model = keras.models.load_model(two_run_logdir / "wbce_lr1e-3" / LAST, compile=False)
+    images, labels = (
+        np.stack([read(index) for index in ISBI_VALIDATION_SLICES]) for read in (stacks.image, stacks.mask)
+    )
     probabilities = tiling.predict_stack(model, images)[..., np.newaxis]
     per_pixel = keras.losses.binary_crossentropy(labels[..., np.newaxis].astype(np.float32), probabilities)
     expected = np.mean([batches.border_weights(label) for label in labels] * np.asarray(per_pixel))
-    assert float(run["epoch_loss"][-1][1]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(run[EPOCH_TAG.format("loss")][-1][1]) == pytest.approx(float(expected), rel=1e-5)
 
 
 def decode(image_summary_value, channels=1):
@@ -188,10 +214,10 @@ def decode(image_summary_value, channels=1):
 
 def test_images_show_the_whole_slice_on_a_fixed_scale(events):
     run = events["bce_lr1e-3/validation"]
-    label = decode(run["slice_15/label"][0][1])
+    label = decode(run[f"{SLICE_GROUP.format(15)}/label"][0][1])
     assert label.shape == (512, 512)
     assert set(np.unique(label)) == {0, 255} and 0.7 < (label == 255).mean() < 0.85
-    prediction = decode(run["slice_15/prediction"][-1][1])
+    prediction = decode(run[f"{SLICE_GROUP.format(15)}/prediction"][-1][1])
     assert prediction.shape == (512, 512)
 
 
@@ -199,9 +225,11 @@ def test_images_at_an_epoch_end_are_the_prediction_of_that_epochs_model(events, 
     # The images of the epoch's last step come from the epoch end's validation pass (predict.py's mirrored
     # context), and last.keras holds the weights of that step.
     ((step, value),) = [
-        item for item in events["bce_lr1e-3/validation"]["slice_15/prediction"] if item[0] == TINY_STEPS
+        item
+        for item in events["bce_lr1e-3/validation"][f"{SLICE_GROUP.format(15)}/prediction"]
+        if item[0] == TINY_STEPS
     ]
-    model = keras.models.load_model(two_run_logdir / "bce_lr1e-3" / "last.keras", compile=False)
+    model = keras.models.load_model(two_run_logdir / "bce_lr1e-3" / LAST, compile=False)
     stacks = tiffs.load_training_stacks(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif")
     probability = tiling.predict_slice(model, stacks.image(15))
     assert np.abs(decode(value) / 255.0 - probability).max() <= 1 / 255 + 1e-6
@@ -210,19 +238,21 @@ def test_images_at_an_epoch_end_are_the_prediction_of_that_epochs_model(events, 
 def test_error_overlay_paints_false_and_missed_membrane_on_the_em_slice(events):
     run = events["bce_lr1e-3/validation"]
     wrong = 0
-    for index in (5, 15, 25):
-        label = decode(run[f"slice_{index:02d}/label"][0][1]) == 255
-        prediction = decode(run[f"slice_{index:02d}/prediction"][-1][1]).astype(int)
+    for index in ISBI_VALIDATION_SLICES:
+        label = decode(run[f"{SLICE_GROUP.format(index)}/label"][0][1]) == 255
+        prediction = decode(run[f"{SLICE_GROUP.format(index)}/prediction"][-1][1]).astype(int)
         predicted_cell = prediction >= 128
         clear = np.abs(prediction - 127.5) > 2  # 8-bit rounding may move values next to 0.5 across it
-        red, green, blue = np.moveaxis(decode(run[f"slice_{index:02d}/error"][-1][1], channels=3).astype(int), -1, 0)
+        red, green, blue = np.moveaxis(
+            decode(run[f"{SLICE_GROUP.format(index)}/error"][-1][1], channels=3).astype(int), -1, 0
+        )
         false_membrane, missed_membrane = red - green > 100, green - red > 100
         np.testing.assert_array_equal(false_membrane[clear], (label & ~predicted_cell)[clear])
         np.testing.assert_array_equal(missed_membrane[clear], (~label & predicted_cell)[clear])
         assert np.all(np.abs(red - blue)[~(false_membrane | missed_membrane)] == 0)  # grey elsewhere
         wrong += (false_membrane | missed_membrane).sum()
     # The scalar is the fraction of painted pixels over the shown slices.
-    assert float(run["shown_slices/misclassified_pixel_fraction"][-1][1]) == pytest.approx(
+    assert float(run[f"{SHOWN_GROUP}/misclassified_pixel_fraction"][-1][1]) == pytest.approx(
         wrong / (3 * 512 * 512), abs=1e-6
     )
 
@@ -239,10 +269,10 @@ def test_images_per_step_are_few_and_small(events):
 def test_activation_histograms_and_membrane_pr_curve_at_each_epoch_end(events):
     run = events["bce_lr1e-3/validation"]
     for layer in ("enc1_conv2", "enc4_conv2", "bottleneck_conv2", "dec4_conv2", "dec1_conv2", "output"):
-        assert steps(run[f"unet/activations/{layer}"]) == [3, 6]
-    output = run["unet/activations/output"][-1][1]
+        assert steps(run[f"{ACTIVATIONS_GROUP}/{layer}"]) == [3, 6]
+    output = run[f"{ACTIVATIONS_GROUP}/output"][-1][1]
     assert output[:, 0].min() >= 0 and output[:, 1].max() <= 1  # sigmoid outputs
-    curves = run["membrane_pr/pr_curves"]
+    curves = run[f"{PR_CURVE_TAG}/pr_curves"]
     assert steps(curves) == [3, 6]
     precision, recall = curves[-1][1][4], curves[-1][1][5]
     assert len(recall) == 51 and np.all((0 <= recall) & (recall <= 1)) and recall[0] == pytest.approx(1.0)
@@ -261,20 +291,21 @@ def test_hparams_for_the_hparams_tab(read_back):
         assert session.hparams["augment_rotation_degrees"].number_value == 180
         experiment = hparams_metadata.parse_experiment_plugin_data(content[hparams_metadata.EXPERIMENT_TAG])
         assert {(metric.name.group, metric.name.tag) for metric in experiment.metric_infos} >= {
-            ("", "best_misclassified_pixel_fraction"),
-            ("validation", "epoch_misclassified_pixel_fraction"),
-            ("", "best_v_rand"),
-            ("validation", "epoch_v_rand"),
-            ("validation", "epoch_v_info"),
-            ("validation", "epoch_pixel_error"),
+            ("", BEST_TAG.format("misclassified_pixel_fraction")),
+            ("validation", EPOCH_TAG.format("misclassified_pixel_fraction")),
+            ("", BEST_TAG.format("v_rand")),
+            ("validation", EPOCH_TAG.format("v_rand")),
+            ("validation", EPOCH_TAG.format("v_info")),
+            ("validation", EPOCH_TAG.format("pixel_error")),
         }
 
 
 def test_best_validation_fraction_per_epoch(events):
     for loss in ("bce", "wbce"):
-        best = events[f"{loss}_lr1e-3"]["best_misclassified_pixel_fraction"]
+        best = events[f"{loss}_lr1e-3"][BEST_TAG.format("misclassified_pixel_fraction")]
         epochs = [
-            float(value) for _, value in events[f"{loss}_lr1e-3/validation"]["epoch_misclassified_pixel_fraction"]
+            float(value)
+            for _, value in events[f"{loss}_lr1e-3/validation"][EPOCH_TAG.format("misclassified_pixel_fraction")]
         ]
         assert steps(best) == [0, 1]
         assert float(best[-1][1]) == pytest.approx(min(epochs))
@@ -305,16 +336,16 @@ def test_summary_prints_one_row_per_run(two_run_logdir, events, capsys):
         ["wbce_lr1e-3", "wbce", "0.001", "6"],
     ]
     bce = dict(zip(runs.COLUMNS, rows[0].split(), strict=True))
-    epochs = [float(v) for _, v in events["bce_lr1e-3/validation"]["epoch_misclassified_pixel_fraction"]]
+    epochs = [float(v) for _, v in events["bce_lr1e-3/validation"][EPOCH_TAG.format("misclassified_pixel_fraction")]]
     assert float(bce["best_val_mpf"]) == pytest.approx(min(epochs), abs=1e-4)
     assert float(bce["last_val_mpf"]) == pytest.approx(epochs[-1], abs=1e-4)
-    v_rands = [float(v) for _, v in events["bce_lr1e-3/validation"]["epoch_v_rand"]]
+    v_rands = [float(v) for _, v in events["bce_lr1e-3/validation"][EPOCH_TAG.format("v_rand")]]
     assert float(bce["best_val_v_rand"]) == pytest.approx(max(v_rands), abs=1e-4)
 
 
 @pytest.mark.parametrize("run", ["bce_lr1e-3", "wbce_lr1e-3"])
 def test_best_checkpoint_is_the_epoch_of_the_best_v_rand_and_last_the_last_epoch(two_run_logdir, events, run):
-    v_rands = events[f"{run}/validation"]["evaluation_v_rand_vs_iterations"]  # wbce's every second epoch only
+    v_rands = events[f"{run}/validation"][EVALUATION_TAG.format("v_rand")]  # wbce's every second epoch only
     best_step = max(v_rands, key=lambda point: float(point[1]))[0]  # the first of equal ones
     assert rundir.checkpoint_step(two_run_logdir / run / rundir.BEST) == best_step
     assert rundir.checkpoint_step(two_run_logdir / run / rundir.LAST) == TINY_STEPS
@@ -328,17 +359,17 @@ def test_summary_of_an_empty_directory_says_so(tmp_path, capsys):
 
 def test_run_directory_holds_config_and_best_checkpoint(two_run_logdir):
     run_dir = two_run_logdir / "bce_lr1e-3"
-    config = json.loads((run_dir / "config.json").read_text())
+    config = json.loads((run_dir / CONFIG).read_text())
     assert config["loss"] == "bce" and config["lr"] == 1e-3 and config["filters"] == 4
     assert config["val_slices"] == [5, 15, 25] and len(config["train_slices"]) == 27
     assert config["precision"] == "float32"
-    assert (run_dir / "best.keras").stat().st_size > 0
+    assert (run_dir / BEST).stat().st_size > 0
 
 
 def test_a_second_run_with_the_same_name_gets_its_own_directory(tmp_path):
     # Two real runs of one name starting together: tests/test_resume.py.
     first = rundir.start(tmp_path, "wbce_lr1e-3", {"loss": "wbce"})
-    (first / "last.keras").write_bytes(b"weights")
+    (first / LAST).write_bytes(b"weights")
     before = {path: path.read_bytes() for path in first.rglob("*")}
     second = rundir.start(tmp_path, "wbce_lr1e-3", {"loss": "wbce", "seed": 1})
     assert second == tmp_path / "wbce_lr1e-3_2" and rundir.read_config(second)["seed"] == 1
@@ -449,5 +480,5 @@ def test_time_series_groups_put_curves_and_images_before_histograms(read_back):
     }
     order = sorted(set().union(*groups.values()))
     assert groups["histograms"] == {"unet"} and order[-1] == "unet"
-    assert order[:2] == ["best_misclassified_pixel_fraction", "best_v_rand"]
+    assert order[:2] == [BEST_TAG.format("misclassified_pixel_fraction"), BEST_TAG.format("v_rand")]
     assert {"slice_05", "slice_15", "slice_25"} <= groups["images"]

@@ -22,6 +22,8 @@ import rundir
 import tiffs
 import train
 from conftest import ROOT, TINY, cells_and_membranes, raw_events, run_command, steps, tiny_run, write_stack
+from rundir import CONFIG
+from summaries import EPOCH_TAG
 
 
 def one_line_exit_2(flags, capsys):
@@ -208,7 +210,7 @@ def test_two_resumes_started_together_train_once(two_epoch_run, tmp_path):
     for part, tags in raw_events(run_dir).items():
         for tag, series in tags.items():
             assert steps(series) == sorted(set(steps(series))), (part, tag)  # strictly increasing
-    assert steps(raw_events(run_dir)["train"]["epoch_loss"]) == [0, 1, 2, 3]
+    assert steps(raw_events(run_dir)["train"][EPOCH_TAG.format("loss")]) == [0, 1, 2, 3]
 
 
 def test_a_run_held_by_a_process_is_refused_and_left_as_it_was(two_epoch_run, tmp_path, capsys):
@@ -242,9 +244,9 @@ def test_resume_refuses_data_that_changed_unless_told(two_epoch_run, tmp_path, s
     run_dir = copy_of(two_epoch_run, tmp_path)
     labels = tmp_path / "labels.tif"
     shutil.copy(small_isbi_dir / "train-labels.tif", labels)
-    config = json.loads((run_dir / "config.json").read_text())
+    config = json.loads((run_dir / CONFIG).read_text())
     config.update(labels=str(labels), images=str(small_isbi_dir / "train-volume.tif"))
-    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / CONFIG).write_text(json.dumps(config))
     stack = tifffile.imread(labels)
     stack[3, :10, :10] = 255
     write_stack(labels, stack)
@@ -266,7 +268,7 @@ def test_resume_refuses_data_that_changed_unless_told(two_epoch_run, tmp_path, s
     assert moved == error
     assert train.main(["--resume", str(run_dir), "--epochs", "3", "--accept-new-data"]) == 0
     # The new data is now the run's: a later --resume takes it without the flag.
-    assert json.loads((run_dir / "config.json").read_text())["data_files"]["labels_sha256"] == tiffs.sha256_of(labels)
+    assert json.loads((run_dir / CONFIG).read_text())["data_files"]["labels_sha256"] == tiffs.sha256_of(labels)
     assert train.main(["--resume", str(run_dir), "--epochs", "4"]) == 0
 
 
@@ -298,7 +300,7 @@ def test_a_run_resumes_from_any_directory_and_after_its_data_moved(tmp_path, sma
     )
     assert train.main(["--resume", str(run_dir), "--epochs", "3", "--data", str(tmp_path / "moved")]) == 0
     assert json.loads((run_dir / rundir.CONFIG).read_text())["images"] == str(tmp_path / "moved" / data.TRAIN_IMAGES)
-    assert steps(raw_events(run_dir)["train"]["epoch_loss"]) == [0, 1, 2]
+    assert steps(raw_events(run_dir)["train"][EPOCH_TAG.format("loss")]) == [0, 1, 2]
     assert list(elsewhere.iterdir()) == []
 
 
@@ -329,7 +331,7 @@ def test_nothing_written_follows_a_link_planted_in_the_run_directory(two_epoch_r
         (run_dir / f".{name.stem}.{os.getpid()}.partial{name.suffix}").symlink_to(victims[written])
     assert train.main(["--resume", str(run_dir), "--epochs", "3"]) == 0
     assert all(victim.read_text() == "a file of the user's" for victim in victims.values())
-    assert steps(raw_events(run_dir)["train"]["epoch_loss"]) == [0, 1, 2]
+    assert steps(raw_events(run_dir)["train"][EPOCH_TAG.format("loss")]) == [0, 1, 2]
 
 
 @pytest.mark.parametrize(
@@ -391,7 +393,7 @@ def test_resume_leaves_a_run_nested_in_it_alone(two_epoch_run, tmp_path):
 
 def test_summary_of_a_damaged_config_is_one_line(two_epoch_run, tmp_path, capsys):
     run_dir = copy_of(two_epoch_run, tmp_path)
-    (run_dir / "config.json").write_text("{ half")
+    (run_dir / CONFIG).write_text("{ half")
     error = one_line_exit_2(["--summary", str(tmp_path)], capsys)
     assert f"{run_dir / 'config.json'} is unreadable" in error
     whole = copy_of(two_epoch_run, tmp_path / "another")
