@@ -72,13 +72,14 @@ class ProgressLine(keras.callbacks.Callback):
 
     def validated(self, epoch, logs):
         """Tell the validation scores of `epoch` (`val_*` in `logs`): on a terminal on a line of their
-        own under the epoch's, the next epoch's live line drawn again below; piped, the epoch's line."""
+        own that names the epoch, the live line drawn again below; piped, on the epoch's line."""
         with self._writing:
             if not self.live:
                 print(f"{self._ended.pop(epoch)}; {validation_line(logs)}", file=self.stream, flush=True)
                 return
             was_open = self._open
-            redraw(self.stream, "  " + validation_line(logs))
+            # Its own line, named: with short epochs it may come after a later epoch's line.
+            redraw(self.stream, f"  epoch {epoch + 1} {validation_line(logs)}")
             self.stream.write("\n")
             self._open = False
             if was_open:

@@ -418,4 +418,4 @@ def test_the_progress_line_on_a_terminal_is_redrawn_in_place_within_its_width(co
         else:
             assert re.search(r" s/step  loss \d\.\d{4}  misclassified \d\.\d{4}$", drawings[-1]), drawings[-1]
         shown = validation_line.removeprefix("\r").removesuffix("\x1b[K")
-        assert re.fullmatch(r"  validation: misclassified \d\.\d{4}, loss \d\.\d{4}", shown), shown
+        assert re.fullmatch(rf"  epoch {epoch} validation: misclassified \d\.\d{{4}}, loss \d\.\d{{4}}", shown), shown
