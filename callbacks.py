@@ -182,9 +182,9 @@ class TrainingSummaries(StepCallback):
 class ValidationSliceSummaries(StepCallback):
     """What the network makes of a few fixed validation slices, written to the `validation` run.
 
-    Every `image_every` training steps, per slice under the tag group `slice_<index>`: `prediction`,
-    the probability of cell (black 0 to white 1 on a fixed scale, so a flat prediction shows as
-    flat grey); `error`, the EM slice with false membrane in magenta and missed membrane in green;
+    At each epoch's end (every `image_every` training steps if given), per slice under the tag
+    group `slice_<index>`: `prediction`, the probability of cell (black 0 to white 1 on a fixed
+    scale, so a flat prediction shows as flat grey); `error`, the EM slice with false membrane in magenta and missed membrane in green;
     `merges_and_splits`, the segmentation the challenge's scorer sees (metrics.thinned_segments at
     the best V_rand threshold of the latest evaluation, 0.5 before the first) with the segments
     that merge true cells in orange and the true cells that are split in blue; `input` and `label`
@@ -214,7 +214,7 @@ class ValidationSliceSummaries(StepCallback):
 
     def on_train_batch_end(self, batch, logs=None):
         step = self.step_after(batch)
-        if step % self.image_every:
+        if step % (self.image_every or self.params["steps"]):
             return
         # Images due at the last step of an epoch wait for its end: they come from the epoch end's
         # validation pass, segmented at the threshold of its evaluation.

@@ -195,7 +195,7 @@ def build_parser(prog="train.py", exit_on_error=True):
         "--image-every",
         type=cli.positive(int),
         default=DEFAULTS["image_every"],
-        help="write prediction images every N training steps",
+        help="write prediction images every N training steps (default: at the end of each epoch)",
     )
     board.add_argument(
         "--histogram-freq",

@@ -54,7 +54,7 @@ DEFAULTS = {
     "labels_polarity": "cells-high",
     "memmap": "auto",
     "val_slices": None,  # inputs.default_validation_slices
-    "image_every": 200,
+    "image_every": None,  # at each epoch's end
     "histogram_freq": 1,
     "eval_every": 1,
     "update_freq": 10,

@@ -197,7 +197,8 @@ def test_validation_adds_the_loss_metrics_and_challenge_scores_of_the_whole_slic
     assert "val_loss" in epoch_logs[1] and "val_v_rand" not in epoch_logs[1]
 
 
-def test_the_validation_slices_go_through_the_net_once_per_training_step(tmp_path):
+@pytest.mark.parametrize("image_every", [3, None])  # None: at each epoch's end, the default
+def test_the_validation_slices_go_through_the_net_once_per_training_step(tmp_path, image_every):
     model = tiny_model()
     images, labels = slices(count=3)
     validation_pass = validation_pass_of(model, images, [0, 2])
@@ -218,7 +219,7 @@ def test_the_validation_slices_go_through_the_net_once_per_training_step(tmp_pat
                 epoch_logs,
                 validation_pass,
                 summaries.ShownSlices.of([1, 7], images[[0, 2]], labels[[0, 2]]),
-                image_every=3,
+                image_every=image_every,
                 histogram_freq=1,
             ),
             model,
