@@ -182,17 +182,17 @@ class TrainingSummaries(StepCallback):
 class ValidationSliceSummaries(StepCallback):
     """What the network makes of a few fixed validation slices, written to the `validation` run.
 
-    At each epoch's end (every `image_every` training steps if given), per slice under the tag
-    group `slice_<index>`: `prediction`, the probability of cell (black 0 to white 1 on a fixed
-    scale, so a flat prediction shows as flat grey); `error`, the EM slice with false membrane in magenta and missed membrane in green;
-    `merges_and_splits`, the segmentation the challenge's scorer sees (metrics.thinned_segments at
-    the best V_rand threshold of the latest evaluation, 0.5 before the first) with the segments
-    that merge true cells in orange and the true cells that are split in blue; `input` and `label`
-    once, and `loss_weights` when the loss is weighted (`weights`, per shown slice). Under
-    `shown_slices/`: the misclassified-pixel fraction over the slices and the number of merges and
-    splits. Every `histogram_freq` epochs: histograms of each block's activations
-    (`unet/activations/...`) and the precision-recall curve of membrane detection (`membrane_pr`).
-    The net's output on the slices comes from the run's ValidationPass.
+    At each epoch's end (every `image_every` training steps if given), per slice under the tag group
+    `slice_<index>`: `prediction`, the probability of cell (black 0 to white 1 on a fixed scale, so
+    a flat prediction shows as flat grey); `error`, the EM slice with false membrane in magenta and
+    missed membrane in green; `merges_and_splits`, the segmentation the challenge's scorer sees
+    (metrics.thinned_segments at the best V_rand threshold of the latest evaluation, 0.5 before the
+    first) with the segments that merge true cells in orange and the true cells that are split in
+    blue; `input` and `label` once, and `loss_weights` when the loss is weighted (`weights`, per
+    shown slice). Under `shown_slices/`: the misclassified-pixel fraction over the slices and the
+    number of merges and splits. Every `histogram_freq` epochs: histograms of each block's
+    activations (`unet/activations/...`) and the precision-recall curve of membrane detection
+    (`membrane_pr`). The net's output on the slices comes from the run's ValidationPass.
     """
 
     def __init__(
