@@ -1,15 +1,14 @@
 """A run's U-Net as a bioimage.io model package, for the tools that read the bioimage.io model
-format (bioimageio.core and the napari plugins on it, deepImageJ in Fiji, ...).
+format (bioimageio.core and the napari plugins on it, ilastik, deepImageJ in Fiji, ...).
 
     python export.py logs/bce_lr1e-4 -o models/bce_lr1e-4.zip
     KERAS_BACKEND=tensorflow bioimageio test models/bce_lr1e-4.zip
 
 The package (format 0.5, built and tested with the `bioimageio.spec` and `bioimageio.core`
 packages) holds:
-- the weights twice, in the two formats that bioimageio.core runs with the Keras 3 and
-  TensorFlow 2.21 installed here: Keras 3 (`keras_v3`) and a TensorFlow SavedModel
-  (`tensorflow_saved_model_bundle`, the TensorFlow format Java tools such as deepImageJ read).
-  ONNX would need a converter (tf2onnx) beyond this project's dependencies;
+- the weights in three formats: Keras 3 (`keras_v3`), a TensorFlow SavedModel
+  (`tensorflow_saved_model_bundle`) and ONNX (`onnx`, converted by Keras' own export through
+  tf2onnx), the one format that ilastik, deepImageJ in Fiji and bioimageio.core all run;
 - the grey-value scaling the run trained with, as the input's preprocessing (scale_linear, then
   clip to [0, 1]); the output as cell probability; the context the net needs: sides a multiple of
   16, and 32 mirrored pixels around a slice (the output's halo), as predict.py predicts;
@@ -25,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,9 @@ CITATIONS = {
     "ISBI 2012 challenge: Arganda-Carreras et al., Front. Neuroanat. 2015": "10.3389/fnana.2015.00142",
 }
 HALO = tiling.CONTEXT
+# tf2onnx's default opset: every onnxruntime since 1.10 (2021) runs it, older than the runtimes
+# that ilastik and deepImageJ ship (docs/using-the-net.md).
+ONNX_OPSET = 15
 # bioimage.io's test of a written package, run in a fresh process (tested_in_a_fresh_process):
 # argv[1] the package, argv[2] where its summary goes as JSON.
 PACKAGE_TEST = """
@@ -236,6 +239,7 @@ def model_description(args, config, files, scaling, shape, scores, slice_index):
             tensorflow_saved_model_bundle=v0_5.TensorflowSavedModelBundleWeightsDescr(
                 source=files["tf-saved-model.zip"], tensorflow_version=v0_5.Version(tf.__version__), parent="keras_v3"
             ),
+            onnx=v0_5.OnnxWeightsDescr(source=files["unet.onnx"], opset_version=ONNX_OPSET, parent="keras_v3"),
         ),
         training_data=None,
         config={
@@ -263,6 +267,19 @@ def saved_model(model, path):
         input_signature=[tf.TensorSpec((None, None, None, 1), tf.float32)],
     )
     archive.write_out(str(path), verbose=False)
+
+
+def onnx_model(model, path):
+    """The net as ONNX, batch and sides left open: an (N, H, W, 1) float32 batch named "image" in,
+    the cell probability out."""
+    import tensorflow as tf
+
+    # A loaded model has never been called, so Keras cannot infer the signature itself.
+    signature = [tf.TensorSpec((None, None, None, 1), tf.float32, name="image")]
+    with warnings.catch_warnings():
+        # Keras' patch of tf2onnx for NumPy 2 asks NumPy for np.object, which warns.
+        warnings.filterwarnings("ignore", "In the future `np.object`", FutureWarning)
+        model.export(str(path), format="onnx", input_signature=signature, opset_version=ONNX_OPSET, verbose=False)
 
 
 def first_failure(summary):
@@ -334,6 +351,7 @@ def export(args):
             for name in (
                 "unet.keras",
                 "tf-saved-model.zip",
+                "unet.onnx",
                 "test-input.npy",
                 "test-output.npy",
                 "cover.png",
@@ -343,6 +361,7 @@ def export(args):
         model.save(written["unet.keras"])
         saved_model(model, Path(folder) / "tf-saved-model")
         shutil.make_archive(str(written["tf-saved-model.zip"].with_suffix("")), "zip", Path(folder) / "tf-saved-model")
+        onnx_model(model, written["unet.onnx"])
         np.save(written["test-input.npy"], test_input)
         np.save(written["test-output.npy"], test_output)
         skimage.io.imsave(
@@ -357,8 +376,8 @@ def export(args):
         with files.replaced_atomically(args.output) as temporary:
             shutil.copyfile(package, temporary)
     print(
-        f"wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MiB): float32 weights keras_v3 and "
-        f"tensorflow_saved_model_bundle, test slice "
+        f"wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MiB): float32 weights keras_v3, "
+        f"tensorflow_saved_model_bundle and onnx, test slice "
         f"{indices[shown]}, validation V_rand {scores['v_rand']:.4f}, V_info {scores['v_info']:.4f}, pixel error "
         f"{scores['pixel_error']:.4f}; bioimage.io's test passed"
     )

@@ -3,6 +3,7 @@
     python predict.py logs/bce_lr1e-4 data/isbi2012/test-volume.tif -o probs.tif
     python predict.py logs/bce_lr1e-4/best.keras data/isbi2012/train-volume.tif -o train-probs.tif \\
         --labels data/isbi2012/train-labels.tif --tta
+    python predict.py models/bce_lr1e-4.zip data/isbi2012/test-volume.tif -o probs.tif
 
 Writes a float32 multi-page TIFF, one page per input slice, cells high and membranes low (the
 challenge's submission polarity). Slices of any size work: one that fits in a --tile is predicted
@@ -13,7 +14,9 @@ flips and rotations. With --labels it also prints the challenge's V_rand, V_info
 Grey values are scaled to [0, 1] as the run's training scaled them (its config.json's
 `image_scaling`); a stack whose own rule (tiffs.ImageScaling) differs, e.g. a float32 or 16-bit
 copy of 8-bit training data, is refused unless --scaling says which to apply; a checkpoint outside
-a run directory scales the stack by its own values. Everything is checked before TensorFlow loads.
+a run directory scales the stack by its own values. A bioimage.io package (export.py's, or one that
+fits: bioimage_package.py) brings its own preprocessing and weights, ONNX first. Everything is
+checked before TensorFlow loads.
 """
 
 import argparse
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+import bioimage_package
 import cli
 import data
 import files
@@ -110,7 +114,9 @@ def build_parser():
         "predict.py", "Write the cell probabilities of a TIFF stack predicted by a trained U-Net."
     )
     parser.add_argument(
-        "model", type=Path, help="run directory of train.py (uses its best.keras) or a .keras checkpoint"
+        "model",
+        type=Path,
+        help="run directory of train.py (uses its best.keras), a .keras checkpoint or a bioimage.io package (.zip)",
     )
     parser.add_argument("images", type=Path, help="multi-page TIFF of grey slices, e.g. data/isbi2012/test-volume.tif")
     parser.add_argument("-o", "--output", type=Path, required=True, help="the float32 multi-page TIFF to write")
@@ -140,15 +146,40 @@ def build_parser():
     return parser
 
 
+def run_input(args):
+    """For a run's net: (the stack scaled as the run's training data, that rule in words, its loader)."""
+    checkpoint = checkpoint_path(args.model)
+    stack = tiffs.read_stack(args.images)
+    scaling = input_scaling(run_scaling(checkpoint), tiffs.ImageScaling.of(stack, args.images), args)
+    return scaling.apply(stack), f"grey values: {scaling.rule}", lambda: load_model(checkpoint)
+
+
+def packaged_input(args):
+    """For a bioimage.io package: (the stack's stored values, which weights and preprocessing in
+    words, its loader); the package scales them itself."""
+    if args.scaling:
+        raise PredictError(
+            f"--scaling {args.scaling} is for a run's net: {args.model} scales grey values by its own "
+            "preprocessing; drop --scaling"
+        )
+    description = bioimage_package.read(args.model, args.tile)
+    images = tiffs.read_stack(args.images).astype(np.float32)
+    how = (
+        f"the package's {bioimage_package.weights_format(description)} weights, grey values by its preprocessing "
+        f"({bioimage_package.preprocessing(description)})"
+    )
+    return images, how, lambda: bioimage_package.PackagedNet(description)
+
+
 def run(args):
     if args.output.exists() and not args.overwrite:
         raise PredictError(f"{args.output} exists: choose another -o or add --overwrite")
     if why := files.why_not_writable(args.output):
         raise PredictError(f"cannot write {args.output} ({why}): choose another -o")
-    checkpoint = checkpoint_path(args.model)
-    stack = tiffs.read_stack(args.images)
-    scaling = input_scaling(run_scaling(checkpoint), tiffs.ImageScaling.of(stack, args.images), args)
-    images = scaling.apply(stack)
+    if bioimage_package.is_package(args.model):
+        images, how, load = packaged_input(args)
+    else:
+        images, how, load = run_input(args)
     labels = None
     if args.labels is not None:
         label_stack = tiffs.read_stack(args.labels)
@@ -163,11 +194,11 @@ def run(args):
     import metrics
     from progress import Counter
 
-    model = load_model(checkpoint)
+    model = load()
     print(
         f"predicting {len(images)} slices of {images.shape[1]}x{images.shape[2]}"
         + (" with 8-fold test-time augmentation" if args.tta else "")
-        + f"; grey values: {scaling.rule}"
+        + f"; {how}"
     )
     probabilities = tiling.predict_stack(model, images, args.tile, args.tta, progress=Counter(len(images), "slice"))
     data.write_stack_atomically(args.output, probabilities, fix="free some space or choose another -o")

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from bioimageio.spec import load_model_description
 
+import bioimage_package
 import export
 import predict
 import rundir
 import tiffs
 import tiling
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, write_stack
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +42,18 @@ def test_the_package_passes_bioimageio_cores_own_test(package, tmp_path, monkeyp
             "test-output.npy",
             "tf-saved-model.zip",
             "unet.keras",
+            "unet.onnx",
         ]
     description = load_model_description(package)
     assert description.format_version.startswith("0.5")
-    assert description.weights.keras_v3 is not None and description.weights.tensorflow_saved_model_bundle is not None
+    weights = description.weights
+    assert weights.keras_v3 is not None and weights.tensorflow_saved_model_bundle.parent == "keras_v3"
+    assert (weights.onnx.opset_version, weights.onnx.parent) == (export.ONNX_OPSET, "keras_v3")
+    assert {detail.loc[1] for detail in summary.details if detail.loc[:1] == ("weights",)} == {
+        "keras_v3",
+        "tensorflow_saved_model_bundle",
+        "onnx",
+    }
     assert [author.name for author in description.authors] == ["A. Tester"]
     assert {str(cite.doi) for cite in description.cite} == set(export.CITATIONS.values())
     (input_tensor,), (output_tensor,) = description.inputs, description.outputs
@@ -67,6 +76,160 @@ def test_the_test_output_is_predict_pys_prediction_of_that_slice(package, two_ru
     model = predict.load_model(run_dir / rundir.BEST)
     expected = tiling.predict_slice(model, scaling.apply(stack[15]))
     np.testing.assert_allclose(test_output[0, 32 : 32 + 512, 32 : 32 + 512, 0], expected, atol=1e-5)
+
+
+def test_the_onnx_weights_in_onnxruntime_give_predict_pys_prediction(package, two_run_logdir):
+    """As ilastik and deepImageJ run them: the package's preprocessing, then the ONNX graph, on the
+    test slice with its context and on a batch of another size."""
+    import onnxruntime
+
+    with zipfile.ZipFile(package) as archive:
+        test_input = np.load(archive.open("test-input.npy"))
+        session = onnxruntime.InferenceSession(archive.read("unet.onnx"), providers=["CPUExecutionProvider"])
+    (onnx_input,) = session.get_inputs()
+    checkpoint = two_run_logdir / "bce_lr1e-3" / rundir.BEST
+    scaled = predict.run_scaling(checkpoint).apply(test_input[..., 0])
+    model = predict.load_model(checkpoint)
+    (onnx_output,) = session.run(None, {onnx_input.name: scaled[..., np.newaxis]})
+    expected = tiling.predict_slice(model, scaled[0, 32 : 32 + 512, 32 : 32 + 512])
+    np.testing.assert_allclose(onnx_output[0, 32 : 32 + 512, 32 : 32 + 512, 0], expected, atol=1e-4)
+    other = np.random.default_rng(0).random((2, 96, 160, 1), np.float32)
+    (onnx_output,) = session.run(None, {onnx_input.name: other})
+    np.testing.assert_allclose(onnx_output, model.predict_on_batch(other), atol=1e-4)
+
+
+def test_predict_py_with_the_package_prints_the_scores_it_prints_with_the_run(
+    package, two_run_logdir, isbi_dir, tmp_path, capsys
+):
+    # Four slices of the training stack and their masks: the scores of 30 take seconds more to the same end.
+    stacks = [
+        str(write_stack(tmp_path / name, tiffs.read_stack(isbi_dir / name)[13:17]))
+        for name in ("train-volume.tif", "train-labels.tif")
+    ]
+    arguments = [stacks[0], "--labels", stacks[1]]
+    assert predict.main([str(two_run_logdir / "bce_lr1e-3"), *arguments, "-o", str(tmp_path / "run.tif")]) == 0
+    with_run = capsys.readouterr().out.splitlines()
+    assert predict.main([str(package), *arguments, "-o", str(tmp_path / "package.tif")]) == 0
+    with_package = capsys.readouterr().out.splitlines()
+    assert with_package[0] == (
+        "predicting 4 slices of 512x512; the package's onnx weights, grey values by its preprocessing "
+        "(scale_linear, clip)"
+    )
+    assert with_package[-1] == with_run[-1] and with_run[-1].startswith("V_rand ")
+    np.testing.assert_allclose(
+        tiffs.read_stack(tmp_path / "package.tif"), tiffs.read_stack(tmp_path / "run.tif"), atol=1e-4
+    )
+
+
+def test_the_packaged_net_predicts_tiles_as_the_runs_net(package, two_run_logdir, isbi_dir):
+    """In overlapping tiles of 256 (each keeps 32 pixels of its border, the package's halo), with
+    the package's preprocessing on the stored values."""
+    net = bioimage_package.PackagedNet(bioimage_package.read(package, 256))
+    checkpoint = two_run_logdir / "bce_lr1e-3" / rundir.BEST
+    stored = tiffs.read_stack(isbi_dir / "train-volume.tif")[15]
+    expected = tiling.predict_slice(predict.load_model(checkpoint), predict.run_scaling(checkpoint).apply(stored), 256)
+    np.testing.assert_allclose(tiling.predict_slice(net, stored.astype(np.float32), 256), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--tile", "128"],
+            "does not fit predict.py: --tile 128 keeps 16 pixels of a tile's border, less than its "
+            "halo of 32: use --tile 256 or more",
+        ),
+        (["--scaling", "own"], "--scaling own is for a run's net: "),
+    ],
+)
+def test_predict_py_refuses_flags_the_package_cannot_take(package, isbi_dir, tmp_path, flags, message, capsys):
+    output = tmp_path / "p.tif"
+    assert predict.main([str(package), str(isbi_dir / "test-volume.tif"), "-o", str(output), *flags]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("predict.py: error: ") and message in error and error.count("\n") == 1, error
+    assert not output.exists()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ({"unet.onnx": b"half a file"}, "is no valid bioimage.io package (weights.onnx: Value error, SHA256 mismatch"),
+        ({"rdf.yaml": b"inputs: [unclosed"}, "is no readable bioimage.io package (ParserError: "),
+    ],
+)
+def test_a_damaged_package_is_refused_in_one_line(package, isbi_dir, tmp_path, damage, message, capsys):
+    damaged = tmp_path / "damaged.zip"
+    with zipfile.ZipFile(package) as original, zipfile.ZipFile(damaged, "w") as copy:
+        for name in original.namelist():
+            copy.writestr(name, damage.get(name, original.read(name)))
+    output = tmp_path / "p.tif"
+    assert predict.main([str(damaged), str(isbi_dir / "test-volume.tif"), "-o", str(output)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"predict.py: error: {damaged} ") and message in error and error.count("\n") == 1, error
+    assert not output.exists()
+
+
+def other_axes(tensor, *axes):
+    return tensor.model_copy(update={"axes": list(axes)})
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        (
+            lambda d, v: {"inputs": [d.inputs[0]] * 2},
+            "it has 2 inputs and 1 outputs; predict.py needs one grey 2D input",
+        ),
+        (
+            lambda d, v: {"inputs": [other_axes(d.inputs[0], *d.inputs[0].axes[:3], v.SpaceInputAxis(id="z", size=8))]},
+            "image has axes batch, y, x, z; predict.py needs",
+        ),
+        (
+            lambda d, v: {"inputs": [other_axes(d.inputs[0], *d.inputs[0].axes[1:])]},
+            "image has axes y, x, channel; predict.py needs",
+        ),
+        (
+            lambda d, v: {
+                "outputs": [
+                    other_axes(d.outputs[0], *d.outputs[0].axes[:3], v.ChannelAxis(channel_names=["cell", "membrane"]))
+                ]
+            },
+            "cell_probability has 2 channels; predict.py needs",
+        ),
+        (
+            lambda d, v: {
+                "inputs": [
+                    other_axes(
+                        d.inputs[0],
+                        d.inputs[0].axes[0],
+                        v.SpaceInputAxis(id="y", size=512),
+                        *d.inputs[0].axes[2:],
+                    )
+                ]
+            },
+            "its input's y size rule is 512; predict.py gives sides that are multiples of 16, from 80 pixels",
+        ),
+        (
+            lambda d, v: {
+                "outputs": [
+                    other_axes(
+                        d.outputs[0],
+                        d.outputs[0].axes[0],
+                        d.outputs[0].axes[1].model_copy(update={"halo": 48}),
+                        *d.outputs[0].axes[2:],
+                    )
+                ]
+            },
+            "its output's halo is 48 pixels; predict.py gives a slice 32 pixels of context",
+        ),
+    ],
+)
+def test_a_package_that_does_not_fit_predict_pys_tiling_is_told_why(package, change, why):
+    from bioimageio.spec.model import v0_5
+
+    description = load_model_description(package)
+    assert bioimage_package.misfit(description, 1024) is None
+    assert why in bioimage_package.misfit(description.model_copy(update=change(description, v0_5)), 1024)
 
 
 def test_an_existing_package_is_kept(package, two_run_logdir, capsys):
