@@ -1,8 +1,12 @@
-"""A bioimage.io model package as a net that predict.py tiles: read with bioimageio.spec, checked to
-fit predict.py's tiling (one grey 2D input, one probability map of the same size out, a size rule
-and halo that the tiles keep), and run with the package's own preprocessing and weights through
-bioimageio.core. A package of export.py fits; one from elsewhere that does not is refused in one
-line saying what predict.py needs.
+"""A bioimage.io model package as a net that predict.py tiles: read and validated with
+bioimageio.spec, checked to fit predict.py's tiling (one grey 2D input; one cell probability map
+of its size out; a size rule, batch and halo that the tiles keep), and run through
+bioimageio.core with the package's own preprocessing and weights. A package of export.py fits;
+one from elsewhere that does not is refused in one line saying what predict.py needs.
+
+The preprocessing runs on whole slices before tiling, its dataset statistics (if it has any)
+computed once over the stack: computed on each tile, a tile's mirrored context would change them,
+and a slice's probabilities would depend on the slices predicted before it.
 """
 
 import zipfile
@@ -13,12 +17,13 @@ import cli
 import tiling
 from settings import MULTIPLE
 
-# ONNX first: the weights that ilastik and Fiji run, so that predict.py shows what they show.
+# Tried in this order, the first that loads is used: ONNX first, the weights that ilastik and Fiji
+# run, so that predict.py shows what they show.
 WEIGHTS_ORDER = ("onnx", "keras_v3", "tensorflow_saved_model_bundle", "torchscript", "pytorch_state_dict")
 NEEDS = "predict.py needs one grey 2D input (axes batch, y, x, and at most one channel) and one output of its size"
-# The smallest input predict.py gives the net: a small slice with its mirrored context, sides
-# rounded up to a multiple of 16.
-SMALLEST_INPUT = 2 * tiling.CONTEXT + MULTIPLE
+# Names of an output that is not the probability of cell (predict.py's TIFF and scores are cells high).
+NOT_CELLS = ("membrane", "boundar", "border", "edge", "background")
+DESCRIPTION_NAMES = ("rdf.yaml", "bioimageio.yaml")  # bioimage.io's, also as <name>.bioimageio.yaml
 
 
 class PackageError(cli.InputError):
@@ -26,16 +31,20 @@ class PackageError(cli.InputError):
 
 
 def is_package(path):
-    """Whether `path` is a bioimage.io package: a zip holding an rdf.yaml (a .keras file is a zip too)."""
-    if not (path.is_file() and zipfile.is_zipfile(path)):
+    """Whether `path` is a zip holding a bioimage.io description (a .keras file is a zip too)."""
+    try:
+        if not (path.is_file() and zipfile.is_zipfile(path)):
+            return False
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):  # a damaged zip: the Keras loader says what it is
         return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name in ("rdf.yaml", "bioimageio.yaml") for name in archive.namelist())
+    return any(name == known or name.endswith(f".{known}") for name in names for known in DESCRIPTION_NAMES)
 
 
 def read(path, tile):
-    """The package's model description, checked (its files' SHA-256 included) to fit predict.py's
-    tiling with `tile`."""
+    """The package's model description, validated (its files' SHA-256 included) and checked to fit
+    predict.py's tiling with `tile`."""
     from bioimageio.spec import InvalidDescr, load_description
 
     try:
@@ -48,7 +57,7 @@ def read(path, tile):
     if isinstance(description, InvalidDescr):
         errors = [error for detail in description.validation_summary.details for error in detail.errors]
         where = ".".join(str(part) for part in errors[0].loc) if errors else ""
-        reason = f"{where}: {errors[0].msg}" if errors else "invalid"
+        reason = ": ".join(part for part in (where, errors[0].msg if errors else "invalid") if part)
         raise PackageError(
             f"{path} is no valid bioimage.io package ({one_line(reason)}): give a package that bioimageio validates"
         )
@@ -56,7 +65,6 @@ def read(path, tile):
         raise PackageError(f"{path} describes a {description.type}, not a model: give a model package")
     if why := misfit(description, tile):
         raise PackageError(f"{path} does not fit predict.py: {why}")
-    weights_format(description)
     return description
 
 
@@ -79,24 +87,39 @@ def misfit(description, tile):
     for tensor in (image, output):
         kinds = [axis.type for axis in tensor.axes]
         spatial = sorted(str(axis.id) for axis in tensor.axes if axis.type == "space")
-        if spatial != ["x", "y"] or sorted(kind for kind in kinds if kind != "space") not in (
-            ["batch"],
-            ["batch", "channel"],
-        ):
+        others = sorted(kind for kind in kinds if kind != "space")
+        if spatial != ["x", "y"] or others not in (["batch"], ["batch", "channel"]):
             return f"{tensor.id} has axes {', '.join(str(axis.id) for axis in tensor.axes)}; {NEEDS}"
         if (channels := [axis.size for axis in tensor.axes if axis.type == "channel"]) and channels[0] != 1:
             return f"{tensor.id} has {channels[0]} channels; {NEEDS}"
-    sides = {str(axis.id): axis for axis in image.axes if str(axis.id) in ("y", "x")}
+    names = output_names(output)
+    if any(word in name.lower() for name in names for word in NOT_CELLS):
+        return (
+            f"its output ({', '.join(names)}) is not the probability of cell: predict.py writes and scores the "
+            "probability of cell, cells high"
+        )
+    value_range = getattr(output.data, "range", None) or (None, None)
+    if None in value_range or value_range[0] < 0 or value_range[1] > 1:
+        return (
+            f"its output's values are not declared within [0, 1] (range {value_range}): predict.py writes and "
+            "scores probabilities"
+        )
+    sides = {str(axis.id): axis for axis in image.axes if axis.type == "space"}
     for axis in sides.values():
         size = axis.size
-        if not hasattr(size, "step") or MULTIPLE % size.step or size.min % size.step or size.min > SMALLEST_INPUT:
+        if (
+            not hasattr(size, "step")
+            or MULTIPLE % size.step
+            or size.min % size.step
+            or size.min > tiling.SMALLEST_INPUT
+        ):
             return (
                 f"its input's {axis.id} size rule is {size}; predict.py gives sides that are multiples of "
-                f"{MULTIPLE}, from {SMALLEST_INPUT} pixels"
+                f"{MULTIPLE}, from {tiling.SMALLEST_INPUT} pixels"
             )
     halo = 0
     for axis in output.axes:
-        if str(axis.id) in sides:
+        if axis.type == "space":
             reference = axis.size
             if getattr(reference, "tensor_id", None) != image.id or str(reference.axis_id) != str(axis.id):
                 return f"its output's {axis.id} size is {reference}, not its input's; {NEEDS}"
@@ -108,24 +131,21 @@ def misfit(description, tile):
         return f"its input's sides are {smallest} pixels or more: use --tile {smallest} or more"
     if halo > tiling.CONTEXT:
         return f"its output's halo is {halo} pixels; predict.py gives a slice {tiling.CONTEXT} pixels of context"
-    if tile // 8 < halo:
+    if tiling.margin(tile) < halo:
         enough = tiling.round_up(8 * halo, MULTIPLE)
         return (
-            f"--tile {tile} keeps {tile // 8} pixels of a tile's border, less than its halo of {halo}: "
+            f"--tile {tile} keeps {tiling.margin(tile)} pixels of a tile's border, less than its halo of {halo}: "
             f"use --tile {enough} or more"
         )
     return None
 
 
-def weights_format(description):
-    """The weights predict.py runs: the first of WEIGHTS_ORDER that the package holds."""
-    present = [name for name in WEIGHTS_ORDER if getattr(description.weights, name, None) is not None]
-    if not present:
-        formats = ", ".join(name for name, entry in description.weights if entry is not None)
-        raise PackageError(
-            f"the package's weights ({formats}) are none that predict.py runs ({', '.join(WEIGHTS_ORDER)})"
-        )
-    return present[0]
+def output_names(output):
+    """The output tensor's id and its channel's name, as the package names them."""
+    return [
+        str(output.id),
+        *(str(name) for axis in output.axes if axis.type == "channel" for name in axis.channel_names),
+    ]
 
 
 def preprocessing(description):
@@ -134,43 +154,87 @@ def preprocessing(description):
     return ", ".join(steps) or "none"
 
 
-class PackagedNet:
-    """The package's preprocessing and weights, called as tiling calls a Keras model: (N, H, W, 1)
-    stored grey values in, (N, H, W, 1) float32 out. Padding and cropping stay tiling's."""
+def loaded_weights(description):
+    """(format, bioimageio.core's model adapter) of the first weights in WEIGHTS_ORDER that load."""
+    from bioimageio.core.backends import create_model_adapter
 
-    def __init__(self, description):
+    present = [name for name in WEIGHTS_ORDER if getattr(description.weights, name, None) is not None]
+    failures = []
+    for weights in present:
+        try:
+            return weights, create_model_adapter(description, weight_format_priority_order=(weights,))
+        except Exception as error:  # each backend raises its own types for weights it cannot load
+            failures.append(f"{weights}: {described(error)}")
+    held = ", ".join(name for name, entry in description.weights if entry is not None)
+    raise PackageError(
+        f"none of the package's weights ({held}) runs here ({'; '.join(failures) or 'none that predict.py runs'}): "
+        "install what they need, or give a package with other weights"
+    )
+
+
+class PackagedNet:
+    """The package's weights, called as tiling calls a Keras model: (N, H, W, 1) preprocessed
+    values in, (N, H, W, 1) float32 cell probability out; `preprocessed` prepares whole slices.
+    Padding and cropping stay tiling's."""
+
+    def __init__(self, description, images):
         from bioimageio.core import create_prediction_pipeline
 
-        self.weights = weights_format(description)
-        try:
-            self.pipeline = create_prediction_pipeline(description, weights_format=self.weights)
-        except Exception as error:  # each backend raises its own types for weights it cannot load
-            raise PackageError(
-                f"the package's {self.weights} weights cannot run here ({described(error)}): "
-                "install what they need, or give a package with other weights"
-            ) from None
         (image,), (output,) = description.inputs, description.outputs
         self.input_id, self.output_id = image.id, output.id
         self.input_dims, self.output_dims = dims(image), dims(output)
+        self.batch_size = next(axis.size for axis in image.axes if axis.type == "batch")  # None: any
+        self.weights, adapter = loaded_weights(description)
+        names = output_names(output)
+        self.output_names = names[0] + (f" ({', '.join(names[1:])})" if names[1:] else "")
+        self.pipeline = create_prediction_pipeline(
+            description,
+            model_adapter=adapter,
+            dataset_for_initial_statistics=(self.sample(slice_[np.newaxis, ..., np.newaxis]) for slice_ in images),
+        )
 
-    def predict_on_batch(self, tiles):
+    def sample(self, batch):
         from bioimageio.core import Sample, Tensor
 
-        tiles = np.asarray(tiles, np.float32)
+        batch = np.asarray(batch, np.float32)
         if len(self.input_dims) == 3:  # no channel axis
-            tiles = tiles[..., 0]
-        sample = Sample(members={self.input_id: Tensor.from_numpy(tiles, dims=self.input_dims)}, stat={}, id=None)
-        output = self.pipeline.predict_sample_without_blocking(
-            sample, skip_input_padding=True, skip_output_cropping=True
-        ).members[self.output_id]
+            batch = batch[..., 0]
+        return Sample(members={self.input_id: Tensor.from_numpy(batch, dims=self.input_dims)}, stat={}, id=None)
+
+    def preprocessed(self, images):
+        """(pages, H, W) stored grey values -> float32 as the package's preprocessing makes them, each
+        slice a sample of its own (per-sample statistics are a slice's, not a tile's)."""
+        prepared = np.empty(images.shape, np.float32)
+        for index, image in enumerate(images):
+            sample = self.sample(image[np.newaxis, ..., np.newaxis])
+            self.pipeline.apply_preprocessing(sample)
+            values = sample.members[self.input_id].transpose(self.input_dims).data.values
+            prepared[index] = values.reshape(images.shape[1:])
+        return prepared
+
+    def predict_on_batch(self, tiles):
+        groups = [tiles] if self.batch_size is None else [tiles[i : i + 1] for i in range(len(tiles))]
+        return np.concatenate([self.predicted(group) for group in groups])
+
+    def predicted(self, tiles):
+        try:
+            output = self.pipeline.predict_sample_without_blocking(
+                self.sample(tiles), skip_preprocessing=True, skip_input_padding=True, skip_output_cropping=True
+            ).members[self.output_id]
+        except Exception as error:  # the backend's own errors, e.g. a shape its graph does not take
+            raise PackageError(
+                f"the package's {self.weights} weights failed on {len(tiles)} tiles of "
+                f"{tiles.shape[1]}x{tiles.shape[2]} ({described(error)}): the package does not run as its "
+                "description says"
+            ) from None
         probabilities = output.transpose(self.output_dims).data.values.astype(np.float32)
         return probabilities if len(self.output_dims) == 4 else probabilities[..., np.newaxis]
 
 
 def dims(tensor):
     """A tensor's axis ids in predict.py's order: batch, y, x, then its channel axis if it has one."""
-    kind_order = {"batch": 0, "channel": 3}
+    place = {"batch": 0, "channel": 3}
     return [
         str(axis.id)
-        for axis in sorted(tensor.axes, key=lambda axis: kind_order.get(axis.type, {"y": 1, "x": 2}.get(str(axis.id))))
+        for axis in sorted(tensor.axes, key=lambda axis: place.get(axis.type, {"y": 1, "x": 2}.get(str(axis.id))))
     ]

@@ -201,7 +201,7 @@ def model_description(args, config, files, scaling, shape, scores, slice_index):
                     v0_5.BatchAxis(),
                     *(
                         v0_5.SpaceInputAxis(
-                            id=axis, size=v0_5.ParameterizedSize(min=2 * HALO + MULTIPLE, step=MULTIPLE)
+                            id=axis, size=v0_5.ParameterizedSize(min=tiling.SMALLEST_INPUT, step=MULTIPLE)
                         )
                         for axis in spatial
                     ),

@@ -147,28 +147,34 @@ def build_parser():
 
 
 def run_input(args):
-    """For a run's net: (the stack scaled as the run's training data, that rule in words, its loader)."""
+    """For a run's net: (the stack, a loader of (net, the stack scaled as the run's training data,
+    that rule in words))."""
     checkpoint = checkpoint_path(args.model)
     stack = tiffs.read_stack(args.images)
     scaling = input_scaling(run_scaling(checkpoint), tiffs.ImageScaling.of(stack, args.images), args)
-    return scaling.apply(stack), f"grey values: {scaling.rule}", lambda: load_model(checkpoint)
+    return stack, lambda: (load_model(checkpoint), scaling.apply(stack), f"grey values: {scaling.rule}")
 
 
 def packaged_input(args):
-    """For a bioimage.io package: (the stack's stored values, which weights and preprocessing in
-    words, its loader); the package scales them itself."""
+    """For a bioimage.io package: (the stack, a loader of (net, the stack as the package's
+    preprocessing makes it, which weights and preprocessing in words))."""
     if args.scaling:
         raise PredictError(
             f"--scaling {args.scaling} is for a run's net: {args.model} scales grey values by its own "
             "preprocessing; drop --scaling"
         )
     description = bioimage_package.read(args.model, args.tile)
-    images = tiffs.read_stack(args.images).astype(np.float32)
-    how = (
-        f"the package's {bioimage_package.weights_format(description)} weights, grey values by its preprocessing "
-        f"({bioimage_package.preprocessing(description)})"
-    )
-    return images, how, lambda: bioimage_package.PackagedNet(description)
+    stack = tiffs.read_stack(args.images)
+
+    def load():
+        net = bioimage_package.PackagedNet(description, stack)
+        how = (
+            f"the package's {net.weights} weights, output {net.output_names}, grey values by its preprocessing "
+            f"({bioimage_package.preprocessing(description)})"
+        )
+        return net, net.preprocessed(stack), how
+
+    return stack, load
 
 
 def run(args):
@@ -176,16 +182,13 @@ def run(args):
         raise PredictError(f"{args.output} exists: choose another -o or add --overwrite")
     if why := files.why_not_writable(args.output):
         raise PredictError(f"cannot write {args.output} ({why}): choose another -o")
-    if bioimage_package.is_package(args.model):
-        images, how, load = packaged_input(args)
-    else:
-        images, how, load = run_input(args)
+    stack, load = (packaged_input if bioimage_package.is_package(args.model) else run_input)(args)
     labels = None
     if args.labels is not None:
         label_stack = tiffs.read_stack(args.labels)
-        if label_stack.shape != images.shape:
+        if label_stack.shape != stack.shape:
             raise PredictError(
-                f"{args.labels} holds {label_stack.shape} masks but {args.images} holds {images.shape} "
+                f"{args.labels} holds {label_stack.shape} masks but {args.images} holds {stack.shape} "
                 "slices: give the masks of the same slices"
             )
         labels = (label_stack == tiffs.cell_value(label_stack, args.labels, args.labels_polarity)[0]).astype(np.uint8)
@@ -194,7 +197,7 @@ def run(args):
     import metrics
     from progress import Counter
 
-    model = load()
+    model, images, how = load()
     print(
         f"predicting {len(images)} slices of {images.shape[1]}x{images.shape[2]}"
         + (" with 8-fold test-time augmentation" if args.tta else "")

@@ -13,6 +13,8 @@ from settings import MULTIPLE
 # 1024 takes a 512x512 ISBI slice whole; f=64 needs about 3 GB for it.
 DEFAULT_TILE = 1024
 CONTEXT = 32  # mirrored pixels around a slice predicted whole
+# The smallest input the net is given: a small slice with its context, sides rounded up to a multiple.
+SMALLEST_INPUT = 2 * CONTEXT + MULTIPLE
 TILE_BATCH = 4
 
 
@@ -35,6 +37,11 @@ def with_context(image):
     return np.pad(image, ((CONTEXT, bottom), (CONTEXT, right)), mode="reflect")
 
 
+def margin(tile):
+    """The border of a tile that is discarded: each pixel kept saw at least this much context."""
+    return tile // 8
+
+
 def predict_slice(model, image, tile=DEFAULT_TILE):
     """(H, W) float32 cell probability of one slice of any size.
 
@@ -49,10 +56,10 @@ def predict_slice(model, image, tile=DEFAULT_TILE):
         return predict_batch(model, with_context(image)[np.newaxis])[
             0, CONTEXT : CONTEXT + height, CONTEXT : CONTEXT + width
         ]
-    margin = tile // 8
-    core = tile - 2 * margin
+    border = margin(tile)
+    core = tile - 2 * border
     rows, columns = round_up(height, core), round_up(width, core)
-    padded = np.pad(image, ((margin, rows - height + margin), (margin, columns - width + margin)), mode="reflect")
+    padded = np.pad(image, ((border, rows - height + border), (border, columns - width + border)), mode="reflect")
     corners = [(top, left) for top in range(0, rows, core) for left in range(0, columns, core)]
     probabilities = np.empty((rows, columns), np.float32)
     for start in range(0, len(corners), TILE_BATCH):
@@ -60,7 +67,7 @@ def predict_slice(model, image, tile=DEFAULT_TILE):
         tiles = predict_batch(model, np.stack([padded[top : top + tile, left : left + tile] for top, left in batch]))
         for (top, left), tile_probabilities in zip(batch, tiles, strict=True):
             probabilities[top : top + core, left : left + core] = tile_probabilities[
-                margin : margin + core, margin : margin + core
+                border : border + core, border : border + core
             ]
     return probabilities[:height, :width]
 

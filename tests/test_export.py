@@ -1,6 +1,8 @@
 """export.py: a run's net as a bioimage.io model package that the model zoo's own test accepts."""
 
+import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -112,10 +114,11 @@ def test_predict_py_with_the_package_prints_the_scores_it_prints_with_the_run(
     assert predict.main([str(package), *arguments, "-o", str(tmp_path / "package.tif")]) == 0
     with_package = capsys.readouterr().out.splitlines()
     assert with_package[0] == (
-        "predicting 4 slices of 512x512; the package's onnx weights, grey values by its preprocessing "
-        "(scale_linear, clip)"
+        "predicting 4 slices of 512x512; the package's onnx weights, output cell_probability (cell), grey values "
+        "by its preprocessing (scale_linear, clip)"
     )
-    assert with_package[-1] == with_run[-1] and with_run[-1].startswith("V_rand ")
+    scores = [[float(number) for number in re.findall(r"\d\.\d{4}", out[-1])] for out in (with_run, with_package)]
+    assert with_run[-1].startswith("V_rand ") and scores[1] == pytest.approx(scores[0], abs=2e-4)
     np.testing.assert_allclose(
         tiffs.read_stack(tmp_path / "package.tif"), tiffs.read_stack(tmp_path / "run.tif"), atol=1e-4
     )
@@ -124,11 +127,13 @@ def test_predict_py_with_the_package_prints_the_scores_it_prints_with_the_run(
 def test_the_packaged_net_predicts_tiles_as_the_runs_net(package, two_run_logdir, isbi_dir):
     """In overlapping tiles of 256 (each keeps 32 pixels of its border, the package's halo), with
     the package's preprocessing on the stored values."""
-    net = bioimage_package.PackagedNet(bioimage_package.read(package, 256))
+    stored = tiffs.read_stack(isbi_dir / "train-volume.tif")[15:16]
+    net = bioimage_package.PackagedNet(bioimage_package.read(package, 256), stored)
     checkpoint = two_run_logdir / "bce_lr1e-3" / rundir.BEST
-    stored = tiffs.read_stack(isbi_dir / "train-volume.tif")[15]
-    expected = tiling.predict_slice(predict.load_model(checkpoint), predict.run_scaling(checkpoint).apply(stored), 256)
-    np.testing.assert_allclose(tiling.predict_slice(net, stored.astype(np.float32), 256), expected, atol=1e-4)
+    scaled = predict.run_scaling(checkpoint).apply(stored[0])
+    expected = tiling.predict_slice(predict.load_model(checkpoint), scaled, 256)
+    np.testing.assert_allclose(net.preprocessed(stored)[0], scaled, atol=1e-6)
+    np.testing.assert_allclose(tiling.predict_slice(net, net.preprocessed(stored)[0], 256), expected, atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -167,6 +172,86 @@ def test_a_damaged_package_is_refused_in_one_line(package, isbi_dir, tmp_path, d
     error = capsys.readouterr().err
     assert error.startswith(f"predict.py: error: {damaged} ") and message in error and error.count("\n") == 1, error
     assert not output.exists()
+
+
+def variant(package, path, rdf_edits=(), files=None):
+    """A copy of `package` at `path` with text replaced in its rdf.yaml and `files` replaced, their
+    SHA-256 in the rdf.yaml following."""
+    files = files or {}
+    with zipfile.ZipFile(package) as original, zipfile.ZipFile(path, "w") as copy:
+        rdf = original.read("rdf.yaml").decode()
+        for old, new in rdf_edits:
+            assert old in rdf, old
+            rdf = rdf.replace(old, new)
+        for name in original.namelist():
+            if name in files:
+                old_hash, new_hash = (hashlib.sha256(data).hexdigest() for data in (original.read(name), files[name]))
+                rdf = rdf.replace(old_hash, new_hash)
+            if name != "rdf.yaml":
+                copy.writestr(name, files.get(name, original.read(name)))
+        copy.writestr("rdf.yaml", rdf)
+    return path
+
+
+SCALING = """      - id: scale_linear
+        kwargs:
+          gain: 0.00392156862745098
+          offset: -0.0
+      - id: clip
+        kwargs:
+          min: 0.0
+          max: 1.0
+"""
+
+
+def test_a_packages_dataset_statistics_are_the_stacks_and_its_sample_statistics_a_slices(package, isbi_dir, tmp_path):
+    """zero_mean_unit_variance over the dataset (its default axes) and over each slice (y, x): not
+    over a tile with its mirrored context, and not changing with the slices predicted before."""
+    stack = tiffs.read_stack(isbi_dir / "train-volume.tif")[:4]
+    for axes, expected in (
+        ("", (stack - stack.mean()) / stack.std()),
+        ("\n        kwargs:\n          axes: [y, x]", None),
+    ):
+        normalised = variant(
+            package, tmp_path / "zmuv.zip", [(SCALING, f"      - id: zero_mean_unit_variance{axes}\n")]
+        )
+        net = bioimage_package.PackagedNet(bioimage_package.read(normalised, 1024), stack)
+        prepared = net.preprocessed(stack)
+        if expected is None:  # each slice by its own mean and spread
+            expected = (stack - stack.mean(axis=(1, 2), keepdims=True)) / stack.std(axis=(1, 2), keepdims=True)
+        np.testing.assert_allclose(prepared, expected, atol=1e-4)
+        np.testing.assert_array_equal(net.preprocessed(stack[::-1])[::-1], prepared)
+
+
+def test_a_package_whose_batch_is_one_tile_gets_one_tile_at_a_time(package, isbi_dir, tmp_path, capsys):
+    import onnx
+
+    with zipfile.ZipFile(package) as archive:
+        graph = onnx.load_from_string(archive.read("unet.onnx"))
+    for tensor in (*graph.graph.input, *graph.graph.output):
+        tensor.type.tensor_type.shape.dim[0].dim_value = 1  # onnxruntime refuses any other batch now
+    one_at_a_time = variant(
+        package,
+        tmp_path / "batch1.zip",
+        [("    axes:\n      - type: batch\n", "    axes:\n      - type: batch\n        size: 1\n")],
+        {"unet.onnx": graph.SerializeToString()},
+    )
+    stack = str(write_stack(tmp_path / "two.tif", tiffs.read_stack(isbi_dir / "train-volume.tif")[:2]))
+    for model, output in ((package, "any.tif"), (one_at_a_time, "one.tif")):  # 256: tiles, four to a batch
+        assert predict.main([str(model), stack, "-o", str(tmp_path / output), "--tile", "256"]) == 0
+    np.testing.assert_allclose(
+        tiffs.read_stack(tmp_path / "one.tif"), tiffs.read_stack(tmp_path / "any.tif"), atol=1e-5
+    )
+
+
+def test_a_damaged_keras_checkpoint_that_looks_like_a_zip_is_one_line(two_run_logdir, isbi_dir, tmp_path, capsys):
+    checkpoint = (two_run_logdir / "bce_lr1e-3" / rundir.BEST).read_bytes()
+    damaged = tmp_path / "damaged.keras"
+    damaged.write_bytes(checkpoint.replace(b"PK\x01\x02", b"XX\x01\x02", 1))  # the central directory, not its end
+    assert zipfile.is_zipfile(damaged)
+    assert predict.main([str(damaged), str(isbi_dir / "test-volume.tif"), "-o", str(tmp_path / "p.tif")]) == 2
+    error = capsys.readouterr().err
+    assert f"{damaged} is not a Keras model (BadZipFile" in error and error.count("\n") == 1, error
 
 
 def other_axes(tensor, *axes):
@@ -222,9 +307,19 @@ def other_axes(tensor, *axes):
             },
             "its output's halo is 48 pixels; predict.py gives a slice 32 pixels of context",
         ),
+        (
+            lambda d, v: {
+                "outputs": [other_axes(d.outputs[0], *d.outputs[0].axes[:3], v.ChannelAxis(channel_names=["membrane"]))]
+            },
+            "its output (cell_probability, membrane) is not the probability of cell",
+        ),
+        (
+            lambda d, v: {"outputs": [d.outputs[0].model_copy(update={"data": v.IntervalOrRatioDataDescr()})]},
+            "its output's values are not declared within [0, 1] (range (None, None))",
+        ),
     ],
 )
-def test_a_package_that_does_not_fit_predict_pys_tiling_is_told_why(package, change, why):
+def test_a_package_that_does_not_fit_predict_py_is_told_why(package, change, why):
     from bioimageio.spec.model import v0_5
 
     description = load_model_description(package)
@@ -358,3 +453,13 @@ def test_an_export_that_cannot_be_written_is_one_line_and_writes_nothing(
     error = capsys.readouterr().err
     assert error.startswith("export.py: error: ") and message in error and error.count("\n") == 1, error
     assert sorted(tmp_path.rglob("*")) == before and (tmp_path / "a-file").read_text() == "a file of the user's"
+
+
+def test_a_packages_axes_are_put_in_predict_pys_order(package):
+    from bioimageio.spec.model import v0_5
+
+    description = load_model_description(package)
+    batch, y, x, channel = description.inputs[0].axes
+    shuffled = description.inputs[0].model_copy(update={"axes": [channel, x, batch, y]})
+    assert bioimage_package.dims(shuffled) == ["batch", "y", "x", "channel"]
+    assert bioimage_package.dims(other_axes(shuffled, x, v0_5.BatchAxis(), y)) == ["batch", "y", "x"]
