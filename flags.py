@@ -28,6 +28,13 @@ def with_preset(args, given):
     return args
 
 
+def run_directory_name(text):
+    """A name for a run directory: one directory in --logdir, not hidden."""
+    if not text or text.startswith(".") or "/" in text or os.sep in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is no directory name: give a name such as bce_lr1e-4_seed1")
+    return text
+
+
 def cluster_tasks(strategy):
     """The number of training processes (chief and workers) that TF_CONFIG names, 0 without it;
     InputError, before TensorFlow loads, for a TF_CONFIG that `--strategy strategy` cannot start
@@ -159,6 +166,12 @@ def build_parser(prog="train.py", exit_on_error=True):
     )
     where = parser.add_argument_group("data and logs")
     where.add_argument("--logdir", type=Path, default=Path("logs"), help="parent directory of the run directories")
+    where.add_argument(
+        "--name",
+        type=run_directory_name,
+        help="the run directory's name in --logdir (default: loss and learning rate, e.g. bce_lr1e-4); "
+        "a taken name gets _2, _3, ...",
+    )
     where.add_argument(
         "--data",
         type=Path,

@@ -39,8 +39,13 @@ EVENT_DIRECTORIES = ("", TRAIN, VALIDATION, OLDER_VALIDATION_SLICES)
 
 
 def run_name(loss, lr):
-    """`bce_lr1e-4`: the shortest exact scientific form, so distinct rates never share a name."""
-    return f"{loss}_lr{np.format_float_scientific(lr, trim='-', exp_digits=1)}"
+    """`bce_lr1e-4`: the rate in its shortest exact scientific form, so distinct rates never share a name."""
+    return f"{loss}_lr{rate_text(lr)}"
+
+
+def rate_text(lr):
+    """`1e-4`: the shortest scientific form that reads back as the same number."""
+    return np.format_float_scientific(lr, trim="-", exp_digits=1)
 
 
 def event_directories(run_dir):

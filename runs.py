@@ -143,6 +143,7 @@ def run_documents(config):
 
 # --- reading runs back ------------------------------------------------------------------------
 
+UNFINISHED = "*"  # after the steps of a run that stopped before its epochs
 COLUMN_NAMES = {"misclassified_pixel_fraction": "mpf", "v_rand": "v_rand"}  # of the scores in settings.BEST_SCORES
 COLUMNS = (
     "run",
@@ -190,11 +191,14 @@ def run_row(run_dir):
     config = rundir.read_config(run_dir)
     validation = read_scalars(run_dir / rundir.VALIDATION) if (run_dir / rundir.VALIDATION).is_dir() else {}
     evaluations = validation.get(EVALUATION_TAG.format("loss"), [])
+    steps, planned = (evaluations[-1][0] if evaluations else 0), config["epochs"] * config["steps_per_epoch"]
     row = {
         "run": run_dir.name,
-        "loss": config.get("loss", "?"),
-        "lr": config.get("lr", "?"),
-        "steps": evaluations[-1][0] if evaluations else 0,
+        "loss": config["loss"],
+        "lr": rundir.rate_text(config["lr"]),
+        "steps": f"{steps}/{planned}" + ("" if steps >= planned else UNFINISHED),
+        "finished": steps >= planned,
+        "setting": tuple((name, config[name]) for name in HYPERPARAMETERS if name != "seed"),
     }
     for name, (better, _) in settings.BEST_SCORES.items():
         values = [value for _, value in validation.get(EPOCH_TAG.format(name), [])]
@@ -219,12 +223,59 @@ def summarize(logdir):
     return rows, unreadable
 
 
-def format_table(rows):
-    def cell(value):
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
+def cell(value):
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
-    table = [COLUMNS] + [tuple(cell(row[column]) for column in COLUMNS) for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+
+def aligned(table):
+    """Rows of cells as text, each column as wide as its widest cell."""
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     return "\n".join(
         "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip() for line in table
     )
+
+
+def format_table(rows):
+    return aligned([COLUMNS] + [tuple(cell(row[column]) for column in COLUMNS) for row in rows])
+
+
+def by_setting(rows):
+    """{setting: rows} of the runs that differ only in their seed, in the order of their first run."""
+    groups = {}
+    for row in rows:
+        groups.setdefault(row["setting"], []).append(row)
+    return groups
+
+
+def setting_text(name, value):
+    return f"{name} {rundir.rate_text(value) if name == 'lr' else value}"
+
+
+def format_settings(rows):
+    """One row per setting (the runs that differ only in seed): how many runs, how many of them
+    unfinished, and the mean, lowest and highest of each best score. A setting is named by what
+    differs between the settings (loss and lr where nothing does)."""
+    groups = by_setting(rows)
+    differing = [
+        index
+        for index, (name, _) in enumerate(rows[0]["setting"])
+        if len({setting[index][1] for setting in groups}) > 1
+    ] or [0, 1]
+    header = ("setting", "runs")
+    table = []
+    for setting, members in groups.items():
+        unfinished = sum(not row["finished"] for row in members)
+        line = [
+            " ".join(setting_text(*setting[index]) for index in differing),
+            f"{len(members)}" + (f" ({unfinished} unfinished)" if unfinished else ""),
+        ]
+        for name in settings.BEST_SCORES:
+            values = [row[f"best_val_{COLUMN_NAMES[name]}"] for row in members]
+            line += [cell(float(np.mean(values))), cell(float(min(values))), cell(float(max(values)))]
+        table.append(tuple(line))
+    header += tuple(
+        f"best_val_{COLUMN_NAMES[name]}_{statistic}"
+        for name in settings.BEST_SCORES
+        for statistic in ("mean", "min", "max")
+    )
+    return aligned([header, *table])

@@ -65,8 +65,12 @@ MEMMAP_SHARE = 0.25  # --memmap auto maps a stack larger than this share of the 
 # older run's config.json that lacks the setting gets this value (rundir.migrate).
 BEFORE_IT_EXISTED = {"ema": 0.0}
 
+# What runs are compared by: the settings sweep.py combines (and names its runs by), which the
+# HParams tab lists first.
+COMPARED = ("loss", "lr", "seed")
+
 # Flags about the command, not the run: never recorded in a run's config.json.
-COMMAND_FLAGS = ("summary", "resume", "accept_new_data")
+COMMAND_FLAGS = ("summary", "resume", "accept_new_data", "name")
 
 # Settings that may differ when a run is resumed: how far to train, and how this machine runs it.
 RESUMABLE = ("epochs", "strategy", "memmap")

@@ -20,12 +20,13 @@ from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
 from tensorboard.plugins.graph import metadata as graph_metadata
 from tensorboard.plugins.histogram import summary as histogram_summary
 from tensorboard.plugins.hparams import api as hp
+from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.plugins.pr_curve import summary as pr_curve_summary
 from tensorboard.util import tensor_util
 
 from metrics import THRESHOLD, merges_and_splits, misclassified_pixel_fraction, thinned_segments, true_cells_of
 from rundir import TRAIN, VALIDATION
-from settings import BEST_SCORES
+from settings import BEST_SCORES, COMPARED
 
 EPOCH_TAG = "epoch_{}"  # Keras' name: a value of the epoch, at the epoch index
 EVALUATION_TAG = "evaluation_{}_vs_iterations"  # Keras' name: a validation value at the global step
@@ -252,10 +253,19 @@ def write_run(trial_id, hyperparameters, documents):
     """What the run was, at step 0: the `hyperparameters` for the HParams tab (with the metrics it
     shows for every run), the markdown `documents` ({tag: text}) for the Text tab and the Custom
     Scalars layout (comparison_layout)."""
-    hp.hparams_config(
+    config = hp.hparams_config_pb(
         hparams=[hp.HParam(name) for name in hyperparameters],
         metrics=[hp.Metric(tag, group=group or None, display_name=name) for group, tag, name in HPARAMS_METRICS],
     )
+    # TensorBoard lists the hyperparameters marked as differing between runs first, the others by
+    # name, and ticks the first five: marked so, the compared settings open first and ticked (by
+    # name alone the constant augment_* ranges did).
+    (value,) = config.value
+    plugin_data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    for info in plugin_data.experiment.hparam_infos:
+        info.differs = info.name in COMPARED
+    value.metadata.plugin_data.content = plugin_data.SerializeToString()
+    tf.summary.experimental.write_raw_pb(config.SerializeToString(), step=0)
     hp.hparams(hyperparameters, trial_id=trial_id)
     for name, markdown in documents.items():
         tf.summary.text(name, markdown)
@@ -289,11 +299,9 @@ def comparison_layout():
             layout_pb2.Category(
                 title="Where the net is wrong (slices shown as images)",
                 chart=[
-                    chart(
-                        "merges (missing membrane) and splits (false membrane)",
-                        f"{SHOWN_GROUP}/merges",
-                        f"{SHOWN_GROUP}/splits",
-                    ),
+                    # Apart: on one chart a run's merges and splits are lines of one colour.
+                    chart("merges: segments that join true cells (missing membrane)", f"{SHOWN_GROUP}/merges"),
+                    chart("splits: true cells cut in two or more (false membrane)", f"{SHOWN_GROUP}/splits"),
                     chart("misclassified-pixel fraction", f"{SHOWN_GROUP}/misclassified_pixel_fraction"),
                 ],
             ),

@@ -3,8 +3,8 @@
     python train.py --loss bce --lr 1e-4
     tensorboard --logdir logs
 
-Each run writes to its own directory <logdir>/<loss>_lr<lr>/ (a numbered sibling if that name is
-taken) with the resolved configuration, the TensorBoard event files and the best and last
+Each run writes to its own directory <logdir>/<loss>_lr<lr>/ (or --name; a numbered sibling if
+that name is taken) with the resolved configuration, the TensorBoard event files and the best and last
 checkpoints, so that runs with other losses and learning rates sit side by side on the same plots.
 A run that was killed or crashed continues with `python train.py --resume <run dir>`. The same
 command trains on several GPUs or machines (`--strategy`, distribute.py) and on stacks larger than
@@ -34,6 +34,9 @@ import rundir
 import settings
 
 TENSORBOARD_PORT = 6006  # TensorBoard's default
+# The comparison dashboard, unsmoothed: TensorBoard's default smoothing (0.6) draws a near-tie of
+# short runs as a gap, and reads its weight from the URL.
+DASHBOARD = "#custom_scalars&_smoothingWeight=0"
 
 
 # --- before TensorFlow: the run to resume ---------------------------------------------------------
@@ -143,7 +146,7 @@ def print_start(run, run_inputs, logdir, chief, worker_logdir):
         )
         print(
             f"watch it with: tensorboard --logdir {logdir}, then open "
-            f"http://localhost:{TENSORBOARD_PORT}/#custom_scalars to compare the runs"
+            f"http://localhost:{TENSORBOARD_PORT}/{DASHBOARD} to compare the runs"
         )
     else:
         print(f"this worker logs to {worker_logdir}, removed at the end; the chief writes the run")
@@ -166,6 +169,8 @@ def checked(args, given):
     checked before TensorFlow loads: a refusal comes in a second."""
     if args.accept_new_data and args.resume is None:
         raise cli.InputError("--accept-new-data goes with --resume: a new run records the data it starts with")
+    if args.name is not None and args.resume is not None:
+        raise cli.InputError("--name names a new run: a resumed run keeps its directory; drop --name")
     config = None if args.resume is None else resumable_config(args.resume)
     if config is not None:
         args = resumed_arguments(args, given, config)
@@ -199,7 +204,7 @@ def open_run(args, resumed_config, run_inputs, command, setup, logdir, chief, he
         model, initial_epoch = resume.restore_model(args.resume, resumed_config)
         reached = runs.reached(args.resume)
     config = runs.run_config(args, run_inputs, command, setup)
-    directory = rundir.start(logdir, rundir.run_name(args.loss, args.lr), config)
+    directory = rundir.start(logdir, args.name or rundir.run_name(args.loss, args.lr), config)
     held.enter_context(rundir.locked(directory))
     return rundir.Run(directory, config, model, initial_epoch, reached)
 
@@ -317,6 +322,13 @@ def print_summary(logdir):
             else cli.InputError(f"no runs in {logdir}: give the --logdir of your training runs")
         )
     print(runs.format_table(rows))
+    if not all(row["finished"] for row in rows):
+        print(
+            f"{runs.UNFINISHED} unfinished: stopped before its epochs; continue it with python train.py --resume <run>"
+        )
+    if any(len(members) > 1 for members in runs.by_setting(rows).values()):
+        print("\nby setting (runs that differ only in --seed):")
+        print(runs.format_settings(rows))
     for error in unreadable:  # one damaged run does not hide the others
         cli.say("train.py", "skipped", error)
 

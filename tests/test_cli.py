@@ -22,12 +22,13 @@ import settings
 from conftest import ROOT, TINY, cells_and_membranes, run_command, write_stack
 from rundir import CONFIG, LAST
 
-ENTRY_POINTS = ["train.py", "predict.py", "bench.py", "data.py", "export.py"]
+ENTRY_POINTS = ["train.py", "predict.py", "bench.py", "data.py", "export.py", "sweep.py"]
 
 
 def option_strings(script):
     import bench  # its parser is train.py's with the benchmark's flags added
     import export
+    import sweep
 
     parser = {
         "train.py": flags.build_parser,
@@ -35,6 +36,7 @@ def option_strings(script):
         "bench.py": bench.build_parser,
         "data.py": data.build_parser,
         "export.py": export.build_parser,
+        "sweep.py": sweep.build_parser,
     }[script]()
     return [option for action in parser._actions for option in action.option_strings]
 

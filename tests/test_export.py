@@ -21,6 +21,9 @@ import tiffs
 import tiling
 from conftest import ROOT, TINY, write_stack
 
+# One worker takes them all, so that the package (its export takes half a minute) is built once.
+pytestmark = pytest.mark.xdist_group("package")
+
 
 @pytest.fixture(scope="module")
 def package(two_run_logdir, tmp_path_factory):

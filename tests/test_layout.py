@@ -7,7 +7,7 @@ import re
 
 from conftest import ROOT
 
-COMMANDS = {"train", "predict", "export", "bench"}
+COMMANDS = {"train", "predict", "export", "bench", "sweep"}
 MODULES = sorted(path.stem for path in ROOT.glob("*.py"))
 
 

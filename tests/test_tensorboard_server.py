@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 
+import settings
 from conftest import ISBI_VALIDATION_SLICES
 from summaries import (
     ACTIVATIONS_GROUP,
@@ -194,8 +195,26 @@ def test_activation_histograms(tensorboard):
     } <= set(tags)
 
 
+def test_hparams_lists_the_compared_settings_first(tensorboard):
+    """TensorBoard ticks the first five: loss, lr and seed open ticked, the constant ranges after."""
+    request = urllib.request.Request(
+        tensorboard.url + "/data/plugin/hparams/experiment",
+        method="POST",
+        headers={"Content-Type": "application/json"},
+        data=json.dumps({"experimentName": ""}).encode(),
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        names = [info["name"] for info in json.loads(response.read())["hparamInfos"]]
+    assert names[:3] == list(settings.COMPARED) and "augment_flips" in names[3:]
+
+
 def test_comparison_dashboard_serves_both_runs_on_one_chart(tensorboard):
     layout = get_json(tensorboard, "/data/plugin/custom_scalars/layout")
+    where = layout["category"][1]["chart"]  # merges and splits apart: one chart would give a run's two one colour
+    assert [chart["multiline"]["tag"] for chart in where[:2]] == [
+        [f"^{SHOWN_GROUP}/merges$"],
+        [f"^{SHOWN_GROUP}/splits$"],
+    ]
     first = layout["category"][0]
     assert first["title"].startswith("Which run learns better")
     (v_rand,) = [chart for chart in first["chart"] if chart["title"].startswith("V_rand")]

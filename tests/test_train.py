@@ -332,8 +332,8 @@ def test_summary_prints_one_row_per_run(two_run_logdir, events, capsys):
     header, *rows = capsys.readouterr().out.strip().splitlines()
     assert header.split() == list(runs.COLUMNS)
     assert [row.split()[:4] for row in rows] == [
-        ["bce_lr1e-3", "bce", "0.001", "6"],
-        ["wbce_lr1e-3", "wbce", "0.001", "6"],
+        ["bce_lr1e-3", "bce", "1e-3", "6/6"],
+        ["wbce_lr1e-3", "wbce", "1e-3", "6/6"],
     ]
     bce = dict(zip(runs.COLUMNS, rows[0].split(), strict=True))
     epochs = [float(v) for _, v in events["bce_lr1e-3/validation"][EPOCH_TAG.format("misclassified_pixel_fraction")]]

@@ -1,0 +1,117 @@
+"""sweep.py: every combination as ordinary train.py runs, named by loss, rate and seed; a second
+invocation trains nothing; --index runs one; bad input to any point is refused before the first run;
+--summary groups the runs that differ only in seed."""
+
+import shutil
+
+import pytest
+
+import cli
+import rundir
+import sweep
+import train
+from conftest import TINY
+
+ONE_EPOCH = [*TINY, "--epochs", "1"]
+
+
+def swept(data_dir, logdir, *flags):
+    return sweep.main([*ONE_EPOCH, "--data", str(data_dir), "--logdir", str(logdir), *flags])
+
+
+def listing(logdir):
+    return sorted(path.relative_to(logdir) for path in logdir.rglob("*"))
+
+
+def test_a_sweep_trains_each_run_once_index_runs_one_and_summary_groups_the_seeds(small_isbi_dir, tmp_path, capsys):
+    logdir = tmp_path / "logs"
+    seeds = ["--loss", "bce", "--lr", "1e-3", "--seed", "0", "1"]
+    assert swept(small_isbi_dir, logdir, *seeds, "--index", "1") == 0
+    assert capsys.readouterr().out.startswith("sweep.py: run 1/1: bce_lr1e-3_seed1 (new): python train.py ")
+    assert [path.name for path in logdir.iterdir()] == ["bce_lr1e-3_seed1"]
+
+    assert swept(small_isbi_dir, logdir, *seeds, "--parallel", "2") == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "sweep.py: bce_lr1e-3_seed1: finished",
+        f"sweep.py: run 1/1: bce_lr1e-3_seed0 (new): python train.py {' '.join(ONE_EPOCH)} --data {small_isbi_dir} "
+        f"--logdir {logdir} --loss bce --lr 1e-3 --seed 0 --name bce_lr1e-3_seed0",
+        f"sweep.py: 1 of 1 runs trained; compare them: python train.py --summary {logdir}",
+    ]
+    assert "best validation V_rand" in (logdir / "bce_lr1e-3_seed0.out").read_text()  # its output, with --parallel
+    names = ["bce_lr1e-3_seed0", "bce_lr1e-3_seed1"]
+    for seed, name in enumerate(names):
+        config = rundir.read_config(logdir / name)
+        assert (config["loss"], config["lr"], config["seed"]) == ("bce", 1e-3, seed)
+        assert rundir.checkpoint_step(logdir / name / rundir.LAST) == 3
+
+    before = {path: path.stat().st_mtime_ns for path in logdir.rglob("*")}
+    assert swept(small_isbi_dir, logdir, *seeds) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        *(f"sweep.py: {name}: finished" for name in names),
+        f"sweep.py: all 2 runs have finished; compare them: python train.py --summary {logdir}",
+    ]
+    assert {path: path.stat().st_mtime_ns for path in logdir.rglob("*")} == before
+
+    assert train.main(["--summary", str(logdir)]) == 0
+    runs_table, settings_table = capsys.readouterr().out.split("\n\nby setting (runs that differ only in --seed):\n")
+    best = [float(line.split()[4]) for line in runs_table.splitlines()[1:]]
+    (setting,) = settings_table.strip().splitlines()[1:]
+    assert setting.split()[:5] == ["loss", "bce", "lr", "1e-3", "2"]  # named by loss and lr where nothing differs
+    assert [float(value) for value in setting.split()[5:8]] == pytest.approx(
+        [sum(best) / 2, min(best), max(best)], abs=1e-4
+    )
+
+
+def test_list_says_which_runs_are_new_finished_or_to_resume_and_trains_nothing(
+    two_run_logdir, isbi_dir, tmp_path, capsys
+):
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    shutil.copytree(two_run_logdir / "bce_lr1e-3", logdir / "bce_lr1e-3_seed0")  # 2 epochs of TINY, seed 0
+    before = listing(logdir)
+    flags = [*TINY, "--data", str(isbi_dir), "--logdir", str(logdir), "--lr", "1e-3", "--seed", "0", "1", "--list"]
+    assert sweep.main(flags) == 0
+    assert sweep.main([*flags, "--epochs", "3"]) == 0
+    finished, new, resumed, still_new = capsys.readouterr().out.splitlines()
+    assert finished == "0  bce_lr1e-3_seed0  finished"
+    assert new.startswith("1  bce_lr1e-3_seed1  new  python train.py --filters 4 ") and new.endswith(
+        "--loss bce --lr 1e-3 --seed 1 --name bce_lr1e-3_seed1"
+    )
+    assert resumed == f"0  bce_lr1e-3_seed0  resume  python train.py --resume {logdir / 'bce_lr1e-3_seed0'} --epochs 3"
+    assert still_new.startswith("1  bce_lr1e-3_seed1  new  ")
+    assert listing(logdir) == before
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--name", "mine"], "sweep.py names and resumes its runs itself: drop --name"),
+        (["--resume", "logs/x"], "sweep.py names and resumes its runs itself: drop --resume"),
+        (["--crop", "128"], "was trained with crop 64, not as this sweep asks: give the sweep another --logdir"),
+        (["--index", "2"], "--index 2: this sweep has 2 runs, 0 to 1"),
+        (["--images", "missing.tif", "--labels", "missing.tif"], "missing.tif"),  # the data, as train.py checks it
+    ],
+)
+def test_bad_input_to_any_run_is_refused_before_the_first_starts(
+    flags, message, two_run_logdir, isbi_dir, tmp_path, capsys
+):
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    shutil.copytree(two_run_logdir / "bce_lr1e-3", logdir / "bce_lr1e-3_seed0")  # TINY's crop 64
+    before = listing(logdir)
+    arguments = [*TINY, "--data", str(isbi_dir), "--logdir", str(logdir), "--lr", "1e-3", "--seed", "0", "1", *flags]
+    assert sweep.main(arguments) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("sweep.py: error: ") and message in error and error.count("\n") == 1, error
+    assert listing(logdir) == before
+
+
+def test_each_parallel_run_gets_a_gpu_of_its_own_or_its_share_of_the_cpu(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert [environment["CUDA_VISIBLE_DEVICES"] for environment in sweep.environments(2)] == ["0", "1"]
+    with pytest.raises(cli.InputError, match="--parallel 3 but 2 GPUs: give --parallel 2 or less"):
+        sweep.environments(3)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(sweep.os, "sched_getaffinity", lambda pid: set(range(8)))
+    (first, second) = sweep.environments(2)
+    assert first["TF_NUM_INTRAOP_THREADS"] == second["OMP_NUM_THREADS"] == "4"
