@@ -293,7 +293,8 @@ def first_failure(summary):
 def tested_in_a_fresh_process(package, folder):
     """Run bioimage.io's own test of `package` as a user of the package would: in a new Python
     process (nothing of this one's TensorFlow state), with `folder` as its working directory (the
-    test unpacks the TensorFlow weights there). ExportError naming the first check that failed."""
+    test unpacks the TensorFlow weights there). The weight formats it tested, or ExportError naming
+    the first check that failed."""
     from bioimageio.spec.summary import ValidationSummary
 
     summary_path = Path(folder) / "test-summary.json"
@@ -317,6 +318,7 @@ def tested_in_a_fresh_process(package, folder):
     summary = ValidationSummary.model_validate_json(summary_path.read_text())
     if summary.status != "passed":
         raise ExportError(f"bioimage.io's test of the package failed ({first_failure(summary)}): no package written")
+    return sorted({detail.loc[1] for detail in summary.details if detail.loc[:1] == ("weights",)})
 
 
 def export(args):
@@ -371,7 +373,7 @@ def export(args):
         description = model_description(args, config, written, scaling, test_input.shape, scores, indices[shown])
         (Path(folder) / "package").mkdir()
         package = save_bioimageio_package(description, output_path=Path(folder) / "package" / args.output.name)
-        tested_in_a_fresh_process(package, Path(folder) / "package")
+        tested = tested_in_a_fresh_process(package, Path(folder) / "package")
         args.output.parent.mkdir(parents=True, exist_ok=True)
         with files.replaced_atomically(args.output) as temporary:
             shutil.copyfile(package, temporary)
@@ -379,7 +381,7 @@ def export(args):
         f"wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MiB): float32 weights keras_v3, "
         f"tensorflow_saved_model_bundle and onnx, test slice "
         f"{indices[shown]}, validation V_rand {scores['v_rand']:.4f}, V_info {scores['v_info']:.4f}, pixel error "
-        f"{scores['pixel_error']:.4f}; bioimage.io's test passed"
+        f"{scores['pixel_error']:.4f}; bioimage.io's test passed for {', '.join(tested)}"
     )
 
 

@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -6,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from filelock import FileLock
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.util import tensor_util
 
@@ -131,15 +133,35 @@ def tiny_run(data_dir, logdir, *flags):
     return train.main([*TINY, "--lr", "1e-3", "--data", str(data_dir), "--logdir", str(logdir), *flags])
 
 
+def built_once(tmp_path_factory, worker_id, name, build):
+    """`build(path)` for a session fixture at a path shared by all of pytest-xdist's workers, run by
+    the first that asks (the others wait for it), as xdist's documentation shows: built by each, a
+    tiny training cost every worker half a minute of two busy cores. The result is read only."""
+    if worker_id == "master":  # not under xdist
+        path = tmp_path_factory.mktemp(name) / name
+        build(path)
+        return path
+    path = tmp_path_factory.getbasetemp().parent / name
+    built = path.with_name(f"{name}.built")
+    with FileLock(f"{path}.lock"):
+        if not built.is_file():
+            shutil.rmtree(path, ignore_errors=True)  # what a worker that failed left
+            build(path)
+            built.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
-def two_run_logdir(tmp_path_factory, isbi_dir):
+def two_run_logdir(tmp_path_factory, isbi_dir, worker_id):
     """A log directory with two tiny runs on ISBI 2012: `bce_lr1e-3`, scored as in the challenge
     every epoch, and `wbce_lr1e-3` (the U-Net paper's weighted loss), every second epoch, with
-    averaged weights (--ema)."""
-    logdir = tmp_path_factory.mktemp("logs")
-    for loss, eval_every, ema in (("bce", "1", "0"), ("wbce", "2", "0.9")):
-        assert tiny_run(isbi_dir, logdir, "--loss", loss, "--eval-every", eval_every, "--ema", ema) == 0
-    return logdir
+    averaged weights (--ema). Read only: a test that changes it works on a copy."""
+
+    def train_both(logdir):
+        for loss, eval_every, ema in (("bce", "1", "0"), ("wbce", "2", "0.9")):
+            assert tiny_run(isbi_dir, logdir, "--loss", loss, "--eval-every", eval_every, "--ema", ema) == 0
+
+    return built_once(tmp_path_factory, worker_id, "two_run_logdir", train_both)
 
 
 def write_stack(path, stack):

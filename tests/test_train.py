@@ -4,6 +4,7 @@ import collections
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -350,6 +351,34 @@ def test_best_checkpoint_is_the_epoch_of_the_best_v_rand_and_last_the_last_epoch
     assert rundir.checkpoint_step(two_run_logdir / run / rundir.BEST) == best_step
     assert rundir.checkpoint_step(two_run_logdir / run / rundir.LAST) == TINY_STEPS
     assert not list((two_run_logdir / run).glob(".*.partial*"))  # every candidate promoted or removed
+
+
+def test_summary_groups_the_runs_that_differ_only_in_seed_and_marks_unfinished_ones(two_run_logdir, tmp_path, capsys):
+    """Real event files under configs changed by hand: the wbce run stands in for a second seed of
+    the bce setting, a copy of it planned for more epochs for an unfinished run of another."""
+    for name, source, changes in (
+        ("a", "bce_lr1e-3", {}),
+        ("b", "wbce_lr1e-3", {"loss": "bce", "ema": 0.0, "seed": 1}),
+        ("c", "wbce_lr1e-3", {"epochs": 4}),
+    ):
+        shutil.copytree(two_run_logdir / source, tmp_path / name)
+        config = json.loads((tmp_path / name / rundir.CONFIG).read_text())
+        (tmp_path / name / rundir.CONFIG).write_text(json.dumps({**config, **changes}))
+    assert train.main(["--summary", str(tmp_path)]) == 0
+    runs_part, settings_part = capsys.readouterr().out.split("\n\nby setting (runs that differ only in --seed):\n")
+    _, *rows, footnote = runs_part.strip().splitlines()
+    cells = {row.split()[0]: row.split() for row in rows}
+    assert (cells["a"][3], cells["b"][3], cells["c"][3]) == ("6/6", "6/6", "6/12*")
+    assert footnote == "* unfinished: stopped before its epochs; continue it with python train.py --resume <run>"
+    _, bce, wbce = (re.split(r"\s{2,}", row) for row in settings_part.strip().splitlines())
+    assert bce[:2] == ["loss bce ema 0.0 epochs 2", "2"]
+    assert wbce[:2] == ["loss wbce ema 0.9 epochs 4", "1 (1 unfinished)"]
+    for column, first in ((4, 2), (6, 5)):  # best V_rand, best misclassified fraction: mean, lowest, highest
+        best = [float(cells[name][column]) for name in ("a", "b")]
+        assert [float(value) for value in bce[first : first + 3]] == pytest.approx(
+            [sum(best) / 2, min(best), max(best)], abs=1e-4
+        )
+    assert float(cells["a"][6]) != float(cells["b"][6])
 
 
 def test_summary_of_an_empty_directory_says_so(tmp_path, capsys):
