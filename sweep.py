@@ -97,6 +97,12 @@ def existing(run_dir, run_args, given, new_run):
     compared as if it were the sweep's."""
     if not run_dir.exists():
         return "new", new_run
+    try:  # first: a run that another sweep's task has just started may not have its config.json yet
+        rundir.refuse_if_being_trained(run_dir)
+    except cli.InputError as error:
+        return f"left alone: {error}", []
+    if not (run_dir / rundir.CONFIG).is_file():
+        return f"left alone: {run_dir} holds no {rundir.CONFIG}: remove it to start it anew", []
     config = rundir.read_config(run_dir)
     differ = sorted(
         name
@@ -110,10 +116,6 @@ def existing(run_dir, run_args, given, new_run):
         raise cli.InputError(
             f"{run_dir} was trained with {settings_there}, not as this sweep asks: give the sweep another --logdir"
         )
-    try:
-        rundir.refuse_if_being_trained(run_dir)
-    except cli.InputError as error:
-        return f"left alone: {error}", []
     step = rundir.checkpoint_step(run_dir / rundir.LAST) if (run_dir / rundir.LAST).is_file() else None
     if step is None:
         return f"left alone: {run_dir} holds no checkpoint (stopped in its first epoch): remove it to start it anew", []
@@ -148,7 +150,11 @@ def gpus():
 
 
 def environments(parallel):
-    """One environment per run slot: a GPU each where there are enough, else CPU threads shared out."""
+    """One environment per run slot: one run alone has the whole machine (every GPU, for
+    --strategy mirrored); several get a GPU each where there are enough, else the CPU threads
+    shared out."""
+    if parallel == 1:
+        return [dict(os.environ)]
     devices = gpus()
     if devices:
         if parallel > len(devices):
@@ -156,8 +162,6 @@ def environments(parallel):
                 f"--parallel {parallel} but {len(devices)} GPUs: give --parallel {len(devices)} or less"
             )
         return [{**os.environ, "CUDA_VISIBLE_DEVICES": device} for device in devices[:parallel]]
-    if parallel == 1:
-        return [dict(os.environ)]
     threads = str(max(1, len(os.sched_getaffinity(0)) // parallel))
     shared = {"TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": threads, "OMP_NUM_THREADS": threads}
     return [{**os.environ, **shared} for _ in range(parallel)]
@@ -173,7 +177,7 @@ def start(point, environment, logdir, parallel):
     output = None
     if parallel > 1:
         Path(logdir).mkdir(parents=True, exist_ok=True)
-        output = open(Path(logdir) / f"{point.name}.out", "a")  # noqa: SIM115 (closed when the run ends)
+        output = open(Path(logdir) / f"{point.name}.out", "a")  # closed by run_all when the run ends
     process = subprocess.Popen(
         [sys.executable, str(TRAIN), *point.command],
         env=environment,

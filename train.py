@@ -128,7 +128,9 @@ def stopped(error, run_dir, chief, new_run, lost_worker):
     return error
 
 
-def print_start(run, run_inputs, logdir, chief, worker_logdir):
+def print_start(run, run_inputs, logdir, chief, worker_logdir, requested):
+    """The run's first lines. `requested`: the directory name a new run asked for (None when resumed);
+    a taken one is said, since commands copied from the README would name the earlier run."""
     config = run.config
     print(
         f"device: {config['device']}; precision {config['precision']}, XLA {'on' if config['jit_compile'] else 'off'}"
@@ -143,6 +145,12 @@ def print_start(run, run_inputs, logdir, chief, worker_logdir):
         print(
             f"run directory: {run.directory}"
             + (f" (resumed after epoch {run.initial_epoch})" if run.initial_epoch else "")
+            + (
+                f" ({run.directory.with_name(requested)} holds an earlier run: name {run.directory.name} in the "
+                "commands for this one)"
+                if requested not in (None, run.directory.name)
+                else ""
+            )
         )
         print(
             f"watch it with: tensorboard --logdir {logdir}, then open "
@@ -295,7 +303,8 @@ def train(args, given, command):
             with strategy.scope():
                 run = open_run(args, resumed_config, run_inputs, command, setup, logdir, chief, held)
             run.model.jit_compile = setup["jit_compile"]
-            print_start(run, run_inputs, args.logdir, chief, logdir)
+            requested = None if args.resume else args.name or rundir.run_name(args.loss, args.lr)
+            print_start(run, run_inputs, args.logdir, chief, logdir, requested)
             fit(run, args, run_inputs, strategy, stop, progress, epoch_logs, held)
     except BaseException as error:
         cause = KeyboardInterrupt() if cli.interrupted(error) else error

@@ -244,10 +244,20 @@ def test_two_runs_started_together_get_two_directories(tmp_path, small_isbi_dir)
         str(tmp_path),
     ]
     processes = [
-        subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)
+        subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
     ]
-    assert [process.wait(timeout=300) for process in processes] == [0, 0]
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bce_lr1e-3", "bce_lr1e-3_2"]
+    # The second says so, since the README's commands name the first.
+    assert (
+        sum(
+            f"run directory: {tmp_path / 'bce_lr1e-3_2'} ({tmp_path / 'bce_lr1e-3'} holds an earlier run: name "
+            "bce_lr1e-3_2 in the commands for this one)" in output
+            for output in outputs
+        )
+        == 1
+    )
     for run_dir in tmp_path.iterdir():
         assert json.loads((run_dir / CONFIG).read_text())["run_dir"] == str(run_dir)
         assert len(list((run_dir / "train").glob("events.out.tfevents.*"))) == 1

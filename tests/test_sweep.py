@@ -95,9 +95,30 @@ def test_bad_input_to_any_run_is_refused_before_the_first_starts(
 def test_each_parallel_run_gets_a_gpu_of_its_own_or_its_share_of_the_cpu(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     assert [environment["CUDA_VISIBLE_DEVICES"] for environment in sweep.environments(2)] == ["0", "1"]
+    assert [environment["CUDA_VISIBLE_DEVICES"] for environment in sweep.environments(1)] == ["0,1"]  # all, alone
     with pytest.raises(cli.InputError, match="--parallel 3 but 2 GPUs: give --parallel 2 or less"):
         sweep.environments(3)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setattr(sweep.os, "sched_getaffinity", lambda pid: set(range(8)))
     (first, second) = sweep.environments(2)
     assert first["TF_NUM_INTRAOP_THREADS"] == second["OMP_NUM_THREADS"] == "4"
+
+
+def test_a_run_that_another_process_trains_or_that_holds_no_config_is_left_alone(
+    two_run_logdir, isbi_dir, tmp_path, capsys
+):
+    logdir = tmp_path / "logs"
+    shutil.copytree(two_run_logdir / "bce_lr1e-3", logdir / "bce_lr1e-3_seed0")
+    (logdir / "bce_lr1e-3_seed1").mkdir()  # as another sweep's task leaves it for a moment
+    arguments = [*TINY, "--data", str(isbi_dir), "--logdir", str(logdir), "--lr", "1e-3", "--seed", "0", "1"]
+    with rundir.locked(logdir / "bce_lr1e-3_seed0"):
+        assert sweep.main([*arguments, "--epochs", "3"]) == 0
+    trained, empty, summary = capsys.readouterr().out.splitlines()
+    assert trained.startswith(
+        f"sweep.py: bce_lr1e-3_seed0: left alone: {logdir / 'bce_lr1e-3_seed0'} is being trained by "
+    )
+    assert empty == (
+        f"sweep.py: bce_lr1e-3_seed1: left alone: {logdir / 'bce_lr1e-3_seed1'} holds no config.json: "
+        "remove it to start it anew"
+    )
+    assert summary.startswith("sweep.py: 0 of 2 runs have finished; compare them: ")
