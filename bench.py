@@ -18,6 +18,7 @@ Takes train.py's flags for the configuration and prints one table (markdown, for
   slices after every batch through a new summary writer), and the speed-up over it.
 """
 
+import contextlib
 import shlex
 import sys
 import tempfile
@@ -190,8 +191,8 @@ def measure(args):
             measuring(f"model.fit with train.py's callbacks, watching {way} ({fit_epochs})")
             config = runs.run_config(args, run_inputs, "python bench.py", setup)
             model = compiled_unet()
-            run = rundir.Run(rundir.start(logdir, rundir.run_name(args.loss, args.lr), config), config, model)
-            with watcher.running(inline) as watching:
+            with contextlib.ExitStack() as held, watcher.running(inline) as watching:
+                run = rundir.Run(rundir.start(logdir, rundir.run_name(args.loss, args.lr), config, held), config, model)
                 watched, breakdown, timer = timing.timed_fit(
                     model,
                     batches,

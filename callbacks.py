@@ -26,7 +26,7 @@ import summaries
 from checkpoints import Checkpoints
 from cli import stop_if_interrupted
 from metrics import LOSSES, THRESHOLD, training_metrics
-from rundir import TRAIN, VALIDATION
+from rundir import BEST_SCORES_AT, TRAIN, VALIDATION
 from settings import BEST_SCORES, CHECKPOINT_SCORE, CHECKPOINT_SCORE_WITHOUT_ISBI, DEPTH
 from summaries import BATCH_GROUP, BEST_TAG, EPOCH_TAG, EVALUATION_TAG
 from unet import AveragedWeights, averages_weights
@@ -259,10 +259,12 @@ class RunSummary(keras.callbacks.Callback):
     HParams tab (with the metrics it should show for every run), the markdown `documents` for the
     Text tab and the Custom Scalars layout (comparison_layout). After each epoch: the best
     validation value so far of each score in settings.BEST_SCORES (`best_misclassified_pixel_fraction`,
-    `best_v_rand`), when the epoch has it, starting from those `reached` when resuming.
+    `best_v_rand`), when the epoch has it, starting from those `reached` when resuming; at the
+    training step of the evaluation, as the `evaluation_*` curves, or `at_epoch` at the epoch index
+    (a run started before config_version 2: rundir.BEST_SCORES_AT).
     """
 
-    def __init__(self, writers, epoch_logs, trial_id, hyperparameters, documents, reached=None):
+    def __init__(self, writers, epoch_logs, trial_id, hyperparameters, documents, reached=None, at_epoch=False):
         super().__init__()
         self.writers = writers
         self.epoch_logs = epoch_logs
@@ -270,6 +272,7 @@ class RunSummary(keras.callbacks.Callback):
         self.hyperparameters = hyperparameters
         self.documents = documents
         self.best = {name: value for name, value in (reached or {}).items() if name in BEST_SCORES}
+        self.at_epoch = at_epoch
 
     def on_train_begin(self, logs=None):
         if global_step(self.model) == 0:
@@ -279,7 +282,8 @@ class RunSummary(keras.callbacks.Callback):
         summaries.write_run(self.trial_id, self.hyperparameters, self.documents)
 
     def on_epoch_end(self, epoch, logs=None):
-        self.writers.submit("", epoch, lambda: self.write_best(self.epoch_logs[epoch]))
+        step = epoch if self.at_epoch else global_step(self.model)
+        self.writers.submit("", step, lambda: self.write_best(self.epoch_logs[epoch]))
 
     def write_best(self, logs):
         for name, (better, description) in BEST_SCORES.items():
@@ -397,7 +401,15 @@ def for_run(args, run, inputs, stop, hyperparameters, documents, watcher, epoch_
             histogram_freq=args.histogram_freq,
             v_rand_threshold=run.reached.get("v_rand_threshold", THRESHOLD),
         ),
-        RunSummary(writers, epoch_logs, run.directory.name, hyperparameters, documents, run.reached),
+        RunSummary(
+            writers,
+            epoch_logs,
+            run.directory.name,
+            hyperparameters,
+            documents,
+            run.reached,
+            at_epoch=run.config[BEST_SCORES_AT] == "epoch",
+        ),
         stop,
         # Its epoch end flushes what the epoch logged, its training end drains the watcher.
         writers,

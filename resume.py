@@ -23,11 +23,6 @@ import unet
 from cli import InputError
 from rundir import LAST
 
-# Summaries written at the epoch index (Keras' epoch scalars, the best-so-far scalars, and the weight
-# histograms of runs started before they moved to the global step); all others are written at the
-# global training step.
-EPOCH_TAG = re.compile(rf"^({summaries.EPOCH_TAG.format('')}|{summaries.BEST_TAG.format('')})|/histogram$")
-
 
 class ResumeError(InputError):
     """A run that cannot continue; one line with the fix."""
@@ -68,17 +63,27 @@ def restore_model(run_dir, config):
     return model, int(model.optimizer.iterations.numpy()) // config["steps_per_epoch"]
 
 
-def cut_event_files(run_dir, epoch, step):
+def epoch_indexed(config):
+    """The tags a run writes at the epoch index: Keras' epoch scalars, the weight histograms of
+    runs started before they moved to the global step, and the best-so-far scalars of runs started
+    before config_version 2 (rundir.BEST_SCORES_AT). All others are at the global training step."""
+    best = f"|{summaries.BEST_TAG.format('')}" if config[rundir.BEST_SCORES_AT] == "epoch" else ""
+    return re.compile(rf"^({summaries.EPOCH_TAG.format('')}{best})|/histogram$")
+
+
+def cut_event_files(run_dir, epoch, step, epoch_tags):
     """Remove from the run's own event files (rundir.event_directories: never those of a run
     nested in it) what was written after the checkpoint of `epoch` epochs and `step` steps:
-    epoch-indexed summaries of epoch `epoch` on, step-indexed ones after `step`, and a record a
-    kill cut short. Each file is rewritten atomically, so a kill or a full disk during the cut
-    leaves files that a second --resume cuts the same way."""
+    epoch-indexed summaries (tags matching `epoch_tags`) of epoch `epoch` on, step-indexed ones
+    after `step`, and a record a kill cut short. Each file is rewritten atomically, so a kill or a
+    full disk during the cut leaves files that a second --resume cuts the same way."""
     for path in sorted(
         path for directory in rundir.event_directories(run_dir) for path in directory.glob("events.out.tfevents.*")
     ):
         records = list(RawEventFileLoader(str(path)).Load())
-        kept = [record for record in records if written_before(event_pb2.Event.FromString(record), epoch, step)]
+        kept = [
+            record for record in records if written_before(event_pb2.Event.FromString(record), epoch, step, epoch_tags)
+        ]
         if len(kept) == len(records) and path.stat().st_size == sum(len(record) + 16 for record in records):
             continue
         try:
@@ -93,9 +98,9 @@ def cut_event_files(run_dir, epoch, step):
             ) from None
 
 
-def written_before(event, epoch, step):
+def written_before(event, epoch, step, epoch_tags):
     tags = [value.tag for value in event.summary.value]
-    if tags and all(EPOCH_TAG.search(tag) for tag in tags):
+    if tags and all(epoch_tags.search(tag) for tag in tags):
         return event.step < epoch
     return event.step <= step
 
@@ -107,7 +112,7 @@ def continue_run(run_dir, config, epochs, command, setup):
     if initial_epoch >= epochs:
         raise ResumeError(rundir.finished(run_dir, initial_epoch))
     files.remove_partial_files(rundir.event_directories(run_dir))
-    cut_event_files(run_dir, initial_epoch, int(model.optimizer.iterations.numpy()))
+    cut_event_files(run_dir, initial_epoch, int(model.optimizer.iterations.numpy()), epoch_indexed(config))
     config.update(epochs=epochs, resumed=[*config["resumed"], command], **setup)
     rundir.save_config(run_dir, config)
     return rundir.Run(Path(run_dir), config, model, initial_epoch, runs.reached(run_dir))

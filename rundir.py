@@ -96,10 +96,13 @@ class Run:
     reached: dict = dataclasses.field(default_factory=dict)
 
 
-def start(logdir, name, config):
+def start(logdir, name, config, held):
     """A new run directory under `logdir` (named `name`, or a numbered sibling) with `config` as
-    its config.json, its path added as `run_dir`; nothing is left behind if it cannot be written."""
+    its config.json, its path added as `run_dir`, locked for as long as the ExitStack `held` holds;
+    nothing is left behind if it cannot be written. Locked before config.json is written, so that
+    a sweep never takes a run that is starting for one to resume."""
     run_dir = create(logdir, name)
+    held.enter_context(locked(run_dir))
     config["run_dir"] = run_dir.absolute()
     try:
         save_config(run_dir, config)
@@ -127,10 +130,14 @@ def recorded_path(config, name):
 
 
 # The form of config.json that this code writes and reads; migrate() brings an older one up to it.
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
 # What a config.json written before config_version (version 0) may lack, beside the settings of
 # settings.DEFAULTS: the directory its paths are relative to, the records of its data and resumes.
 UNVERSIONED = {"started_in": ".", "image_scaling": None, "data_files": {}, "resumed": []}
+# Where a run writes its best-so-far scalars (summaries.BEST_TAG): at the training step of the
+# evaluation since version 2, at the epoch index before. A run keeps its own, so that a resumed
+# run's curve stays one series.
+BEST_SCORES_AT = "best_scores_at"
 
 
 def migrate(config, path):
@@ -147,7 +154,9 @@ def migrate(config, path):
         )
     if version == 0:
         config = {**settings.DEFAULTS, **settings.BEFORE_IT_EXISTED, **UNVERSIONED, **config}
-    missing = [name for name in (*settings.DEFAULTS, *UNVERSIONED) if name not in config]
+    if version < 2:
+        config = {BEST_SCORES_AT: "epoch", **config}
+    missing = [name for name in (*settings.DEFAULTS, *UNVERSIONED, BEST_SCORES_AT) if name not in config]
     if missing:
         raise InputError(f"{path} lacks {', '.join(missing)}: restore it from a copy, or move the run out of the way")
     return {**config, "config_version": CONFIG_VERSION}

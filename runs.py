@@ -105,6 +105,7 @@ def run_config(args, run_inputs, command, setup):
         "started_in": str(Path.cwd()),
         "command": command,
         "resumed": [],
+        rundir.BEST_SCORES_AT: "step",
         **provenance(),
         **data_record(args, run_inputs),
     }

@@ -188,9 +188,33 @@ def start(point, environment, logdir, parallel):
     return process, output
 
 
+def stop_runs(running):
+    """Pass a stop signal on to the running train.py processes and wait for them to end; a further
+    signal, even while they are being signalled, is passed on too (train.py then stops at once).
+    SIGTERM, which train.py takes as Ctrl-C: a sweep that a script started in the background ignores
+    SIGINT, and so would its runs. The names of the runs it stopped, and of those that failed."""
+    while True:
+        try:
+            for process, _ in running:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            for process, _ in running:
+                process.wait()
+            break
+        except KeyboardInterrupt:
+            continue
+    for _, output in running:
+        if output:
+            output.close()
+    ended = {point.name: process.returncode for (process, _), (point, _) in running.items()}
+    stopped = [name for name, code in ended.items() if code in (128 + signal.SIGTERM, -signal.SIGTERM)]
+    return stopped, [name for name, code in ended.items() if code and name not in stopped]
+
+
 def run_all(todo, parallel, logdir):
     """Run the points of `todo`, `parallel` at once; the names of those whose train.py failed. A stop
-    signal is passed on to the runs (each stops as after Ctrl-C, its checkpoints kept) and ends the sweep."""
+    signal is passed on to the runs (each stops as after Ctrl-C, its checkpoints kept) and ends the
+    sweep; so does any error of the sweep itself, after which it is raised."""
     free = environments(parallel)
     running, failed, total = {}, [], len(todo)
     queue = list(enumerate(todo, 1))
@@ -215,17 +239,15 @@ def run_all(todo, parallel, logdir):
                     failed.append(point.name)
                     print(f"sweep.py: {point.name} ended with exit code {process.returncode}")
     except KeyboardInterrupt:
-        for process, _ in running:
-            process.send_signal(signal.SIGINT)
-        for process, output in running:
-            process.wait()
-            if output:
-                output.close()
-        stopped = [point.name for (process, _), (point, _) in running.items() if process.returncode]
+        stopped, failed_meanwhile = stop_runs(running)
         raise cli.Interrupted(
             (f"{', '.join(stopped)} stopped as after Ctrl-C, checkpoints kept" if stopped else "no run was stopped")
+            + (f"; failed: {', '.join(failed + failed_meanwhile)}" if failed + failed_meanwhile else "")
             + ": run the same sweep again to go on"
         ) from None
+    except BaseException:
+        stop_runs(running)
+        raise
     return failed
 
 

@@ -212,8 +212,7 @@ def open_run(args, resumed_config, run_inputs, command, setup, logdir, chief, he
         model, initial_epoch = resume.restore_model(args.resume, resumed_config)
         reached = runs.reached(args.resume)
     config = runs.run_config(args, run_inputs, command, setup)
-    directory = rundir.start(logdir, args.name or rundir.run_name(args.loss, args.lr), config)
-    held.enter_context(rundir.locked(directory))
+    directory = rundir.start(logdir, args.name or rundir.run_name(args.loss, args.lr), config, held)
     return rundir.Run(directory, config, model, initial_epoch, reached)
 
 

@@ -277,7 +277,8 @@ def test_validation_slice_summaries_write_images_counts_and_histograms_into_vali
     assert plugins[f"{PR_CURVE_TAG}/pr_curves"][0] == "pr_curves"
 
 
-def test_run_summary_writes_the_run_once_and_the_best_scores_each_epoch(model, tmp_path):
+def test_run_summary_writes_the_run_once_and_the_best_scores_each_epoch(tmp_path):
+    model = tiny_model()  # its step is set here, which the module's model must not keep
     epoch_logs = {
         0: {"val_misclassified_pixel_fraction": 0.2, "val_v_rand": 0.8},
         1: {"val_misclassified_pixel_fraction": 0.1, "val_v_rand": 0.95},
@@ -292,12 +293,12 @@ def test_run_summary_writes_the_run_once_and_the_best_scores_each_epoch(model, t
         )
         summary.on_train_begin()
         for epoch, logs in epoch_logs.items():
+            model.optimizer.iterations.assign(100 * (epoch + 1))  # the epoch's last step
             summary.on_epoch_end(epoch, logs)
         writers.on_train_end()
     written, plugins = read_events(tmp_path)
-    assert [float(value) for _, value in written[BEST_TAG.format("v_rand")]] == pytest.approx(
-        [0.9, 0.95]
-    )  # resumed from 0.9
+    assert [step for step, _ in written[BEST_TAG.format("v_rand")]] == [100, 200]
+    assert [float(value) for _, value in written[BEST_TAG.format("v_rand")]] == pytest.approx([0.9, 0.95])  # from 0.9
     assert [float(value) for _, value in written[BEST_TAG.format("misclassified_pixel_fraction")]] == pytest.approx(
         [0.2, 0.1]
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import cli
 import flags
@@ -25,7 +26,7 @@ import train
 import watcher
 from conftest import ROOT, TINY, raw_events, steps, tiny_run
 from rundir import CONFIG
-from summaries import BATCH_GROUP, EPOCH_TAG, SHOWN_GROUP, SLICE_GROUP
+from summaries import BATCH_GROUP, BEST_TAG, EPOCH_TAG, SHOWN_GROUP, SLICE_GROUP
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,25 @@ def test_a_resumed_run_writes_the_same_curves_as_one_run_straight_through(straig
         )
     assert steps(resumed["train"][EPOCH_TAG.format("loss")]) == [0, 1, 2]
     assert steps(resumed["train"][f"{BATCH_GROUP}/loss"]) == [2, 4, 6, 8]
+    assert steps(resumed[""][BEST_TAG.format("v_rand")]) == [3, 6, 9]
+
+
+@pytest.mark.parametrize(
+    "recorded, written_at",
+    [
+        ({"config_version": 1}, [0, 1, 2]),
+        ({"config_version": rundir.CONFIG_VERSION, rundir.BEST_SCORES_AT: "step"}, [3, 6, 9]),
+    ],
+)
+def test_resume_cuts_the_best_scores_where_the_run_writes_them(tmp_path, recorded, written_at):
+    """A run started before config_version 2 wrote its best-so-far scalars at the epoch index; a
+    newer one at the evaluation's step. Resumed after 2 epochs of 3 steps, each keeps its first two."""
+    config = rundir.migrate({**settings.DEFAULTS, **rundir.UNVERSIONED, **recorded}, CONFIG)
+    with tf.summary.create_file_writer(str(tmp_path)).as_default():
+        for step in written_at:
+            tf.summary.scalar(BEST_TAG.format("v_rand"), 0.5, step=step)
+    resume.cut_event_files(tmp_path, 2, 6, resume.epoch_indexed(config))
+    assert steps(raw_events(tmp_path)[""][BEST_TAG.format("v_rand")]) == written_at[:2]
 
 
 def test_the_watcher_writes_every_tag_step_and_value_that_watching_on_the_training_thread_writes(
@@ -278,10 +298,12 @@ def test_a_run_started_before_its_settings_existed_resumes_and_records_them(tmp_
     config = json.loads((run_dir / CONFIG).read_text())
     # As config.json was before it had a version, or these settings.
     del config["config_version"], config["ema"], config["dropout"], config["preset"], config["resumed"]
+    del config[rundir.BEST_SCORES_AT]
     (run_dir / CONFIG).write_text(json.dumps(config))
     assert train.main(["--resume", str(run_dir), "--epochs", "2"]) == 0
     resumed = json.loads((run_dir / CONFIG).read_text())
     assert (resumed["ema"], resumed["dropout"], resumed["preset"]) == (0.0, 0.0, None)
+    assert resumed[rundir.BEST_SCORES_AT] == "epoch"  # where it wrote them before
     assert resumed["config_version"] == rundir.CONFIG_VERSION and len(resumed["resumed"]) == 1
 
 
@@ -295,7 +317,13 @@ def test_a_run_started_before_its_settings_existed_resumes_and_records_them(tmp_
     ],
 )
 def test_a_config_of_a_newer_version_or_lacking_a_setting_is_refused(tmp_path, edit, message):
-    config = {**settings.DEFAULTS, **rundir.UNVERSIONED, "config_version": rundir.CONFIG_VERSION, **edit}
+    config = {
+        **settings.DEFAULTS,
+        **rundir.UNVERSIONED,
+        rundir.BEST_SCORES_AT: "step",
+        "config_version": rundir.CONFIG_VERSION,
+        **edit,
+    }
     config = {name: value for name, value in config.items() if name not in edit or edit[name] is not None}
     (tmp_path / rundir.CONFIG).write_text(json.dumps(config))
     with pytest.raises(cli.InputError, match=re.escape(f"{tmp_path / rundir.CONFIG} {message}")):

@@ -2,14 +2,20 @@
 invocation trains nothing; --index runs one; bad input to any point is refused before the first run;
 --summary groups the runs that differ only in seed."""
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
 
 import pytest
 
 import cli
 import rundir
 import sweep
-from conftest import TINY
+from conftest import ROOT, TINY
 
 ONE_EPOCH = [*TINY, "--epochs", "1"]
 
@@ -104,6 +110,15 @@ def test_each_parallel_run_gets_a_gpu_of_its_own_or_its_share_of_the_cpu(monkeyp
     assert first["TF_NUM_INTRAOP_THREADS"] == second["OMP_NUM_THREADS"] == "4"
 
 
+def test_a_stop_ends_every_run_and_names_those_it_stopped_apart_from_those_that_failed():
+    sleeping = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    failing = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    failing.wait()  # failed on its own before the stop
+    running = {(sleeping, None): (SimpleNamespace(name="a"), {}), (failing, None): (SimpleNamespace(name="b"), {})}
+    assert sweep.stop_runs(running) == (["a"], ["b"])
+    assert sleeping.returncode == -signal.SIGTERM
+
+
 def test_a_run_that_another_process_trains_or_that_holds_no_config_is_left_alone(
     two_run_logdir, isbi_dir, tmp_path, capsys
 ):
@@ -122,3 +137,34 @@ def test_a_run_that_another_process_trains_or_that_holds_no_config_is_left_alone
         "remove it to start it anew"
     )
     assert summary.startswith("sweep.py: 0 of 2 runs have finished; compare them: ")
+
+
+# Slow: a training stopped by a real signal, as tests/test_cli.py's for train.py.
+@pytest.mark.slow
+def test_sigterm_stops_the_runs_of_a_sweep_that_ignores_sigint_and_keeps_their_checkpoints(small_isbi_dir, tmp_path):
+    logdir = tmp_path / "logs"
+    run_dir = logdir / "bce_lr1e-3_seed0"
+    process = subprocess.Popen(
+        [sys.executable, "sweep.py", *TINY, "--epochs", "50", "--data", str(small_isbi_dir), "--logdir", str(logdir)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # As a script's background job starts it (a cluster's job script, say): SIGINT ignored,
+        # and ignored in its runs too.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    deadline = time.monotonic() + 240
+    while not (run_dir / rundir.LAST).is_file() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert output.endswith(
+        f"\ntrain.py: stopped by SIGTERM: continue the run from its last checkpoint with --resume {run_dir}\n"
+        "sweep.py: stopped by SIGTERM: bce_lr1e-3_seed0 stopped as after Ctrl-C, checkpoints kept: run the same "
+        "sweep again to go on\n"
+    ), output[-600:]
+    rundir.refuse_if_being_trained(run_dir)  # its train.py has ended: the lock is free
+    assert (run_dir / rundir.LAST).is_file()

@@ -1,6 +1,7 @@
 """A tiny run on the real ISBI 2012 data, read back the way TensorBoard reads it."""
 
 import collections
+import contextlib
 import hashlib
 import json
 import re
@@ -96,7 +97,8 @@ def test_isbi_scores_every_eval_every_epochs_beside_the_validation_loss(events):
             )
     assert EPOCH_TAG.format("v_rand") not in events["bce_lr1e-3/train"]
     best = events["bce_lr1e-3"][BEST_TAG.format("v_rand")]
-    assert steps(best) == [0, 1]
+    # At the step each evaluation was made, as the dashboard's curves beside them.
+    assert steps(best) == steps(events["bce_lr1e-3/validation"][EVALUATION_TAG.format("v_rand")]) == [3, TINY_STEPS]
     assert float(best[-1][1]) == max(
         float(value) for _, value in events["bce_lr1e-3/validation"][EPOCH_TAG.format("v_rand")]
     )
@@ -308,7 +310,8 @@ def test_best_validation_fraction_per_epoch(events):
             float(value)
             for _, value in events[f"{loss}_lr1e-3/validation"][EPOCH_TAG.format("misclassified_pixel_fraction")]
         ]
-        assert steps(best) == [0, 1]
+        evaluations = events[f"{loss}_lr1e-3/validation"][EVALUATION_TAG.format("misclassified_pixel_fraction")]
+        assert steps(best) == steps(evaluations) == [3, TINY_STEPS]
         assert float(best[-1][1]) == pytest.approx(min(epochs))
 
 
@@ -397,10 +400,11 @@ def test_run_directory_holds_config_and_best_checkpoint(two_run_logdir):
 
 def test_a_second_run_with_the_same_name_gets_its_own_directory(tmp_path):
     # Two real runs of one name starting together: tests/test_resume.py.
-    first = rundir.start(tmp_path, "wbce_lr1e-3", {"loss": "wbce"})
-    (first / LAST).write_bytes(b"weights")
-    before = {path: path.read_bytes() for path in first.rglob("*")}
-    second = rundir.start(tmp_path, "wbce_lr1e-3", {"loss": "wbce", "seed": 1})
+    with contextlib.ExitStack() as held:
+        first = rundir.start(tmp_path, "wbce_lr1e-3", {"loss": "wbce"}, held)
+        (first / LAST).write_bytes(b"weights")
+        before = {path: path.read_bytes() for path in first.rglob("*")}
+        second = rundir.start(tmp_path, "wbce_lr1e-3", {"loss": "wbce", "seed": 1}, held)
     assert second == tmp_path / "wbce_lr1e-3_2" and rundir.read_config(second)["seed"] == 1
     assert rundir.read_config(second)["run_dir"] == str(second)
     assert {path: path.read_bytes() for path in first.rglob("*")} == before
