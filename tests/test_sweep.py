@@ -143,7 +143,7 @@ def test_a_run_that_another_process_trains_or_that_holds_no_config_is_left_alone
 @pytest.mark.slow
 def test_sigterm_stops_the_runs_of_a_sweep_that_ignores_sigint_and_keeps_their_checkpoints(small_isbi_dir, tmp_path):
     logdir = tmp_path / "logs"
-    run_dir = logdir / "bce_lr1e-3_seed0"
+    run_dir = logdir / "bce_lr1e-4_seed0"
     process = subprocess.Popen(
         [sys.executable, "sweep.py", *TINY, "--epochs", "50", "--data", str(small_isbi_dir), "--logdir", str(logdir)],
         cwd=ROOT,
@@ -163,7 +163,7 @@ def test_sigterm_stops_the_runs_of_a_sweep_that_ignores_sigint_and_keeps_their_c
     assert process.returncode == 128 + signal.SIGTERM, output
     assert output.endswith(
         f"\ntrain.py: stopped by SIGTERM: continue the run from its last checkpoint with --resume {run_dir}\n"
-        "sweep.py: stopped by SIGTERM: bce_lr1e-3_seed0 stopped as after Ctrl-C, checkpoints kept: run the same "
+        "sweep.py: stopped by SIGTERM: bce_lr1e-4_seed0 stopped as after Ctrl-C, checkpoints kept: run the same "
         "sweep again to go on\n"
     ), output[-600:]
     rundir.refuse_if_being_trained(run_dir)  # its train.py has ended: the lock is free
