@@ -351,6 +351,9 @@ def test_a_directory_that_is_not_a_run_is_refused(tmp_path, capsys):
     )
 
 
+# Slow: converts and tests all three weight formats again (30 s on two cores) to see them refused;
+# the package that passes is tested by default.
+@pytest.mark.slow
 def test_a_package_whose_test_output_does_not_reproduce_is_not_written(two_run_logdir, tmp_path, monkeypatch, capsys):
     real_predict_batch = tiling.predict_batch
     monkeypatch.setattr(tiling, "predict_batch", lambda model, tiles: real_predict_batch(model, tiles) + 0.1)
