@@ -196,6 +196,7 @@ def copy_of(run_dir, tmp_path):
     return copy
 
 
+@pytest.mark.slow
 def test_two_resumes_started_together_train_once(two_epoch_run, tmp_path):
     run_dir = copy_of(two_epoch_run, tmp_path)
     command = [sys.executable, "train.py", "--resume", str(run_dir), "--epochs", "4"]
