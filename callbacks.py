@@ -51,9 +51,10 @@ class SummaryWriters(keras.callbacks.Callback):
     run itself, `writers[TRAIN]`, `writers[VALIDATION]`), created when first used, shared by the
     callbacks that write there, flushed at every epoch end and closed when training ends.
 
-    Shared, so that a run directory gets one event file per process: TensorBoard reads the files
-    of a directory one after the other, and a second file written at the same time would be read
-    only up to the point it had reached when the first one grew.
+    Shared, so that a run directory gets one event file per process: TensorBoard's older loader
+    (used where tensorboard-data-server has no binary: macOS on Apple silicon, Windows, Linux on
+    ARM) polls only the newest file of a directory, so a second file written at the same time
+    would stop the other's curves until TensorBoard restarts (docs/tensorboard.md).
     Every summary but the graph is written by the run's watcher (watcher.py), one after the other
     in the order the callbacks handed them over; the writers are closed once it is drained. Must
     come after every callback that writes and before Checkpoints: a checkpoint is promoted only once
@@ -358,6 +359,40 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+PROFILED_STEP = "train"  # the name of a profiled step's mark in the trace
+
+
+class Profiler(StepCallback):
+    """TensorFlow's profiler over the training steps `first` to `last` (--profile-batch): their
+    trace, every thread's (the watcher's too), in `<run>/train/plugins/profile/<time>/`, where
+    TensorBoard's Profile tab finds it, with each step marked (the tab's step-time breakdown needs
+    the marks). A mark spans the step and the batch-end hooks after it: the last callback of a run.
+
+    Not Keras' TensorBoard(profile_batch=...), which would also write the epoch curves and the
+    traced graph through writers of its own (docs/tensorboard.md says why the run has none)."""
+
+    def __init__(self, logdir, first, last):
+        super().__init__()
+        self.logdir = str(logdir)
+        self.first, self.last = first, last
+        self._step_mark = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        step = self.step_after(batch)
+        if step == self.first:
+            tf.profiler.experimental.start(self.logdir)
+        if self.first <= step <= self.last:
+            self._step_mark = tf.profiler.experimental.Trace(PROFILED_STEP, step_num=step, _r=1)
+            self._step_mark.__enter__()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._step_mark is not None:
+            self._step_mark.__exit__(None, None, None)
+            self._step_mark = None
+            if self.step_after(batch) == self.last:
+                tf.profiler.experimental.stop()
+
+
 # --- a run's callbacks --------------------------------------------------------------------------
 
 
@@ -417,4 +452,5 @@ def for_run(args, run, inputs, stop, hyperparameters, documents, watcher, epoch_
         Checkpoints(watcher, run.directory, epoch_logs, score, run.reached.get(score)),
         EpochReport(watcher, epoch_logs, report),
         EpochEndHandOver(watcher, first=False),
+        *([Profiler(run.directory / TRAIN, *args.profile_batch)] if args.profile_batch else []),
     ]

@@ -185,6 +185,21 @@ def index_list(text):
     return indices
 
 
+def step_range(text):
+    """`START,STOP` or one step `N`: training steps counted from 1, as TensorBoard's step axis
+    counts them."""
+    parts = text.split(",")
+    try:
+        first, last = int(parts[0]), int(parts[-1])
+    except ValueError:
+        first = last = None
+    if len(parts) > 2 or first is None or not 1 <= first <= last:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not START,STOP with 1 <= START <= STOP (training steps, e.g. 10,15) or one step N"
+        )
+    return first, last
+
+
 def index_list_text(indices):
     """Indices as index_list reads them: "5,15,25"."""
     return ",".join(map(str, indices))

@@ -229,6 +229,13 @@ def build_parser(prog="train.py", exit_on_error=True):
         default=DEFAULTS["update_freq"],
         help="write batch-level scalars every N steps",
     )
+    board.add_argument(
+        "--profile-batch",
+        type=cli.step_range,
+        metavar="START,STOP",
+        help="trace training steps START to STOP (as TensorBoard's step axis counts them) with "
+        "TensorFlow's profiler, for TensorBoard's Profile tab (docs/performance.md); off by default",
+    )
     parser.add_argument(
         "--resume",
         type=Path,

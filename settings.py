@@ -70,7 +70,7 @@ BEFORE_IT_EXISTED = {"ema": 0.0}
 COMPARED = ("loss", "lr", "seed")
 
 # Flags about the command, not the run: never recorded in a run's config.json.
-COMMAND_FLAGS = ("summary", "resume", "accept_new_data", "name")
+COMMAND_FLAGS = ("summary", "resume", "accept_new_data", "name", "profile_batch")
 
 # Settings that may differ when a run is resumed: how far to train, and how this machine runs it.
 RESUMABLE = ("epochs", "strategy", "memmap")

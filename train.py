@@ -183,15 +183,25 @@ def checked(args, given):
     if config is not None:
         args = resumed_arguments(args, given, config)
     args.epochs = args.epochs or settings.DEFAULTS["epochs"]
-    if config is not None:  # a finished run is told so now, not after TensorFlow has loaded
-        step = rundir.checkpoint_step(Path(args.resume) / rundir.LAST)
-        if step is not None and step // config["steps_per_epoch"] >= args.epochs:
-            raise cli.InputError(rundir.finished(args.resume, step // config["steps_per_epoch"]))
+    step = None if config is None else rundir.checkpoint_step(Path(args.resume) / rundir.LAST)
+    if step is not None and step // config["steps_per_epoch"] >= args.epochs:  # told now, not after TensorFlow loads
+        raise cli.InputError(rundir.finished(args.resume, step // config["steps_per_epoch"]))
+    if args.profile_batch is not None:
+        check_profiled_steps(args.profile_batch, (step or 0) + 1, args.epochs * args.steps_per_epoch)
     run_inputs = inputs.load(args, resumed_config=config)
     if args.resume is None:
         rundir.writable_directory(args.logdir)
     flags.cluster_tasks(args.strategy)
     return args, config, run_inputs
+
+
+def check_profiled_steps(profiled, first, last):
+    """InputError unless the steps to profile (--profile-batch) are among those the run trains."""
+    if not first <= profiled[0] <= profiled[1] <= last:
+        raise cli.InputError(
+            f"--profile-batch {profiled[0]},{profiled[1]}: this run trains steps {first} to {last}; "
+            "pick steps among them"
+        )
 
 
 def open_run(args, resumed_config, run_inputs, command, setup, logdir, chief, held):

@@ -154,12 +154,16 @@ def built_once(tmp_path_factory, worker_id, name, build):
 @pytest.fixture(scope="session")
 def two_run_logdir(tmp_path_factory, isbi_dir, worker_id):
     """A log directory with two tiny runs on ISBI 2012: `bce_lr1e-3`, scored as in the challenge
-    every epoch, and `wbce_lr1e-3` (the U-Net paper's weighted loss), every second epoch, with
-    averaged weights (--ema). Read only: a test that changes it works on a copy."""
+    every epoch and profiled over steps 2 and 3 (--profile-batch, which must leave its curves as any
+    run's), and `wbce_lr1e-3` (the U-Net paper's weighted loss), every second epoch, with averaged
+    weights (--ema). Read only: a test that changes it works on a copy."""
 
     def train_both(logdir):
-        for loss, eval_every, ema in (("bce", "1", "0"), ("wbce", "2", "0.9")):
-            assert tiny_run(isbi_dir, logdir, "--loss", loss, "--eval-every", eval_every, "--ema", ema) == 0
+        for loss, flags in (
+            ("bce", ("--eval-every", "1", "--ema", "0", "--profile-batch", "2,3")),
+            ("wbce", ("--eval-every", "2", "--ema", "0.9")),
+        ):
+            assert tiny_run(isbi_dir, logdir, "--loss", loss, *flags) == 0
 
     return built_once(tmp_path_factory, worker_id, "two_run_logdir", train_both)
 

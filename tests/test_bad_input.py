@@ -124,6 +124,10 @@ def mirror_unreachable(tmp_path, isbi_dir):
     return ["--data", str(tmp_path / "isbi"), "--mirror", "http://127.0.0.1:9/"]
 
 
+def profiling_steps_beyond_the_run(tmp_path, isbi_dir):
+    return ["--data", str(isbi_dir), "--epochs", "2", "--steps-per-epoch", "5", "--profile-batch", "8,12"]
+
+
 CASES = [
     (missing, "missing.tif not found: check the path"),
     (not_a_tiff, "notes.tif is not a readable TIFF"),
@@ -143,6 +147,7 @@ CASES = [
         "if these are 3 grey slices, write them with tifffile.imwrite(path, stack, photometric='minisblack')",
     ),
     (one_slice, "the stack holds one slice: a run needs at least two"),
+    (profiling_steps_beyond_the_run, "--profile-batch 8,12: this run trains steps 1 to 10; pick steps among them"),
 ]
 
 

@@ -121,6 +121,13 @@ def test_resume_keeps_the_runs_settings(straight_and_resumed, capsys):
     assert "drop --lr (start a new run to change them)" in capsys.readouterr().err
 
 
+def test_resume_refuses_to_profile_steps_the_run_has_trained(straight_and_resumed, capsys):
+    config = (straight_and_resumed[1] / CONFIG).read_bytes()
+    assert train.main(["--resume", str(straight_and_resumed[1]), "--epochs", "4", "--profile-batch", "9,10"]) == 2
+    assert "--profile-batch 9,10: this run trains steps 10 to 12; pick steps among them" in capsys.readouterr().err
+    assert (straight_and_resumed[1] / CONFIG).read_bytes() == config
+
+
 def test_resume_of_a_directory_that_is_not_a_run_is_refused(tmp_path, capsys):
     assert train.main(["--resume", str(tmp_path)]) == 2
     error = capsys.readouterr().err

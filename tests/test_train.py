@@ -17,8 +17,10 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorflow.core.protobuf.config_pb2 import RunMetadata
+from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
 import batches
+import callbacks
 import metrics
 import rundir
 import runs
@@ -83,6 +85,28 @@ def test_epoch_curves_for_training_and_validation(events, loss):
         float(v) for _, v in events[f"{loss}_lr1e-3/validation"][EPOCH_TAG.format("misclassified_pixel_fraction")]
     ]
     assert all(0 <= f <= 1 for f in fractions)
+
+
+def test_profile_batch_traces_those_steps_where_the_profile_tab_reads_them(two_run_logdir):
+    """The bce run's --profile-batch 2,3: one trace, in TensorFlow's layout under the train run
+    (plugins/profile/<time>/<host>.xplane.pb), with a mark for each of the two steps; no event file
+    beside the run's own (test_each_loss_is_its_own_run...)."""
+    traces = list((two_run_logdir / "bce_lr1e-3" / rundir.TRAIN).glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1
+    marked = []
+    for plane in xplane_pb2.XSpace.FromString(traces[0].read_bytes()).planes:
+        marks = {key for key, event in plane.event_metadata.items() if event.name == callbacks.PROFILED_STEP}
+        step_num = {key for key, stat in plane.stat_metadata.items() if stat.name == "step_num"}
+        marked += [
+            stat.int64_value or stat.uint64_value
+            for line in plane.lines
+            for event in line.events
+            if event.metadata_id in marks
+            for stat in event.stats
+            if stat.metadata_id in step_num
+        ]
+    assert sorted(marked) == [2, 3]
+    assert not list((two_run_logdir / "wbce_lr1e-3").rglob("*.xplane.pb"))
 
 
 def test_isbi_scores_every_eval_every_epochs_beside_the_validation_loss(events):
@@ -440,6 +464,10 @@ def test_run_names_keep_distinct_learning_rates_apart(lr, name):
         (["--val-slices", "-2"], "holds a negative index"),
         (["--loss", "hinge"], "invalid choice: 'hinge' (choose from 'bce', 'mse', 'dice', 'bce_dice', 'wbce')"),
         (["--val-slices", "5,x"], "comma-separated list"),
+        (["--profile-batch", "0"], "is not START,STOP with 1 <= START <= STOP"),
+        (["--profile-batch", "15,10"], "is not START,STOP with 1 <= START <= STOP"),
+        (["--profile-batch", "1,2,3"], "is not START,STOP with 1 <= START <= STOP"),
+        (["--profile-batch", "ten"], "is not START,STOP with 1 <= START <= STOP"),
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(flags, message, capsys):
