@@ -140,6 +140,7 @@ def test_two_workers_train_one_run_that_only_the_chief_writes(small_isbi_dir, tw
     assert not os.path.exists(worker_dir)
 
 
+@pytest.mark.slow
 def test_a_lost_worker_stops_the_chief_with_one_line(small_isbi_dir, tmp_path):
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     arguments = TINY + [

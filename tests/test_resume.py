@@ -337,6 +337,7 @@ def test_a_config_of_a_newer_version_or_lacking_a_setting_is_refused(tmp_path, e
         rundir.read_config(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_scales_its_images_as_recorded(tmp_path, small_isbi_dir):
     """A run started under another scaling rule goes on seeing its images as it did."""
     assert tiny_run(small_isbi_dir, tmp_path, "--epochs", "1", "--eval-every", "0") == 0

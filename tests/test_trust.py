@@ -273,6 +273,7 @@ def test_resume_refuses_data_that_changed_unless_told(two_epoch_run, tmp_path, s
     assert train.main(["--resume", str(run_dir), "--epochs", "4"]) == 0
 
 
+@pytest.mark.slow
 def test_a_run_resumes_from_any_directory_and_after_its_data_moved(tmp_path, small_isbi_dir, monkeypatch, capsys):
     started, elsewhere = tmp_path / "started", tmp_path / "elsewhere"
     (started / "isbi").mkdir(parents=True)
