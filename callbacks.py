@@ -375,13 +375,15 @@ class Profiler(StepCallback):
         super().__init__()
         self.logdir = str(logdir)
         self.first, self.last = first, last
+        self._profiling = False
         self._step_mark = None
 
     def on_train_batch_begin(self, batch, logs=None):
         step = self.step_after(batch)
         if step == self.first:
             tf.profiler.experimental.start(self.logdir)
-        if self.first <= step <= self.last:
+            self._profiling = True
+        if self._profiling:
             self._step_mark = tf.profiler.experimental.Trace(PROFILED_STEP, step_num=step, _r=1)
             self._step_mark.__enter__()
 
@@ -389,8 +391,16 @@ class Profiler(StepCallback):
         if self._step_mark is not None:
             self._step_mark.__exit__(None, None, None)
             self._step_mark = None
-            if self.step_after(batch) == self.last:
-                tf.profiler.experimental.stop()
+        if self.step_after(batch) == self.last:
+            self.stop()
+
+    def on_train_end(self, logs=None):
+        self.stop()  # a run stopped before `last` (a non-finite loss) keeps the steps traced so far
+
+    def stop(self):
+        if self._profiling:
+            tf.profiler.experimental.stop()
+            self._profiling = False
 
 
 # --- a run's callbacks --------------------------------------------------------------------------
