@@ -358,8 +358,9 @@ def main(argv=None):
     parser = build_parser()
     args, given = cli.parse_with_given(parser, argv)
     args = flags.with_preset(args, given)
-    if args.resume or args.summary:
-        parser.error("--resume and --summary are train.py's; bench.py measures a new configuration")
+    if args.resume or args.summary or args.profile_batch:
+        # A profiler running in its timed fits would change what bench.py measures.
+        parser.error("--resume, --summary and --profile-batch are train.py's; bench.py measures a new configuration")
     args.epochs = args.epochs or settings.DEFAULTS["epochs"]
     return cli.run("bench.py", lambda: benchmark(args, argv))
 

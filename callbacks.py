@@ -52,9 +52,8 @@ class SummaryWriters(keras.callbacks.Callback):
     callbacks that write there, flushed at every epoch end and closed when training ends.
 
     Shared, so that a run directory gets one event file per process: TensorBoard's older loader
-    (used where tensorboard-data-server has no binary: macOS on Apple silicon, Windows, Linux on
-    ARM) polls only the newest file of a directory, so a second file written at the same time
-    would stop the other's curves until TensorBoard restarts (docs/tensorboard.md).
+    polls only the newest file of a directory, so a second file written at the same time would
+    stop the other's curves until TensorBoard restarts (docs/tensorboard.md says where it runs).
     Every summary but the graph is written by the run's watcher (watcher.py), one after the other
     in the order the callbacks handed them over; the writers are closed once it is drained. Must
     come after every callback that writes and before Checkpoints: a checkpoint is promoted only once
@@ -363,10 +362,11 @@ PROFILED_STEP = "train"  # the name of a profiled step's mark in the trace
 
 
 class Profiler(StepCallback):
-    """TensorFlow's profiler over the training steps `first` to `last` (--profile-batch): their
-    trace, every thread's (the watcher's too), in `<run>/train/plugins/profile/<time>/`, where
-    TensorBoard's Profile tab finds it, with each step marked (the tab's step-time breakdown needs
-    the marks). A mark spans the step and the batch-end hooks after it: the last callback of a run.
+    """TensorFlow's profiler over the training steps `first` to `last` (--profile-batch): the
+    TensorFlow ops of every thread (training, tf.data's workers, the watcher's writes) in
+    `logdir/plugins/profile/<time>/`, where TensorBoard's Profile tab finds them, each step marked
+    from its training step to the end of its batch-end hooks: the last callback of a run. `stop`
+    writes what was traced so far; the run calls it however it ends.
 
     Not Keras' TensorBoard(profile_batch=...), which would also write the epoch curves and the
     traced graph through writers of its own (docs/tensorboard.md says why the run has none)."""
@@ -384,6 +384,7 @@ class Profiler(StepCallback):
             tf.profiler.experimental.start(self.logdir)
             self._profiling = True
         if self._profiling:
+            # _r=1: a step of its own for the Profile tab's step-time breakdown, not just a span.
             self._step_mark = tf.profiler.experimental.Trace(PROFILED_STEP, step_num=step, _r=1)
             self._step_mark.__enter__()
 
@@ -398,6 +399,8 @@ class Profiler(StepCallback):
         self.stop()  # a run stopped before `last` (a non-finite loss) keeps the steps traced so far
 
     def stop(self):
+        """Write the trace if the profiler runs, and stop it (a second profiler cannot start while
+        it runs)."""
         if self._profiling:
             tf.profiler.experimental.stop()
             self._profiling = False
@@ -462,5 +465,4 @@ def for_run(args, run, inputs, stop, hyperparameters, documents, watcher, epoch_
         Checkpoints(watcher, run.directory, epoch_logs, score, run.reached.get(score)),
         EpochReport(watcher, epoch_logs, report),
         EpochEndHandOver(watcher, first=False),
-        *([Profiler(run.directory / TRAIN, *args.profile_batch)] if args.profile_batch else []),
     ]

@@ -233,8 +233,8 @@ def build_parser(prog="train.py", exit_on_error=True):
         "--profile-batch",
         type=cli.step_range,
         metavar="START,STOP",
-        help="trace training steps START to STOP (as TensorBoard's step axis counts them) with "
-        "TensorFlow's profiler, for TensorBoard's Profile tab (docs/performance.md); off by default",
+        help="trace training steps START to STOP, or one step N (as TensorBoard's step axis counts "
+        "them), with TensorFlow's profiler, for TensorBoard's Profile tab (docs/performance.md); off by default",
     )
     parser.add_argument(
         "--resume",

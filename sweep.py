@@ -74,6 +74,8 @@ def points(args, passed_on):
     """The sweep's runs in order (loss, then learning rate, then seed), each checked: its flags as
     train.py checks them, and a run already in its directory against what the sweep asks of it."""
     refused = sorted({flag for flag in passed_on if flag.lstrip("-").split("=")[0].replace("-", "_") in NOT_PASSED_ON})
+    if any(flag.split("=")[0] == "--profile-batch" for flag in refused):
+        raise cli.InputError("sweep.py profiles no run: profile one of its settings with train.py --profile-batch")
     if refused:
         raise cli.InputError(f"sweep.py names and resumes its runs itself: drop {' '.join(refused)}")
     found = []

@@ -258,6 +258,10 @@ def fit(run, args, run_inputs, strategy, stop, progress, epoch_logs, held):
     watching_callbacks = callbacks.for_run(
         args, run, run_inputs, stop, hyperparameters, documents, watching, epoch_logs, progress.validated
     )
+    profiling = []
+    if args.profile_batch:
+        profiling = [callbacks.Profiler(run.directory / rundir.TRAIN, *args.profile_batch)]
+        held.callback(profiling[0].stop)  # Keras ends no callback on a Ctrl-C or an error: the trace so far is kept
     run.model.fit(
         distribute.training_batches(strategy, batches, args.steps_per_epoch, run.initial_epoch),
         epochs=args.epochs,
@@ -265,7 +269,7 @@ def fit(run, args, run_inputs, strategy, stop, progress, epoch_logs, held):
         steps_per_epoch=args.steps_per_epoch,
         shuffle=False,
         verbose=0,
-        callbacks=[callbacks.StopBetweenSteps(), progress, *watching_callbacks],
+        callbacks=[callbacks.StopBetweenSteps(), progress, *watching_callbacks, *profiling],
     )
 
 

@@ -96,3 +96,12 @@ def test_bench_refuses_bad_flags_in_one_line(flags, capsys):
     assert stop.value.code == 2
     error = capsys.readouterr().err
     assert error.startswith("bench.py: error:") and error.count("\n") == 1
+
+
+@pytest.mark.parametrize("flags", [["--profile-batch", "2,3"], ["--summary", "logs"], ["--resume", "logs/bce_lr1e-4"]])
+def test_bench_refuses_what_only_train_py_does(flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(flags)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1
+    assert "--resume, --summary and --profile-batch are train.py's; bench.py measures a new configuration" in error

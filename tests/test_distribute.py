@@ -97,7 +97,6 @@ def free_ports(count):
     return ports
 
 
-@pytest.mark.slow
 def test_two_devices_under_mirrored_strategy_log_what_one_device_logs(small_isbi_dir, two_run_logdir, tmp_path):
     ((code, output),) = finished(
         [start(["-c", ON_TWO_CPU_DEVICES, *tiny_run_arguments(small_isbi_dir, tmp_path, "mirrored")])]
@@ -111,8 +110,8 @@ def test_two_devices_under_mirrored_strategy_log_what_one_device_logs(small_isbi
     assert batch_loss_steps(tmp_path, "bce_lr1e-3") == batch_loss_steps(two_run_logdir, "bce_lr1e-3")
 
 
-# Slow: two processes train under MultiWorkerMirroredStrategy; the lost-worker test below starts the
-# same cluster by default, and the mirrored test checks what a distributed run writes.
+# Slow, as the lost-worker test below: two processes train under MultiWorkerMirroredStrategy; the
+# mirrored test above checks what a distributed run writes.
 @pytest.mark.slow
 def test_two_workers_train_one_run_that_only_the_chief_writes(small_isbi_dir, two_run_logdir, tmp_path):
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]

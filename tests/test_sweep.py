@@ -79,6 +79,10 @@ def test_list_says_which_runs_are_new_finished_or_to_resume_and_trains_nothing(
     [
         (["--name", "mine"], "sweep.py names and resumes its runs itself: drop --name"),
         (["--resume", "logs/x"], "sweep.py names and resumes its runs itself: drop --resume"),
+        (
+            ["--profile-batch=2,3"],
+            "sweep.py profiles no run: profile one of its settings with train.py --profile-batch",
+        ),
         (["--crop", "128"], "was trained with crop 64, not as this sweep asks: give the sweep another --logdir"),
         (["--index", "2"], "--index 2: this sweep has 2 runs, 0 to 1"),
         (["--images", "missing.tif", "--labels", "missing.tif"], "missing.tif"),  # the data, as train.py checks it

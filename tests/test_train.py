@@ -3,6 +3,7 @@
 import collections
 import contextlib
 import hashlib
+import itertools
 import json
 import re
 import shutil
@@ -27,7 +28,7 @@ import runs
 import tiffs
 import tiling
 import train
-from conftest import ISBI_VALIDATION_SLICES, ROOT, TINY_STEPS, read_events, runs_in
+from conftest import ISBI_VALIDATION_SLICES, ROOT, TINY_STEPS, read_events, runs_in, tiny_run
 from rundir import BEST, CONFIG, LAST
 from settings import BEST_SCORES, CHECKPOINT_SCORE
 from summaries import (
@@ -87,14 +88,12 @@ def test_epoch_curves_for_training_and_validation(events, loss):
     assert all(0 <= f <= 1 for f in fractions)
 
 
-def test_profile_batch_traces_those_steps_where_the_profile_tab_reads_them(two_run_logdir):
-    """The bce run's --profile-batch 2,3: one trace, in TensorFlow's layout under the train run
-    (plugins/profile/<time>/<host>.xplane.pb), with a mark for each of the two steps; no event file
-    beside the run's own (test_each_loss_is_its_own_run...)."""
-    traces = list((two_run_logdir / "bce_lr1e-3" / rundir.TRAIN).glob("plugins/profile/*/*.xplane.pb"))
-    assert len(traces) == 1
+def profiled_steps(run_dir):
+    """The steps marked in the one trace under `run_dir`'s train run, in TensorFlow's layout
+    (plugins/profile/<time>/<host>.xplane.pb), which TensorBoard's Profile tab reads."""
+    (trace,) = (run_dir / rundir.TRAIN).glob("plugins/profile/*/*.xplane.pb")
     marked = []
-    for plane in xplane_pb2.XSpace.FromString(traces[0].read_bytes()).planes:
+    for plane in xplane_pb2.XSpace.FromString(trace.read_bytes()).planes:
         marks = {key for key, event in plane.event_metadata.items() if event.name == callbacks.PROFILED_STEP}
         step_num = {key for key, stat in plane.stat_metadata.items() if stat.name == "step_num"}
         marked += [
@@ -105,8 +104,33 @@ def test_profile_batch_traces_those_steps_where_the_profile_tab_reads_them(two_r
             for stat in event.stats
             if stat.metadata_id in step_num
         ]
-    assert sorted(marked) == [2, 3]
+    return sorted(marked)
+
+
+def test_profile_batch_traces_those_steps_where_the_profile_tab_reads_them(two_run_logdir):
+    """The bce run's --profile-batch 2,3: a mark for each of the two steps, and no event file beside
+    the run's own (a second one in a directory would stop curves on TensorBoard's older loader)."""
+    assert profiled_steps(two_run_logdir / "bce_lr1e-3") == [2, 3]
+    assert len(list((two_run_logdir / "bce_lr1e-3" / rundir.TRAIN).glob("events.out.tfevents.*"))) == 1
     assert not list((two_run_logdir / "wbce_lr1e-3").rglob("*.xplane.pb"))
+
+
+def test_a_run_interrupted_while_profiling_keeps_the_steps_traced(tmp_path, small_isbi_dir, monkeypatch):
+    """Ctrl-C before step 6 of a run profiling steps 4 to 6, in its second epoch (steps as
+    TensorBoard counts them, not the epoch's batches): steps 4 and 5 are written, and the profiler
+    is stopped, so that another can start in the process."""
+    checks = itertools.count(1)
+
+    def interrupted_before_step_6():
+        # StopBetweenSteps checks at each epoch's start and before each step: the 8th is step 6's.
+        if next(checks) == 8:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(callbacks, "stop_if_interrupted", interrupted_before_step_6)
+    assert tiny_run(small_isbi_dir, tmp_path, "--profile-batch", "4,6") == 130
+    assert profiled_steps(tmp_path / "bce_lr1e-3") == [4, 5]
+    tf.profiler.experimental.start(str(tmp_path / "another"))
+    tf.profiler.experimental.stop()
 
 
 def test_isbi_scores_every_eval_every_epochs_beside_the_validation_loss(events):

@@ -381,6 +381,7 @@ def test_accept_new_data_goes_with_resume(tmp_path, capsys):
     assert "--accept-new-data goes with --resume" in error
 
 
+@pytest.mark.slow
 def test_resume_leaves_a_run_nested_in_it_alone(two_epoch_run, tmp_path):
     longer = copy_of(two_epoch_run, tmp_path / "longer")
     assert train.main(["--resume", str(longer), "--epochs", "3"]) == 0
