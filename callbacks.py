@@ -366,7 +366,8 @@ class Profiler(StepCallback):
     TensorFlow ops of every thread (training, tf.data's workers, the watcher's writes) in
     `logdir/plugins/profile/<time>/`, where TensorBoard's Profile tab finds them, each step marked
     from its training step to the end of its batch-end hooks: the last callback of a run. `stop`
-    writes what was traced so far; the run calls it however it ends.
+    writes what was traced so far; the run calls it however it ends (train.fit), before `last`
+    too (a non-finite loss, Ctrl-C, an error).
 
     Not Keras' TensorBoard(profile_batch=...), which would also write the epoch curves and the
     traced graph through writers of its own (docs/tensorboard.md says why the run has none)."""
@@ -394,9 +395,6 @@ class Profiler(StepCallback):
             self._step_mark = None
         if self.step_after(batch) == self.last:
             self.stop()
-
-    def on_train_end(self, logs=None):
-        self.stop()  # a run stopped before `last` (a non-finite loss) keeps the steps traced so far
 
     def stop(self):
         """Write the trace if the profiler runs, and stop it (a second profiler cannot start while
