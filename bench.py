@@ -20,6 +20,7 @@ Takes train.py's flags for the configuration and prints one table (markdown, for
 
 import contextlib
 import shlex
+import statistics
 import sys
 import tempfile
 
@@ -218,6 +219,8 @@ def measure(args):
                 "breakdown": breakdown,
                 "busy": timer.busy / args.timed_epochs,
                 "waited": timer.waited / args.timed_epochs,
+                "steps beside the watcher": timer.steps[True],
+                "steps alone": timer.steps[False],
             }
         results["epoch seconds"] = bare
         measuring("the seed article's pipeline, bare and with its image callback")
@@ -323,6 +326,7 @@ def watching_rows(args, r):
             f"of the epoch ({hooks(watched['breakdown'])}), of which "
             f"{watched['waited']:.2f} s waiting for room in the watcher's queue",
         ),
+        steps_slowed_row(args, watched, blocked),
         (
             "the watcher's work, s per epoch",
             f"{work:.2f} s of jobs timed alone; beside training they took "
@@ -341,6 +345,34 @@ def watching_rows(args, r):
             f"{max(0.0, work - steps * 0.005):.1f} s an epoch for it (with this CPU's speed)",
         ),
     ]
+
+
+def steps_slowed_row(args, watched, blocked):
+    """What the watcher's work beside training cost its steps, within the watched fit: the median
+    step while the watcher had work against the median step while it had none. Measured in one fit,
+    so on one state of the machine: with the training thread's blocked seconds, it accounts for
+    watching's cost without the drift between two fits that the overhead above includes."""
+    beside, alone = watched["steps beside the watcher"], watched["steps alone"]
+    name = "training steps beside the watcher's work"
+    if not beside or not alone:
+        return (
+            name,
+            f"all {len(beside) + len(alone)} timed steps ran {'beside it' if beside else 'alone'}: none to compare",
+        )
+    per_epoch = len(beside) / args.timed_epochs
+    step_beside, step_alone = statistics.median(beside), statistics.median(alone)
+    slowed = (step_beside - step_alone) * per_epoch
+    cost = blocked + slowed
+    # The check that nothing else costs: the epoch rebuilt from its parts, against the epoch measured.
+    rebuilt = args.steps_per_epoch * step_alone + slowed + blocked
+    return (
+        name,
+        f"{per_epoch:.0f} of {args.steps_per_epoch} steps an epoch: median {step_beside:.3f} s against "
+        f"{step_alone:.3f} s beside an idle watcher, {slowed:.2f} s an epoch; with the blocked seconds, "
+        f"watching cost {cost:.2f} s = {cost / watched['epoch seconds']:.1%} of the epoch "
+        f"({args.steps_per_epoch} steps at {step_alone:.3f} s and these make {rebuilt:.1f} s, "
+        f"the epoch measured {watched['epoch seconds']:.1f} s)",
+    )
 
 
 def results_table(rows):

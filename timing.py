@@ -151,16 +151,29 @@ class TimedCallback(keras.callbacks.Callback):
 class EpochTimes(keras.callbacks.Callback):
     """Wall seconds of each epoch, from its first batch to after every other callback's epoch end,
     and what `watching` (a watcher.Watcher) did after the first epoch: its busy and waited seconds,
-    up to the end of training (after the watcher was drained)."""
+    up to the end of training (after the watcher was drained), and the seconds of each step of those
+    epochs (from its batch's start to after the other callbacks' batch ends), in `steps[True]` if
+    the watcher had work when it started, else in `steps[False]`: the steps training ran beside the
+    watcher's work, and those it ran alone, in one fit and so on the same machine state."""
 
     def __init__(self, watching=None):
         super().__init__()
         self.watching = watching
         self.epochs, self._start = [], None
         self.busy = self.waited = 0.0
+        self.steps = {True: [], False: []}
+        self._epoch = self._step_start = self._beside = None
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
+        self._epoch, self._start = epoch, time.perf_counter()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._beside = self.watching is not None and not self.watching.idle
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._epoch > 0:
+            self.steps[self._beside].append(time.perf_counter() - self._step_start)
 
     def on_epoch_end(self, epoch, logs=None):
         self.epochs.append(time.perf_counter() - self._start)

@@ -31,11 +31,13 @@ class Watcher:
     """Runs the jobs handed to `submit` one after the other on a thread of its own (or at once on
     the caller's thread with `inline`, the synchronous baseline bench.py compares with). Its
     counters: `busy` (seconds the jobs took) and `waited` (seconds `submit` waited for room in the
-    queue), totals since it started."""
+    queue), totals since it started; `idle` says whether every job handed over is done."""
 
     def __init__(self, inline=False, capacity=CAPACITY):
         self.inline = inline
         self.busy = self.waited = 0.0
+        # Each counted by one thread only (handed by the caller, done by the watcher): no lock needed.
+        self._handed = self._done = 0
         self._error = None
         self._raised = False
         self._held = None  # jobs kept back between `hold` and `release`
@@ -82,8 +84,13 @@ class Watcher:
             self._jobs.put(_DONE)
             self._thread.join()
 
+    @property
+    def idle(self):
+        return self._handed == self._done
+
     def _put(self, job):
         start = time.perf_counter()
+        self._handed += 1  # before the job can be done
         self._jobs.put(job)
         self.waited += time.perf_counter() - start
 
@@ -100,6 +107,7 @@ class Watcher:
             while (job := self._jobs.get()) is not _DONE:
                 if self._error is None:
                     self._run(job)
+                self._done += 1
                 self._jobs.task_done()
             self._jobs.task_done()
 

@@ -1,8 +1,12 @@
+import threading
+
+import keras
 import numpy as np
 import pytest
 
 import bench
 import timing
+import watcher
 from unet import build_unet
 
 
@@ -65,6 +69,7 @@ def test_bench_prints_every_measure_for_a_tiny_configuration(isbi_dir, capsys):
         "all on the training thread",
         "training thread blocked by watching",
         "waiting for room in the watcher's queue",
+        "training steps beside the watcher's work",
         "s of jobs timed alone",
         "on the CPU time training left idle",
         "on an accelerator",
@@ -105,3 +110,31 @@ def test_bench_refuses_what_only_train_py_does(flags, capsys):
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and error.count("\n") == 1
     assert "--resume, --summary and --profile-batch are train.py's; bench.py measures a new configuration" in error
+
+
+def test_epoch_times_sorts_the_timed_steps_by_whether_the_watcher_had_work():
+    release = threading.Event()
+
+    class HandsOverAtStep(keras.callbacks.Callback):
+        """In the second epoch, after step 2, a job that runs until step 4 of that epoch ends."""
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.epoch == 1 and batch == 1:
+                watching.submit(release.wait)
+            if self.epoch == 1 and batch == 3:
+                release.set()
+                watching.drain()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    with watcher.running() as watching:
+        timer = timing.EpochTimes(watching)
+        model.fit(
+            np.ones((12, 4)), np.ones((12, 1)), batch_size=2, epochs=2, verbose=0, callbacks=[HandsOverAtStep(), timer]
+        )
+    # The first epoch is not timed; in the second, steps 3 and 4 started while the job ran.
+    assert len(timer.steps[True]) == 2 and len(timer.steps[False]) == 4
+    assert len(timer.epochs) == 2

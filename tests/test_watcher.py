@@ -28,6 +28,20 @@ def test_jobs_run_in_the_order_handed_over_on_a_thread_of_their_own():
         assert watching.busy > 0.0
 
 
+def test_idle_until_a_job_is_handed_over_and_again_once_it_is_done():
+    release = threading.Event()
+    with watcher.running() as watching:
+        assert watching.idle
+        watching.hold()
+        watching.submit(release.wait)
+        assert watching.idle  # held back: not handed over yet
+        watching.release()
+        assert not watching.idle
+        release.set()
+        watching.drain()
+        assert watching.idle
+
+
 def test_a_full_queue_makes_the_caller_wait_and_the_wait_is_counted():
     release = threading.Event()
     watching = watcher.Watcher(capacity=1)
