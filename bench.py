@@ -185,7 +185,7 @@ def measure(args):
         measuring(f"model.fit without callbacks ({fit_epochs})")
         # Each fit on a new net, from step 0 as train.py's run starts: on a net trained on, the
         # steps at which images are due (every --image-every) would fall within epochs, not at their ends.
-        bare, _, _ = timing.timed_fit(compiled_unet(), batches, args.timed_epochs, args.steps_per_epoch)
+        bare, _, bare_timer = timing.timed_fit(compiled_unet(), batches, args.timed_epochs, args.steps_per_epoch)
         results["fit images/s"] = args.steps_per_epoch * args.batch_size / bare
         for inline in (False, True):
             way = "on the training thread" if inline else "with the watcher"
@@ -219,10 +219,11 @@ def measure(args):
                 "breakdown": breakdown,
                 "busy": timer.busy / args.timed_epochs,
                 "waited": timer.waited / args.timed_epochs,
-                "steps beside the watcher": timer.steps[True],
-                "steps alone": timer.steps[False],
             }
+            if not inline:
+                results["watcher"]["steps"] = timer.steps
         results["epoch seconds"] = bare
+        results["bare steps"] = bare_timer.steps
         measuring("the seed article's pipeline, bare and with its image callback")
         reference = reference_step_seconds(
             args,
@@ -326,7 +327,7 @@ def watching_rows(args, r):
             f"of the epoch ({hooks(watched['breakdown'])}), of which "
             f"{watched['waited']:.2f} s waiting for room in the watcher's queue",
         ),
-        steps_slowed_row(args, watched, blocked),
+        steps_slowed_row(args, r, blocked),
         (
             "the watcher's work, s per epoch",
             f"{work:.2f} s of jobs timed alone; beside training they took "
@@ -347,31 +348,35 @@ def watching_rows(args, r):
     ]
 
 
-def steps_slowed_row(args, watched, blocked):
-    """What the watcher's work beside training cost its steps, within the watched fit: the median
-    step while the watcher had work against the median step while it had none. Measured in one fit,
-    so on one state of the machine: with the training thread's blocked seconds, it accounts for
-    watching's cost without the drift between two fits that the overhead above includes."""
-    beside, alone = watched["steps beside the watcher"], watched["steps alone"]
+def steps_slowed_row(args, r, blocked):
+    """What the watcher's work beside training cost its steps: the mean step that started while the
+    watcher had work against the mean of the others, in the fit with the watcher, less the same
+    difference between the same steps (epoch and batch) of the fit without callbacks, where nothing
+    ran beside them (the steps after an epoch's end may differ without any watcher). Steps compared
+    within each fit, so the drift between two fits, larger on these machines than watching's cost,
+    stays out; with the training thread's blocked seconds, this is watching's cost per epoch."""
+    watched, bare = r["watcher"]["steps"], r["bare steps"]
+    beside = [key for key, (_, had_work) in watched.items() if had_work]
+    alone = [key for key, (_, had_work) in watched.items() if not had_work]
     name = "training steps beside the watcher's work"
     if not beside or not alone:
         return (
             name,
-            f"all {len(beside) + len(alone)} timed steps ran {'beside it' if beside else 'alone'}: none to compare",
+            f"the watcher had work at the start of {len(beside)} of {len(watched)} timed steps: none to compare",
         )
+
+    def gap(steps):
+        return statistics.mean(steps[key][0] for key in beside) - statistics.mean(steps[key][0] for key in alone)
+
     per_epoch = len(beside) / args.timed_epochs
-    step_beside, step_alone = statistics.median(beside), statistics.median(alone)
-    slowed = (step_beside - step_alone) * per_epoch
+    slowed = (gap(watched) - gap(bare)) * per_epoch
     cost = blocked + slowed
-    # The check that nothing else costs: the epoch rebuilt from its parts, against the epoch measured.
-    rebuilt = args.steps_per_epoch * step_alone + slowed + blocked
     return (
         name,
-        f"{per_epoch:.0f} of {args.steps_per_epoch} steps an epoch: median {step_beside:.3f} s against "
-        f"{step_alone:.3f} s beside an idle watcher, {slowed:.2f} s an epoch; with the blocked seconds, "
-        f"watching cost {cost:.2f} s = {cost / watched['epoch seconds']:.1%} of the epoch "
-        f"({args.steps_per_epoch} steps at {step_alone:.3f} s and these make {rebuilt:.1f} s, "
-        f"the epoch measured {watched['epoch seconds']:.1f} s)",
+        f"{per_epoch:.0f} of {args.steps_per_epoch} steps an epoch started while the watcher had work: "
+        f"{gap(watched) * 1000:+.1f} ms each on average against the others, the same steps without callbacks "
+        f"{gap(bare) * 1000:+.1f} ms: {slowed:.2f} s an epoch; with the blocked seconds, watching cost "
+        f"{cost:.2f} s = {cost / r['watcher']['epoch seconds']:.1%} of the epoch",
     )
 
 

@@ -149,20 +149,21 @@ class TimedCallback(keras.callbacks.Callback):
 
 
 class EpochTimes(keras.callbacks.Callback):
-    """Wall seconds of each epoch, from its first batch to after every other callback's epoch end,
-    and what `watching` (a watcher.Watcher) did after the first epoch: its busy and waited seconds,
-    up to the end of training (after the watcher was drained), and the seconds of each step of those
-    epochs (from its batch's start to after the other callbacks' batch ends), in `steps[True]` if
-    the watcher had work when it started, else in `steps[False]`: the steps training ran beside the
-    watcher's work, and those it ran alone, in one fit and so on the same machine state."""
+    """Wall seconds of each epoch, from its first batch to after every other callback's epoch end;
+    of each step after the first epoch, `steps[epoch, batch] = (seconds, beside)`: from its batch's
+    start to after the other callbacks' batch ends, and whether `watching` (a watcher.Watcher) had
+    work when it started; and what the watcher did from the first epoch's end to the last one's:
+    its busy and waited seconds, the jobs of as many epoch ends as epochs timed (the first epoch's
+    jobs run in the second; the last epoch's after training)."""
 
     def __init__(self, watching=None):
         super().__init__()
         self.watching = watching
         self.epochs, self._start = [], None
         self.busy = self.waited = 0.0
-        self.steps = {True: [], False: []}
+        self.steps = {}
         self._epoch = self._step_start = self._beside = None
+        self._busy_before = self._waited_before = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch, self._start = epoch, time.perf_counter()
@@ -173,17 +174,17 @@ class EpochTimes(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         if self._epoch > 0:
-            self.steps[self._beside].append(time.perf_counter() - self._step_start)
+            self.steps[self._epoch, batch] = (time.perf_counter() - self._step_start, self._beside)
 
     def on_epoch_end(self, epoch, logs=None):
         self.epochs.append(time.perf_counter() - self._start)
-        if epoch == 0 and self.watching:
-            self.busy, self.waited = -self.watching.busy, -self.watching.waited
-
-    def on_train_end(self, logs=None):
-        if self.watching:
-            self.busy += self.watching.busy
-            self.waited += self.watching.waited
+        if not self.watching:
+            return
+        if epoch == 0:
+            self._busy_before, self._waited_before = self.watching.busy, self.watching.waited
+        else:
+            self.busy = self.watching.busy - self._busy_before
+            self.waited = self.watching.waited - self._waited_before
 
 
 def timed_fit(model, batches, epochs, steps_per_epoch, callbacks=(), watching=None):

@@ -31,7 +31,8 @@ class Watcher:
     """Runs the jobs handed to `submit` one after the other on a thread of its own (or at once on
     the caller's thread with `inline`, the synchronous baseline bench.py compares with). Its
     counters: `busy` (seconds the jobs took) and `waited` (seconds `submit` waited for room in the
-    queue), totals since it started; `idle` says whether every job handed over is done."""
+    queue), totals since it started; `idle` says whether every job released to its thread is done
+    (jobs kept back by `hold` do not count). Jobs are handed over from one thread."""
 
     def __init__(self, inline=False, capacity=CAPACITY):
         self.inline = inline
@@ -90,7 +91,7 @@ class Watcher:
 
     def _put(self, job):
         start = time.perf_counter()
-        self._handed += 1  # before the job can be done
+        self._handed += 1  # before the job can be done: idle is never True while it waits
         self._jobs.put(job)
         self.waited += time.perf_counter() - start
 
@@ -107,7 +108,7 @@ class Watcher:
             while (job := self._jobs.get()) is not _DONE:
                 if self._error is None:
                     self._run(job)
-                self._done += 1
+                self._done += 1  # before task_done: idle once drain returns
                 self._jobs.task_done()
             self._jobs.task_done()
 
