@@ -117,6 +117,10 @@ def test_bench_refuses_what_only_train_py_does(flags, capsys):
 def test_epoch_times_times_each_step_and_says_whether_the_watcher_had_work_when_it_started():
     release = threading.Event()
 
+    def job():  # 0.1 s of its own, whenever the idle-priority thread starts it
+        release.wait()
+        time.sleep(0.1)
+
     class HandsOverAtStep(keras.callbacks.Callback):
         """In the second epoch, after step 2, a job that runs until step 4 of that epoch ends; step 4
         takes 0.3 s longer in its batch-end hook (counted in its time, as other callbacks' hooks are)."""
@@ -126,7 +130,7 @@ def test_epoch_times_times_each_step_and_says_whether_the_watcher_had_work_when_
 
         def on_train_batch_end(self, batch, logs=None):
             if self.epoch == 1 and batch == 1:
-                watching.submit(release.wait)
+                watching.submit(job)
             if self.epoch == 1 and batch == 3:
                 time.sleep(0.3)
                 release.set()
@@ -142,7 +146,7 @@ def test_epoch_times_times_each_step_and_says_whether_the_watcher_had_work_when_
     assert sorted(timer.steps) == [(1, batch) for batch in range(6)]
     assert [timer.steps[1, batch][1] for batch in range(6)] == [False, False, True, True, False, False]
     assert timer.steps[1, 3][0] >= 0.3 > max(timer.steps[1, batch][0] for batch in (0, 1, 2, 4, 5))
-    assert len(timer.epochs) == 2 and timer.busy >= 0.3
+    assert len(timer.epochs) == 2 and timer.busy >= 0.1
 
 
 def test_watching_cost_takes_the_steps_beside_the_watcher_against_the_same_steps_without_it():
