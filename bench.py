@@ -368,14 +368,15 @@ def steps_slowed_row(args, r, blocked):
     def gap(steps):
         return statistics.mean(steps[key][0] for key in beside) - statistics.mean(steps[key][0] for key in alone)
 
+    gap_watched, gap_bare = gap(watched), gap(bare)
     per_epoch = len(beside) / args.timed_epochs
-    slowed = (gap(watched) - gap(bare)) * per_epoch
+    slowed = (gap_watched - gap_bare) * per_epoch
     cost = blocked + slowed
     return (
         name,
         f"{per_epoch:.0f} of {args.steps_per_epoch} steps an epoch started while the watcher had work: "
-        f"{gap(watched) * 1000:+.1f} ms each on average against the others, the same steps without callbacks "
-        f"{gap(bare) * 1000:+.1f} ms: {slowed:.2f} s an epoch; with the blocked seconds, watching cost "
+        f"{gap_watched * 1000:+.1f} ms each on average against the others, the same steps without callbacks "
+        f"{gap_bare * 1000:+.1f} ms: {slowed:.2f} s an epoch; with the blocked seconds, watching cost "
         f"{cost:.2f} s = {cost / r['watcher']['epoch seconds']:.1%} of the epoch",
     )
 
