@@ -325,7 +325,8 @@ def watching_rows(args, r):
             "training thread blocked by watching, s per epoch",
             f"{blocked:.2f} s = {blocked / watched['epoch seconds']:.1%} "
             f"of the epoch ({hooks(watched['breakdown'])}), of which "
-            f"{watched['waited']:.2f} s waiting for room in the watcher's queue",
+            f"{watched['waited']:.2f} s waiting for the watcher (for room in its queue, or for the former "
+            "epoch's jobs at an epoch's end)",
         ),
         steps_slowed_row(args, r, blocked),
         (

@@ -15,6 +15,7 @@ which the first of them (Validation's) fills. What is shown, and how it is made 
 summaries.py's; the tags are named there.
 """
 
+import contextlib
 import threading
 from pathlib import Path
 
@@ -76,7 +77,7 @@ class SummaryWriters(keras.callbacks.Callback):
     def write(self, part, step, summaries):
         """Call `summaries()` with `part`'s writer as the default at `step`. Recorded whatever an
         enclosing `record_if` says."""
-        with tf.summary.record_if(True), self[part].as_default(step=step):
+        with writing_to(self.run_dir / part), tf.summary.record_if(True), self[part].as_default(step=step):
             summaries()
 
     def submit(self, part, step, summaries):
@@ -84,17 +85,41 @@ class SummaryWriters(keras.callbacks.Callback):
         self.watcher.submit(lambda: self.write(part, step, summaries))
 
     def flush(self):
-        for writer in list(self._writers.values()):
-            writer.flush()
+        for part, writer in list(self._writers.items()):
+            with writing_to(self.run_dir / part):
+                writer.flush()
 
     def on_epoch_end(self, epoch, logs=None):
         self.watcher.submit(self.flush)
 
     def on_train_end(self, logs=None):
         self.watcher.drain()
-        for writer in self._writers.values():
-            writer.close()
-        self._writers = {}
+        writers, self._writers = self._writers, {}
+        for part, writer in writers.items():
+            with writing_to(self.run_dir / part):
+                writer.close()
+
+
+# What TensorFlow raises where an event file cannot be written: a full disk or quota, a directory
+# removed or made read-only under the run.
+EVENT_FILE_ERRORS = (
+    tf.errors.ResourceExhaustedError,
+    tf.errors.NotFoundError,
+    tf.errors.PermissionDeniedError,
+    tf.errors.FailedPreconditionError,
+)
+
+
+@contextlib.contextmanager
+def writing_to(directory):
+    """Raise the OSError that a TensorFlow error writing an event file in `directory` stands for,
+    which the run's end tells in one line (train.stopped) instead of TensorFlow's traceback."""
+    try:
+        yield
+    except EVENT_FILE_ERRORS as error:
+        # "{{function_node ...}} <event file>; No space left on device\n\tFailed to flush ...": the reason.
+        reason = error.message.split("\n", 1)[0].rpartition("; ")[2]
+        raise OSError(None, reason, str(directory)) from error
 
 
 class TrainingSummaries(StepCallback):
@@ -314,9 +339,10 @@ class EpochReport(keras.callbacks.Callback):
 class EpochEndHandOver(keras.callbacks.Callback):
     """The first (`first`) and the last callback of a run: the watcher's jobs of an epoch's end are
     handed over together once the training thread has done its own part of it (the forward pass,
-    the weights' copies, the checkpoint's save). A watcher that began scoring at the first job
-    held the GIL between its numpy calls while the epoch end's Python waited for it
-    (docs/performance.md, "What limits them")."""
+    the weights' copies, the checkpoint's save), and once the watcher has done the former epoch's
+    (Watcher.catch_up: a kill loses at most the epoch being scored). A watcher that began scoring
+    at the first job held the GIL between its numpy calls while the epoch end's Python waited for
+    it (docs/performance.md, "What limits them")."""
 
     def __init__(self, watcher, first):
         super().__init__()
@@ -327,6 +353,7 @@ class EpochEndHandOver(keras.callbacks.Callback):
         if self.first:
             self.watcher.hold()
         else:
+            self.watcher.catch_up()
             self.watcher.release()
 
 

@@ -69,7 +69,10 @@ class Checkpoints(keras.callbacks.Callback):
             self.model.save(candidate)
         except OSError as error:
             candidate.unlink(missing_ok=True)
-            self.watcher.drain()  # the advice depends on whether the former epoch's checkpoint is in place
+            try:
+                self.watcher.drain()  # the advice depends on whether the former epoch's checkpoint is in place
+            except Exception as watcher_error:  # the same full disk, say: this line still says what to do
+                raise checkpoint_error(self.run_dir / LAST, error) from watcher_error
             raise checkpoint_error(self.run_dir / LAST, error) from error
         self.watcher.submit(lambda: self.promote(candidate, self.epoch_logs[epoch].get(f"val_{self.score}")))
 

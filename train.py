@@ -111,7 +111,7 @@ def stopped(error, run_dir, chief, new_run, lost_worker):
     go_on = (
         f"continue the run from its last checkpoint with --resume {run_dir}"
         if checkpoint
-        else f"no epoch of {run_dir} had ended, so nothing was kept: start the run again"
+        else f"no epoch of {run_dir} was checkpointed, so nothing was kept: start the run again"
         if removed
         else "it stopped before its first epoch ended: start it again"
     )

@@ -30,9 +30,10 @@ _DONE = object()
 class Watcher:
     """Runs the jobs handed to `submit` one after the other on a thread of its own (or at once on
     the caller's thread with `inline`, the synchronous baseline bench.py compares with). Its
-    counters: `busy` (seconds the jobs took) and `waited` (seconds `submit` waited for room in the
-    queue), totals since it started; `idle` says whether every job released to its thread is done
-    (jobs kept back by `hold` do not count). Jobs are handed over from one thread."""
+    counters: `busy` (seconds the jobs took) and `waited` (seconds the caller waited for it: for room
+    in the queue, or in `catch_up`), totals since it started; `idle` says whether every job released
+    to its thread is done (jobs kept back by `hold` do not count). Jobs are handed over from one
+    thread."""
 
     def __init__(self, inline=False, capacity=CAPACITY):
         self.inline = inline
@@ -42,6 +43,9 @@ class Watcher:
         self._error = None
         self._raised = False
         self._held = None  # jobs kept back between `hold` and `release`
+        self._dropping = False  # set by a stop signal during `close`: the jobs not yet begun are skipped
+        self._closing = False
+        self._stopped = threading.Event()
         self._jobs = queue.Queue(maxsize=capacity)
         self._thread = None if inline else threading.Thread(target=self._work, name="watcher", daemon=True)
         if self._thread:
@@ -70,6 +74,17 @@ class Watcher:
         for job in held:
             self._put(job)
 
+    def catch_up(self):
+        """Wait until every job released to the watcher is done, counting the wait; raise the error
+        of a job that failed. An epoch's end calls it before handing over its jobs: the watcher is
+        never more than one epoch behind, so a kill loses at most the epoch being scored (besides
+        the one training), and at most two checkpoint candidates are on disk."""
+        start = time.perf_counter()
+        if not self.inline:
+            self._jobs.join()
+        self.waited += time.perf_counter() - start
+        self.raise_error()
+
     def drain(self):
         """Wait until every job handed over is done; raise the error of a job that failed."""
         self.release()
@@ -78,12 +93,27 @@ class Watcher:
         self.raise_error()
 
     def close(self):
-        """Finish the jobs handed over and stop the thread. Never raises: a job's error is raised
-        by `submit` or `drain`."""
-        if self._thread and self._thread.is_alive():
-            self.release()
+        """Finish the jobs handed over and stop the thread; raise the error of a job that failed
+        and was not raised yet. A stop signal while it waits (a second Ctrl-C) skips the jobs not
+        yet begun, lets the one in progress finish, so that no file is left half written, and is
+        raised."""
+        try:
+            self._finish()
+        except KeyboardInterrupt:
+            self._dropping = True
+            self._finish()
+            raise
+        self.raise_error()
+
+    def _finish(self):
+        if self._thread is None:
+            return
+        self.release()
+        if not self._closing:
             self._jobs.put(_DONE)
-            self._thread.join()
+            self._closing = True
+        # Not Thread.join: a join that a signal interrupted marks the thread as ended (Python 3.11).
+        self._stopped.wait()
 
     @property
     def idle(self):
@@ -101,16 +131,19 @@ class Watcher:
             raise self._error
 
     def _work(self):
-        yield_to_training()
-        # Pinned to the CPU: the few TensorFlow ops of scoring (the validation loss and metrics)
-        # and the summary writes stay off the accelerator that trains.
-        with tf.device("/CPU:0"):
-            while (job := self._jobs.get()) is not _DONE:
-                if self._error is None:
-                    self._run(job)
-                self._done += 1  # before task_done: idle once drain returns
+        try:
+            yield_to_training()
+            # Pinned to the CPU: the few TensorFlow ops of scoring (the validation loss and metrics)
+            # and the summary writes stay off the accelerator that trains.
+            with tf.device("/CPU:0"):
+                while (job := self._jobs.get()) is not _DONE:
+                    if self._error is None and not self._dropping:
+                        self._run(job)
+                    self._done += 1  # before task_done: idle once drain returns
+                    self._jobs.task_done()
                 self._jobs.task_done()
-            self._jobs.task_done()
+        finally:
+            self._stopped.set()
 
     def _run(self, job):
         start = time.perf_counter()
@@ -142,7 +175,8 @@ def yield_to_training():
 @contextlib.contextmanager
 def running(inline=False):
     """A Watcher for the block, finishing the jobs handed over when the block ends, however it ends
-    (a Ctrl-C or SIGTERM included, so that what the last checkpoints logged is written)."""
+    (a Ctrl-C or SIGTERM included, so that what the last checkpoints logged is written; a second
+    one stops it sooner: Watcher.close). The error of a job that failed meanwhile is raised."""
     watcher = Watcher(inline)
     try:
         yield watcher

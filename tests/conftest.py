@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from tensorboard.util import tensor_util
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import cli  # noqa: E402
 import data  # noqa: E402
 import inputs  # noqa: E402
 
@@ -205,3 +207,15 @@ def run_command(module, arguments, **environment):
         timeout=120,
         env={**os.environ, **environment},
     )
+
+
+@pytest.fixture
+def untouched_stop_signals():
+    """The stop signals' handlers as Python starts them, whatever this pytest inherited (nohup
+    ignores SIGHUP, a background shell job SIGINT), restored after the test."""
+    inherited = {signum: signal.getsignal(signum) for signum in cli.STOP_SIGNALS}
+    for signum, untouched in cli.STOP_SIGNALS.items():
+        signal.signal(signum, untouched)
+    yield
+    for signum, handler in inherited.items():
+        signal.signal(signum, handler)

@@ -70,7 +70,7 @@ def test_bench_prints_every_measure_for_a_tiny_configuration(isbi_dir, capsys):
         "watcher, ",
         "all on the training thread",
         "training thread blocked by watching",
-        "waiting for room in the watcher's queue",
+        "waiting for the watcher (for room in its queue, or for the former epoch's jobs",
         "training steps beside the watcher's work",
         "s of jobs timed alone",
         "on the CPU time training left idle",

@@ -357,7 +357,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_kept(tmp_path, smal
     code, output, run_dir = interrupt_when(tmp_path, small_isbi_dir, lambda run_dir: (run_dir / "train").is_dir())
     assert code == 130, output
     assert output.endswith(
-        f"\ntrain.py: interrupted: no epoch of {run_dir} had ended, so nothing was kept: start the run again\n"
+        f"\ntrain.py: interrupted: no epoch of {run_dir} was checkpointed, so nothing was kept: start the run again\n"
     ), output[-400:]
     assert not run_dir.exists()
 
@@ -391,21 +391,10 @@ def test_sighup_before_the_first_checkpoint_removes_the_run(tmp_path, small_isbi
     )
     assert code == 128 + signal.SIGHUP, output
     assert output.endswith(
-        f"\ntrain.py: stopped by SIGHUP: no epoch of {run_dir} had ended, so nothing was kept: start the run again\n"
+        f"\ntrain.py: stopped by SIGHUP: no epoch of {run_dir} was checkpointed, so nothing was kept: "
+        "start the run again\n"
     ), output[-400:]
     assert not run_dir.exists()
-
-
-@pytest.fixture
-def untouched_stop_signals():
-    """The stop signals' handlers as Python starts them, whatever this pytest inherited (nohup
-    ignores SIGHUP, a background shell job SIGINT), restored after the test."""
-    inherited = {signum: signal.getsignal(signum) for signum in cli.STOP_SIGNALS}
-    for signum, untouched in cli.STOP_SIGNALS.items():
-        signal.signal(signum, untouched)
-    yield
-    for signum, handler in inherited.items():
-        signal.signal(signum, handler)
 
 
 def test_a_stop_signal_in_training_is_raised_between_steps_and_a_second_one_at_once(capsys, untouched_stop_signals):

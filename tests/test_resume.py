@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,13 +17,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import callbacks
+import checkpoints
 import cli
 import flags
 import inputs
 import resume
 import rundir
 import settings
+import summaries
 import train
+import validation
 import watcher
 from conftest import ROOT, TINY, raw_events, steps, tiny_run
 from rundir import CONFIG
@@ -250,6 +255,107 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, sma
     last = keras.models.load_model(run_dir / rundir.LAST)
     assert int(last.optimizer.iterations.numpy()) == 3  # the first epoch's, whole
     assert not list(run_dir.glob(".*partial*"))
+
+
+def test_training_waits_for_the_watcher_to_finish_the_former_epoch_so_a_kill_loses_at_most_one(
+    tmp_path, small_isbi_dir, monkeypatch
+):
+    # Scoring slower than an epoch trains (an accelerator, or a watcher starved of CPU): at each
+    # epoch's end the former epoch is scored and promoted before the next is handed over.
+    real_score, real_save = validation.Validation.score, checkpoints.Checkpoints.on_epoch_end
+    candidates_after_a_save = []
+
+    def slow_score(self, logs, epoch, probabilities):
+        time.sleep(0.5)
+        real_score(self, logs, epoch, probabilities)
+
+    def counted_save(self, epoch, logs=None):
+        real_save(self, epoch, logs)
+        candidates_after_a_save.append(len(list(self.run_dir.glob(rundir.candidate_checkpoint("", "*").name))))
+
+    monkeypatch.setattr(validation.Validation, "score", slow_score)
+    monkeypatch.setattr(checkpoints.Checkpoints, "on_epoch_end", counted_save)
+    assert tiny_run(small_isbi_dir, tmp_path, "--epochs", "5", "--eval-every", "0") == 0
+    assert len(candidates_after_a_save) == 5 and max(candidates_after_a_save) <= 2  # this epoch's and the former's
+    assert rundir.checkpoint_step(tmp_path / "bce_lr1e-3" / rundir.LAST) == 5 * 3
+
+
+def test_a_second_ctrl_c_skips_the_watchers_jobs_not_begun_and_leaves_a_run_that_resumes(
+    tmp_path, small_isbi_dir, monkeypatch, capsys, untouched_stop_signals
+):
+    scoring, closing = threading.Event(), threading.Event()
+    real_score, real_close = validation.Validation.score, watcher.Watcher.close
+    real_epoch_begin = callbacks.StopBetweenSteps.on_epoch_begin
+
+    def first_ctrl_c_while_epoch_1_is_scored(self, epoch, logs=None):
+        if epoch == 2:
+            assert scoring.wait(60)
+            os.kill(os.getpid(), signal.SIGINT)  # kept back to the step's edge, just below
+        real_epoch_begin(self, epoch, logs)
+
+    def scored_slowly(self, logs, epoch, probabilities):
+        if epoch == 1:
+            scoring.set()
+            assert closing.wait(60)
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGINT)  # the user insists while the watcher finishes
+            time.sleep(0.3)
+        real_score(self, logs, epoch, probabilities)
+
+    def close(self):
+        closing.set()
+        real_close(self)
+
+    monkeypatch.setattr(callbacks.StopBetweenSteps, "on_epoch_begin", first_ctrl_c_while_epoch_1_is_scored)
+    monkeypatch.setattr(validation.Validation, "score", scored_slowly)
+    monkeypatch.setattr(watcher.Watcher, "close", close)
+    assert tiny_run(small_isbi_dir, tmp_path, "--epochs", "4", "--eval-every", "0") == 130
+    run_dir = tmp_path / "bce_lr1e-3"
+    assert capsys.readouterr().err.endswith(
+        f"train.py: interrupted: continue the run from its last checkpoint with --resume {run_dir}\n"
+    )
+    # Epoch 1 was scored (the job in progress) but not promoted (a job not begun): epoch 0 is kept.
+    assert rundir.checkpoint_step(run_dir / rundir.LAST) == 3
+    assert not list(run_dir.glob(".*partial*"))
+    monkeypatch.undo()
+    assert train.main(["--resume", str(run_dir)]) == 0
+    assert steps(raw_events(run_dir)["train"][EPOCH_TAG.format("loss")]) == [0, 1, 2, 3]
+
+
+def test_an_event_file_that_cannot_be_written_stops_the_run_with_one_line(
+    tmp_path, small_isbi_dir, monkeypatch, capsys
+):
+    def disk_full(*args):
+        # What TensorFlow's summary writer raises on a full disk.
+        raise tf.errors.ResourceExhaustedError(
+            None,
+            None,
+            "{{function_node __wrapped__FlushSummaryWriter_device_/job:localhost/replica:0/task:0/device:CPU:0}} "
+            "/logs/validation/events.out.tfevents.1; No space left on device\n\tCould not flush events file.",
+        )
+
+    monkeypatch.setattr(summaries, "write_shown_slices", disk_full)
+    assert tiny_run(small_isbi_dir, tmp_path) == 1
+    run_dir = tmp_path / "bce_lr1e-3"
+    assert capsys.readouterr().err == (
+        f"train.py: stopped: a file error on {run_dir / rundir.VALIDATION} (No space left on device) stopped the "
+        f"run; no epoch of {run_dir} was checkpointed, so nothing was kept: start the run again\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_at_a_checkpoint_is_said_so_when_the_watcher_failed_on_it_too(tmp_path, monkeypatch):
+    watching = watcher.Watcher()
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    monkeypatch.setattr(
+        model, "save", lambda path: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    )
+    saving = checkpoints.Checkpoints(watching, tmp_path, {}, settings.CHECKPOINT_SCORE)
+    saving.set_model(model)
+    watching.submit(lambda: (_ for _ in ()).throw(OSError(errno.ENOSPC, "an event file")))
+    with pytest.raises(checkpoints.CheckpointError, match="No space left on device.*start the run again"):
+        saving.on_epoch_end(0, {"loss": 0.5})
+    watching.close()  # the watcher's error was said: not again
 
 
 # Slow: two processes train at once; test_trust's two resumes started together check the same lock by default.

@@ -1,6 +1,7 @@
 """The watcher: jobs in order beside the caller, a bounded queue, errors raised where training sees them."""
 
 import os
+import signal
 import threading
 import time
 
@@ -126,3 +127,43 @@ def test_jobs_held_back_wait_for_their_release_and_keep_their_order():
         watching.hold()
         watching.submit(lambda: done.append(5))
     assert done == [0, 1, 2, 3, 4, 5]
+
+
+def test_catching_up_waits_for_the_jobs_released_not_for_those_held_back_and_counts_the_wait():
+    done, release = [], threading.Event()
+    with watcher.running() as watching:
+        watching.submit(lambda: (time.sleep(0.2), done.append("released")))
+        watching.hold()
+        watching.submit(release.wait)  # would never end if catching up waited for it
+        watching.catch_up()
+        assert done == ["released"] and watching.waited >= 0.15
+        release.set()
+
+
+def test_closing_raises_the_error_of_a_job_that_failed_meanwhile():
+    def fails():
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        with watcher.running() as watching:
+            watching.submit(fails)
+
+
+def test_a_stop_signal_while_closing_skips_the_jobs_not_begun_once_the_one_in_progress_is_done():
+    done, started = [], threading.Event()
+
+    def in_progress():
+        started.set()
+        time.sleep(0.5)
+        done.append("in progress")
+
+    watching = watcher.Watcher()
+    watching.submit(in_progress)
+    watching.submit(lambda: done.append("not begun"))
+    started.wait()
+    # A second Ctrl-C while close waits: sent to the process, as a terminal sends it (raise_signal
+    # from the timer's thread would leave the main thread's wait uninterrupted).
+    threading.Timer(0.1, os.kill, [os.getpid(), signal.SIGINT]).start()
+    with pytest.raises(KeyboardInterrupt):
+        watching.close()
+    assert done == ["in progress"]  # finished before close raised: nothing left half written
