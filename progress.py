@@ -79,7 +79,8 @@ class ProgressLine(keras.callbacks.Callback):
                 return
             was_open = self._open
             # Its own line, named: with short epochs it may come after a later epoch's line.
-            redraw(self.stream, f"  epoch {epoch + 1} {validation_line(logs)}")
+            # Whole, however wide: a line that stays may wrap, and no value of it is cut.
+            redraw(self.stream, f"  epoch {epoch + 1} {validation_line(logs)}", width=None)
             self.stream.write("\n")
             self._open = False
             if was_open:
@@ -109,17 +110,28 @@ class ProgressLine(keras.callbacks.Callback):
             self._open = False
 
 
-def redraw(stream, text):
-    """`text` in place of the terminal line the cursor is on, cut to the terminal's width."""
-    try:
-        columns = os.get_terminal_size(stream.fileno()).columns
-    except (AttributeError, OSError, ValueError):
-        columns = 0
-    # One column short of the terminal's: a line as wide as it wraps on some terminals.
-    width = min(WIDTH, columns - 1) if columns > 1 else WIDTH
+def redraw(stream, text, width=WIDTH):
+    """`text` in place of the terminal line the cursor is on, cut to `width` columns and the
+    terminal's (None: whole)."""
+    if width is not None:
+        try:
+            columns = os.get_terminal_size(stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):
+            columns = 0
+        # One column short of the terminal's: a line as wide as it wraps on some terminals.
+        text = fitted(text, min(width, columns - 1) if columns > 1 else width)
     # \r back to the line's start, \x1b[K clears what a longer line left beyond the new one.
-    stream.write("\r" + text[:width] + "\x1b[K")
+    stream.write("\r" + text + "\x1b[K")
     stream.flush()
+
+
+def fitted(text, width):
+    """`text` cut to `width` columns between two of its values, never within one (a number cut
+    short reads as another: "loss 0.4321" as "loss 0"), the cut marked."""
+    if len(text) <= width:
+        return text
+    cut = max(text.rfind(separator, 0, width - 1) for separator in ("  ", ", "))
+    return text[:cut] + " …" if cut > 0 else text[:width]
 
 
 class Counter:

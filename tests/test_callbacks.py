@@ -415,9 +415,21 @@ def test_the_progress_line_on_a_terminal_is_redrawn_in_place_within_its_width(co
         drawings = [drawing.removesuffix("\x1b[K") for drawing in live.split("\r") if drawing]
         assert all(len(drawing) <= width for drawing in drawings), drawings
         assert drawings[-1].startswith(f"epoch {epoch}/2  step {BATCHES}/{BATCHES}  ")
-        if columns < 100:  # cut short to the terminal
-            assert len(drawings[-1]) == width
+        if columns < 100:  # cut short to the terminal, between two values
+            assert re.search(r"( s/step|\d\.\d{4}) …$", drawings[-1]), drawings[-1]
         else:
             assert re.search(r" s/step  loss \d\.\d{4}  misclassified \d\.\d{4}$", drawings[-1]), drawings[-1]
         shown = validation_line.removeprefix("\r").removesuffix("\x1b[K")
         assert re.fullmatch(rf"  epoch {epoch} validation: misclassified \d\.\d{{4}}, loss \d\.\d{{4}}", shown), shown
+
+
+def test_a_line_cut_to_the_terminal_loses_whole_values_not_digits():
+    line = "epoch 1 validation: V_rand 0.2023, V_info 0.5000, pixel error 0.1000, misclassified 0.7532, loss 0.4321"
+    assert progress.fitted(line, 200) == line
+    assert (
+        progress.fitted(line, 100)
+        == "epoch 1 validation: V_rand 0.2023, V_info 0.5000, pixel error 0.1000, misclassified 0.7532 …"
+    )
+    step = "epoch 1/15  step 20/200  0.550 s/step  loss 0.1234  misclassified 0.0567"
+    assert progress.fitted(step, 60) == "epoch 1/15  step 20/200  0.550 s/step  loss 0.1234 …"
+    assert all(len(progress.fitted(step, width)) <= width for width in range(1, 80))
