@@ -18,6 +18,7 @@ trains.
 
 import argparse
 import contextlib
+import re
 import shlex
 import shutil
 import sys
@@ -96,6 +97,23 @@ def resumed_arguments(args, given, config):
 # --- the run ------------------------------------------------------------------------------------
 
 
+class OutOfMemory(cli.Stopped):
+    """The net, a batch or the validation slices did not fit in the memory of the device."""
+
+
+def out_of_memory(error):
+    """An OutOfMemory for TensorFlow's out-of-memory error, None for another error."""
+    import tensorflow as tf
+
+    if not isinstance(error, tf.errors.ResourceExhaustedError):
+        return None
+    what = re.search(r"OOM when allocating tensor with shape\[[^\]]*\]", error.message)
+    return OutOfMemory(
+        f"out of memory ({what.group() if what else error.message.splitlines()[0][:160]}): "
+        "lower --batch-size, --crop or --filters"
+    )
+
+
 def stopped(error, run_dir, chief, new_run, lost_worker):
     """What to raise for `error`, raised while the run trained: one line that says how to go on.
     `lost_worker` is what the cluster lost if the error says so (distribute.lost_worker). A new run
@@ -104,7 +122,7 @@ def stopped(error, run_dir, chief, new_run, lost_worker):
     from checkpoints import CheckpointError  # TensorFlow is loaded by now
 
     checkpoint = (run_dir / rundir.LAST).is_file()
-    ends = (KeyboardInterrupt, cli.InputError, CheckpointError, OSError)
+    ends = (KeyboardInterrupt, cli.InputError, CheckpointError, OSError, OutOfMemory)
     removed = chief and new_run and not checkpoint and isinstance(error, ends)
     if removed:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -122,6 +140,8 @@ def stopped(error, run_dir, chief, new_run, lost_worker):
         )
     if isinstance(error, KeyboardInterrupt):
         return cli.Interrupted(go_on)
+    if isinstance(error, OutOfMemory):
+        return cli.Stopped(f"{error}; {go_on}")
     if isinstance(error, OSError):  # where the run's files are read and written (checkpoints say so themselves)
         where = f" on {error.filename}" if error.filename else ""
         return cli.Stopped(f"a file error{where} ({error.strerror or error}) stopped the run; {go_on}")
@@ -320,7 +340,7 @@ def train(args, given, command):
             print_start(run, run_inputs, args.logdir, chief, logdir, requested)
             fit(run, args, run_inputs, strategy, stop, progress, epoch_logs, held)
     except BaseException as error:
-        cause = KeyboardInterrupt() if cli.interrupted(error) else error
+        cause = KeyboardInterrupt() if cli.interrupted(error) else out_of_memory(error) or error
         if run is None:  # nothing of the run is on disk yet
             raise cause from error
         progress.end_line()

@@ -358,6 +358,26 @@ def test_a_full_disk_at_a_checkpoint_is_said_so_when_the_watcher_failed_on_it_to
     watching.close()  # the watcher's error was said: not again
 
 
+OOM = (
+    "OOM when allocating tensor with shape[100000,64,64,4] and type float on "
+    "/job:localhost/replica:0/task:0/device:CPU:0"
+)
+
+
+def test_a_run_out_of_memory_stops_with_one_line_that_says_what_to_lower(tmp_path, small_isbi_dir, monkeypatch, capsys):
+    def first_step_out_of_memory(self, batch, logs=None):
+        raise tf.errors.ResourceExhaustedError(None, None, OOM + " by allocator cpu\n\t [[{{node conv}}]]")
+
+    monkeypatch.setattr(callbacks.StopBetweenSteps, "on_train_batch_begin", first_step_out_of_memory)
+    assert tiny_run(small_isbi_dir, tmp_path) == 1
+    assert capsys.readouterr().err == (
+        "train.py: stopped: out of memory (OOM when allocating tensor with shape[100000,64,64,4]): lower "
+        f"--batch-size, --crop or --filters; no epoch of {tmp_path / 'bce_lr1e-3'} was checkpointed, so nothing "
+        "was kept: start the run again\n"
+    )
+    assert list(tmp_path.iterdir()) == []  # a run that --summary would list but --resume refuse
+
+
 # Slow: two processes train at once; test_trust's two resumes started together check the same lock by default.
 @pytest.mark.slow
 def test_two_runs_started_together_get_two_directories(tmp_path, small_isbi_dir):
