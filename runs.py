@@ -199,7 +199,11 @@ def run_row(run_dir):
         "lr": rundir.rate_text(config["lr"]),
         "steps": f"{steps}/{planned}" + ("" if steps >= planned else UNFINISHED),
         "finished": steps >= planned,
-        "setting": tuple((name, config[name]) for name in HYPERPARAMETERS if name != "seed"),
+        "setting": (
+            *((name, config[name]) for name in HYPERPARAMETERS if name != "seed"),
+            ("val_slices", cli.index_list_text(config.get("val_slices") or [])),
+            ("data", data_of(config)),
+        ),
     }
     for name, (better, _) in settings.BEST_SCORES.items():
         values = [value for _, value in validation.get(EPOCH_TAG.format(name), [])]
@@ -210,6 +214,14 @@ def run_row(run_dir):
         "last_val_loss": last(validation.get(EPOCH_TAG.format("loss"), [])),
         "last_val_dice": last(validation.get(EPOCH_TAG.format("membrane_dice"), [])),
     }
+
+
+def data_of(config):
+    """The files a run trained on, as --summary tells settings apart: the images' name and the first
+    digits of both files' SHA-256 (the same files may lie elsewhere now)."""
+    files = config.get("data_files") or {}
+    digests = "/".join(str(files.get(f"{kind}_sha256"))[:8] for kind in ("images", "labels"))
+    return f"{Path(files.get('images') or '?').name} {digests}"
 
 
 def summarize(logdir):

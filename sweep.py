@@ -88,8 +88,27 @@ def points(args, passed_on):
         state, command = existing(run_dir, run_args, given, new_run)
         found.append(Point(name, run_dir, new_run, state, command))
     if found:  # the data and the log directory, once: every point shares them
-        train.checked(*cli.parse_with_given(flags.build_parser("sweep.py"), found[0].new_run))
+        _, _, run_inputs = train.checked(*cli.parse_with_given(flags.build_parser("sweep.py"), found[0].new_run))
+        for point in found:
+            if point.state in ("finished", "resume"):
+                refuse_other_data(point.run_dir, run_inputs)
     return found
+
+
+def refuse_other_data(run_dir, run_inputs):
+    """Refuse a run there trained on other files than the sweep's (by SHA-256, wherever they are
+    now): counted as finished, or resumed, its curves would be compared as if it were the sweep's."""
+    recorded = rundir.read_config(run_dir).get("data_files") or {}
+    other = [
+        recorded[kind]
+        for kind in ("images", "labels")
+        if recorded.get(f"{kind}_sha256") not in (None, run_inputs.sha256[kind])
+    ]
+    if other:
+        raise cli.InputError(
+            f"{run_dir} was trained on other data ({', '.join(other)}) than this sweep's: "
+            "give the sweep another --logdir"
+        )
 
 
 def existing(run_dir, run_args, given, new_run):

@@ -2,6 +2,7 @@
 invocation trains nothing; --index runs one; bad input to any point is refused before the first run;
 --summary groups the runs that differ only in seed."""
 
+import json
 import os
 import shutil
 import signal
@@ -172,3 +173,22 @@ def test_sigterm_stops_the_runs_of_a_sweep_that_ignores_sigint_and_keeps_their_c
     ), output[-600:]
     rundir.refuse_if_being_trained(run_dir)  # its train.py has ended: the lock is free
     assert (run_dir / rundir.LAST).is_file()
+
+
+def test_a_run_there_trained_on_other_data_is_refused_not_counted_as_finished(
+    two_run_logdir, isbi_dir, tmp_path, capsys
+):
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    run_dir = logdir / "bce_lr1e-3_seed0"
+    shutil.copytree(two_run_logdir / "bce_lr1e-3", run_dir)  # 2 epochs of TINY on ISBI, seed 0
+    config = json.loads((run_dir / rundir.CONFIG).read_text())
+    config["data_files"]["labels_sha256"] = "0" * 64  # trained on other labels than the sweep's
+    (run_dir / rundir.CONFIG).write_text(json.dumps(config))
+    before = listing(logdir)
+    assert sweep.main([*TINY, "--data", str(isbi_dir), "--logdir", str(logdir), "--lr", "1e-3", "--list"]) == 2
+    assert capsys.readouterr().err == (
+        f"sweep.py: error: {run_dir} was trained on other data ({config['data_files']['labels']}) than this sweep's: "
+        "give the sweep another --logdir\n"
+    )
+    assert listing(logdir) == before

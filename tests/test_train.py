@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -567,3 +568,26 @@ def test_time_series_groups_put_curves_and_images_before_histograms(read_back):
     assert groups["histograms"] == {"unet"} and order[-1] == "unet"
     assert order[:2] == [BEST_TAG.format("misclassified_pixel_fraction"), BEST_TAG.format("v_rand")]
     assert {"slice_05", "slice_15", "slice_25"} <= groups["images"]
+
+
+def test_summary_tells_apart_runs_on_other_data_or_other_validation_slices(two_run_logdir, tmp_path, capsys):
+    recorded = json.loads((two_run_logdir / "bce_lr1e-3" / rundir.CONFIG).read_text())
+    for name, changes, images_sha256 in (
+        ("a", {}, recorded["data_files"]["images_sha256"]),
+        ("b", {"seed": 1, "val_slices": [0, 7]}, recorded["data_files"]["images_sha256"]),
+        ("c", {"seed": 2}, "0123456789abcdef"),  # another images stack
+        ("d", {"seed": 3}, recorded["data_files"]["images_sha256"]),  # a's setting again
+    ):
+        shutil.copytree(two_run_logdir / "bce_lr1e-3", tmp_path / name)
+        data_files = {**recorded["data_files"], "images_sha256": images_sha256}
+        (tmp_path / name / rundir.CONFIG).write_text(json.dumps({**recorded, **changes, "data_files": data_files}))
+    assert train.main(["--summary", str(tmp_path)]) == 0
+    settings_part = capsys.readouterr().out.split("\n\nby setting (runs that differ only in --seed):\n")[1]
+    _, *groups = (re.split(r"\s{2,}", row)[:2] for row in settings_part.strip().splitlines())
+    images, digests = Path(recorded["data_files"]["images"]).name, recorded["data_files"]["images_sha256"][:8]
+    labels = recorded["data_files"]["labels_sha256"][:8]
+    assert groups == [
+        [f"val_slices 5,15,25 data {images} {digests}/{labels}", "2"],
+        [f"val_slices 0,7 data {images} {digests}/{labels}", "1"],
+        [f"val_slices 5,15,25 data {images} 01234567/{labels}", "1"],
+    ]
