@@ -221,7 +221,7 @@ def build_parser(prog="train.py", exit_on_error=True):
         type=cli.non_negative_int,
         default=DEFAULTS["eval_every"],
         help="score the whole validation slices as the ISBI challenge does (V_rand, V_info, "
-        "pixel error) every N epochs, 0 for never",
+        "pixel error) at the first epoch, every N epochs after it and the last, 0 for never",
     )
     board.add_argument(
         "--update-freq",

@@ -98,12 +98,20 @@ class ValidationPass(keras.callbacks.Callback):
             }
 
 
+def evaluated(epoch, eval_every, epochs):
+    """Whether the challenge's scores are due at `epoch` (from 0) of a run of `epochs`: with
+    --eval-every N at the first epoch, every Nth after it and the last, so that the net a run ends
+    with is scored and best.keras can be it; never with 0."""
+    return bool(eval_every) and (epoch % eval_every == 0 or epoch == epochs - 1)
+
+
 class Validation(keras.callbacks.Callback):
     """The validation scores of each epoch, from the ValidationPass of the epoch's last step, scored
     by the watcher into `epoch_logs[epoch]` (a copy of the epoch's logs, made here on the training
     thread): the loss and the compiled metrics every epoch (`val_loss`,
-    `val_misclassified_pixel_fraction`, ...) and every `eval_every` epochs the ISBI challenge's
-    scores (`val_v_rand`, `val_v_info`, `val_pixel_error` and the thresholds that give them).
+    `val_misclassified_pixel_fraction`, ...) and at the epochs `evaluated` names the ISBI
+    challenge's scores (`val_v_rand`, `val_v_info`, `val_pixel_error` and the thresholds that give
+    them).
     With `weights` (per slice, batches.border_weights), the loss is weighted as the training loss is.
     The callbacks after this one read the scores from `epoch_logs` in their watcher jobs.
 
@@ -132,6 +140,6 @@ class Validation(keras.callbacks.Callback):
 
     def score(self, logs, epoch, probabilities):
         """Add the validation scores of `probabilities` (slices, H, W) to `logs`."""
-        isbi = bool(self.eval_every) and epoch % self.eval_every == 0 and np.isfinite(logs["loss"])
+        isbi = evaluated(epoch, self.eval_every, self.params["epochs"]) and np.isfinite(logs["loss"])
         scores = validation_scores(self.labels, probabilities, self.weights, self.loss, self.metrics, isbi)
         logs.update({f"val_{name}": value for name, value in scores.items()})

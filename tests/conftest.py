@@ -157,8 +157,9 @@ def built_once(tmp_path_factory, worker_id, name, build):
 def two_run_logdir(tmp_path_factory, isbi_dir, worker_id):
     """A log directory with two tiny runs on ISBI 2012: `bce_lr1e-3`, scored as in the challenge
     every epoch and profiled over steps 2 and 3 (--profile-batch, which must leave its curves as any
-    run's), and `wbce_lr1e-3` (the U-Net paper's weighted loss), every second epoch, with averaged
-    weights (--ema). Read only: a test that changes it works on a copy."""
+    run's), and `wbce_lr1e-3` (the U-Net paper's weighted loss), with --eval-every 2 (scored at its
+    first and last epochs) and averaged weights (--ema). Read only: a test that changes it works on
+    a copy."""
 
     def train_both(logdir):
         for loss, flags in (

@@ -219,7 +219,7 @@ def test_comparison_dashboard_serves_both_runs_on_one_chart(tensorboard):
     assert first["title"].startswith("Which run learns better")
     (v_rand,) = [chart for chart in first["chart"] if chart["title"].startswith("V_rand")]
     (pattern,) = v_rand["multiline"]["tag"]
-    for loss, steps in (("bce", [3, 6]), ("wbce", [3])):
+    for loss, steps in (("bce", [3, 6]), ("wbce", [3, 6])):
         series = get_json(
             tensorboard, "/data/plugin/custom_scalars/scalars", run=f"{loss}_lr1e-3/validation", tag=pattern
         )

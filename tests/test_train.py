@@ -29,6 +29,7 @@ import runs
 import tiffs
 import tiling
 import train
+import validation
 from conftest import ISBI_VALIDATION_SLICES, ROOT, TINY_STEPS, read_events, runs_in, tiny_run
 from rundir import BEST, CONFIG, LAST
 from settings import BEST_SCORES, CHECKPOINT_SCORE
@@ -134,8 +135,16 @@ def test_a_run_interrupted_while_profiling_keeps_the_steps_traced(tmp_path, smal
     tf.profiler.experimental.stop()
 
 
+def test_the_challenges_scores_are_due_at_the_first_epoch_every_nth_after_it_and_the_last():
+    assert [epoch for epoch in range(15) if validation.evaluated(epoch, 5, 15)] == [0, 5, 10, 14]
+    assert [epoch for epoch in range(11) if validation.evaluated(epoch, 5, 11)] == [0, 5, 10]
+    assert [epoch for epoch in range(3) if validation.evaluated(epoch, 1, 3)] == [0, 1, 2]
+    assert not any(validation.evaluated(epoch, 0, 3) for epoch in range(3))
+
+
 def test_isbi_scores_every_eval_every_epochs_beside_the_validation_loss(events):
-    for run, expected_steps in (("bce_lr1e-3/validation", [0, 1]), ("wbce_lr1e-3/validation", [0])):
+    # wbce's --eval-every 2 over 2 epochs: the first and the last.
+    for run, expected_steps in (("bce_lr1e-3/validation", [0, 1]), ("wbce_lr1e-3/validation", [0, 1])):
         for score in ("v_rand", "v_info", "pixel_error"):
             series = events[run][EPOCH_TAG.format(score)]
             assert steps(series) == expected_steps
@@ -204,7 +213,7 @@ def test_batch_scalars_at_the_global_step(events):
 def test_validation_curves_also_against_the_global_step(events):
     run = events["wbce_lr1e-3/validation"]
     assert steps(run[EVALUATION_TAG.format("loss")]) == [3, 6]
-    assert steps(run[EVALUATION_TAG.format("v_rand")]) == [3]  # scored every second epoch
+    assert steps(run[EVALUATION_TAG.format("v_rand")]) == [3, 6]
     assert [value for _, value in run[EVALUATION_TAG.format("loss")]] == [
         value for _, value in run[EPOCH_TAG.format("loss")]
     ]
