@@ -24,11 +24,11 @@ import numpy as np
 import tensorflow as tf
 
 import summaries
-from checkpoints import Checkpoints
+from checkpoints import Checkpoints, checkpoint_score
 from cli import stop_if_interrupted
 from metrics import LOSSES, THRESHOLD, training_metrics
 from rundir import BEST_SCORES_AT, TRAIN, VALIDATION
-from settings import BEST_SCORES, CHECKPOINT_SCORE, CHECKPOINT_SCORE_WITHOUT_ISBI, DEPTH
+from settings import BEST_SCORES, DEPTH
 from summaries import BATCH_GROUP, BEST_TAG, EPOCH_TAG, EVALUATION_TAG
 from unet import AveragedWeights, averages_weights
 from validation import Validation, ValidationPass, forward_pass, global_step
@@ -443,7 +443,7 @@ def for_run(args, run, inputs, stop, hyperparameters, documents, watcher, epoch_
     validation_pass = ValidationPass(inputs.val_images, shown)
     weights = inputs.val_weights(args.loss)
     writers = SummaryWriters(run.directory, watcher)
-    score = CHECKPOINT_SCORE if args.eval_every else CHECKPOINT_SCORE_WITHOUT_ISBI
+    score = checkpoint_score(args.eval_every)
     return [
         EpochEndHandOver(watcher, first=True),
         *([AveragedWeights()] if averages_weights(run.model) else []),

@@ -1,7 +1,8 @@
 """A run's checkpoints: `best.keras` and `last.keras`, saved on the training thread at each epoch's
 end and promoted by the run's watcher once the epoch is scored and logged, each step atomic, so
-that a kill or a full disk never leaves a damaged checkpoint (Checkpoints); and the one line that
-says how to go on when one cannot be written (CheckpointError).
+that a kill or a full disk never leaves a damaged checkpoint (Checkpoints); which score picks
+best.keras and when a score improves on it; and the one line that says how to go on when one
+cannot be written (CheckpointError).
 """
 
 import os
@@ -13,8 +14,8 @@ import numpy as np
 
 import files
 from cli import Stopped
-from rundir import BEST, LAST, candidate_checkpoint
-from settings import BEST_SCORES
+from rundir import BEST, LAST, candidate_checkpoint, checkpoint_step
+from settings import BEST_SCORES, CHECKPOINT_SCORE, CHECKPOINT_SCORE_WITHOUT_ISBI
 
 
 class CheckpointError(Stopped):
@@ -40,8 +41,9 @@ class Checkpoints(keras.callbacks.Callback):
 
     The epoch's net is saved on the training thread to a candidate (rundir.candidate_checkpoint),
     and promoted by the watcher once it has scored the epoch and written everything the epoch
-    logged: copied to `best.keras` if it is the best, then renamed to `last.keras`. Each step is
-    atomic; a kill leaves the former checkpoints and a candidate that --resume removes.
+    logged: renamed to `last.keras`, then copied to `best.keras` if it is the best. Each step is
+    atomic; a kill leaves the former checkpoints and a candidate that --resume removes, or
+    best.keras an epoch behind, which --resume puts right (best_put_right).
     """
 
     def __init__(self, watcher, run_dir, epoch_logs, score, best_score=None):
@@ -53,12 +55,7 @@ class Checkpoints(keras.callbacks.Callback):
         self.best_score = best_score
 
     def improves(self, score):
-        better, _ = BEST_SCORES[self.score]
-        return (
-            score is not None
-            and np.isfinite(score)
-            and (self.best_score is None or better(score, self.best_score) != self.best_score)
-        )
+        return improves(self.score, score, self.best_score)
 
     def on_epoch_end(self, epoch, logs=None):
         if not np.isfinite(logs["loss"]):
@@ -77,16 +74,50 @@ class Checkpoints(keras.callbacks.Callback):
         self.watcher.submit(lambda: self.promote(candidate, self.epoch_logs[epoch].get(f"val_{self.score}")))
 
     def promote(self, candidate, score):
-        """On the watcher: `candidate` copied to best.keras if `score` improves on the best, then
-        renamed to last.keras."""
-        path = self.run_dir / BEST
+        """On the watcher: `candidate` renamed to last.keras, then copied to best.keras if `score`
+        improves on the best. A kill or a full disk between the two leaves best.keras behind the
+        best epoch, which `--resume` puts right (best_put_right)."""
+        path = self.run_dir / LAST
         try:
-            if self.improves(score):
-                with files.replaced_atomically(path) as temporary:
-                    shutil.copyfile(candidate, temporary)
-                self.best_score = score
-            path = self.run_dir / LAST
             os.replace(candidate, path)
+            if self.improves(score):
+                path = self.run_dir / BEST
+                with files.replaced_atomically(path) as temporary:
+                    shutil.copyfile(self.run_dir / LAST, temporary)
+                self.best_score = score
         except OSError as error:
             candidate.unlink(missing_ok=True)
             raise checkpoint_error(path, error) from error
+
+
+def checkpoint_score(eval_every):
+    """The validation score that picks best.keras: V_rand, or for a run that never scores it
+    (--eval-every 0) the misclassified fraction."""
+    return CHECKPOINT_SCORE if eval_every else CHECKPOINT_SCORE_WITHOUT_ISBI
+
+
+def improves(name, score, best):
+    """Whether `score`, a value of the validation score `name` (settings.BEST_SCORES), improves on
+    `best` (None: no epoch had it); a tie keeps the earlier epoch."""
+    better, _ = BEST_SCORES[name]
+    return score is not None and np.isfinite(score) and (best is None or better(score, best) != best)
+
+
+def best_put_right(run_dir, name, scores, last_epoch):
+    """Copy last.keras over best.keras where the run's validation curve of the score `name`
+    ({epoch: value}, cut back to last.keras) says that its last epoch, `last_epoch`, is the best
+    and best.keras holds another: a kill or a full disk came between the two steps of promoting it
+    (Checkpoints.promote). Say whether it did."""
+    run_dir = Path(run_dir)
+    best_before = None
+    for epoch in sorted(scores):
+        if epoch < last_epoch and improves(name, scores[epoch], best_before):
+            best_before = scores[epoch]
+    if last_epoch not in scores or not improves(name, scores[last_epoch], best_before):
+        return False
+    last, best = run_dir / LAST, run_dir / BEST
+    if best.is_file() and checkpoint_step(best) == checkpoint_step(last):
+        return False
+    with files.replaced_atomically(best) as temporary:
+        shutil.copyfile(last, temporary)
+    return True

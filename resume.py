@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_file_loader import RawEventFileL
 from tensorboard.compat.proto import event_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
+import checkpoints
 import files
 import rundir
 import runs
@@ -105,6 +106,19 @@ def written_before(event, epoch, step, epoch_tags):
     return event.step <= step
 
 
+def put_best_right(run_dir, config, last_epoch):
+    """best.keras as the run's curves, cut back to last.keras, say it is (checkpoints.best_put_right),
+    said in a line where it was not."""
+    name = checkpoints.checkpoint_score(config["eval_every"])
+    validation = Path(run_dir) / rundir.VALIDATION
+    series = runs.read_scalars(validation).get(summaries.EPOCH_TAG.format(name), []) if validation.is_dir() else []
+    if checkpoints.best_put_right(run_dir, name, dict(series), last_epoch):
+        print(
+            f"{Path(run_dir) / rundir.BEST} is now the net of epoch {last_epoch + 1}, the best so far: the run "
+            "stopped between saving it as last.keras and as best.keras"
+        )
+
+
 def continue_run(run_dir, config, epochs, command, setup):
     """The rundir.Run of a run to resume to `epochs` epochs, its event files cut back to its last
     checkpoint and its config.json updated. The caller holds the run's lock."""
@@ -113,6 +127,7 @@ def continue_run(run_dir, config, epochs, command, setup):
         raise ResumeError(rundir.finished(run_dir, initial_epoch))
     files.remove_partial_files(rundir.event_directories(run_dir))
     cut_event_files(run_dir, initial_epoch, int(model.optimizer.iterations.numpy()), epoch_indexed(config))
+    put_best_right(run_dir, config, initial_epoch - 1)
     config.update(epochs=epochs, resumed=[*config["resumed"], command], **setup)
     rundir.save_config(run_dir, config)
     return rundir.Run(Path(run_dir), config, model, initial_epoch, runs.reached(run_dir))

@@ -358,6 +358,51 @@ def test_a_full_disk_at_a_checkpoint_is_said_so_when_the_watcher_failed_on_it_to
     watching.close()  # the watcher's error was said: not again
 
 
+def test_a_full_disk_between_last_and_best_is_put_right_by_resume(tmp_path, small_isbi_dir, monkeypatch, capsys):
+    def disk_full(source, destination):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoints.shutil, "copyfile", disk_full)
+    assert tiny_run(small_isbi_dir, tmp_path, "--eval-every", "0", "--epochs", "1") == 1
+    run_dir = tmp_path / "bce_lr1e-3"
+    assert capsys.readouterr().err.startswith(f"train.py: stopped: cannot write {run_dir / rundir.BEST} (No space")
+    assert rundir.checkpoint_step(run_dir / rundir.LAST) == 3 and not (run_dir / rundir.BEST).exists()
+    monkeypatch.undo()
+    assert train.main(["--resume", str(run_dir), "--epochs", "2"]) == 0
+    assert (
+        f"{run_dir / rundir.BEST} is now the net of epoch 1, the best so far: the run stopped between saving "
+        "it as last.keras and as best.keras\n" in capsys.readouterr().out
+    )
+    assert rundir.checkpoint_step(run_dir / rundir.BEST) in (3, 6)  # epoch 1's, unless epoch 2 beat it
+
+
+def saved_at_step(path, step):
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    model.optimizer.iterations.assign(step)
+    model.save(path)
+
+
+@pytest.mark.parametrize(
+    "scores, best_step, put_right",
+    [
+        ({0: 0.5, 1: 0.6}, 3, True),  # the last epoch is the best, best.keras an earlier one's
+        ({0: 0.5, 1: 0.6}, 6, False),  # best.keras is the last epoch's already
+        ({0: 0.6, 1: 0.6}, 3, False),  # a tie keeps the earlier epoch
+        ({0: 0.6, 1: 0.5}, 3, False),  # the last epoch is not the best
+        ({0: 0.6}, 3, False),  # the last epoch was not scored (--eval-every)
+    ],
+)
+def test_resume_puts_best_right_only_where_the_curves_say_the_last_epoch_is_the_best(
+    tmp_path, scores, best_step, put_right
+):
+    saved_at_step(tmp_path / rundir.LAST, 6)
+    saved_at_step(tmp_path / rundir.BEST, best_step)
+    assert checkpoints.best_put_right(tmp_path, "v_rand", scores, 1) == put_right
+    assert rundir.checkpoint_step(tmp_path / rundir.BEST) == (6 if put_right else best_step)
+
+
 OOM = (
     "OOM when allocating tensor with shape[100000,64,64,4] and type float on "
     "/job:localhost/replica:0/task:0/device:CPU:0"
