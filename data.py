@@ -109,6 +109,9 @@ def download_isbi2012(data_dir=DEFAULT_DATA_DIR, mirror=None, verbose=True, over
     Every file is verified before any TIFF is written, so a bad or interrupted download leaves
     the directory as it was; TIFFs already there are kept unless `overwrite`.
     """
+    existing = next(path for path in (Path(data_dir).absolute(), *Path(data_dir).absolute().parents) if path.exists())
+    if not existing.is_dir():
+        raise DataError(f"{existing} is a file, not a directory: give --data a directory to hold the ISBI 2012 stacks")
     missing = {name: STACK_SOURCES[name] for name in (STACK_SOURCES if overwrite else missing_stacks(data_dir))}
     base_url = mirror_url(mirror)
     checksums = read_checksums()

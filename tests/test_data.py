@@ -1,3 +1,4 @@
+import re
 import shutil
 
 import numpy as np
@@ -69,11 +70,14 @@ def test_download_keeps_the_tiffs_already_there(tmp_path, mirror_url):
     assert mine.read_bytes() == b"my own stack"
 
 
-def test_unwritable_data_directory_is_one_clear_error(tmp_path, mirror_url):
+@pytest.mark.parametrize("below", ["", "isbi"])
+def test_data_that_is_a_file_is_refused_before_anything_is_fetched(tmp_path, below):
     blocked = tmp_path / "not-a-directory"
     blocked.write_text("")
-    with pytest.raises(data.DataError, match="cannot write .*choose another --data"):
-        data.download_isbi2012(blocked / "isbi", mirror_url, verbose=False)
+    message = f"{blocked} is a file, not a directory: give --data a directory to hold the ISBI 2012 stacks"
+    with pytest.raises(data.DataError, match=f"^{re.escape(message)}$"):
+        data.download_isbi2012(blocked / below, "file:///nowhere", verbose=False)  # nothing fetched
+    assert blocked.read_text() == ""
 
 
 def test_mirror_must_be_a_url():
