@@ -8,6 +8,7 @@ files first, so that TensorBoard's curves continue without a gap or a duplicated
 """
 
 import re
+import zipfile
 from pathlib import Path
 
 import keras
@@ -48,7 +49,8 @@ def restore_model(run_dir, config):
         model = keras.models.load_model(path)
     except Exception as error:  # Keras raises several types for files it cannot read
         best = Path(run_dir) / rundir.BEST
-        why = described(error)
+        # Keras says "File not found" of a file that is there but not a whole zip archive.
+        why = "not a whole .keras archive" if path.is_file() and not zipfile.is_zipfile(path) else described(error)
         try:
             keras.models.load_model(best)
         except Exception:

@@ -373,7 +373,9 @@ def test_a_finished_run_is_refused_before_tensorflow_and_a_refusal_after_it_is_o
         timeout=300,
     )
     assert damaged.returncode == 2 and damaged.stderr.count("\n") == 1
-    assert damaged.stderr.startswith(f"train.py: error: {run_dir / rundir.LAST} is unreadable (")
+    assert damaged.stderr.startswith(
+        f"train.py: error: {run_dir / rundir.LAST} is unreadable (not a whole .keras archive), but "
+    )
 
 
 def test_accept_new_data_goes_with_resume(tmp_path, capsys):
