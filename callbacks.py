@@ -16,6 +16,7 @@ summaries.py's; the tags are named there.
 """
 
 import contextlib
+import re
 import threading
 from pathlib import Path
 
@@ -100,8 +101,8 @@ class SummaryWriters(keras.callbacks.Callback):
                 writer.close()
 
 
-# What TensorFlow raises where an event file cannot be written: a full disk or quota, a directory
-# removed or made read-only under the run.
+# What TensorFlow raises where an event file cannot be written, when it notices: a full disk (often
+# it does not: the events are lost silently), a directory made read-only or removed under the run.
 EVENT_FILE_ERRORS = (
     tf.errors.ResourceExhaustedError,
     tf.errors.NotFoundError,
@@ -117,8 +118,12 @@ def writing_to(directory):
     try:
         yield
     except EVENT_FILE_ERRORS as error:
-        # "{{function_node ...}} <event file>; No space left on device\n\tFailed to flush ...": the reason.
-        reason = error.message.split("\n", 1)[0].rpartition("; ")[2]
+        first_line = error.message.split("\n", 1)[0]
+        if "Summary" not in first_line:  # the summary's own computation failed, not its file: a bug
+            raise
+        # "{{function_node __wrapped__FlushSummaryWriter...}} <event file>; No space left on device
+        # [Op:FlushSummaryWriter] name: ": the reason, after the last "; ".
+        reason = re.sub(r"\s*\[Op:.*$", "", first_line).rpartition("; ")[2]
         raise OSError(None, reason, str(directory)) from error
 
 

@@ -41,9 +41,9 @@ class Checkpoints(keras.callbacks.Callback):
 
     The epoch's net is saved on the training thread to a candidate (rundir.candidate_checkpoint),
     and promoted by the watcher once it has scored the epoch and written everything the epoch
-    logged: renamed to `last.keras`, then copied to `best.keras` if it is the best. Each step is
-    atomic; a kill leaves the former checkpoints and a candidate that --resume removes, or
-    best.keras an epoch behind, which --resume puts right (best_put_right).
+    logged: renamed to `last.keras`, and copied to `best.keras` if it is the best (`promote`).
+    Each step is atomic; a kill leaves the former checkpoints and a candidate that --resume
+    removes.
     """
 
     def __init__(self, watcher, run_dir, epoch_logs, score, best_score=None):
@@ -74,17 +74,21 @@ class Checkpoints(keras.callbacks.Callback):
         self.watcher.submit(lambda: self.promote(candidate, self.epoch_logs[epoch].get(f"val_{self.score}")))
 
     def promote(self, candidate, score):
-        """On the watcher: `candidate` renamed to last.keras, then copied to best.keras if `score`
-        improves on the best. A kill or a full disk between the two leaves best.keras behind the
-        best epoch, which `--resume` puts right (best_put_right)."""
-        path = self.run_dir / LAST
+        """On the watcher: `candidate` renamed to last.keras and, if `score` improves on the best,
+        copied to best.keras: the copy first, to a temporary file, then the two renames, so that a
+        full disk leaves both checkpoints as they were and a kill can fall only between two
+        renames (where it leaves best.keras an epoch behind, which --resume puts right)."""
+        path = self.run_dir / BEST
         try:
-            os.replace(candidate, path)
             if self.improves(score):
-                path = self.run_dir / BEST
-                with files.replaced_atomically(path) as temporary:
-                    shutil.copyfile(self.run_dir / LAST, temporary)
+                with files.replaced_atomically(path) as temporary:  # renamed onto best.keras as the block ends
+                    shutil.copyfile(candidate, temporary)
+                    path = self.run_dir / LAST
+                    os.replace(candidate, path)
                 self.best_score = score
+            else:
+                path = self.run_dir / LAST
+                os.replace(candidate, path)
         except OSError as error:
             candidate.unlink(missing_ok=True)
             raise checkpoint_error(path, error) from error
@@ -106,7 +110,7 @@ def improves(name, score, best):
 def best_put_right(run_dir, name, scores, last_epoch):
     """Copy last.keras over best.keras where the run's validation curve of the score `name`
     ({epoch: value}, cut back to last.keras) says that its last epoch, `last_epoch`, is the best
-    and best.keras holds another: a kill or a full disk came between the two steps of promoting it
+    and best.keras holds another: a kill came between the two renames of promoting it
     (Checkpoints.promote). Say whether it did."""
     run_dir = Path(run_dir)
     best_before = None

@@ -130,8 +130,8 @@ def fitted(text, width):
     short reads as another: "loss 0.4321" as "loss 0"), the cut marked."""
     if len(text) <= width:
         return text
-    cut = max(text.rfind(separator, 0, width - 1) for separator in ("  ", ", "))
-    return text[:cut] + " …" if cut > 0 else text[:width]
+    cut = max(text.rfind(separator, 0, max(width - 3, 0)) for separator in ("  ", ", "))
+    return text[:cut] + " ..." if cut > 0 else text[:width]
 
 
 class Counter:

@@ -114,10 +114,16 @@ def put_best_right(run_dir, config, last_epoch):
     name = checkpoints.checkpoint_score(config["eval_every"])
     validation = Path(run_dir) / rundir.VALIDATION
     series = runs.read_scalars(validation).get(summaries.EPOCH_TAG.format(name), []) if validation.is_dir() else []
-    if checkpoints.best_put_right(run_dir, name, dict(series), last_epoch):
+    try:
+        put_right = checkpoints.best_put_right(run_dir, name, dict(series), last_epoch)
+    except OSError as error:
+        raise ResumeError(
+            f"cannot write {Path(run_dir) / rundir.BEST} ({error.strerror or error}): free some space and resume again"
+        ) from error
+    if put_right:
         print(
             f"{Path(run_dir) / rundir.BEST} is now the net of epoch {last_epoch + 1}, the best so far: the run "
-            "stopped between saving it as last.keras and as best.keras"
+            "was stopped between saving it as last.keras and as best.keras"
         )
 
 

@@ -201,7 +201,7 @@ def run_row(run_dir):
         "finished": steps >= planned,
         "setting": (
             *((name, config[name]) for name in HYPERPARAMETERS if name != "seed"),
-            ("val_slices", cli.index_list_text(config.get("val_slices") or [])),
+            ("val_slices", cli.index_list_text(config["val_slices"]) if config.get("val_slices") else "not recorded"),
             ("data", data_of(config)),
         ),
     }
@@ -217,11 +217,12 @@ def run_row(run_dir):
 
 
 def data_of(config):
-    """The files a run trained on, as --summary tells settings apart: the images' name and the first
-    digits of both files' SHA-256 (the same files may lie elsewhere now)."""
+    """The files a run trained on, as --summary tells settings apart: the first digits of the
+    images' and the labels' SHA-256 (the same files may lie elsewhere now, under other names)."""
     files = config.get("data_files") or {}
-    digests = "/".join(str(files.get(f"{kind}_sha256"))[:8] for kind in ("images", "labels"))
-    return f"{Path(files.get('images') or '?').name} {digests}"
+    if not files.get("images_sha256"):  # a run older than the record
+        return "not recorded"
+    return "/".join(files[f"{kind}_sha256"][:8] for kind in ("images", "labels"))
 
 
 def summarize(logdir):

@@ -107,11 +107,12 @@ def out_of_memory(error):
 
     if not isinstance(error, tf.errors.ResourceExhaustedError):
         return None
-    what = re.search(r"OOM when allocating tensor with shape\[[^\]]*\]", error.message)
-    return OutOfMemory(
-        f"out of memory ({what.group() if what else error.message.splitlines()[0][:160]}): "
-        "lower --batch-size, --crop or --filters"
+    # TensorFlow's allocator says the first, XLA (on GPUs) the second.
+    what = re.search(
+        r"OOM when allocating tensor with shape\[[^\]]*\]|Out of memory while trying to allocate [0-9.]+\w*",
+        error.message,
     )
+    return OutOfMemory(f"out of memory ({what.group() if what else 'TensorFlow could not allocate a tensor'})")
 
 
 def stopped(error, run_dir, chief, new_run, lost_worker):
@@ -141,7 +142,10 @@ def stopped(error, run_dir, chief, new_run, lost_worker):
     if isinstance(error, KeyboardInterrupt):
         return cli.Interrupted(go_on)
     if isinstance(error, OutOfMemory):
-        return cli.Stopped(f"{error}; {go_on}")
+        lower = "--batch-size, --crop or --filters"
+        if checkpoint:  # resuming keeps them: a new run can lower them
+            return cli.Stopped(f"{error}: start a new run with a lower {lower}; {run_dir} keeps its last checkpoint")
+        return cli.Stopped(f"{error}: lower {lower}; {go_on}")
     if isinstance(error, OSError):  # where the run's files are read and written (checkpoints say so themselves)
         where = f" on {error.filename}" if error.filename else ""
         return cli.Stopped(f"a file error{where} ({error.strerror or error}) stopped the run; {go_on}")

@@ -80,9 +80,14 @@ class Watcher:
         never more than one epoch behind, so a kill loses at most the epoch being scored (besides
         the one training), and at most two checkpoint candidates are on disk."""
         start = time.perf_counter()
-        if not self.inline:
-            self._jobs.join()
-        self.waited += time.perf_counter() - start
+        try:
+            if not self.inline:
+                self._jobs.join()
+        except KeyboardInterrupt:  # a second Ctrl-C: the first waits for the step's edge (cli.stopping_between_steps)
+            self._dropping = True
+            raise
+        finally:
+            self.waited += time.perf_counter() - start
         self.raise_error()
 
     def drain(self):
@@ -94,9 +99,9 @@ class Watcher:
 
     def close(self):
         """Finish the jobs handed over and stop the thread; raise the error of a job that failed
-        and was not raised yet. A stop signal while it waits (a second Ctrl-C) skips the jobs not
-        yet begun, lets the one in progress finish, so that no file is left half written, and is
-        raised."""
+        and was not raised yet. A stop signal while it waits (a second Ctrl-C; or one while
+        training waited in `catch_up`) skips the jobs not yet begun, lets the one in progress
+        finish, so that no file is left half written, and is raised."""
         try:
             self._finish()
         except KeyboardInterrupt:

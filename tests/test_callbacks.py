@@ -416,7 +416,7 @@ def test_the_progress_line_on_a_terminal_is_redrawn_in_place_within_its_width(co
         assert all(len(drawing) <= width for drawing in drawings), drawings
         assert drawings[-1].startswith(f"epoch {epoch}/2  step {BATCHES}/{BATCHES}  ")
         if columns < 100:  # cut short to the terminal, between two values
-            assert re.search(r"( s/step|\d\.\d{4}) …$", drawings[-1]), drawings[-1]
+            assert re.search(r"( s/step|\d\.\d{4}) \.\.\.$", drawings[-1]), drawings[-1]
         else:
             assert re.search(r" s/step  loss \d\.\d{4}  misclassified \d\.\d{4}$", drawings[-1]), drawings[-1]
         shown = validation_line.removeprefix("\r").removesuffix("\x1b[K")
@@ -428,8 +428,23 @@ def test_a_line_cut_to_the_terminal_loses_whole_values_not_digits():
     assert progress.fitted(line, 200) == line
     assert (
         progress.fitted(line, 100)
-        == "epoch 1 validation: V_rand 0.2023, V_info 0.5000, pixel error 0.1000, misclassified 0.7532 …"
+        == "epoch 1 validation: V_rand 0.2023, V_info 0.5000, pixel error 0.1000, misclassified 0.7532 ..."
     )
     step = "epoch 1/15  step 20/200  0.550 s/step  loss 0.1234  misclassified 0.0567"
-    assert progress.fitted(step, 60) == "epoch 1/15  step 20/200  0.550 s/step  loss 0.1234 …"
+    assert progress.fitted(step, 60) == "epoch 1/15  step 20/200  0.550 s/step  loss 0.1234 ..."
     assert all(len(progress.fitted(step, width)) <= width for width in range(1, 80))
+
+
+def test_an_event_file_error_is_told_as_the_os_error_it_stands_for_and_a_computations_error_as_itself(tmp_path):
+    read_only = tf.errors.PermissionDeniedError(
+        None,
+        None,
+        "{{function_node __wrapped__CreateSummaryFileWriter_device_/job:localhost/replica:0/task:0/device:CPU:0}} "
+        f"{tmp_path}/validation; Read-only file system [Op:CreateSummaryFileWriter] name: ",
+    )
+    with pytest.raises(OSError) as raised, callbacks.writing_to(tmp_path / "validation"):
+        raise read_only
+    assert (raised.value.strerror, raised.value.filename) == ("Read-only file system", str(tmp_path / "validation"))
+    out_of_memory = tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[9] [Op:Mul]")
+    with pytest.raises(tf.errors.ResourceExhaustedError), callbacks.writing_to(tmp_path / "validation"):
+        raise out_of_memory

@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -358,22 +359,41 @@ def test_a_full_disk_at_a_checkpoint_is_said_so_when_the_watcher_failed_on_it_to
     watching.close()  # the watcher's error was said: not again
 
 
-def test_a_full_disk_between_last_and_best_is_put_right_by_resume(tmp_path, small_isbi_dir, monkeypatch, capsys):
-    def disk_full(source, destination):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+def test_a_full_disk_at_best_keras_leaves_both_checkpoints_of_the_former_epoch(
+    tmp_path, small_isbi_dir, monkeypatch, capsys
+):
+    copies, real_copyfile = [], shutil.copyfile
 
-    monkeypatch.setattr(checkpoints.shutil, "copyfile", disk_full)
-    assert tiny_run(small_isbi_dir, tmp_path, "--eval-every", "0", "--epochs", "1") == 1
+    def disk_full_at_the_second_copy(source, destination):
+        copies.append(destination)
+        if len(copies) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_copyfile(source, destination)
+
+    monkeypatch.setattr(checkpoints.Checkpoints, "improves", lambda self, score: True)  # each epoch the best
+    monkeypatch.setattr(checkpoints.shutil, "copyfile", disk_full_at_the_second_copy)
+    assert tiny_run(small_isbi_dir, tmp_path, "--eval-every", "0") == 1
     run_dir = tmp_path / "bce_lr1e-3"
     assert capsys.readouterr().err.startswith(f"train.py: stopped: cannot write {run_dir / rundir.BEST} (No space")
-    assert rundir.checkpoint_step(run_dir / rundir.LAST) == 3 and not (run_dir / rundir.BEST).exists()
+    assert rundir.checkpoint_step(run_dir / rundir.LAST) == rundir.checkpoint_step(run_dir / rundir.BEST) == 3
+    assert not list(run_dir.glob(".*partial*"))
     monkeypatch.undo()
+    assert train.main(["--resume", str(run_dir)]) == 0  # epoch 2 again: the run had not finished
+
+
+def test_a_kill_between_the_two_renames_is_put_right_by_resume(tmp_path, small_isbi_dir, capsys):
+    assert tiny_run(small_isbi_dir, tmp_path, "--eval-every", "0", "--epochs", "1") == 0
+    run_dir = tmp_path / "bce_lr1e-3"
+    # Killed after last.keras's rename, before best.keras's: best.keras still under its temporary name.
+    (run_dir / rundir.BEST).rename(run_dir / f".best.{os.getpid()}.partial.keras")
+    capsys.readouterr()
     assert train.main(["--resume", str(run_dir), "--epochs", "2"]) == 0
     assert (
-        f"{run_dir / rundir.BEST} is now the net of epoch 1, the best so far: the run stopped between saving "
-        "it as last.keras and as best.keras\n" in capsys.readouterr().out
+        f"{run_dir / rundir.BEST} is now the net of epoch 1, the best so far: the run was stopped between "
+        "saving it as last.keras and as best.keras\n" in capsys.readouterr().out
     )
     assert rundir.checkpoint_step(run_dir / rundir.BEST) in (3, 6)  # epoch 1's, unless epoch 2 beat it
+    assert not list(run_dir.glob(".*partial*"))
 
 
 def saved_at_step(path, step):

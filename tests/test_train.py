@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -593,10 +592,9 @@ def test_summary_tells_apart_runs_on_other_data_or_other_validation_slices(two_r
     assert train.main(["--summary", str(tmp_path)]) == 0
     settings_part = capsys.readouterr().out.split("\n\nby setting (runs that differ only in --seed):\n")[1]
     _, *groups = (re.split(r"\s{2,}", row)[:2] for row in settings_part.strip().splitlines())
-    images, digests = Path(recorded["data_files"]["images"]).name, recorded["data_files"]["images_sha256"][:8]
-    labels = recorded["data_files"]["labels_sha256"][:8]
+    images, labels = recorded["data_files"]["images_sha256"][:8], recorded["data_files"]["labels_sha256"][:8]
     assert groups == [
-        [f"val_slices 5,15,25 data {images} {digests}/{labels}", "2"],
-        [f"val_slices 0,7 data {images} {digests}/{labels}", "1"],
-        [f"val_slices 5,15,25 data {images} 01234567/{labels}", "1"],
+        [f"val_slices 5,15,25 data {images}/{labels}", "2"],
+        [f"val_slices 0,7 data {images}/{labels}", "1"],
+        [f"val_slices 5,15,25 data 01234567/{labels}", "1"],
     ]

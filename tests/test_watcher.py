@@ -149,7 +149,7 @@ def test_closing_raises_the_error_of_a_job_that_failed_meanwhile():
             watching.submit(fails)
 
 
-def test_a_stop_signal_while_closing_skips_the_jobs_not_begun_once_the_one_in_progress_is_done():
+def test_a_stop_signal_while_closing_skips_the_jobs_not_begun_once_the_one_in_progress_is_done(untouched_stop_signals):
     done, started = [], threading.Event()
 
     def in_progress():
@@ -167,3 +167,23 @@ def test_a_stop_signal_while_closing_skips_the_jobs_not_begun_once_the_one_in_pr
     with pytest.raises(KeyboardInterrupt):
         watching.close()
     assert done == ["in progress"]  # finished before close raised: nothing left half written
+
+
+def test_a_stop_signal_while_training_waits_to_catch_up_skips_the_jobs_not_begun(untouched_stop_signals):
+    done, started = [], threading.Event()
+
+    def in_progress():
+        started.set()
+        time.sleep(0.5)
+        done.append("in progress")
+
+    watching = watcher.Watcher()
+    watching.submit(in_progress)
+    watching.hold()
+    watching.submit(lambda: done.append("held back"))  # the epoch's jobs, not yet released
+    started.wait()
+    threading.Timer(0.1, os.kill, [os.getpid(), signal.SIGINT]).start()
+    with pytest.raises(KeyboardInterrupt):
+        watching.catch_up()
+    watching.close()
+    assert done == ["in progress"]
