@@ -149,8 +149,11 @@ def test_closing_raises_the_error_of_a_job_that_failed_meanwhile():
             watching.submit(fails)
 
 
-def test_a_stop_signal_while_closing_skips_the_jobs_not_begun_once_the_one_in_progress_is_done(untouched_stop_signals):
-    done, started = [], threading.Event()
+def watcher_in_a_job(done):
+    """A Watcher whose first job, appending "in progress" to `done` after half a second, has begun;
+    a SIGINT comes 0.1 s later, sent to the process as a terminal sends Ctrl-C (raise_signal from
+    the timer's thread would leave the main thread's wait uninterrupted)."""
+    started = threading.Event()
 
     def in_progress():
         started.set()
@@ -159,30 +162,25 @@ def test_a_stop_signal_while_closing_skips_the_jobs_not_begun_once_the_one_in_pr
 
     watching = watcher.Watcher()
     watching.submit(in_progress)
-    watching.submit(lambda: done.append("not begun"))
     started.wait()
-    # A second Ctrl-C while close waits: sent to the process, as a terminal sends it (raise_signal
-    # from the timer's thread would leave the main thread's wait uninterrupted).
     threading.Timer(0.1, os.kill, [os.getpid(), signal.SIGINT]).start()
-    with pytest.raises(KeyboardInterrupt):
+    return watching
+
+
+def test_a_stop_signal_while_closing_skips_the_jobs_not_begun_once_the_one_in_progress_is_done(untouched_stop_signals):
+    done = []
+    watching = watcher_in_a_job(done)
+    watching.submit(lambda: done.append("not begun"))
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C, while close waits
         watching.close()
     assert done == ["in progress"]  # finished before close raised: nothing left half written
 
 
 def test_a_stop_signal_while_training_waits_to_catch_up_skips_the_jobs_not_begun(untouched_stop_signals):
-    done, started = [], threading.Event()
-
-    def in_progress():
-        started.set()
-        time.sleep(0.5)
-        done.append("in progress")
-
-    watching = watcher.Watcher()
-    watching.submit(in_progress)
+    done = []
+    watching = watcher_in_a_job(done)
     watching.hold()
     watching.submit(lambda: done.append("held back"))  # the epoch's jobs, not yet released
-    started.wait()
-    threading.Timer(0.1, os.kill, [os.getpid(), signal.SIGINT]).start()
     with pytest.raises(KeyboardInterrupt):
         watching.catch_up()
     watching.close()
