@@ -108,14 +108,13 @@ def written_before(event, epoch, step, epoch_tags):
     return event.step <= step
 
 
-def put_best_right(run_dir, config, last_epoch):
-    """best.keras as the run's curves, cut back to last.keras, say it is (checkpoints.best_put_right),
-    said in a line where it was not."""
+def put_best_right(run_dir, config, last_epoch, validation):
+    """best.keras as the run's `validation` scalars, cut back to last.keras, say it is
+    (checkpoints.best_put_right), said in a line where it was not."""
     name = checkpoints.checkpoint_score(config["eval_every"])
-    validation = Path(run_dir) / rundir.VALIDATION
-    series = runs.read_scalars(validation).get(summaries.EPOCH_TAG.format(name), []) if validation.is_dir() else []
+    series = dict(validation.get(summaries.EPOCH_TAG.format(name), []))
     try:
-        put_right = checkpoints.best_put_right(run_dir, name, dict(series), last_epoch)
+        put_right = checkpoints.best_put_right(run_dir, name, series, last_epoch)
     except OSError as error:
         raise ResumeError(
             f"cannot write {Path(run_dir) / rundir.BEST} ({error.strerror or error}): free some space and resume again"
@@ -135,7 +134,8 @@ def continue_run(run_dir, config, epochs, command, setup):
         raise ResumeError(rundir.finished(run_dir, initial_epoch))
     files.remove_partial_files(rundir.event_directories(run_dir))
     cut_event_files(run_dir, initial_epoch, int(model.optimizer.iterations.numpy()), epoch_indexed(config))
-    put_best_right(run_dir, config, initial_epoch - 1)
+    validation = runs.validation_scalars(run_dir)  # read once, after the cut
+    put_best_right(run_dir, config, initial_epoch - 1, validation)
     config.update(epochs=epochs, resumed=[*config["resumed"], command], **setup)
     rundir.save_config(run_dir, config)
-    return rundir.Run(Path(run_dir), config, model, initial_epoch, runs.reached(run_dir))
+    return rundir.Run(Path(run_dir), config, model, initial_epoch, runs.reached(validation))

@@ -168,12 +168,16 @@ def read_scalars(directory):
     }
 
 
-def reached(run_dir):
-    """What a run had reached, from its validation scalars: the best value so far of each score in
-    settings.BEST_SCORES, and the V_rand threshold of its latest evaluation (`v_rand_threshold`),
-    where it has them."""
+def validation_scalars(run_dir):
+    """read_scalars of a run's `validation` directory; {} where it has none."""
     directory = Path(run_dir) / rundir.VALIDATION
-    validation = read_scalars(directory) if directory.is_dir() else {}
+    return read_scalars(directory) if directory.is_dir() else {}
+
+
+def reached(validation):
+    """What a run had reached, from its `validation` scalars (validation_scalars): the best value so
+    far of each score in settings.BEST_SCORES, and the V_rand threshold of its latest evaluation
+    (`v_rand_threshold`), where it has them."""
     reached = {
         name: better(value for _, value in validation[EPOCH_TAG.format(name)])
         for name, (better, _) in settings.BEST_SCORES.items()
@@ -190,7 +194,7 @@ def last(series):
 
 def run_row(run_dir):
     config = rundir.read_config(run_dir)
-    validation = read_scalars(run_dir / rundir.VALIDATION) if (run_dir / rundir.VALIDATION).is_dir() else {}
+    validation = validation_scalars(run_dir)
     evaluations = validation.get(EVALUATION_TAG.format("loss"), [])
     steps, planned = (evaluations[-1][0] if evaluations else 0), config["epochs"] * config["steps_per_epoch"]
     row = {

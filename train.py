@@ -244,7 +244,7 @@ def open_run(args, resumed_config, run_inputs, command, setup, logdir, chief, he
         initial_epoch, reached = 0, {}
     else:
         model, initial_epoch = resume.restore_model(args.resume, resumed_config)
-        reached = runs.reached(args.resume)
+        reached = runs.reached(runs.validation_scalars(args.resume))
     config = runs.run_config(args, run_inputs, command, setup)
     directory = rundir.start(logdir, args.name or rundir.run_name(args.loss, args.lr), config, held)
     return rundir.Run(directory, config, model, initial_epoch, reached)
