@@ -1,7 +1,7 @@
-"""A run's checkpoints: `best.keras` and `last.keras`, saved on the training thread at each epoch's
-end and promoted by the run's watcher once the epoch is scored and logged, each step atomic, so
-that a kill or a full disk never leaves a damaged checkpoint (Checkpoints); which score picks
-best.keras and when a score improves on it; and the one line that says how to go on when one
+"""A run's checkpoints: `best.keras` and `last.keras`, written by the run's watcher from a copy of
+the net taken at each epoch's end and promoted once the epoch is scored and logged, each step
+atomic, so that a kill or a full disk never leaves a damaged checkpoint (Checkpoints); which score
+picks best.keras and when a score improves on it; and the one line that says how to go on when one
 cannot be written (CheckpointError).
 """
 
@@ -39,11 +39,14 @@ class Checkpoints(keras.callbacks.Callback):
     checkpoint to go back to). Must be the last callback that writes, after every summary of the
     epoch.
 
-    The epoch's net is saved on the training thread to a candidate (rundir.candidate_checkpoint),
-    and promoted by the watcher once it has scored the epoch and written everything the epoch
-    logged: renamed to `last.keras`, and copied to `best.keras` if it is the best (`promote`).
-    Each step is atomic; a kill leaves the former checkpoints and a candidate that --resume
-    removes.
+    At the epoch's end the training thread copies the values of the net's and its optimizer's
+    variables (`saved_state`); the watcher writes them to a candidate (rundir.candidate_checkpoint)
+    through its twin of the net, and promotes the candidate once it has scored the epoch and written
+    everything the epoch logged: renamed to `last.keras`, and copied to `best.keras` if it is the
+    best (`promote`). Writing the archive is most of a save (0.23 s an epoch at the defaults, 1.4 s
+    with 64 filters, on a 2-core EPYC), and the copy a tenth of it. The twin is loaded from the one
+    candidate the training thread saves itself, the process's first. Each step is atomic; a kill
+    leaves the former checkpoints and a candidate that --resume removes.
     """
 
     def __init__(self, watcher, run_dir, epoch_logs, score, best_score=None):
@@ -53,6 +56,8 @@ class Checkpoints(keras.callbacks.Callback):
         self.epoch_logs = epoch_logs
         self.score = score
         self.best_score = best_score
+        self.twin = None  # the watcher's own copy of the net and its optimizer
+        self.twin_handed_over = False
 
     def improves(self, score):
         return improves(self.score, score, self.best_score)
@@ -61,17 +66,50 @@ class Checkpoints(keras.callbacks.Callback):
         if not np.isfinite(logs["loss"]):
             return
         candidate = candidate_checkpoint(self.run_dir, epoch)
+        if self.twin_handed_over:
+            state = saved_state(self.model)
+            self.watcher.submit(lambda: self.write(candidate, state))
+        else:
+            self.save_first(candidate)
+        self.watcher.submit(lambda: self.promote(candidate, self.epoch_logs[epoch].get(f"val_{self.score}")))
+
+    def save_first(self, candidate):
+        """On the training thread: the process's first candidate, from which the watcher loads its
+        twin of the net."""
         try:
-            candidate.unlink(missing_ok=True)  # never written through a link planted there
-            self.model.save(candidate)
+            saved(self.model, candidate)
         except OSError as error:
-            candidate.unlink(missing_ok=True)
             try:
                 self.watcher.drain()  # the advice depends on whether the former epoch's checkpoint is in place
             except Exception as watcher_error:  # the same full disk, say: this line still says what to do
                 raise checkpoint_error(self.run_dir / LAST, error) from watcher_error
             raise checkpoint_error(self.run_dir / LAST, error) from error
-        self.watcher.submit(lambda: self.promote(candidate, self.epoch_logs[epoch].get(f"val_{self.score}")))
+        policy = self.model.dtype_policy.name
+        self.watcher.submit(lambda: self.load_twin(candidate, policy))
+        self.twin_handed_over = True
+
+    def load_twin(self, candidate, policy):
+        """On the watcher: the twin loaded under the net's dtype policy, which Keras keeps per
+        thread and which decides the optimizer (mixed_float16's scales the loss): loaded under
+        another, the optimizer's saved variables would be skipped with a mere warning."""
+        watchers_policy = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            self.twin = keras.models.load_model(candidate)
+        finally:
+            keras.mixed_precision.set_global_policy(watchers_policy)
+
+    def write(self, candidate, state):
+        """On the watcher: `state` (saved_state of the net) written to `candidate` through the twin."""
+        variables = saved_variables(self.twin)
+        if state.keys() != {variable.path for variable in variables}:
+            raise RuntimeError(f"the twin of the net in {self.run_dir} does not hold the net's variables")
+        for variable in variables:
+            variable.assign(state[variable.path])
+        try:
+            saved(self.twin, candidate)
+        except OSError as error:
+            raise checkpoint_error(self.run_dir / LAST, error) from error
 
     def promote(self, candidate, score):
         """On the watcher: `candidate` renamed to last.keras and, if `score` improves on the best,
@@ -92,6 +130,27 @@ class Checkpoints(keras.callbacks.Callback):
         except OSError as error:
             candidate.unlink(missing_ok=True)
             raise checkpoint_error(path, error) from error
+
+
+def saved_variables(model):
+    """The variables whose values a .keras archive of `model` holds: the net's and its optimizer's."""
+    return [*model.variables, *model.optimizer.variables]
+
+
+def saved_state(model):
+    """Copies of the values of `model`'s saved_variables in host memory, by the variables' paths."""
+    return {variable.path: keras.ops.convert_to_numpy(variable) for variable in saved_variables(model)}
+
+
+def saved(model, path):
+    """`model` saved to `path`, never through a link planted there; nothing left at `path` if the
+    save fails."""
+    try:
+        path.unlink(missing_ok=True)
+        model.save(path)
+    except OSError:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def checkpoint_score(eval_every):

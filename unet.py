@@ -88,7 +88,7 @@ def swap_averaged_weights(model):
     for variable, average in zip(
         model.trainable_variables, adam_of(model)._model_variables_moving_average, strict=True
     ):
-        value = keras.ops.convert_to_numpy(variable)
+        value = keras.ops.copy(variable)  # on the device: no round trip through the host
         variable.assign(average)
         average.assign(value)
 

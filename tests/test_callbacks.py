@@ -8,7 +8,9 @@ import select
 import struct
 import termios
 import threading
+import zipfile
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -331,6 +333,47 @@ def test_checkpoints_keep_the_best_v_rand_and_the_last_finite_epoch_once_the_wat
         watching.drain()
     assert {name: (tmp_path / name).read_bytes() for name in saved} == saved and checkpointing.best_score == 0.8
     assert sorted(path.name for path in tmp_path.iterdir()) == [BEST, LAST]
+
+
+def archived_arrays(path):
+    with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as stored, h5py.File(stored) as weights:
+        arrays = {}
+        weights.visititems(
+            lambda name, item: arrays.update({name: item[()]}) if isinstance(item, h5py.Dataset) else None
+        )
+    return arrays
+
+
+@pytest.mark.parametrize(
+    "precision, ema, dropout", [("float32", 0.99, 0.5), ("mixed_float16", 0.0, 0.0)], ids=["ema-dropout", "float16"]
+)
+def test_the_watchers_checkpoints_hold_what_the_net_itself_saves(tmp_path, precision, ema, dropout):
+    # The first candidate is saved by the training thread, the others by the watcher's twin of the
+    # net from the values copied at the epoch's end: every variable of the archive must be the net's.
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        net = unet.compiled_unet(2, "bce", 1e-2, jit_compile=False, ema=ema, dropout=dropout)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    images = np.random.default_rng(0).random((2, 32, 32, 1), np.float32)
+    logs = {"loss": 0.5, "val_misclassified_pixel_fraction": 0.1}
+    saved_by_the_net = []
+    with watcher.running() as watching:
+        saving = attached(
+            checkpoints.Checkpoints(watching, tmp_path, {0: logs, 1: logs}, "misclassified_pixel_fraction"), net
+        )
+        for epoch in (0, 1):
+            net.fit(images, images > 0.5, epochs=1, verbose=0)
+            saving.on_epoch_end(epoch, logs)
+            saved_by_the_net.append(tmp_path / f"net_{epoch}.keras")
+            net.save(saved_by_the_net[-1])
+            net.fit(images, images > 0.5, epochs=1, verbose=0)  # trains on while the watcher writes
+            watching.drain()
+            written = archived_arrays(tmp_path / LAST)
+            expected = archived_arrays(saved_by_the_net[-1])
+            assert written.keys() == expected.keys()
+            assert all(np.array_equal(written[name], expected[name]) for name in expected), epoch
+    assert not all(np.array_equal(value, archived_arrays(saved_by_the_net[0])[name]) for name, value in written.items())
 
 
 def test_stop_on_non_finite_loss_names_the_step_and_learning_rate(model):
