@@ -1,5 +1,5 @@
 """The watcher: the work of watching a run that does not need the net (scoring, rendering, histograms,
-writing the summaries, promoting checkpoints), done on a thread beside training, in the order it
+writing the summaries and checkpoints), done on a thread beside training, in the order it
 was handed over, so that training waits only for what needs the net at that step.
 
 The training thread hands over jobs (functions of no arguments, holding copies of what they need)
