@@ -145,6 +145,7 @@ def run_documents(config):
 # --- reading runs back ------------------------------------------------------------------------
 
 UNFINISHED = "*"  # after the steps of a run that stopped before its epochs
+NO_CHECKPOINT = "!"  # after those of a run that stopped before its first checkpoint: nothing to resume
 COLUMN_NAMES = {"misclassified_pixel_fraction": "mpf", "v_rand": "v_rand"}  # of the scores in settings.BEST_SCORES
 COLUMNS = (
     "run",
@@ -197,12 +198,14 @@ def run_row(run_dir):
     validation = validation_scalars(run_dir)
     evaluations = validation.get(EVALUATION_TAG.format("loss"), [])
     steps, planned = (evaluations[-1][0] if evaluations else 0), config["epochs"] * config["steps_per_epoch"]
+    resumable = (run_dir / rundir.LAST).is_file()
     row = {
         "run": run_dir.name,
         "loss": config["loss"],
         "lr": rundir.rate_text(config["lr"]),
-        "steps": f"{steps}/{planned}" + ("" if steps >= planned else UNFINISHED),
+        "steps": f"{steps}/{planned}" + ("" if steps >= planned else UNFINISHED if resumable else NO_CHECKPOINT),
         "finished": steps >= planned,
+        "resumable": resumable,
         "setting": (
             *((name, config[name]) for name in HYPERPARAMETERS if name != "seed"),
             ("val_slices", cli.index_list_text(config["val_slices"]) if config.get("val_slices") else "not recorded"),

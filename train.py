@@ -118,13 +118,10 @@ def out_of_memory(error):
 def stopped(error, run_dir, chief, new_run, lost_worker):
     """What to raise for `error`, raised while the run trained: one line that says how to go on.
     `lost_worker` is what the cluster lost if the error says so (distribute.lost_worker). A new run
-    stopped by Ctrl-C, a refusal or a file error before its first checkpoint is removed: there is
-    nothing in it to resume."""
-    from checkpoints import CheckpointError  # TensorFlow is loaded by now
-
+    stopped before its first checkpoint, by anything, is removed: there is nothing in it to resume,
+    and `--summary` would list it among the runs."""
     checkpoint = (run_dir / rundir.LAST).is_file()
-    ends = (KeyboardInterrupt, cli.InputError, CheckpointError, OSError, OutOfMemory)
-    removed = chief and new_run and not checkpoint and isinstance(error, ends)
+    removed = chief and new_run and not checkpoint
     if removed:
         shutil.rmtree(run_dir, ignore_errors=True)
     go_on = (
@@ -368,9 +365,13 @@ def print_summary(logdir):
             else cli.InputError(f"no runs in {logdir}: give the --logdir of your training runs")
         )
     print(runs.format_table(rows))
-    if not all(row["finished"] for row in rows):
+    if any(not row["finished"] and row["resumable"] for row in rows):
         print(
             f"{runs.UNFINISHED} unfinished: stopped before its epochs; continue it with python train.py --resume <run>"
+        )
+    if any(not row["finished"] and not row["resumable"] for row in rows):
+        print(
+            f"{runs.NO_CHECKPOINT} stopped before its first checkpoint: nothing to resume; remove it and start it anew"
         )
     if any(len(members) > 1 for members in runs.by_setting(rows).values()):
         print("\nby setting (runs that differ only in --seed):")

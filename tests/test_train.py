@@ -420,19 +420,23 @@ def test_summary_groups_the_runs_that_differ_only_in_seed_and_marks_unfinished_o
         ("a", "bce_lr1e-3", {}),
         ("b", "wbce_lr1e-3", {"loss": "bce", "ema": 0.0, "seed": 1}),
         ("c", "wbce_lr1e-3", {"epochs": 4}),
+        ("d", "wbce_lr1e-3", {"epochs": 4, "loss": "mse"}),
     ):
         shutil.copytree(two_run_logdir / source, tmp_path / name)
         config = json.loads((tmp_path / name / rundir.CONFIG).read_text())
         (tmp_path / name / rundir.CONFIG).write_text(json.dumps({**config, **changes}))
+    (tmp_path / "d" / rundir.LAST).unlink()  # killed (by the kernel's OOM killer, say) before its first checkpoint
     assert train.main(["--summary", str(tmp_path)]) == 0
     runs_part, settings_part = capsys.readouterr().out.split("\n\nby setting (runs that differ only in --seed):\n")
-    _, *rows, footnote = runs_part.strip().splitlines()
+    _, *rows, unfinished, no_checkpoint = runs_part.strip().splitlines()
     cells = {row.split()[0]: row.split() for row in rows}
-    assert (cells["a"][3], cells["b"][3], cells["c"][3]) == ("6/6", "6/6", "6/12*")
-    assert footnote == "* unfinished: stopped before its epochs; continue it with python train.py --resume <run>"
-    _, bce, wbce = (re.split(r"\s{2,}", row) for row in settings_part.strip().splitlines())
+    assert [cells[name][3] for name in "abcd"] == ["6/6", "6/6", "6/12*", "6/12!"]
+    assert unfinished == "* unfinished: stopped before its epochs; continue it with python train.py --resume <run>"
+    assert no_checkpoint == "! stopped before its first checkpoint: nothing to resume; remove it and start it anew"
+    _, bce, wbce, mse = (re.split(r"\s{2,}", row) for row in settings_part.strip().splitlines())
     assert bce[:2] == ["loss bce ema 0.0 epochs 2", "2"]
     assert wbce[:2] == ["loss wbce ema 0.9 epochs 4", "1 (1 unfinished)"]
+    assert mse[:2] == ["loss mse ema 0.9 epochs 4", "1 (1 unfinished)"]
     for column, first in ((4, 2), (6, 5)):  # best V_rand, best misclassified fraction: mean, lowest, highest
         best = [float(cells[name][column]) for name in ("a", "b")]
         assert [float(value) for value in bce[first : first + 3]] == pytest.approx(

@@ -422,3 +422,17 @@ def test_a_full_disk_at_the_first_checkpoint_advises_a_new_start_and_keeps_nothi
     assert error.count("\n") == 1 and error.startswith("train.py: stopped: cannot write ")
     assert error.endswith("(No space left on device): free some space, then start the run again\n")
     assert list(tmp_path.iterdir()) == []  # no run directory without a checkpoint left behind
+
+
+def test_an_unexpected_error_before_the_first_checkpoint_is_raised_and_keeps_nothing(
+    tmp_path, small_isbi_dir, monkeypatch
+):
+    # A bug, or TensorFlow refusing a tensor too large: its traceback, and no run left behind that
+    # --summary would list.
+    def failing_step(model, *args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(keras.Model, "fit", failing_step)
+    with pytest.raises(RuntimeError, match="a bug"):
+        tiny_run(small_isbi_dir, tmp_path)
+    assert list(tmp_path.iterdir()) == []
