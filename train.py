@@ -98,13 +98,19 @@ def resumed_arguments(args, given, config):
 
 
 class OutOfMemory(cli.Stopped):
-    """The net, a batch or the validation slices did not fit in the memory of the device."""
+    """The net, a batch or the validation slices did not fit in the memory of the device, or in
+    what TensorFlow can hold in one tensor."""
 
 
 def out_of_memory(error):
-    """An OutOfMemory for TensorFlow's out-of-memory error, None for another error."""
+    """An OutOfMemory for TensorFlow's out-of-memory error, or its refusal of a tensor too large
+    to hold; None for another error."""
     import tensorflow as tf
 
+    if isinstance(error, tf.errors.InvalidArgumentError) and "Cannot parse tensor from proto" in error.message:
+        # A batch of 26 GB (--batch-size 100000): the training step's graph holds a zeros_like of
+        # it as a constant, over protocol buffers' 2 GB. Far more than the memory of these machines.
+        return OutOfMemory("a tensor of the training step too large for TensorFlow (over 2 GB in its graph)")
     if not isinstance(error, tf.errors.ResourceExhaustedError):
         return None
     # TensorFlow's allocator says the first, XLA (on GPUs) the second.

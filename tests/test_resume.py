@@ -429,16 +429,37 @@ OOM = (
 )
 
 
-def test_a_run_out_of_memory_stops_with_one_line_that_says_what_to_lower(tmp_path, small_isbi_dir, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "error, said",
+    [
+        (
+            tf.errors.ResourceExhaustedError(None, None, OOM + " by allocator cpu\n\t [[{{node conv}}]]"),
+            "out of memory (OOM when allocating tensor with shape[100000,64,64,4])",
+        ),
+        (  # what --batch-size 100000 at the defaults gets (TensorFlow 2.21, CPU)
+            tf.errors.InvalidArgumentError(
+                None,
+                None,
+                "Graph execution error:\n\nDetected at node gradient_tape/compile_loss/binary_crossentropy/"
+                "logistic_loss/zeros_like defined at (most recent call last):\nCannot parse tensor from proto: "
+                "goo.gle/debugonly \ndtype: DT_FLOAT\ntensor_shape {\n  dim {\n    size: 100000\n  }\n}",
+            ),
+            "a tensor of the training step too large for TensorFlow (over 2 GB in its graph)",
+        ),
+    ],
+    ids=["out of memory", "tensor too large"],
+)
+def test_a_run_out_of_memory_stops_with_one_line_that_says_what_to_lower(
+    tmp_path, small_isbi_dir, monkeypatch, capsys, error, said
+):
     def first_step_out_of_memory(self, batch, logs=None):
-        raise tf.errors.ResourceExhaustedError(None, None, OOM + " by allocator cpu\n\t [[{{node conv}}]]")
+        raise error
 
     monkeypatch.setattr(callbacks.StopBetweenSteps, "on_train_batch_begin", first_step_out_of_memory)
     assert tiny_run(small_isbi_dir, tmp_path) == 1
     assert capsys.readouterr().err == (
-        "train.py: stopped: out of memory (OOM when allocating tensor with shape[100000,64,64,4]): lower "
-        f"--batch-size, --crop or --filters; no epoch of {tmp_path / 'bce_lr1e-3'} was checkpointed, so nothing "
-        "was kept: start the run again\n"
+        f"train.py: stopped: {said}: lower --batch-size, --crop or --filters; no epoch of "
+        f"{tmp_path / 'bce_lr1e-3'} was checkpointed, so nothing was kept: start the run again\n"
     )
     assert list(tmp_path.iterdir()) == []  # a run that --summary would list but --resume refuse
 
