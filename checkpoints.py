@@ -44,8 +44,8 @@ class Checkpoints(keras.callbacks.Callback):
     through its twin of the net, and promotes the candidate once it has scored the epoch and written
     everything the epoch logged: renamed to `last.keras`, and copied to `best.keras` if it is the
     best (`promote`). Writing the archive is most of a save (0.23 s an epoch at the defaults, 1.4 s
-    with 64 filters, on a 2-core EPYC), and the copy a tenth of it. The twin is loaded from the one
-    candidate the training thread saves itself, the process's first. Each step is atomic; a kill
+    with 64 filters, on a 2-core EPYC), and the copy a tenth of it. The twin is loaded from the
+    process's first checkpoint, which the training thread saves itself. Each step is atomic; a kill
     leaves the former checkpoints and a candidate that --resume removes.
     """
 
@@ -66,16 +66,21 @@ class Checkpoints(keras.callbacks.Callback):
         if not np.isfinite(logs["loss"]):
             return
         candidate = candidate_checkpoint(self.run_dir, epoch)
-        if self.twin_handed_over:
+        first = not self.twin_handed_over
+        if first:
+            self.save_first(candidate)
+        else:
             state = saved_state(self.model)
             self.watcher.submit(lambda: self.write(candidate, state))
-        else:
-            self.save_first(candidate)
         self.watcher.submit(lambda: self.promote(candidate, self.epoch_logs[epoch].get(f"val_{self.score}")))
+        if first:  # once the checkpoint is in place: loading the twin takes seconds for a large net
+            policy = self.model.dtype_policy.name
+            self.watcher.submit(lambda: self.load_twin(self.run_dir / LAST, policy))
+            self.twin_handed_over = True
 
     def save_first(self, candidate):
-        """On the training thread: the process's first candidate, from which the watcher loads its
-        twin of the net."""
+        """On the training thread: the process's first candidate, from which, once promoted to
+        last.keras, the watcher loads its twin of the net."""
         try:
             saved(self.model, candidate)
         except OSError as error:
@@ -84,18 +89,15 @@ class Checkpoints(keras.callbacks.Callback):
             except Exception as watcher_error:  # the same full disk, say: this line still says what to do
                 raise checkpoint_error(self.run_dir / LAST, error) from watcher_error
             raise checkpoint_error(self.run_dir / LAST, error) from error
-        policy = self.model.dtype_policy.name
-        self.watcher.submit(lambda: self.load_twin(candidate, policy))
-        self.twin_handed_over = True
 
-    def load_twin(self, candidate, policy):
+    def load_twin(self, checkpoint, policy):
         """On the watcher: the twin loaded under the net's dtype policy, which Keras keeps per
         thread and which decides the optimizer (mixed_float16's scales the loss): loaded under
         another, the optimizer's saved variables would be skipped with a mere warning."""
         watchers_policy = keras.mixed_precision.global_policy()
         keras.mixed_precision.set_global_policy(policy)
         try:
-            self.twin = keras.models.load_model(candidate)
+            self.twin = keras.models.load_model(checkpoint)
         finally:
             keras.mixed_precision.set_global_policy(watchers_policy)
 
@@ -133,8 +135,10 @@ class Checkpoints(keras.callbacks.Callback):
 
 
 def saved_variables(model):
-    """The variables whose values a .keras archive of `model` holds: the net's and its optimizer's."""
-    return [*model.variables, *model.optimizer.variables]
+    """The variables whose values a .keras archive of `model` holds: the net's weights and its
+    optimizer's variables. Not `model.variables`: dropout's random-seed state, which the archive
+    does not hold, is named by how many were made before on the thread that built the model."""
+    return [*model.weights, *model.optimizer.variables]
 
 
 def saved_state(model):
