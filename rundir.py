@@ -214,22 +214,33 @@ def finished(run_dir, epochs_done):
 def refuse_if_being_trained(run_dir):
     """InputError naming the process that holds the run's lock, if one does: checked by --resume
     before TensorFlow loads, and before it looks for a checkpoint (a run in its first epoch has
-    none yet). Takes and releases the lock at once; creates nothing."""
+    none yet)."""
+    if (holder := trainer_of(run_dir)) is not None:
+        raise InputError(being_trained(run_dir, holder))
+
+
+def trainer_of(run_dir):
+    """The process that holds the run's lock, as its lock file names it; None if none does. Takes
+    and releases the lock at once; creates nothing."""
     path = Path(run_dir) / LOCK
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:  # no lock file (nothing trains it), or a link (refuse_a_linked_lock says so)
-        return
+        return None
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise InputError(being_trained(run_dir, descriptor)) from None
+        return holder_of(descriptor)
     finally:
         os.close(descriptor)
+    return None
 
 
-def being_trained(run_dir, descriptor):
-    holder = os.pread(descriptor, 200, 0).decode(errors="replace").strip() or "another process"
+def holder_of(descriptor):
+    return os.pread(descriptor, 200, 0).decode(errors="replace").strip() or "another process"
+
+
+def being_trained(run_dir, holder):
     return f"{run_dir} is being trained by {holder}: wait for it to end, or stop it, then resume the run"
 
 
@@ -260,7 +271,7 @@ def locked(run_dir):
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise InputError(being_trained(run_dir, descriptor)) from None
+            raise InputError(being_trained(run_dir, holder_of(descriptor))) from None
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         yield

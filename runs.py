@@ -146,6 +146,7 @@ def run_documents(config):
 
 UNFINISHED = "*"  # after the steps of a run that stopped before its epochs
 NO_CHECKPOINT = "!"  # after those of a run that stopped before its first checkpoint: nothing to resume
+TRAINING = "+"  # after those of a run that a process is training now
 COLUMN_NAMES = {"misclassified_pixel_fraction": "mpf", "v_rand": "v_rand"}  # of the scores in settings.BEST_SCORES
 COLUMNS = (
     "run",
@@ -198,13 +199,16 @@ def run_row(run_dir):
     validation = validation_scalars(run_dir)
     evaluations = validation.get(EVALUATION_TAG.format("loss"), [])
     steps, planned = (evaluations[-1][0] if evaluations else 0), config["epochs"] * config["steps_per_epoch"]
-    resumable = (run_dir / rundir.LAST).is_file()
+    training = rundir.trainer_of(run_dir) is not None
+    resumable = (run_dir / rundir.LAST).is_file() and not training
     row = {
         "run": run_dir.name,
         "loss": config["loss"],
         "lr": rundir.rate_text(config["lr"]),
-        "steps": f"{steps}/{planned}" + ("" if steps >= planned else UNFINISHED if resumable else NO_CHECKPOINT),
+        "steps": f"{steps}/{planned}"
+        + ("" if steps >= planned else TRAINING if training else UNFINISHED if resumable else NO_CHECKPOINT),
         "finished": steps >= planned,
+        "training": training,
         "resumable": resumable,
         "setting": (
             *((name, config[name]) for name in HYPERPARAMETERS if name != "seed"),

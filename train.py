@@ -124,10 +124,14 @@ def out_of_memory(error):
 def stopped(error, run_dir, chief, new_run, lost_worker):
     """What to raise for `error`, raised while the run trained: one line that says how to go on.
     `lost_worker` is what the cluster lost if the error says so (distribute.lost_worker). A new run
-    stopped before its first checkpoint, by anything, is removed: there is nothing in it to resume,
-    and `--summary` would list it among the runs."""
+    stopped by Ctrl-C, a refusal, a file error or a lack of memory before its first checkpoint is
+    removed: there is nothing in it to resume. One stopped by an unexpected error (its traceback
+    follows) is kept, with what it logged, to find out why; `--summary` marks it."""
+    from checkpoints import CheckpointError  # TensorFlow is loaded by now
+
     checkpoint = (run_dir / rundir.LAST).is_file()
-    removed = chief and new_run and not checkpoint
+    ends = (KeyboardInterrupt, cli.InputError, CheckpointError, OSError, OutOfMemory)
+    removed = chief and new_run and not checkpoint and isinstance(error, ends)
     if removed:
         shutil.rmtree(run_dir, ignore_errors=True)
     go_on = (
@@ -375,10 +379,12 @@ def print_summary(logdir):
         print(
             f"{runs.UNFINISHED} unfinished: stopped before its epochs; continue it with python train.py --resume <run>"
         )
-    if any(not row["finished"] and not row["resumable"] for row in rows):
+    if any(not row["finished"] and not row["resumable"] and not row["training"] for row in rows):
         print(
             f"{runs.NO_CHECKPOINT} stopped before its first checkpoint: nothing to resume; remove it and start it anew"
         )
+    if any(not row["finished"] and row["training"] for row in rows):
+        print(f"{runs.TRAINING} being trained now")
     if any(len(members) > 1 for members in runs.by_setting(rows).values()):
         print("\nby setting (runs that differ only in --seed):")
         print(runs.format_settings(rows))

@@ -16,6 +16,7 @@ import pytest
 import tifffile
 
 import batches
+import callbacks
 import data
 import predict
 import rundir
@@ -424,15 +425,24 @@ def test_a_full_disk_at_the_first_checkpoint_advises_a_new_start_and_keeps_nothi
     assert list(tmp_path.iterdir()) == []  # no run directory without a checkpoint left behind
 
 
-def test_an_unexpected_error_before_the_first_checkpoint_is_raised_and_keeps_nothing(
-    tmp_path, small_isbi_dir, monkeypatch
+def test_a_run_stopped_by_an_unexpected_error_is_kept_for_its_logs_and_summary_says_it_cannot_resume(
+    tmp_path, small_isbi_dir, monkeypatch, capsys
 ):
-    # A bug, or TensorFlow refusing a tensor too large: its traceback, and no run left behind that
-    # --summary would list.
-    def failing_step(model, *args, **kwargs):
+    def failing_step(self, batch, logs=None):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(keras.Model, "fit", failing_step)
-    with pytest.raises(RuntimeError, match="a bug"):
+    monkeypatch.setattr(callbacks.StopBetweenSteps, "on_train_batch_begin", failing_step)
+    with pytest.raises(RuntimeError, match="a bug"):  # its traceback, to find out why
         tiny_run(small_isbi_dir, tmp_path)
-    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    run_dir = tmp_path / "bce_lr1e-3"
+    assert (run_dir / CONFIG).is_file() and not (run_dir / rundir.LAST).exists()
+    capsys.readouterr()
+    assert train.main(["--summary", str(tmp_path)]) == 0
+    _, row, footnote = capsys.readouterr().out.strip().splitlines()
+    assert row.split()[:4] == ["bce_lr1e-3", "bce", "1e-3", "0/6!"]
+    assert footnote == "! stopped before its first checkpoint: nothing to resume; remove it and start it anew"
+    with rundir.locked(run_dir):  # as a process training it holds it: not a run to remove
+        assert train.main(["--summary", str(tmp_path)]) == 0
+    _, row, footnote = capsys.readouterr().out.strip().splitlines()
+    assert row.split()[3] == "0/6+" and footnote == "+ being trained now"
