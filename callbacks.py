@@ -31,7 +31,7 @@ from metrics import LOSSES, THRESHOLD, training_metrics
 from rundir import BEST_SCORES_AT, TRAIN, VALIDATION
 from settings import BEST_SCORES, DEPTH
 from summaries import BATCH_GROUP, BEST_TAG, EPOCH_TAG, EVALUATION_TAG
-from unet import AveragedWeights, averages_weights
+from unet import AveragedWeights, DropoutSeeds, averages_weights, drops_out
 from validation import Validation, ValidationPass, forward_pass, global_step
 
 
@@ -452,6 +452,7 @@ def for_run(args, run, inputs, stop, hyperparameters, documents, watcher, epoch_
     return [
         EpochEndHandOver(watcher, first=True),
         *([AveragedWeights()] if averages_weights(run.model) else []),
+        *([DropoutSeeds(args.seed)] if drops_out(run.model) else []),
         validation_pass,
         # Before the summaries, whose watcher jobs read the scores it adds to the epoch logs.
         Validation(

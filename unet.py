@@ -10,6 +10,7 @@ slices. The net is compiled with Adam, which may keep a moving average of the we
 """
 
 import keras
+import numpy as np
 from keras import layers
 
 import metrics
@@ -40,6 +41,9 @@ def conv_block(x, filters, prefix):
     return x
 
 
+DROPOUT = "bottleneck_dropout"  # the one dropout layer, with --dropout
+
+
 def build_unet(filters=64, depth=DEPTH, channels=1, dropout=0.0):
     """U-Net with `filters` channels at the first level, doubling at each of `depth` levels, and
     with `dropout` > 0 a dropout layer after the bottleneck (the paper's 'drop-out layers at the
@@ -53,7 +57,7 @@ def build_unet(filters=64, depth=DEPTH, channels=1, dropout=0.0):
         x = layers.MaxPooling2D(2, name=f"enc{level}_pool")(x)
     x = conv_block(x, filters * 2**depth, "bottleneck")
     if dropout:
-        x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
+        x = layers.Dropout(dropout, name=DROPOUT)(x)
     for level in range(depth, 0, -1):
         level_filters = filters * 2 ** (level - 1)
         # The paper's 2x2 "up-convolution": doubles the resolution and halves the channels.
@@ -143,3 +147,23 @@ class AveragedWeights(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if not self.swapped:
             self.swap()
+
+
+def drops_out(model):
+    return any(layer.name == DROPOUT for layer in model.layers)
+
+
+class DropoutSeeds(keras.callbacks.Callback):
+    """With `--dropout`: each epoch's dropout masks drawn from the run's `seed` and the epoch, as its
+    training crops are (batches.py), so that a resumed run draws the masks of one run straight
+    through: a .keras checkpoint does not hold the random-seed state that Keras' Dropout draws them
+    from, and a resumed run's would start again at the first epoch's."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.seed = seed
+
+    def on_epoch_begin(self, epoch, logs=None):
+        state = self.model.get_layer(DROPOUT).seed_generator.state
+        first = np.random.default_rng([self.seed, epoch]).integers(2**31 - 1)
+        state.assign(np.array([first, 0], dtype=state.dtype))

@@ -34,14 +34,17 @@ from conftest import ROOT, TINY, raw_events, steps, tiny_run
 from rundir import CONFIG
 from summaries import BATCH_GROUP, BEST_TAG, EPOCH_TAG, SHOWN_GROUP, SLICE_GROUP
 
+STRAIGHT_AND_RESUMED = ("--ema", "0.9", "--dropout", "0.5")  # the flags of straight_and_resumed's runs
+
 
 @pytest.fixture(scope="module")
 def straight_and_resumed(tmp_path_factory, small_isbi_dir):
     """The same 3-epoch run twice: straight through, and stopped after 2 epochs then resumed. Both
-    average their weights (--ema), whose checkpoints hold the average as the net's weights."""
+    average their weights (--ema), whose checkpoints hold the average as the net's weights, and
+    drop out (--dropout), whose random state no checkpoint holds."""
     logdir = tmp_path_factory.mktemp("resume")
-    assert tiny_run(small_isbi_dir, logdir / "straight", "--epochs", "3", "--ema", "0.9") == 0
-    assert tiny_run(small_isbi_dir, logdir / "resumed", "--epochs", "2", "--ema", "0.9") == 0
+    assert tiny_run(small_isbi_dir, logdir / "straight", "--epochs", "3", *STRAIGHT_AND_RESUMED) == 0
+    assert tiny_run(small_isbi_dir, logdir / "resumed", "--epochs", "2", *STRAIGHT_AND_RESUMED) == 0
     assert train.main(["--resume", str(logdir / "resumed" / "bce_lr1e-3"), "--epochs", "3"]) == 0
     return logdir / "straight" / "bce_lr1e-3", logdir / "resumed" / "bce_lr1e-3"
 
@@ -96,7 +99,7 @@ def test_the_watcher_writes_every_tag_step_and_value_that_watching_on_the_traini
     # The same run as the straight one, its watching done at once on the training thread (bench.py's
     # baseline): what the watcher wrote beside training is the same, in the same order.
     monkeypatch.setattr(watcher, "running", functools.partial(watcher.running, inline=True))
-    assert tiny_run(small_isbi_dir, tmp_path, "--epochs", "3", "--ema", "0.9") == 0
+    assert tiny_run(small_isbi_dir, tmp_path, "--epochs", "3", *STRAIGHT_AND_RESUMED) == 0
     threaded, inline = raw_events(straight_and_resumed[0]), raw_events(tmp_path / "bce_lr1e-3")
     assert threaded.keys() == inline.keys()
     for part in threaded:

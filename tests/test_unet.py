@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from unet import build_unet
+from unet import DROPOUT, build_unet
 
 
 @pytest.mark.parametrize("height, width", [(64, 64), (48, 96)])
@@ -26,10 +26,10 @@ def test_layers_are_named_like_the_paper_figure():
 
 
 def test_dropout_follows_the_bottleneck_only_when_asked_and_only_in_training():
-    assert "bottleneck_dropout" not in [layer.name for layer in build_unet(filters=2).layers]
+    assert DROPOUT not in [layer.name for layer in build_unet(filters=2).layers]
     model = build_unet(filters=2, dropout=0.5)
     names = [layer.name for layer in model.layers]
-    assert names.index("bottleneck_dropout") == names.index("bottleneck_conv2") + 1
+    assert names.index(DROPOUT) == names.index("bottleneck_conv2") + 1
     image = np.random.default_rng(0).random((1, 32, 32, 1), dtype=np.float32)
     np.testing.assert_array_equal(model(image, training=False), model(image, training=False))
     assert not np.array_equal(model(image, training=True), model(image, training=True))
