@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import zipfile
 from pathlib import Path
 
@@ -224,10 +225,13 @@ def trainer_of(run_dir):
     and releases the lock at once; creates nothing."""
     path = Path(run_dir) / LOCK
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO planted as the lock would block the open until something writes to it.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:  # no lock file (nothing trains it), or a link (refuse_a_linked_lock says so)
         return None
     try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):  # not a lock train.py made
+            return None
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return holder_of(descriptor)

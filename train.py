@@ -124,14 +124,14 @@ def out_of_memory(error):
 def stopped(error, run_dir, chief, new_run, lost_worker):
     """What to raise for `error`, raised while the run trained: one line that says how to go on.
     `lost_worker` is what the cluster lost if the error says so (distribute.lost_worker). A new run
-    stopped by Ctrl-C, a refusal, a file error or a lack of memory before its first checkpoint is
+    stopped by Ctrl-C, a refusal, a file error, a lack of memory or a lost worker before its first checkpoint is
     removed: there is nothing in it to resume. One stopped by an unexpected error (its traceback
     follows) is kept, with what it logged, to find out why; `--summary` marks it."""
     from checkpoints import CheckpointError  # TensorFlow is loaded by now
 
     checkpoint = (run_dir / rundir.LAST).is_file()
     ends = (KeyboardInterrupt, cli.InputError, CheckpointError, OSError, OutOfMemory)
-    removed = chief and new_run and not checkpoint and isinstance(error, ends)
+    removed = chief and new_run and not checkpoint and (isinstance(error, ends) or lost_worker is not None)
     if removed:
         shutil.rmtree(run_dir, ignore_errors=True)
     go_on = (

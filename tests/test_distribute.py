@@ -179,6 +179,6 @@ def test_a_lost_worker_stops_the_chief_with_one_line(small_isbi_dir, tmp_path):
     last = output.strip().splitlines()[-1]
     # TensorFlow names the lost task (its heartbeats stopped) or the address it cannot reach, by timing.
     assert last.startswith("train.py: stopped: the cluster lost a worker (")
-    # Killed as its first epoch began: no checkpoint to continue from.
-    assert last.endswith("); it stopped before its first epoch ended: start it again")
+    # Killed as its first epoch began: no checkpoint to continue from, the run removed.
+    assert last.endswith(" was checkpointed, so nothing was kept: start the run again")
     assert "Traceback" not in output

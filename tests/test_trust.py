@@ -446,3 +446,7 @@ def test_a_run_stopped_by_an_unexpected_error_is_kept_for_its_logs_and_summary_s
         assert train.main(["--summary", str(tmp_path)]) == 0
     _, row, footnote = capsys.readouterr().out.strip().splitlines()
     assert row.split()[3] == "0/6+" and footnote == "+ being trained now"
+    (run_dir / rundir.LOCK).unlink()
+    os.mkfifo(run_dir / rundir.LOCK)  # planted in a run received from someone: read without waiting for a writer
+    assert train.main(["--summary", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[1].split()[3] == "0/6!"
