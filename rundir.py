@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import stat
+import time
 import zipfile
 from pathlib import Path
 
@@ -31,6 +32,8 @@ CONFIG = "config.json"
 LAST = "last.keras"
 BEST = "best.keras"
 LOCK = ".lock"
+# How long taking the lock waits out a probe of it before it names the holder.
+PROBE_WAIT_S = 0.5
 # The TensorBoard runs of a run directory, named as Keras' TensorBoard callback names its two.
 TRAIN = "train"
 VALIDATION = "validation"
@@ -222,7 +225,8 @@ def refuse_if_being_trained(run_dir):
 
 def trainer_of(run_dir):
     """The process that holds the run's lock, as its lock file names it; None if none does. Takes
-    and releases the lock at once; creates nothing."""
+    and releases a shared lock at once, which another probe does not conflict with and a trainer
+    starting in that moment waits out (`locked`); creates nothing."""
     path = Path(run_dir) / LOCK
     try:
         # O_NONBLOCK: a FIFO planted as the lock would block the open until something writes to it.
@@ -232,7 +236,7 @@ def trainer_of(run_dir):
     try:
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):  # not a lock train.py made
             return None
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return holder_of(descriptor)
     finally:
@@ -272,12 +276,24 @@ def locked(run_dir):
         refuse_a_linked_lock(run_dir)
         raise InputError(f"cannot open {path} ({error.strerror}): the run directory must be writable for you") from None
     try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(being_trained(run_dir, holder_of(descriptor))) from None
+        if not took_lock(descriptor):
+            raise InputError(being_trained(run_dir, holder_of(descriptor)))
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         yield
     finally:
         os.close(descriptor)  # releases the lock
+
+
+def took_lock(descriptor):
+    """Whether the exclusive lock was taken within PROBE_WAIT_S: a probe (`trainer_of`, from
+    --summary or another --resume's check) holds the lock for microseconds, a trainer for its run."""
+    deadline = time.monotonic() + PROBE_WAIT_S
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)

@@ -3,11 +3,14 @@ same way everywhere, one process at a time writes a run, and --resume touches on
 on the data it started with."""
 
 import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import keras
@@ -227,6 +230,18 @@ def test_a_run_held_by_a_process_is_refused_and_left_as_it_was(two_epoch_run, tm
     with rundir.locked(run_dir):
         error = one_line_exit_2(["--resume", str(run_dir), "--epochs", "3"], capsys)
     assert error.startswith(f"train.py: error: {run_dir} is being trained by process ")
+
+
+def test_a_probe_of_the_lock_neither_marks_a_run_as_trained_nor_refuses_its_trainer(tmp_path):
+    with rundir.locked(tmp_path):
+        pass
+    # A probe in flight (--summary's, or another --resume's check) holds the lock for a moment.
+    probe = os.open(tmp_path / rundir.LOCK, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH)
+    assert rundir.trainer_of(tmp_path) is None
+    threading.Timer(rundir.PROBE_WAIT_S / 5, os.close, [probe]).start()
+    with rundir.locked(tmp_path):
+        assert rundir.trainer_of(tmp_path) == f"process {os.getpid()} on {socket.gethostname()}"
 
 
 def test_a_damaged_last_checkpoint_beside_a_whole_best_one_says_how_to_continue(two_epoch_run, tmp_path, capsys):
