@@ -206,8 +206,9 @@ def run_row(run_dir):
         "loss": config["loss"],
         "lr": rundir.rate_text(config["lr"]),
         "steps": f"{steps}/{planned}"
-        + ("" if steps >= planned else TRAINING if training else UNFINISHED if resumable else NO_CHECKPOINT),
-        "finished": steps >= planned,
+        # A finished run trained further has its planned steps raised only once its net is loaded.
+        + (TRAINING if training else "" if steps >= planned else UNFINISHED if resumable else NO_CHECKPOINT),
+        "finished": steps >= planned and not training,
         "training": training,
         "resumable": resumable,
         "setting": (

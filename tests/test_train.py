@@ -443,6 +443,11 @@ def test_summary_groups_the_runs_that_differ_only_in_seed_and_marks_unfinished_o
             [sum(best) / 2, min(best), max(best)], abs=1e-4
         )
     assert float(cells["a"][6]) != float(cells["b"][6])
+    with rundir.locked(tmp_path / "a"):  # trained further: --resume raises its planned steps once the net is loaded
+        assert train.main(["--summary", str(tmp_path)]) == 0
+    runs_part, settings_part = capsys.readouterr().out.split("\n\nby setting (runs that differ only in --seed):\n")
+    assert runs_part.splitlines()[1].split()[:4] == ["a", "bce", "1e-3", "6/6+"]
+    assert re.split(r"\s{2,}", settings_part.splitlines()[1])[:2] == ["loss bce ema 0.0 epochs 2", "2 (1 unfinished)"]
 
 
 def test_summary_of_an_empty_directory_says_so(tmp_path, capsys):
