@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from unet import DROPOUT, build_unet
+from unet import DROPOUT, DropoutSeeds, build_unet
 
 
 @pytest.mark.parametrize("height, width", [(64, 64), (48, 96)])
@@ -33,6 +33,24 @@ def test_dropout_follows_the_bottleneck_only_when_asked_and_only_in_training():
     image = np.random.default_rng(0).random((1, 32, 32, 1), dtype=np.float32)
     np.testing.assert_array_equal(model(image, training=False), model(image, training=False))
     assert not np.array_equal(model(image, training=True), model(image, training=True))
+
+
+def test_dropout_masks_are_new_each_step_and_epoch_and_the_same_again_for_the_same_seed_and_epoch():
+    """What lets a resumed --dropout run draw the masks of one run straight through."""
+    model = build_unet(filters=2, dropout=0.5)
+    layer, ones = model.get_layer(DROPOUT), np.ones((1, 8, 8, 32), np.float32)
+
+    def masks(seed, epoch):
+        seeds = DropoutSeeds(seed)
+        seeds.set_model(model)
+        seeds.on_epoch_begin(epoch)
+        return [keras.ops.convert_to_numpy(layer(ones, training=True)) != 0 for _ in range(2)]
+
+    first, second = masks(seed=3, epoch=0), masks(seed=3, epoch=1)
+    assert not np.array_equal(first[0], first[1])
+    assert not np.array_equal(first[0], second[0]) and not np.array_equal(first[1], second[1])
+    assert not np.array_equal(first[0], masks(seed=4, epoch=0)[0])
+    np.testing.assert_array_equal(masks(seed=3, epoch=0), first)
 
 
 def test_filters_double_per_level_and_decoder_mirrors_encoder():
