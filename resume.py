@@ -8,7 +8,6 @@ files first, so that TensorBoard's curves continue without a gap or a duplicated
 """
 
 import re
-import zipfile
 from pathlib import Path
 
 import keras
@@ -48,19 +47,13 @@ def restore_model(run_dir, config):
     try:
         model = keras.models.load_model(path)
     except Exception as error:  # Keras raises several types for files it cannot read
-        best = Path(run_dir) / rundir.BEST
-        # Keras says "File not found" of a file that is there but not a whole zip archive.
-        why = "not a whole .keras archive" if path.is_file() and not zipfile.is_zipfile(path) else described(error)
+        # A whole archive it cannot read (train.py's --resume refused a damaged one before TensorFlow).
+        why = rundir.why_damaged(path) or described(error)
         try:
-            keras.models.load_model(best)
+            keras.models.load_model(Path(run_dir) / rundir.BEST)
         except Exception:
-            raise ResumeError(
-                f"{path} is unreadable ({why}), and so is {best}: the run cannot be resumed; start a new one"
-            ) from error
-        raise ResumeError(
-            f"{path} is unreadable ({why}), but {best} is whole: to continue from the "
-            f"run's best epoch, copy it over (cp {best} {path}) and resume again"
-        ) from error
+            raise ResumeError(rundir.unreadable_checkpoint(run_dir, why, best_whole=False)) from error
+        raise ResumeError(rundir.unreadable_checkpoint(run_dir, why, best_whole=True)) from error
     if unet.averages_weights(model):
         unet.swap_averaged_weights(model)
     return model, int(model.optimizer.iterations.numpy()) // config["steps_per_epoch"]

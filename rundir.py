@@ -32,6 +32,8 @@ CONFIG = "config.json"
 LAST = "last.keras"
 BEST = "best.keras"
 LOCK = ".lock"
+# What a .keras archive of Keras 3 holds.
+ARCHIVE_MEMBERS = ("config.json", "metadata.json", "model.weights.h5")
 # How long taking the lock waits out a probe of it before it names the holder.
 PROBE_WAIT_S = 0.5
 # The TensorBoard runs of a run directory, named as Keras' TensorBoard callback names its two.
@@ -190,6 +192,31 @@ def candidate_checkpoint(run_dir, epoch):
     """Where the net of `epoch` waits to be scored before it becomes last.keras (callbacks.Checkpoints):
     a temporary name (files.PARTIAL_PATTERN), so that --resume removes one that a kill left."""
     return Path(run_dir) / f".{Path(LAST).stem}.epoch{epoch}.partial{Path(LAST).suffix}"
+
+
+def why_damaged(path):
+    """Why the .keras archive at `path` cannot be whole, found without TensorFlow (every member
+    read back against its checksum: Keras stores them uncompressed); None if nothing says so."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if (failed := archive.testzip()) is not None:
+                return f"{failed} in it fails its checksum"
+            if missing := [name for name in ARCHIVE_MEMBERS if name not in archive.namelist()]:
+                return f"no {' or '.join(missing)} in it"
+    except (OSError, zipfile.BadZipFile, EOFError):
+        return "not a whole .keras archive"
+    return None
+
+
+def unreadable_checkpoint(run_dir, why, best_whole):
+    """The refusal of --resume for a run whose last.keras cannot be loaded, `why`."""
+    last, best = Path(run_dir) / LAST, Path(run_dir) / BEST
+    if best_whole:
+        return (
+            f"{last} is unreadable ({why}), but {best} is whole: to continue from the run's best "
+            f"epoch, copy it over (cp {best} {last}) and resume again"
+        )
+    return f"{last} is unreadable ({why}), and so is {best}: the run cannot be resumed; start a new one"
 
 
 def checkpoint_step(path):

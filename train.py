@@ -54,6 +54,9 @@ def resumable_config(run_dir):
             f"{run_dir} has no {rundir.LAST}: it stopped before its first epoch ended (or an older "
             "train.py ran it); start it anew"
         )
+    if why := rundir.why_damaged(Path(run_dir) / rundir.LAST):
+        best_whole = not rundir.why_damaged(Path(run_dir) / rundir.BEST)
+        raise cli.InputError(rundir.unreadable_checkpoint(run_dir, why, best_whole))
     return config
 
 

@@ -4,6 +4,7 @@ on the data it started with."""
 
 import errno
 import fcntl
+import io
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import zipfile
 from pathlib import Path
 
 import keras
@@ -374,24 +376,41 @@ def test_a_hand_edited_config_is_checked_as_its_flag_would_be(name, value, why, 
     assert error.endswith("): restore it, or move the run out of the way\n")
 
 
-def test_a_finished_run_is_refused_before_tensorflow_and_a_refusal_after_it_is_one_line(two_epoch_run, tmp_path):
+def test_a_finished_run_or_a_damaged_checkpoint_is_refused_before_tensorflow_and_a_refusal_after_it_is_one_line(
+    two_epoch_run, tmp_path
+):
     finished = run_command("train", ["--resume", two_epoch_run])
     assert finished.returncode == 2 and finished.stdout.endswith("tensorflow imported: False\n")
     assert finished.stderr == f"train.py: error: {rundir.finished(two_epoch_run, 2)}\n"
-    # A damaged last.keras is found only by loading it, after TensorFlow: still one line.
     run_dir = copy_of(two_epoch_run, tmp_path)
-    (run_dir / rundir.LAST).write_bytes((run_dir / rundir.LAST).read_bytes()[:1000])
-    damaged = subprocess.run(
-        [sys.executable, "train.py", "--resume", str(run_dir), "--epochs", "3"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert damaged.returncode == 2 and damaged.stderr.count("\n") == 1
-    assert damaged.stderr.startswith(
-        f"train.py: error: {run_dir / rundir.LAST} is unreadable (not a whole .keras archive), but "
-    )
+    last, best = run_dir / rundir.LAST, run_dir / rundir.BEST
+    whole = last.read_bytes()
+    flipped = whole.index(b"\x89HDF") + 5000  # a byte of the stored (uncompressed) model.weights.h5
+    how_to_continue = f"to continue from the run's best epoch, copy it over (cp {best} {last}) and resume again\n"
+    for damage, why in (
+        (whole[:1000], "not a whole .keras archive"),
+        (
+            whole[:flipped] + bytes([whole[flipped] ^ 1]) + whole[flipped + 1 :],
+            "model.weights.h5 in it fails its checksum",
+        ),
+    ):
+        last.write_bytes(damage)
+        damaged = run_command("train", ["--resume", run_dir, "--epochs", "3"])
+        assert damaged.returncode == 2 and damaged.stdout.endswith("tensorflow imported: False\n")
+        assert (
+            damaged.stderr == f"train.py: error: {last} is unreadable ({why}), but {best} is whole: {how_to_continue}"
+        )
+    # A whole archive that Keras cannot load is found only by loading it, after TensorFlow: still one line.
+    with zipfile.ZipFile(io.BytesIO(whole)) as archive, zipfile.ZipFile(last, "w") as rewritten:
+        for member in archive.namelist():
+            rewritten.writestr(
+                member, b'{"class_name": "NoSuchLayer"}' if member == "config.json" else archive.read(member)
+            )
+    unloadable = run_command("train", ["--resume", run_dir, "--epochs", "3"])
+    assert unloadable.returncode == 2 and unloadable.stdout.endswith("tensorflow imported: True\n")
+    assert unloadable.stderr.count("\n") == 1
+    assert unloadable.stderr.startswith(f"train.py: error: {last} is unreadable (")
+    assert unloadable.stderr.endswith(f"but {best} is whole: {how_to_continue}")
 
 
 def test_accept_new_data_goes_with_resume(tmp_path, capsys):
