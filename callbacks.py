@@ -285,9 +285,10 @@ class RunSummary(keras.callbacks.Callback):
     """What the run was, in the run directory itself: HParams and Text tabs, the comparison
     dashboard, and its best epochs.
 
-    At the start of a run (not of a resumed one, which has them): the hyperparameters for the
-    HParams tab (with the metrics it should show for every run), the markdown `documents` for the
-    Text tab and the Custom Scalars layout (comparison_layout). After each epoch: the best
+    At the start of a run: the hyperparameters for the HParams tab (with the metrics it should show
+    for every run), the markdown `documents` for the Text tab and the Custom Scalars layout
+    (comparison_layout); at the start of a resumed one, which has them (its --epochs put into the
+    HParams tab by resume.cut_event_files), the documents again at its step. After each epoch: the best
     validation value so far of each score in settings.BEST_SCORES (`best_misclassified_pixel_fraction`,
     `best_v_rand`), when the epoch has it, starting from those `reached` when resuming; at the
     training step of the evaluation, as the `evaluation_*` curves, or `at_epoch` at the epoch index
@@ -305,8 +306,10 @@ class RunSummary(keras.callbacks.Callback):
         self.at_epoch = at_epoch
 
     def on_train_begin(self, logs=None):
-        if global_step(self.model) == 0:
+        if (step := global_step(self.model)) == 0:
             self.writers.submit("", 0, self.write_run)
+        else:  # resumed: the Text tab tells how, at the step it went on from
+            self.writers.submit("", step, lambda: summaries.write_documents(self.documents))
 
     def write_run(self):
         summaries.write_run(self.trial_id, self.hyperparameters, self.documents)

@@ -67,20 +67,23 @@ def epoch_indexed(config):
     return re.compile(rf"^({summaries.EPOCH_TAG.format('')}{best})|/histogram$")
 
 
-def cut_event_files(run_dir, epoch, step, epoch_tags):
+def cut_event_files(run_dir, epoch, step, epoch_tags, hyperparameters):
     """Remove from the run's own event files (rundir.event_directories: never those of a run
     nested in it) what was written after the checkpoint of `epoch` epochs and `step` steps:
     epoch-indexed summaries (tags matching `epoch_tags`) of epoch `epoch` on, step-indexed ones
-    after `step`, and a record a kill cut short. Each file is rewritten atomically, so a kill or a
-    full disk during the cut leaves files that a second --resume cuts the same way."""
+    after `step`, and a record a kill cut short; and give the HParams tab the resumed run's
+    `hyperparameters` (its --epochs). Each file is rewritten atomically, so a kill or a full disk
+    during the cut leaves files that a second --resume cuts the same way."""
     for path in sorted(
         path for directory in rundir.event_directories(run_dir) for path in directory.glob("events.out.tfevents.*")
     ):
         records = list(RawEventFileLoader(str(path)).Load())
         kept = [
-            record for record in records if written_before(event_pb2.Event.FromString(record), epoch, step, epoch_tags)
+            summaries.with_hyperparameters(record, hyperparameters)
+            for record in records
+            if written_before(event_pb2.Event.FromString(record), epoch, step, epoch_tags)
         ]
-        if len(kept) == len(records) and path.stat().st_size == sum(len(record) + 16 for record in records):
+        if kept == records and path.stat().st_size == sum(len(record) + 16 for record in records):
             continue
         try:
             with files.replaced_atomically(path) as temporary, open(temporary, "wb") as file:
@@ -126,7 +129,8 @@ def continue_run(run_dir, config, epochs, command, setup):
     if initial_epoch >= epochs:
         raise ResumeError(rundir.finished(run_dir, initial_epoch))
     files.remove_partial_files(rundir.event_directories(run_dir))
-    cut_event_files(run_dir, initial_epoch, int(model.optimizer.iterations.numpy()), epoch_indexed(config))
+    step, hyperparameters = int(model.optimizer.iterations.numpy()), runs.hyperparameters({**config, "epochs": epochs})
+    cut_event_files(run_dir, initial_epoch, step, epoch_indexed(config), hyperparameters)
     validation = runs.validation_scalars(run_dir)  # read once, after the cut
     put_best_right(run_dir, config, initial_epoch - 1, validation)
     config.update(epochs=epochs, resumed=[*config["resumed"], command], **setup)

@@ -123,7 +123,7 @@ def run_documents(config):
         if key not in ("command", "versions", "data_files", "git_commit", "train_slices", "val_slices")
     }
     return {
-        "run/command": f"    {config['command']}",
+        "run/command": "\n".join(f"    {command}" for command in [config["command"], *config.get("resumed", [])]),
         "run/configuration": markdown_table(settings),
         "run/versions": markdown_table({**config["versions"], "project commit": config["git_commit"]}),
         "run/data": markdown_table(

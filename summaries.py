@@ -14,12 +14,13 @@ import dataclasses
 
 import numpy as np
 import tensorflow as tf
-from tensorboard.compat.proto import config_pb2, summary_pb2
+from tensorboard.compat.proto import config_pb2, event_pb2, summary_pb2
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
 from tensorboard.plugins.graph import metadata as graph_metadata
 from tensorboard.plugins.histogram import summary as histogram_summary
 from tensorboard.plugins.hparams import api as hp
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.plugins.pr_curve import summary as pr_curve_summary
 from tensorboard.util import tensor_util
@@ -267,10 +268,30 @@ def write_run(trial_id, hyperparameters, documents):
     value.metadata.plugin_data.content = plugin_data.SerializeToString()
     tf.summary.experimental.write_raw_pb(config.SerializeToString(), step=0)
     hp.hparams(hyperparameters, trial_id=trial_id)
-    for name, markdown in documents.items():
-        tf.summary.text(name, markdown)
+    write_documents(documents)
     layout = custom_scalar_summary.pb(comparison_layout())
     tf.summary.experimental.write_raw_pb(layout.SerializeToString(), step=0)
+
+
+def write_documents(documents):
+    """The markdown `documents` ({tag: text}) for the Text tab."""
+    for name, markdown in documents.items():
+        tf.summary.text(name, markdown)
+
+
+def with_hyperparameters(record, hyperparameters):
+    """`record` (a serialized Event), its HParams record of the run's hyperparameters (written by
+    write_run) holding `hyperparameters` instead, with its trial and start time; any other record
+    unchanged. TensorBoard reads only the first such record of a run: a resumed run's new --epochs
+    would not show written again."""
+    event = event_pb2.Event.FromString(record)
+    for value in event.summary.value:
+        if value.tag == hparams_metadata.SESSION_START_INFO_TAG:
+            start = hparams_metadata.parse_session_start_info_plugin_data(value.metadata.plugin_data.content)
+            (updated,) = hp.hparams_pb(hyperparameters, start.group_name, start.start_time_secs).value
+            value.CopyFrom(updated)
+            return event.SerializeToString()
+    return record
 
 
 def comparison_layout():

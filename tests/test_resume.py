@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 import callbacks
 import checkpoints
@@ -25,12 +26,13 @@ import flags
 import inputs
 import resume
 import rundir
+import runs
 import settings
 import summaries
 import train
 import validation
 import watcher
-from conftest import ROOT, TINY, raw_events, steps, tiny_run
+from conftest import ROOT, TINY, raw_events, read_events, steps, tiny_run
 from rundir import CONFIG
 from summaries import BATCH_GROUP, BEST_TAG, EPOCH_TAG, SHOWN_GROUP, SLICE_GROUP
 
@@ -52,10 +54,17 @@ def straight_and_resumed(tmp_path_factory, small_isbi_dir):
 def test_a_resumed_run_writes_the_same_curves_as_one_run_straight_through(straight_and_resumed):
     straight, resumed = map(raw_events, straight_and_resumed)
     assert straight.keys() == resumed.keys()
+    # The Text tab's documents again where the run went on, telling how it was resumed.
+    documents = runs.run_documents(json.loads((straight_and_resumed[1] / CONFIG).read_text()))
     for part in straight:
         assert {tag: steps(series) for tag, series in resumed[part].items()} == {
-            tag: steps(series) for tag, series in straight[part].items()
+            tag: steps(series) + ([6] if part == "" and tag in documents else [])
+            for tag, series in straight[part].items()
         }, part
+    _, command = resumed[""]["run/command"][-1]
+    assert command.item().decode().splitlines()[1:] == [
+        f"    python train.py --resume {straight_and_resumed[1]} --epochs 3"
+    ]
     # Same weights, optimizer state, average and crops in the same order after the restart: the same
     # losses, of the trained weights (train) and of their average (validation).
     for part, tag in (
@@ -89,7 +98,7 @@ def test_resume_cuts_the_best_scores_where_the_run_writes_them(tmp_path, recorde
     with tf.summary.create_file_writer(str(tmp_path)).as_default():
         for step in written_at:
             tf.summary.scalar(BEST_TAG.format("v_rand"), 0.5, step=step)
-    resume.cut_event_files(tmp_path, 2, 6, resume.epoch_indexed(config))
+    resume.cut_event_files(tmp_path, 2, 6, resume.epoch_indexed(config), runs.hyperparameters(config))
     assert steps(raw_events(tmp_path)[""][BEST_TAG.format("v_rand")]) == written_at[:2]
 
 
@@ -109,6 +118,17 @@ def test_the_watcher_writes_every_tag_step_and_value_that_watching_on_the_traini
             values, expected = [value for _, value in series], [value for _, value in inline[part][tag]]
             if values[0].dtype.kind == "f":
                 np.testing.assert_allclose(values, expected, rtol=1e-6, err_msg=f"{part} {tag}")
+
+
+def test_the_hparams_tab_shows_a_resumed_run_with_its_new_epochs(straight_and_resumed):
+    def hyperparameters(run_dir):
+        _, plugins = read_events(run_dir)
+        _, content = plugins[hparams_metadata.SESSION_START_INFO_TAG]
+        start = hparams_metadata.parse_session_start_info_plugin_data(content)
+        return start.group_name, dict(start.hparams)
+
+    straight, resumed = map(hyperparameters, straight_and_resumed)
+    assert resumed == straight and resumed[1]["epochs"].number_value == 3
 
 
 def test_a_resumed_run_records_how_it_was_continued(straight_and_resumed):
