@@ -54,10 +54,14 @@ def resumable_config(run_dir):
             f"{run_dir} has no {rundir.LAST}: it stopped before its first epoch ended (or an older "
             "train.py ran it); start it anew"
         )
+    return config
+
+
+def refuse_a_damaged_checkpoint(run_dir):
+    """InputError if the run's last.keras is damaged, as far as can be told without TensorFlow."""
     if why := rundir.why_damaged(Path(run_dir) / rundir.LAST):
         best_whole = not rundir.why_damaged(Path(run_dir) / rundir.BEST)
         raise cli.InputError(rundir.unreadable_checkpoint(run_dir, why, best_whole))
-    return config
 
 
 def resumed_arguments(args, given, config):
@@ -220,6 +224,8 @@ def checked(args, given):
     step = None if config is None else rundir.checkpoint_step(Path(args.resume) / rundir.LAST)
     if step is not None and step // config["steps_per_epoch"] >= args.epochs:  # told now, not after TensorFlow loads
         raise cli.InputError(rundir.finished(args.resume, step // config["steps_per_epoch"]))
+    if config is not None:
+        refuse_a_damaged_checkpoint(args.resume)
     if args.profile_batch is not None:
         check_profiled_steps(args.profile_batch, (step or 0) + 1, args.epochs * args.steps_per_epoch)
     run_inputs = inputs.load(args, resumed_config=config)
