@@ -120,7 +120,7 @@ def run_documents(config):
     settings = {
         key: value
         for key, value in config.items()
-        if key not in ("command", "versions", "data_files", "git_commit", "train_slices", "val_slices")
+        if key not in ("command", "resumed", "versions", "data_files", "git_commit", "train_slices", "val_slices")
     }
     return {
         "run/command": "\n".join(f"    {command}" for command in [config["command"], *config.get("resumed", [])]),
