@@ -71,9 +71,10 @@ def cut_event_files(run_dir, epoch, step, epoch_tags, hyperparameters):
     """Remove from the run's own event files (rundir.event_directories: never those of a run
     nested in it) what was written after the checkpoint of `epoch` epochs and `step` steps:
     epoch-indexed summaries (tags matching `epoch_tags`) of epoch `epoch` on, step-indexed ones
-    after `step`, and a record a kill cut short; and give the HParams tab the resumed run's
-    `hyperparameters` (its --epochs). Each file is rewritten atomically, so a kill or a full disk
-    during the cut leaves files that a second --resume cuts the same way."""
+    after `step`, the Text tab's documents of a resume from `step`, and a record a kill cut short;
+    and give the HParams tab the resumed run's `hyperparameters` (its --epochs). Each file is
+    rewritten atomically, so a kill or a full disk during the cut leaves files that a second
+    --resume cuts the same way."""
     for path in sorted(
         path for directory in rundir.event_directories(run_dir) for path in directory.glob("events.out.tfevents.*")
     ):
@@ -101,6 +102,8 @@ def written_before(event, epoch, step, epoch_tags):
     tags = [value.tag for value in event.summary.value]
     if tags and all(epoch_tags.search(tag) for tag in tags):
         return event.step < epoch
+    if tags and all(tag.startswith(summaries.DOCUMENT_TAG.format("")) for tag in tags):
+        return event.step < step  # a resume's, at the step it went on from, which this one writes again
     return event.step <= step
 
 

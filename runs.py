@@ -18,7 +18,7 @@ import cli
 import rundir
 import settings
 from cli import InputError
-from summaries import EPOCH_TAG, EVALUATION_TAG
+from summaries import DOCUMENT_TAG, EPOCH_TAG, EVALUATION_TAG
 
 HYPERPARAMETERS = (
     "loss",
@@ -123,17 +123,19 @@ def run_documents(config):
         if key not in ("command", "resumed", "versions", "data_files", "git_commit", "train_slices", "val_slices")
     }
     return {
-        "run/command": "\n".join(f"    {command}" for command in [config["command"], *config.get("resumed", [])]),
-        "run/configuration": markdown_table(settings),
-        "run/versions": markdown_table({**config["versions"], "project commit": config["git_commit"]}),
-        "run/data": markdown_table(
+        DOCUMENT_TAG.format("command"): "\n".join(
+            f"    {command}" for command in [config["command"], *config.get("resumed", [])]
+        ),
+        DOCUMENT_TAG.format("configuration"): markdown_table(settings),
+        DOCUMENT_TAG.format("versions"): markdown_table({**config["versions"], "project commit": config["git_commit"]}),
+        DOCUMENT_TAG.format("data"): markdown_table(
             {
                 **config["data_files"],
                 "image scaling": (config["image_scaling"] or {"rule": "not recorded"})["rule"],
                 "labels polarity": config["labels_polarity"],
             }
         ),
-        "run/split": markdown_table(
+        DOCUMENT_TAG.format("split"): markdown_table(
             {
                 "training slices": cli.index_list_text(config["train_slices"]),
                 "validation slices": cli.index_list_text(config["val_slices"]),

@@ -33,6 +33,7 @@ EPOCH_TAG = "epoch_{}"  # Keras' name: a value of the epoch, at the epoch index
 EVALUATION_TAG = "evaluation_{}_vs_iterations"  # Keras' name: a validation value at the global step
 BEST_TAG = "best_{}"  # the best validation value so far of a score in settings.BEST_SCORES
 GRAPH_TAG = "unet"
+DOCUMENT_TAG = "run/{}"  # a markdown document of the Text tab: what the run was
 PR_CURVE_TAG = "membrane_pr"
 SLICE_GROUP = "slice_{:02d}"  # the images of one shown validation slice, by its index in the stack
 

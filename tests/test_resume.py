@@ -102,6 +102,20 @@ def test_resume_cuts_the_best_scores_where_the_run_writes_them(tmp_path, recorde
     assert steps(raw_events(tmp_path)[""][BEST_TAG.format("v_rand")]) == written_at[:2]
 
 
+def test_resuming_again_from_the_same_checkpoint_writes_the_text_tabs_documents_there_once(tmp_path):
+    """A resume from step 6 killed before its next checkpoint had written the documents at step 6,
+    as the second resume from step 6 does again."""
+    config = rundir.migrate({**settings.DEFAULTS, **rundir.UNVERSIONED}, CONFIG)
+    document = summaries.DOCUMENT_TAG.format("command")
+    with tf.summary.create_file_writer(str(tmp_path)).as_default():
+        for step in (0, 6):
+            tf.summary.text(document, "python train.py", step=step)
+            tf.summary.scalar(summaries.EVALUATION_TAG.format("loss"), 0.5, step=step)
+    resume.cut_event_files(tmp_path, 2, 6, resume.epoch_indexed(config), runs.hyperparameters(config))
+    events = raw_events(tmp_path)[""]
+    assert steps(events[document]) == [0] and steps(events[summaries.EVALUATION_TAG.format("loss")]) == [0, 6]
+
+
 def test_the_watcher_writes_every_tag_step_and_value_that_watching_on_the_training_thread_writes(
     straight_and_resumed, small_isbi_dir, tmp_path, monkeypatch
 ):
