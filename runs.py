@@ -298,8 +298,10 @@ def format_settings(rows):
             f"{len(members)}" + (f" ({unfinished} unfinished)" if unfinished else ""),
         ]
         for name in settings.BEST_SCORES:
-            values = [row[f"best_val_{COLUMN_NAMES[name]}"] for row in members]
-            line += [cell(float(np.mean(values))), cell(float(min(values))), cell(float(max(values)))]
+            # Of the runs evaluated so far: one in its first epoch has no score yet.
+            values = [value for row in members if not np.isnan(value := row[f"best_val_{COLUMN_NAMES[name]}"])]
+            statistics = (np.mean(values), min(values), max(values)) if values else (float("nan"),) * 3
+            line += [cell(float(value)) for value in statistics]
         table.append(tuple(line))
     header += tuple(
         f"best_val_{COLUMN_NAMES[name]}_{statistic}"

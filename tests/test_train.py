@@ -448,6 +448,13 @@ def test_summary_groups_the_runs_that_differ_only_in_seed_and_marks_unfinished_o
     runs_part, settings_part = capsys.readouterr().out.split("\n\nby setting (runs that differ only in --seed):\n")
     assert runs_part.splitlines()[1].split()[:4] == ["a", "bce", "1e-3", "6/6+"]
     assert re.split(r"\s{2,}", settings_part.splitlines()[1])[:2] == ["loss bce ema 0.0 epochs 2", "2 (1 unfinished)"]
+    # A third run of the setting in its first epoch, not evaluated yet: the statistics are of the others.
+    shutil.copytree(tmp_path / "a", tmp_path / "0")
+    shutil.rmtree(tmp_path / "0" / rundir.VALIDATION)
+    assert train.main(["--summary", str(tmp_path)]) == 0
+    _, settings_part = capsys.readouterr().out.split("\n\nby setting (runs that differ only in --seed):\n")
+    with_it = re.split(r"\s{2,}", settings_part.splitlines()[1])
+    assert with_it[0] == "loss bce ema 0.0 epochs 2" and with_it[2:] == bce[2:]
 
 
 def test_summary_of_an_empty_directory_says_so(tmp_path, capsys):
