@@ -319,6 +319,8 @@ class RunSummary(keras.callbacks.Callback):
         self.writers.submit("", step, lambda: self.write_best(self.epoch_logs[epoch]))
 
     def write_best(self, logs):
+        if not np.isfinite(logs["loss"]):  # scores of weights that no checkpoint keeps
+            return
         for name, (better, description) in BEST_SCORES.items():
             if f"val_{name}" in logs:
                 value = logs[f"val_{name}"]

@@ -327,7 +327,10 @@ def report(run, stop, epoch_logs, chief):
                 f"{stop.message}; the last good checkpoint, {run.directory / rundir.LAST}, is kept: "
                 f"lower --lr and start again, or continue from it with --resume {run.directory}"
             )
-        raise cli.Stopped(f"{stop.message}, before any epoch ended: start again with a lower --lr")
+        raise cli.Stopped(
+            f"{stop.message}, before the run's first checkpoint: start again with a lower --lr (its curves are kept "
+            f"in {run.directory})"
+        )
     print_end(run, epoch_logs)
     return run.directory
 

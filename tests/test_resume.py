@@ -263,8 +263,10 @@ def test_a_non_finite_loss_stops_the_run_with_step_loss_and_lr(tmp_path, small_i
     )
     error = capsys.readouterr().err
     assert "the training loss became nan at step" in error and "with lr 3e+38" in error
-    assert "start again with a lower --lr" in error and "Traceback" not in error
+    assert "before the run's first checkpoint: start again with a lower --lr" in error and "Traceback" not in error
     assert not (tmp_path / "mse_lr3e+38" / rundir.LAST).exists()
+    # Its curves show where it diverged; no best score comes from the weights that did.
+    assert [tag for tag in raw_events(tmp_path / "mse_lr3e+38")[""] if tag.startswith(BEST_TAG.format(""))] == []
 
 
 def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, small_isbi_dir, monkeypatch, capsys):
