@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 import keras
-from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto import event_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
@@ -75,16 +74,20 @@ def cut_event_files(run_dir, epoch, step, epoch_tags, hyperparameters):
     and give the HParams tab the resumed run's `hyperparameters` (its --epochs). Each file is
     rewritten atomically, so a kill or a full disk during the cut leaves files that a second
     --resume cuts the same way."""
-    for path in sorted(
+    paths = sorted(
         path for directory in rundir.event_directories(run_dir) for path in directory.glob("events.out.tfevents.*")
-    ):
-        records = list(RawEventFileLoader(str(path)).Load())
+    )
+    read = {path: summaries.read_records(path) for path in paths}
+    for path, (_, damaged_at) in read.items():  # refused before anything is rewritten
+        if damaged_at is not None:
+            raise ResumeError(summaries.damaged_event_file(path, damaged_at))
+    for path, (records, _) in read.items():
         kept = [
             summaries.with_hyperparameters(record, hyperparameters)
             for record in records
             if written_before(event_pb2.Event.FromString(record), epoch, step, epoch_tags)
         ]
-        if kept == records and path.stat().st_size == sum(len(record) + 16 for record in records):
+        if kept == records and path.stat().st_size == sum(len(record) + summaries.RECORD_FRAMING for record in records):
             continue
         try:
             with files.replaced_atomically(path) as temporary, open(temporary, "wb") as file:

@@ -17,6 +17,7 @@ import batches
 import cli
 import rundir
 import settings
+import summaries
 from cli import InputError
 from summaries import DOCUMENT_TAG, EPOCH_TAG, EVALUATION_TAG
 
@@ -173,9 +174,15 @@ def read_scalars(directory):
 
 
 def validation_scalars(run_dir):
-    """read_scalars of a run's `validation` directory; {} where it has none."""
+    """read_scalars of a run's `validation` directory; {} where it has none. InputError if one of
+    its event files is damaged: TensorBoard's reader would leave out what follows the damage."""
     directory = Path(run_dir) / rundir.VALIDATION
-    return read_scalars(directory) if directory.is_dir() else {}
+    if not directory.is_dir():
+        return {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        if (damaged_at := summaries.read_records(path)[1]) is not None:
+            raise InputError(summaries.damaged_event_file(path, damaged_at))
+    return read_scalars(directory)
 
 
 def reached(validation):

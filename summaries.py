@@ -11,10 +11,14 @@ and sorts the groups by name, opens on the best-so-far scalars, then the epoch c
 """
 
 import dataclasses
+import struct
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto import config_pb2, event_pb2, summary_pb2
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
 from tensorboard.plugins.graph import metadata as graph_metadata
@@ -36,6 +40,10 @@ GRAPH_TAG = "unet"
 DOCUMENT_TAG = "run/{}"  # a markdown document of the Text tab: what the run was
 PR_CURVE_TAG = "membrane_pr"
 SLICE_GROUP = "slice_{:02d}"  # the images of one shown validation slice, by its index in the stack
+
+# A record of an event file: its length (8 bytes) and that length's checksum (4), the serialized
+# event, the event's checksum (4).
+RECORD_FRAMING = 16
 
 BATCH_GROUP = "train_batch"  # the loss and metrics of single training batches
 SHOWN_GROUP = "shown_slices"  # scalars over the slices shown as images
@@ -249,6 +257,31 @@ HPARAMS_METRICS = [
     (VALIDATION, EPOCH_TAG.format("membrane_dice"), "last validation membrane Dice"),
     (TRAIN, EPOCH_TAG.format("loss"), "last training loss"),
 ]
+
+
+def read_records(path):
+    """(the serialized events of the event file at `path`, in order; the offset where a whole
+    record fails its checksum, or None). TensorBoard's reader stops at the first bad record
+    without a word; a record a kill cut short at the end is no damage and is left out."""
+    records = list(RawEventFileLoader(str(path)).Load())
+    offset, size = sum(len(record) + RECORD_FRAMING for record in records), Path(path).stat().st_size
+    with open(path, "rb") as file:
+        file.seek(offset)
+        header = file.read(12)
+    if len(header) < 12:
+        return records, None
+    (length,), (crc,) = struct.unpack("<Q", header[:8]), struct.unpack("<I", header[8:])
+    cut_short = crc == masked_crc32c(header[:8]) and offset + length + RECORD_FRAMING > size
+    return records, None if cut_short else offset
+
+
+def damaged_event_file(path, offset):
+    """The line for an event file whose record at `offset` fails its checksum (read_records)."""
+    size = Path(path).stat().st_size
+    return (
+        f"{path} is damaged at byte {offset} of {size} (a record fails its checksum): restore it from a "
+        f"copy, or give up what follows by cutting it there (truncate -s {offset} {path})"
+    )
 
 
 def write_run(trial_id, hyperparameters, documents):

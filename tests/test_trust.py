@@ -25,6 +25,7 @@ import callbacks
 import data
 import predict
 import rundir
+import summaries
 import tiffs
 import train
 from conftest import ROOT, TINY, cells_and_membranes, raw_events, run_command, steps, tiny_run, write_stack
@@ -256,6 +257,30 @@ def test_a_damaged_last_checkpoint_beside_a_whole_best_one_says_how_to_continue(
         "and resume again\n"
     )
     shutil.copyfile(best, last)
+    assert train.main(["--resume", str(run_dir), "--epochs", "3"]) == 0
+
+
+def test_a_damaged_event_file_is_refused_by_resume_and_summary_and_a_record_a_kill_cut_short_is_not(
+    two_epoch_run, tmp_path, capsys
+):
+    run_dir = copy_of(two_epoch_run, tmp_path)
+    (events,) = (run_dir / rundir.VALIDATION).glob("events.out.tfevents.*")
+    whole = events.read_bytes()
+    records, _ = summaries.read_records(events)
+    offset = sum(len(record) + summaries.RECORD_FRAMING for record in records[: len(records) // 3])
+    flipped = offset + 20  # inside the serialized event of a record a third into the file
+    events.write_bytes(whole[:flipped] + bytes([whole[flipped] ^ 1]) + whole[flipped + 1 :])
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    why = f"{events} is damaged at byte {offset} of {len(whole)} (a record fails its checksum): restore it from a copy"
+    error = one_line_exit_2(["--resume", str(run_dir), "--epochs", "3"], capsys)
+    assert (
+        error
+        == f"train.py: error: {why}, or give up what follows by cutting it there (truncate -s {offset} {events})\n"
+    )
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+    assert one_line_exit_2(["--summary", str(tmp_path)], capsys).startswith(f"train.py: error: {why}")  # its only run
+    # A kill while the last record was written: no damage, the record is cut with what follows the checkpoint.
+    events.write_bytes(whole[:-5])
     assert train.main(["--resume", str(run_dir), "--epochs", "3"]) == 0
 
 
