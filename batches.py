@@ -203,10 +203,3 @@ class RandomCrops:
             for i in picks
         ]
         return tuple(np.stack(part)[..., np.newaxis] for part in zip(*crops, strict=True))
-
-
-def trim_to_multiple(stack, multiple):
-    """Centre-crop the slices of (N, H, W) to the largest height and width divisible by `multiple`."""
-    height, width = (size - size % multiple for size in stack.shape[1:3])
-    top, left = (stack.shape[1] - height) // 2, (stack.shape[2] - width) // 2
-    return stack[:, top : top + height, left : left + width]

@@ -23,7 +23,8 @@ IMAGE_SLICES = 3  # validation slices shown as images
 @dataclasses.dataclass
 class RunInputs:
     """The checked stacks of a run and its split. `val_images` and `val_labels` are the whole
-    validation slices, trimmed to sides the U-Net takes (multiples of 2**DEPTH)."""
+    validation slices, of any size: the validation pass predicts them as predict.py does
+    (tiling.with_context)."""
 
     stacks: tiffs.TrainingStacks
     images_path: Path
@@ -140,8 +141,8 @@ def load(args, resumed_config=None):
         digests,
         train_indices,
         val_indices,
-        batches.trim_to_multiple(val_images, MULTIPLE),
-        batches.trim_to_multiple(val_labels, MULTIPLE),
+        val_images,
+        val_labels,
     )
 
 

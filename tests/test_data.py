@@ -313,13 +313,6 @@ def test_replica_batches_take_each_replica_its_own_stream_in_order():
     np.testing.assert_array_equal(next(iter(single))[0].numpy(), crops.batch(0, 0)[0])
 
 
-def test_trim_to_multiple_keeps_the_centre():
-    stack = np.arange(1 * 20 * 37).reshape(1, 20, 37)
-    trimmed = batches.trim_to_multiple(stack, 16)
-    assert trimmed.shape == (1, 16, 32)
-    np.testing.assert_array_equal(trimmed, stack[:, 2:18, 2:34])
-
-
 # --- the U-Net paper's loss weights ----------------------------------------------------------
 
 

@@ -10,9 +10,9 @@ import predict
 import rundir
 import tiffs
 import tiling
-from conftest import read_events
+from conftest import read_events, tiny_run
 from rundir import BEST
-from summaries import EPOCH_TAG
+from summaries import EPOCH_TAG, SLICE_GROUP
 
 ISOTROPIC = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32) / 16
 ASYMMETRIC = np.array([[0, 1, 3], [0, 2, 0], [-1, 0, 0]], np.float32)
@@ -119,6 +119,26 @@ def test_the_v_rand_a_run_logged_is_what_predict_py_prints_for_its_checkpoint(
         )
         == 0
     )
+    assert f"V_rand {logged:.4f}" in capsys.readouterr().out
+
+
+def test_slices_of_a_size_the_net_does_not_take_are_scored_whole_as_predict_py_scores_them(
+    small_isbi_dir, tmp_path, capsys
+):
+    for name in data.STACK_SOURCES:  # 100x90: no side a multiple of 16
+        tifffile.imwrite(
+            tmp_path / name, tifffile.imread(small_isbi_dir / name)[:, :100, :90], photometric="minisblack"
+        )
+    assert tiny_run(tmp_path, tmp_path / "logs", "--epochs", "1", "--val-slices", "2") == 0
+    run = tmp_path / "logs" / "bce_lr1e-3"
+    written, _ = read_events(run / rundir.VALIDATION)
+    logged = float(written[EPOCH_TAG.format("v_rand")][-1][1])
+    assert written[f"{SLICE_GROUP.format(2)}/prediction"][-1][1][:2].tolist() == [b"90", b"100"]  # width, height
+    for name in ("train-volume.tif", "train-labels.tif"):
+        tifffile.imwrite(tmp_path / f"val-{name}", tifffile.imread(tmp_path / name)[[2]], photometric="minisblack")
+    command = [str(run / rundir.LAST), str(tmp_path / "val-train-volume.tif"), "-o", str(tmp_path / "probs.tif")]
+    capsys.readouterr()
+    assert predict.main([*command, "--labels", str(tmp_path / "val-train-labels.tif")]) == 0
     assert f"V_rand {logged:.4f}" in capsys.readouterr().out
 
 
