@@ -282,8 +282,9 @@ def test_validation_slice_summaries_write_images_counts_and_histograms_into_vali
 def test_run_summary_writes_the_run_once_and_the_best_scores_each_epoch(tmp_path):
     model = tiny_model()  # its step is set here, which the module's model must not keep
     epoch_logs = {
-        0: {"val_misclassified_pixel_fraction": 0.2, "val_v_rand": 0.8},
-        1: {"val_misclassified_pixel_fraction": 0.1, "val_v_rand": 0.95},
+        0: {"loss": 0.6, "val_misclassified_pixel_fraction": 0.2, "val_v_rand": 0.8},
+        1: {"loss": 0.5, "val_misclassified_pixel_fraction": 0.1, "val_v_rand": 0.95},
+        2: {"loss": float("nan"), "val_misclassified_pixel_fraction": 0.05},  # the run stops: not its best
     }
     with watcher.running() as watching:
         writers = callbacks.SummaryWriters(tmp_path, watching)
