@@ -97,6 +97,8 @@ def free_ports(count):
     return ports
 
 
+# Slow (20-45 s on two cores): kept out of the default suite's 6 minutes.
+@pytest.mark.slow
 def test_two_devices_under_mirrored_strategy_log_what_one_device_logs(small_isbi_dir, two_run_logdir, tmp_path):
     ((code, output),) = finished(
         [start(["-c", ON_TWO_CPU_DEVICES, *tiny_run_arguments(small_isbi_dir, tmp_path, "mirrored")])]

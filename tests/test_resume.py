@@ -320,6 +320,8 @@ def test_training_waits_for_the_watcher_to_finish_the_former_epoch_so_a_kill_los
     assert rundir.checkpoint_step(tmp_path / "bce_lr1e-3" / rundir.LAST) == 5 * 3
 
 
+# Slow (20-45 s on two cores): kept out of the default suite's 6 minutes.
+@pytest.mark.slow
 def test_a_second_ctrl_c_skips_the_watchers_jobs_not_begun_and_leaves_a_run_that_resumes(
     tmp_path, small_isbi_dir, monkeypatch, capsys, untouched_stop_signals
 ):
@@ -398,6 +400,8 @@ def test_a_full_disk_at_a_checkpoint_is_said_so_when_the_watcher_failed_on_it_to
     watching.close()  # the watcher's error was said: not again
 
 
+# Slow (20-45 s on two cores): kept out of the default suite's 6 minutes.
+@pytest.mark.slow
 def test_a_full_disk_at_best_keras_leaves_both_checkpoints_of_the_former_epoch(
     tmp_path, small_isbi_dir, monkeypatch, capsys
 ):
@@ -550,6 +554,8 @@ def test_a_run_started_before_a_setting_existed_resumes_with_what_it_ran_with():
     assert resumed.dropout == 0.0
 
 
+# Slow (20-45 s on two cores): kept out of the default suite's 6 minutes.
+@pytest.mark.slow
 def test_a_run_started_before_its_settings_existed_resumes_and_records_them(tmp_path, small_isbi_dir):
     assert tiny_run(small_isbi_dir, tmp_path, "--epochs", "1", "--ema", "0") == 0
     run_dir = tmp_path / "bce_lr1e-3"

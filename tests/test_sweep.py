@@ -29,6 +29,8 @@ def listing(logdir):
     return sorted(path.relative_to(logdir) for path in logdir.rglob("*"))
 
 
+# Slow (20-45 s on two cores): kept out of the default suite's 6 minutes.
+@pytest.mark.slow
 def test_index_trains_one_run_and_a_second_time_nothing(small_isbi_dir, tmp_path, capsys):
     logdir = tmp_path / "logs"
     seeds = ["--loss", "bce", "--lr", "1e-3", "--seed", "0", "1"]
