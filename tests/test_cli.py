@@ -287,6 +287,8 @@ def test_a_tiny_run_writes_nothing_to_stderr_one_line_per_epoch_when_piped_and_r
     assert config["image_scaling"] == {"offset": 0.0, "scale": 255.0, "rule": "uint8 values: 8-bit, divided by 255"}
 
 
+# Slow (10-25 s on two cores): kept out of the default suite's 6 minutes.
+@pytest.mark.slow
 def test_tensorflow_loads_without_its_start_up_lines_unless_its_log_level_is_0():
     load = [sys.executable, "-c", "import cli; cli.import_tensorflow()"]
     quiet = subprocess.run(load, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -385,6 +387,8 @@ def test_sigterm_after_a_checkpoint_stops_the_run_like_ctrl_c_with_exit_code_143
     assert (run_dir / LAST).is_file()
 
 
+# Slow (10-25 s on two cores): kept out of the default suite's 6 minutes.
+@pytest.mark.slow
 def test_sighup_before_the_first_checkpoint_removes_the_run(tmp_path, small_isbi_dir):
     code, output, run_dir = interrupt_when(
         tmp_path, small_isbi_dir, lambda run_dir: (run_dir / "train").is_dir(), signal.SIGHUP

@@ -424,6 +424,8 @@ def test_a_full_disk_at_best_keras_leaves_both_checkpoints_of_the_former_epoch(
     assert train.main(["--resume", str(run_dir)]) == 0  # epoch 2 again: the run had not finished
 
 
+# Slow (10-25 s on two cores): kept out of the default suite's 6 minutes.
+@pytest.mark.slow
 def test_a_kill_between_the_two_renames_is_put_right_by_resume(tmp_path, small_isbi_dir, capsys):
     assert tiny_run(small_isbi_dir, tmp_path, "--eval-every", "0", "--epochs", "1") == 0
     run_dir = tmp_path / "bce_lr1e-3"

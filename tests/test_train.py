@@ -116,6 +116,8 @@ def test_profile_batch_traces_those_steps_where_the_profile_tab_reads_them(two_r
     assert not list((two_run_logdir / "wbce_lr1e-3").rglob("*.xplane.pb"))
 
 
+# Slow (10-25 s on two cores): kept out of the default suite's 6 minutes.
+@pytest.mark.slow
 def test_a_run_interrupted_while_profiling_keeps_the_steps_traced(tmp_path, small_isbi_dir, monkeypatch):
     """Ctrl-C before step 6 of a run profiling steps 4 to 6, in its second epoch (steps as
     TensorBoard counts them, not the epoch's batches): steps 4 and 5 are written, and the profiler

@@ -285,6 +285,8 @@ def test_a_damaged_event_file_is_refused_by_resume_and_summary_and_a_record_a_ki
         assert summaries.read_records(events) == (records[:-1], None)
 
 
+# Slow (10-25 s on two cores): kept out of the default suite's 6 minutes.
+@pytest.mark.slow
 def test_resume_refuses_data_that_changed_unless_told(two_epoch_run, tmp_path, small_isbi_dir, capsys):
     run_dir = copy_of(two_epoch_run, tmp_path)
     labels = tmp_path / "labels.tif"
