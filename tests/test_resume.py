@@ -32,22 +32,25 @@ import summaries
 import train
 import validation
 import watcher
-from conftest import ROOT, TINY, raw_events, read_events, steps, tiny_run
+from conftest import ROOT, TINY, built_once, raw_events, read_events, steps, tiny_run
 from rundir import CONFIG
 from summaries import BATCH_GROUP, BEST_TAG, EPOCH_TAG, SHOWN_GROUP, SLICE_GROUP
 
 STRAIGHT_AND_RESUMED = ("--ema", "0.9", "--dropout", "0.5")  # the flags of straight_and_resumed's runs
 
 
-@pytest.fixture(scope="module")
-def straight_and_resumed(tmp_path_factory, small_isbi_dir):
+@pytest.fixture(scope="session")
+def straight_and_resumed(tmp_path_factory, small_isbi_dir, worker_id):
     """The same 3-epoch run twice: straight through, and stopped after 2 epochs then resumed. Both
     average their weights (--ema), whose checkpoints hold the average as the net's weights, and
-    drop out (--dropout), whose random state no checkpoint holds."""
-    logdir = tmp_path_factory.mktemp("resume")
-    assert tiny_run(small_isbi_dir, logdir / "straight", "--epochs", "3", *STRAIGHT_AND_RESUMED) == 0
-    assert tiny_run(small_isbi_dir, logdir / "resumed", "--epochs", "2", *STRAIGHT_AND_RESUMED) == 0
-    assert train.main(["--resume", str(logdir / "resumed" / "bce_lr1e-3"), "--epochs", "3"]) == 0
+    drop out (--dropout), whose random state no checkpoint holds. Read only."""
+
+    def train_both(logdir):
+        assert tiny_run(small_isbi_dir, logdir / "straight", "--epochs", "3", *STRAIGHT_AND_RESUMED) == 0
+        assert tiny_run(small_isbi_dir, logdir / "resumed", "--epochs", "2", *STRAIGHT_AND_RESUMED) == 0
+        assert train.main(["--resume", str(logdir / "resumed" / "bce_lr1e-3"), "--epochs", "3"]) == 0
+
+    logdir = built_once(tmp_path_factory, worker_id, "straight_and_resumed", train_both)
     return logdir / "straight" / "bce_lr1e-3", logdir / "resumed" / "bce_lr1e-3"
 
 
