@@ -59,6 +59,11 @@ def event_directories(run_dir):
     return [Path(run_dir) / name for name in EVENT_DIRECTORIES if (Path(run_dir) / name).is_dir()]
 
 
+def not_a_directory(path):
+    """The refusal of a run whose curves' directory `path` is something else."""
+    return f"{path} is not a directory: move it out of the run directory, then resume the run"
+
+
 def writable_directory(logdir):
     """Refuse a --logdir in which no run directory can be made, before anything is written."""
     existing = Path(logdir).absolute()

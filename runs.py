@@ -177,6 +177,8 @@ def validation_scalars(run_dir):
     """read_scalars of a run's `validation` directory; {} where it has none. InputError if one of
     its event files is damaged: TensorBoard's reader would leave out what follows the damage."""
     directory = Path(run_dir) / rundir.VALIDATION
+    if directory.exists() and not directory.is_dir():
+        raise InputError(rundir.not_a_directory(directory))
     if not directory.is_dir():
         return {}
     for path in sorted(directory.glob("events.out.tfevents.*")):

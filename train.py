@@ -49,6 +49,9 @@ def resumable_config(run_dir):
     flags.check_recorded(config, Path(run_dir) / rundir.CONFIG)
     rundir.refuse_a_linked_lock(run_dir)
     rundir.refuse_if_being_trained(run_dir)
+    for name in (rundir.TRAIN, rundir.VALIDATION):
+        if (path := Path(run_dir) / name).exists() and not path.is_dir():  # where the run writes its curves
+            raise cli.InputError(rundir.not_a_directory(path))
     if not (Path(run_dir) / rundir.LAST).is_file():
         raise cli.InputError(
             f"{run_dir} has no {rundir.LAST}: it stopped before its first epoch ended (or an older "

@@ -247,6 +247,20 @@ def test_a_probe_of_the_lock_neither_marks_a_run_as_trained_nor_refuses_its_trai
         assert rundir.trainer_of(tmp_path) == f"process {os.getpid()} on {socket.gethostname()}"
 
 
+def test_a_file_where_the_run_writes_its_curves_is_refused_before_tensorflow(two_epoch_run, tmp_path, capsys):
+    run_dir = copy_of(two_epoch_run, tmp_path)
+    shutil.rmtree(run_dir / rundir.VALIDATION)
+    (run_dir / rundir.VALIDATION).write_text("not the run's curves")
+    refused = run_command("train", ["--resume", run_dir, "--epochs", "3"])
+    assert refused.returncode == 2 and refused.stdout.endswith("tensorflow imported: False\n")
+    assert refused.stderr == (
+        f"train.py: error: {run_dir / rundir.VALIDATION} is not a directory: move it out of the run directory, "
+        "then resume the run\n"
+    )
+    said = one_line_exit_2(["--summary", str(tmp_path)], capsys)  # its only run
+    assert said.startswith(f"train.py: error: {run_dir / rundir.VALIDATION} is not a directory")
+
+
 def test_a_damaged_last_checkpoint_beside_a_whole_best_one_says_how_to_continue(two_epoch_run, tmp_path, capsys):
     run_dir = copy_of(two_epoch_run, tmp_path)
     (run_dir / rundir.LAST).write_bytes((run_dir / rundir.LAST).read_bytes()[:1000])
