@@ -125,7 +125,7 @@ def run_documents(config):
     }
     return {
         DOCUMENT_TAG.format("command"): "\n".join(
-            f"    {command}" for command in [config["command"], *config.get("resumed", [])]
+            f"    {command}" for command in [config["command"], *config["resumed"]]
         ),
         DOCUMENT_TAG.format("configuration"): markdown_table(settings),
         DOCUMENT_TAG.format("versions"): markdown_table({**config["versions"], "project commit": config["git_commit"]}),

@@ -318,6 +318,8 @@ def with_hyperparameters(record, hyperparameters):
     write_run) holding `hyperparameters` instead, with its trial and start time; any other record
     unchanged. TensorBoard reads only the first such record of a run: a resumed run's new --epochs
     would not show written again."""
+    if hparams_metadata.SESSION_START_INFO_TAG.encode() not in record:  # not parsed a second time
+        return record
     event = event_pb2.Event.FromString(record)
     for value in event.summary.value:
         if value.tag == hparams_metadata.SESSION_START_INFO_TAG:
