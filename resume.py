@@ -75,7 +75,7 @@ def cut_event_files(run_dir, epoch, step, epoch_tags, hyperparameters):
     rewritten atomically, so a kill or a full disk during the cut leaves files that a second
     --resume cuts the same way."""
     paths = sorted(
-        path for directory in rundir.event_directories(run_dir) for path in directory.glob("events.out.tfevents.*")
+        path for directory in rundir.event_directories(run_dir) for path in directory.glob(rundir.EVENT_FILES)
     )
     read = {path: summaries.read_records(path) for path in paths}
     for path, (_, damaged_at) in read.items():  # refused before anything is rewritten

@@ -26,7 +26,7 @@ import numpy as np
 
 import settings
 from cli import InputError
-from files import replaced_atomically, why_not_writable
+from files import PARTIAL_PATTERN, replaced_atomically, why_not_writable
 
 CONFIG = "config.json"
 LAST = "last.keras"
@@ -42,6 +42,8 @@ VALIDATION = "validation"
 # Runs started before the shown slices moved into `validation` have their images here.
 OLDER_VALIDATION_SLICES = "validation_slices"
 EVENT_DIRECTORIES = ("", TRAIN, VALIDATION, OLDER_VALIDATION_SLICES)
+# The names TensorFlow's summary writer gives event files.
+EVENT_FILES = "events.out.tfevents.*"
 
 
 def run_name(loss, lr):
@@ -118,9 +120,22 @@ def start(logdir, name, config, held):
     try:
         save_config(run_dir, config)
     except InputError:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        remove_new_run(run_dir)
         raise
     return run_dir
+
+
+def remove_new_run(run_dir):
+    """Delete what a new run wrote in `run_dir` (stopped before its first checkpoint: there is
+    nothing to resume), then the directory if nothing else is in it: a run started inside it in
+    the meantime (`--logdir <run_dir>`) is another run, and stays."""
+    run_dir = Path(run_dir)
+    for name in EVENT_DIRECTORIES[1:]:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for path in [run_dir / CONFIG, run_dir / LOCK, *run_dir.glob(EVENT_FILES), *run_dir.glob(PARTIAL_PATTERN)]:
+        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()
 
 
 def save_config(run_dir, config):

@@ -181,7 +181,7 @@ def validation_scalars(run_dir):
         raise InputError(rundir.not_a_directory(directory))
     if not directory.is_dir():
         return {}
-    for path in sorted(directory.glob("events.out.tfevents.*")):
+    for path in sorted(directory.glob(rundir.EVENT_FILES)):
         if (damaged_at := summaries.read_records(path)[1]) is not None:
             raise InputError(summaries.damaged_event_file(path, damaged_at))
     return read_scalars(directory)

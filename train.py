@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import re
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
@@ -143,7 +142,7 @@ def stopped(error, run_dir, chief, new_run, lost_worker):
     ends = (KeyboardInterrupt, cli.InputError, CheckpointError, OSError, OutOfMemory)
     removed = chief and new_run and not checkpoint and (isinstance(error, ends) or lost_worker is not None)
     if removed:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        rundir.remove_new_run(run_dir)
     go_on = (
         f"continue the run from its last checkpoint with --resume {run_dir}"
         if checkpoint
