@@ -18,6 +18,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+import threadpoolctl
 
 import flags
 
@@ -203,6 +204,10 @@ def machine_setup(precision, batch_size, strategy):
     XLA, device, distribution and global batch."""
     policy, jit_compile, device = device_settings(precision)
     keras.mixed_precision.set_global_policy(policy)
+    # OpenBLAS (numpy's and scipy's) keeps its threads spinning for a while after each call: the
+    # one matrix product of each training crop (batches.elastic_displacement) kept a core busy
+    # beside TensorFlow's threads, and a step on the pipeline took twice as long (docs/performance.md).
+    threadpoolctl.threadpool_limits(1, user_api="blas")
     return {
         "precision": policy,
         "jit_compile": jit_compile,
