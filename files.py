@@ -29,6 +29,13 @@ def replaced_atomically(path):
         temporary.unlink(missing_ok=True)
 
 
+def temporaries_of(path):
+    """The temporary files of replaced_atomically(`path`) that are still there: a kill came before
+    their rename, or a process is writing one now."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.stem}.*.partial{path.suffix}"))
+
+
 def why_not_writable(path):
     """Why no file can be written at `path`, in a few words, or None if one can: checked before
     the work that produces it, by creating and removing a file in the nearest folder that exists

@@ -122,10 +122,7 @@ def put_best_right(run_dir, config, last_epoch, validation):
             f"cannot write {Path(run_dir) / rundir.BEST} ({error.strerror or error}): free some space and resume again"
         ) from error
     if put_right:
-        print(
-            f"{Path(run_dir) / rundir.BEST} is now the net of epoch {last_epoch + 1}, the best so far: the run "
-            "was stopped between saving it as last.keras and as best.keras"
-        )
+        print(rundir.best_promoted(run_dir, last_epoch))
 
 
 def continue_run(run_dir, config, epochs, command, setup):

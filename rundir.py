@@ -26,7 +26,7 @@ import numpy as np
 
 import settings
 from cli import InputError
-from files import PARTIAL_PATTERN, replaced_atomically, why_not_writable
+from files import PARTIAL_PATTERN, replaced_atomically, temporaries_of, why_not_writable
 
 CONFIG = "config.json"
 LAST = "last.keras"
@@ -255,6 +255,39 @@ def checkpoint_step(path):
             return int(weights["optimizer/vars/0"][()])
     except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile):
         return None
+
+
+def best_promoted(run_dir, epoch):
+    """The line that says best.keras was put right after a kill between the two renames of
+    promoting epoch `epoch` (from 0; checkpoints.Checkpoints.promote)."""
+    return (
+        f"{Path(run_dir) / BEST} is now the net of epoch {epoch + 1}, the best so far: the run was stopped "
+        "between saving it as last.keras and as best.keras"
+    )
+
+
+def finish_promotion(run_dir):
+    """Finish the promotion of the last epoch that a kill cut between its two renames
+    (checkpoints.Checkpoints.promote): last.keras holds the epoch, and its copy for best.keras
+    waits whole under its temporary name. For a finished run, which --resume refuses before it
+    would put best.keras right from the curves (checkpoints.best_put_right). Say whether it did."""
+    run_dir = Path(run_dir)
+    last_step = checkpoint_step(run_dir / LAST)
+
+    def waiting():
+        return [
+            path
+            for path in temporaries_of(run_dir / BEST)
+            if checkpoint_step(path) == last_step and why_damaged(path) is None
+        ]
+
+    if last_step is None or checkpoint_step(run_dir / BEST) == last_step or not waiting():
+        return False
+    with locked(run_dir):  # not a copy that a process training the run further is about to rename
+        copies = waiting()
+        if copies:
+            os.replace(copies[0], run_dir / BEST)
+    return bool(copies)
 
 
 def finished(run_dir, epochs_done):

@@ -135,6 +135,17 @@ def tiny_run(data_dir, logdir, *flags):
     return train.main([*TINY, "--lr", "1e-3", "--data", str(data_dir), "--logdir", str(logdir), *flags])
 
 
+def saved_at_step(path, step):
+    """A .keras archive at `path` of a small net whose optimizer is at training step `step`."""
+    import keras
+
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    model.optimizer.iterations.assign(step)
+    model.save(path)
+
+
 def built_once(tmp_path_factory, worker_id, name, build):
     """`build(path)` for a session fixture at a path shared by all of pytest-xdist's workers, run by
     the first that asks (the others wait for it), as xdist's documentation shows: built by each, a

@@ -32,7 +32,7 @@ import summaries
 import train
 import validation
 import watcher
-from conftest import ROOT, TINY, built_once, raw_events, read_events, steps, tiny_run
+from conftest import ROOT, TINY, built_once, raw_events, read_events, saved_at_step, steps, tiny_run
 from rundir import CONFIG
 from summaries import BATCH_GROUP, BEST_TAG, EPOCH_TAG, SHOWN_GROUP, SLICE_GROUP
 
@@ -442,14 +442,6 @@ def test_a_kill_between_the_two_renames_is_put_right_by_resume(tmp_path, small_i
     )
     assert rundir.checkpoint_step(run_dir / rundir.BEST) in (3, 6)  # epoch 1's, unless epoch 2 beat it
     assert not list(run_dir.glob(".*partial*"))
-
-
-def saved_at_step(path, step):
-    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
-    model.compile(optimizer="adam", loss="mse")
-    model.optimizer.build(model.trainable_variables)
-    model.optimizer.iterations.assign(step)
-    model.save(path)
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,17 @@ import rundir
 import summaries
 import tiffs
 import train
-from conftest import ROOT, TINY, cells_and_membranes, raw_events, run_command, steps, tiny_run, write_stack
+from conftest import (
+    ROOT,
+    TINY,
+    cells_and_membranes,
+    raw_events,
+    run_command,
+    saved_at_step,
+    steps,
+    tiny_run,
+    write_stack,
+)
 from rundir import CONFIG
 from summaries import EPOCH_TAG
 
@@ -453,6 +463,27 @@ def test_a_finished_run_or_a_damaged_checkpoint_is_refused_before_tensorflow_and
     assert unloadable.stderr.count("\n") == 1
     assert unloadable.stderr.startswith(f"train.py: error: {last} is unreadable (")
     assert unloadable.stderr.endswith(f"but {best} is whole: {how_to_continue}")
+
+
+def test_resume_of_a_finished_run_finishes_a_promotion_that_a_kill_cut_between_its_two_renames(
+    two_epoch_run, tmp_path, capsys
+):
+    run_dir = copy_of(two_epoch_run, tmp_path)
+    last, best = run_dir / rundir.LAST, run_dir / rundir.BEST
+    # Killed after the last epoch's rename to last.keras, before its copy's to best.keras.
+    waiting = run_dir / ".best.4242.partial.keras"
+    shutil.copyfile(last, waiting)
+    saved_at_step(best, 3)
+    refused = f"train.py: error: {rundir.finished(run_dir, 2)}\n"
+    waiting.write_bytes(last.read_bytes()[:-100])  # a kill during the copy: nothing to finish
+    assert train.main(["--resume", str(run_dir)]) == 2
+    assert capsys.readouterr() == ("", refused)
+    assert rundir.checkpoint_step(best) == 3 and waiting.is_file()
+    shutil.copyfile(last, waiting)
+    assert train.main(["--resume", str(run_dir)]) == 2
+    assert capsys.readouterr() == (rundir.best_promoted(run_dir, 1) + "\n", refused)
+    assert rundir.checkpoint_step(best) == rundir.checkpoint_step(last) == 6 and not waiting.exists()
+    assert best.read_bytes() == last.read_bytes()
 
 
 def test_accept_new_data_goes_with_resume(tmp_path, capsys):
