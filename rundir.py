@@ -257,6 +257,17 @@ def checkpoint_step(path):
         return None
 
 
+def to_start_anew(run_dir):
+    """How to start a run anew whose directory holds nothing to resume: remove it, but not a run
+    started inside it (`--logdir <run_dir>`), which would go with it."""
+    inside = sorted(str(path.parent) for path in Path(run_dir).rglob(CONFIG) if path.parent != Path(run_dir))
+    return (
+        f"move {', '.join(inside)} out of it, then remove it to start it anew"
+        if inside
+        else "remove it to start it anew"
+    )
+
+
 def best_promoted(run_dir, epoch):
     """The line that says best.keras was put right after a kill between the two renames of
     promoting epoch `epoch` (from 0; checkpoints.Checkpoints.promote)."""
@@ -270,7 +281,9 @@ def finish_promotion(run_dir):
     """Finish the promotion of the last epoch that a kill cut between its two renames
     (checkpoints.Checkpoints.promote): last.keras holds the epoch, and its copy for best.keras
     waits whole under its temporary name. For a finished run, which --resume refuses before it
-    would put best.keras right from the curves (checkpoints.best_put_right). Say whether it did."""
+    would put best.keras right from the curves (checkpoints.best_put_right). The line that says
+    so, or None: nothing to finish, or not now (another process holds the run, or the rename
+    failed; `--resume --epochs <more>` still puts it right)."""
     run_dir = Path(run_dir)
     last_step = checkpoint_step(run_dir / LAST)
 
@@ -278,16 +291,21 @@ def finish_promotion(run_dir):
         return [
             path
             for path in temporaries_of(run_dir / BEST)
-            if checkpoint_step(path) == last_step and why_damaged(path) is None
+            # a regular file: a link planted there would make best.keras follow what it points to
+            if stat.S_ISREG(path.lstat().st_mode) and checkpoint_step(path) == last_step and why_damaged(path) is None
         ]
 
-    if last_step is None or checkpoint_step(run_dir / BEST) == last_step or not waiting():
-        return False
-    with locked(run_dir):  # not a copy that a process training the run further is about to rename
-        copies = waiting()
-        if copies:
+    try:
+        if last_step is None or checkpoint_step(run_dir / BEST) == last_step or not waiting():
+            return None
+        with locked(run_dir):  # not a copy that a process training the run further is about to rename
+            copies = waiting()
+            if not copies:
+                return None
             os.replace(copies[0], run_dir / BEST)
-    return bool(copies)
+    except (InputError, OSError):
+        return None
+    return best_promoted(run_dir, last_step // read_config(run_dir)["steps_per_epoch"] - 1)
 
 
 def finished(run_dir, epochs_done):

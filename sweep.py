@@ -123,7 +123,7 @@ def existing(run_dir, run_args, given, new_run):
     except cli.InputError as error:
         return f"left alone: {error}", []
     if not (run_dir / rundir.CONFIG).is_file():
-        return f"left alone: {run_dir} holds no {rundir.CONFIG}: remove it to start it anew", []
+        return f"left alone: {run_dir} holds no {rundir.CONFIG}: {rundir.to_start_anew(run_dir)}", []
     config = rundir.read_config(run_dir)
     differ = sorted(
         name
@@ -139,7 +139,10 @@ def existing(run_dir, run_args, given, new_run):
         )
     step = rundir.checkpoint_step(run_dir / rundir.LAST) if (run_dir / rundir.LAST).is_file() else None
     if step is None:
-        return f"left alone: {run_dir} holds no checkpoint (stopped in its first epoch): remove it to start it anew", []
+        return (
+            f"left alone: {run_dir} holds no checkpoint (stopped in its first epoch): {rundir.to_start_anew(run_dir)}",
+            [],
+        )
     epochs = run_args.epochs or config["epochs"]
     if step // config["steps_per_epoch"] >= epochs:
         return "finished", []
@@ -283,6 +286,8 @@ def sweep(args, passed_on):
     for point in todo:
         if not point.command:
             print(f"sweep.py: {point.name}: {point.state}")
+        if point.state == "finished" and (promoted := rundir.finish_promotion(point.run_dir)):
+            print(f"sweep.py: {promoted}")
     runnable = [point for point in todo if point.command]
     logdir = Path(cli.parse_with_given(flags.build_parser("sweep.py"), found[0].new_run)[0].logdir)
     compare = f"compare them: python train.py --summary {logdir}"

@@ -225,8 +225,8 @@ def checked(args, given):
     args.epochs = args.epochs or settings.DEFAULTS["epochs"]
     step = None if config is None else rundir.checkpoint_step(Path(args.resume) / rundir.LAST)
     if step is not None and step // config["steps_per_epoch"] >= args.epochs:  # told now, not after TensorFlow loads
-        if rundir.finish_promotion(args.resume):
-            print(rundir.best_promoted(args.resume, step // config["steps_per_epoch"] - 1))
+        if promoted := rundir.finish_promotion(args.resume):
+            print(promoted)
         raise cli.InputError(rundir.finished(args.resume, step // config["steps_per_epoch"]))
     if config is not None:
         refuse_a_damaged_checkpoint(args.resume)

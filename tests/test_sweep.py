@@ -16,7 +16,7 @@ import pytest
 import cli
 import rundir
 import sweep
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, saved_at_step
 
 ONE_EPOCH = [*TINY, "--epochs", "1"]
 
@@ -132,10 +132,13 @@ def test_a_run_that_another_process_trains_or_that_holds_no_config_is_left_alone
     logdir = tmp_path / "logs"
     shutil.copytree(two_run_logdir / "bce_lr1e-3", logdir / "bce_lr1e-3_seed0")
     (logdir / "bce_lr1e-3_seed1").mkdir()  # as another sweep's task leaves it for a moment
-    arguments = [*TINY, "--data", str(isbi_dir), "--logdir", str(logdir), "--lr", "1e-3", "--seed", "0", "1"]
+    nested = logdir / "bce_lr1e-3_seed2" / "dice_lr1e-3"  # a run started inside one that was then removed
+    nested.mkdir(parents=True)
+    (nested / rundir.CONFIG).write_text("{}")
+    arguments = [*TINY, "--data", str(isbi_dir), "--logdir", str(logdir), "--lr", "1e-3", "--seed", "0", "1", "2"]
     with rundir.locked(logdir / "bce_lr1e-3_seed0"):
         assert sweep.main([*arguments, "--epochs", "3"]) == 0
-    trained, empty, summary = capsys.readouterr().out.splitlines()
+    trained, empty, holding, summary = capsys.readouterr().out.splitlines()
     assert trained.startswith(
         f"sweep.py: bce_lr1e-3_seed0: left alone: {logdir / 'bce_lr1e-3_seed0'} is being trained by "
     )
@@ -143,7 +146,36 @@ def test_a_run_that_another_process_trains_or_that_holds_no_config_is_left_alone
         f"sweep.py: bce_lr1e-3_seed1: left alone: {logdir / 'bce_lr1e-3_seed1'} holds no config.json: "
         "remove it to start it anew"
     )
-    assert summary.startswith("sweep.py: 0 of 2 runs have finished; compare them: ")
+    assert holding == (
+        f"sweep.py: bce_lr1e-3_seed2: left alone: {logdir / 'bce_lr1e-3_seed2'} holds no config.json: "
+        f"move {nested} out of it, then remove it to start it anew"
+    )
+    assert summary.startswith("sweep.py: 0 of 3 runs have finished; compare them: ")
+
+
+def test_a_finished_run_whose_promotion_a_kill_cut_is_put_right_and_skipped(two_run_logdir, isbi_dir, tmp_path, capsys):
+    run_dir = tmp_path / "logs" / "bce_lr1e-3_seed0"
+    shutil.copytree(two_run_logdir / "bce_lr1e-3", run_dir)
+    shutil.copyfile(run_dir / rundir.LAST, run_dir / ".best.4242.partial.keras")  # killed before its rename
+    saved_at_step(run_dir / rundir.BEST, 3)
+    arguments = [
+        *TINY,
+        "--data",
+        str(isbi_dir),
+        "--logdir",
+        str(tmp_path / "logs"),
+        "--lr",
+        "1e-3",
+        "--eval-every",
+        "1",
+    ]
+    assert sweep.main(arguments) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "sweep.py: bce_lr1e-3_seed0: finished",
+        f"sweep.py: {rundir.best_promoted(run_dir, 1)}",
+        f"sweep.py: all 1 runs have finished; compare them: python train.py --summary {tmp_path / 'logs'}",
+    ]
+    assert (run_dir / rundir.BEST).read_bytes() == (run_dir / rundir.LAST).read_bytes()
 
 
 # Slow: a training stopped by a real signal, as tests/test_cli.py's for train.py.

@@ -470,20 +470,32 @@ def test_resume_of_a_finished_run_finishes_a_promotion_that_a_kill_cut_between_i
 ):
     run_dir = copy_of(two_epoch_run, tmp_path)
     last, best = run_dir / rundir.LAST, run_dir / rundir.BEST
+    whole = last.read_bytes()
+    flipped = whole.index(b'"class_name"')  # a byte of the stored config.json, not of model.weights.h5
+    saved_at_step(best, 3)  # the former best epoch's
+    refused = f"train.py: error: {rundir.finished(run_dir, 2)}\n"
     # Killed after the last epoch's rename to last.keras, before its copy's to best.keras.
     waiting = run_dir / ".best.4242.partial.keras"
+
+    def refused_as_it_is():
+        assert train.main(["--resume", str(run_dir)]) == 2
+        assert capsys.readouterr() == ("", refused)
+        assert rundir.checkpoint_step(best) == 3
+
+    waiting.write_bytes(whole[:flipped] + bytes([whole[flipped] ^ 1]) + whole[flipped + 1 :])
+    assert rundir.checkpoint_step(waiting) == 6  # its step reads, but a member fails its checksum
+    refused_as_it_is()
+    waiting.unlink()
+    waiting.symlink_to(last)  # planted: best.keras would follow last.keras
+    refused_as_it_is()
+    waiting.unlink()
     shutil.copyfile(last, waiting)
-    saved_at_step(best, 3)
-    refused = f"train.py: error: {rundir.finished(run_dir, 2)}\n"
-    waiting.write_bytes(last.read_bytes()[:-100])  # a kill during the copy: nothing to finish
-    assert train.main(["--resume", str(run_dir)]) == 2
-    assert capsys.readouterr() == ("", refused)
-    assert rundir.checkpoint_step(best) == 3 and waiting.is_file()
-    shutil.copyfile(last, waiting)
+    with rundir.locked(run_dir):  # another process holds the run (--resume refuses it before, as being trained)
+        assert rundir.finish_promotion(run_dir) is None
+    assert rundir.checkpoint_step(best) == 3
     assert train.main(["--resume", str(run_dir)]) == 2
     assert capsys.readouterr() == (rundir.best_promoted(run_dir, 1) + "\n", refused)
-    assert rundir.checkpoint_step(best) == rundir.checkpoint_step(last) == 6 and not waiting.exists()
-    assert best.read_bytes() == last.read_bytes()
+    assert best.read_bytes() == whole and not list(run_dir.glob(".best.*"))
 
 
 def test_accept_new_data_goes_with_resume(tmp_path, capsys):
