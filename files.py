@@ -13,12 +13,10 @@ PARTIAL_PATTERN = ".*.partial*"
 @contextlib.contextmanager
 def replaced_atomically(path):
     """A temporary path beside `path` to write to: renamed onto `path` when the block ends, deleted
-    if it fails, so that `path` is always either its old content or the complete new one.
-
-    The name keeps the suffix (Keras insists on .keras) and matches PARTIAL_PATTERN.
-    """
+    if it fails, so that `path` is always either its old content or the complete new one
+    (temporary_path names it by this process)."""
     path = Path(path)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    temporary = temporary_path(path, os.getpid())
     # A file planted under that name (a symbolic link in a run directory received from someone
     # else) is removed, not written through; os.replace replaces a link at `path`, never its target.
     temporary.unlink(missing_ok=True)
@@ -29,11 +27,17 @@ def replaced_atomically(path):
         temporary.unlink(missing_ok=True)
 
 
-def temporaries_of(path):
-    """The temporary files of replaced_atomically(`path`) that are still there: a kill came before
-    their rename, or a process is writing one now."""
+def temporary_path(path, tag):
+    """Where a file for `path` is written before its rename onto it: hidden, named by `tag` (a
+    process, an epoch), with `path`'s suffix (Keras insists on .keras), matching PARTIAL_PATTERN."""
     path = Path(path)
-    return sorted(path.parent.glob(f".{path.stem}.*.partial{path.suffix}"))
+    return path.with_name(f".{path.stem}.{tag}.partial{path.suffix}")
+
+
+def temporaries_of(path):
+    """The temporary files for `path` (temporary_path) that are still there: a kill came before
+    their rename, or a process is writing one now."""
+    return sorted(Path(path).parent.glob(temporary_path(path, "*").name))
 
 
 def why_not_writable(path):

@@ -26,7 +26,7 @@ import numpy as np
 
 import settings
 from cli import InputError
-from files import PARTIAL_PATTERN, replaced_atomically, temporaries_of, why_not_writable
+from files import PARTIAL_PATTERN, replaced_atomically, temporaries_of, temporary_path, why_not_writable
 
 CONFIG = "config.json"
 LAST = "last.keras"
@@ -211,7 +211,7 @@ def read_config(run_dir):
 def candidate_checkpoint(run_dir, epoch):
     """Where the net of `epoch` waits to be scored before it becomes last.keras (callbacks.Checkpoints):
     a temporary name (files.PARTIAL_PATTERN), so that --resume removes one that a kill left."""
-    return Path(run_dir) / f".{Path(LAST).stem}.epoch{epoch}.partial{Path(LAST).suffix}"
+    return temporary_path(Path(run_dir) / LAST, f"epoch{epoch}")
 
 
 def why_damaged(path):
@@ -295,8 +295,8 @@ def finish_promotion(run_dir):
             if stat.S_ISREG(path.lstat().st_mode) and checkpoint_step(path) == last_step and why_damaged(path) is None
         ]
 
-    try:
-        if last_step is None or checkpoint_step(run_dir / BEST) == last_step or not waiting():
+    try:  # the whole check under the lock: it reads every copy through
+        if last_step is None or checkpoint_step(run_dir / BEST) == last_step or not temporaries_of(run_dir / BEST):
             return None
         with locked(run_dir):  # not a copy that a process training the run further is about to rename
             copies = waiting()
