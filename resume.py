@@ -54,7 +54,7 @@ def restore_model(run_dir, config):
             raise ResumeError(rundir.unreadable_checkpoint(run_dir, why, best_whole=False)) from error
         raise ResumeError(rundir.unreadable_checkpoint(run_dir, why, best_whole=True)) from error
     if unet.averages_weights(model):
-        unet.swap_averaged_weights(model)
+        unet.averaged_weights_swap(model)()
     return model, int(model.optimizer.iterations.numpy()) // config["steps_per_epoch"]
 
 

@@ -6,11 +6,12 @@ k joins the skip from encoder level k) and `output`, so the graph and the histog
 the figure. With 'same' padding the output has the input's height and width, which must be
 multiples of 2**depth; the input size is left open, so a net trained on crops predicts whole
 slices. The net is compiled with Adam, which may keep a moving average of the weights
-(`compiled_unet(ema=...)`, `swap_averaged_weights`).
+(`compiled_unet(ema=...)`, `averaged_weights_swap`).
 """
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import layers
 
 import metrics
@@ -84,17 +85,24 @@ def compiled_unet(filters, loss, lr, jit_compile, ema=0.0, dropout=0.0):
     return model
 
 
-def swap_averaged_weights(model):
-    """Exchange the net's trainable weights with the optimizer's moving average of them (a model
-    compiled with `ema` > 0). Keras has no public access to the average except its
-    SwapEMAWeights callback, which at the last epoch also overwrites the average; this is the one
-    place that reads the optimizer's private list of averages (guarded by test_resume)."""
-    for variable, average in zip(
-        model.trainable_variables, adam_of(model)._model_variables_moving_average, strict=True
-    ):
-        value = keras.ops.copy(variable)  # on the device: no round trip through the host
-        variable.assign(average)
-        average.assign(value)
+def averaged_weights_swap(model):
+    """A function of no arguments that exchanges the net's trainable weights with the optimizer's
+    moving average of them (a model compiled with `ema` > 0), in one graph call: done op by op, its
+    140-odd reads and assignments each gave the GIL up, and at an epoch's start, where the watcher
+    has just been handed the epoch's jobs, waited for it to come back. Keras has no public access
+    to the average except its SwapEMAWeights callback, which at the last epoch also overwrites the
+    average; this is the one place that reads the optimizer's private list of averages (guarded
+    by test_resume)."""
+    pairs = list(zip(model.trainable_variables, adam_of(model)._model_variables_moving_average, strict=True))
+
+    @tf.function
+    def swap():
+        for variable, average in pairs:
+            value = keras.ops.copy(variable)  # on the device: no round trip through the host
+            variable.assign(average)
+            average.assign(value)
+
+    return swap
 
 
 def averages_weights(model):
@@ -135,9 +143,13 @@ class AveragedWeights(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
         self.swapped = False
+        self._swap = None
+
+    def on_train_begin(self, logs=None):
+        self._swap = averaged_weights_swap(self.model)
 
     def swap(self):
-        swap_averaged_weights(self.model)
+        self._swap()
         self.swapped = not self.swapped
 
     def on_epoch_begin(self, epoch, logs=None):
