@@ -62,6 +62,12 @@ def build_parser():
         help="epochs of --steps-per-epoch timed with and without callbacks, after one warm-up epoch each",
     )
     bench.add_argument(
+        "--rounds",
+        type=cli.positive(int),
+        default=3,
+        help="fits without callbacks and with the watcher, taken in turn this many times (the figures are the medians)",
+    )
+    bench.add_argument(
         "--step-only",
         action="store_true",
         help="measure the conv peak and the training step only (a minute; e.g. for a GPU's figure)",
@@ -143,6 +149,97 @@ def measuring(what):
     print(f"bench.py: measuring {what}", file=sys.stderr, flush=True)
 
 
+def fits(args, run_inputs, setup, batches, compiled_unet):
+    """`model.fit` on the pipeline without callbacks and with train.py's callbacks and the watcher,
+    in turn for --rounds rounds, then once with every job on the training thread. In turn, because
+    these machines drift between one minute and the next by more than watching costs: each round's
+    two fits are compared with each other, and the figures are the rounds' medians."""
+    fit_epochs = f"{args.timed_epochs + 1} epochs of {args.steps_per_epoch} steps each, the first one not timed"
+    measuring(
+        f"model.fit without callbacks and with the watcher, in turn ({args.rounds} rounds of two fits, {fit_epochs})"
+    )
+    rounds = [
+        {
+            "bare": timed_fit(args, batches, compiled_unet),
+            "watcher": timed_fit(args, batches, compiled_unet, run_inputs, setup),
+        }
+        for _ in range(args.rounds)
+    ]
+    measuring(f"model.fit with train.py's callbacks, watching on the training thread ({fit_epochs})")
+    inline = timed_fit(args, batches, compiled_unet, run_inputs, setup, inline=True)
+    bare = statistics.median(r["bare"]["epoch seconds"] for r in rounds)
+    watched = statistics.median(r["watcher"]["epoch seconds"] for r in rounds)
+    overheads = [
+        (r["watcher"]["epoch seconds"] - r["bare"]["epoch seconds"]) / r["watcher"]["epoch seconds"] for r in rounds
+    ]
+    breakdown = {
+        name: statistics.median(r["watcher"]["breakdown"][name] for r in rounds)
+        for name in rounds[0]["watcher"]["breakdown"]
+    }
+    return {
+        "epoch seconds": bare,
+        "fit images/s": args.steps_per_epoch * args.batch_size / bare,
+        # Keyed by round too: steps_slowed_row compares each step with the same step of its round's bare fit.
+        "bare steps": {(i, *key): step for i, r in enumerate(rounds) for key, step in r["bare"]["steps"].items()},
+        "watcher": {
+            "images/s": args.steps_per_epoch * args.batch_size / watched,
+            "overhead": statistics.median(overheads),
+            "overheads": overheads,
+            "epoch seconds": watched,
+            "breakdown": breakdown,
+            "busy": statistics.median(r["watcher"]["busy"] for r in rounds),
+            "waited": statistics.median(r["watcher"]["waited"] for r in rounds),
+            "steps": {(i, *key): step for i, r in enumerate(rounds) for key, step in r["watcher"]["steps"].items()},
+        },
+        "inline": {**inline, "overhead": (inline["epoch seconds"] - bare) / inline["epoch seconds"]},
+    }
+
+
+def timed_fit(args, batches, compiled_unet, run_inputs=None, setup=None, inline=False):
+    """One fit of a new net on `batches` (from step 0 as train.py's run starts: on a net trained on,
+    the steps at which images are due, every --image-every, would fall within epochs, not at their
+    ends), without callbacks, or with train.py's (given `run_inputs`) and the watcher or `inline`:
+    {epoch seconds (median), images/s, breakdown (the callbacks' seconds an epoch), busy and
+    waited (the watcher's, an epoch), steps (timing.EpochTimes.steps)}."""
+    model = compiled_unet()
+    watching_while = watcher.running(inline) if run_inputs is not None else contextlib.nullcontext()
+    # The watcher closed before the run's lock is let go: its last jobs write into the run.
+    with contextlib.ExitStack() as held, watching_while as watching:
+        fit_callbacks = []
+        if watching is not None:
+            config = runs.run_config(args, run_inputs, "python bench.py", setup)
+            run = rundir.Run(
+                rundir.start(args.logdir, rundir.run_name(args.loss, args.lr), config, held), config, model
+            )
+            fit_callbacks = callbacks.for_run(
+                args,
+                run,
+                run_inputs,
+                callbacks.StopOnNonFiniteLoss(),
+                runs.hyperparameters(config),
+                runs.run_documents(config),
+                watching,
+                {},
+                lambda epoch, logs: None,
+            )
+        seconds, breakdown, timer = timing.timed_fit(
+            model,
+            batches,
+            args.timed_epochs,
+            args.steps_per_epoch,
+            watching=watching,
+            callbacks=fit_callbacks,
+        )
+    return {
+        "epoch seconds": seconds,
+        "images/s": args.steps_per_epoch * args.batch_size / seconds,
+        "breakdown": breakdown,
+        "busy": timer.busy / args.timed_epochs,
+        "waited": timer.waited / args.timed_epochs,
+        "steps": timer.steps,
+    }
+
+
 def measure(args):
     run_inputs = inputs.load(args)
     stacks, train_indices, val_images, shown = (
@@ -181,49 +278,7 @@ def measure(args):
 
     with tempfile.TemporaryDirectory() as logdir:
         args.logdir = logdir
-        fit_epochs = f"{args.timed_epochs + 1} epochs of {args.steps_per_epoch} steps, the first one not timed"
-        measuring(f"model.fit without callbacks ({fit_epochs})")
-        # Each fit on a new net, from step 0 as train.py's run starts: on a net trained on, the
-        # steps at which images are due (every --image-every) would fall within epochs, not at their ends.
-        bare, _, bare_timer = timing.timed_fit(compiled_unet(), batches, args.timed_epochs, args.steps_per_epoch)
-        results["fit images/s"] = args.steps_per_epoch * args.batch_size / bare
-        for inline in (False, True):
-            way = "on the training thread" if inline else "with the watcher"
-            measuring(f"model.fit with train.py's callbacks, watching {way} ({fit_epochs})")
-            config = runs.run_config(args, run_inputs, "python bench.py", setup)
-            model = compiled_unet()
-            with contextlib.ExitStack() as held, watcher.running(inline) as watching:
-                run = rundir.Run(rundir.start(logdir, rundir.run_name(args.loss, args.lr), config, held), config, model)
-                watched, breakdown, timer = timing.timed_fit(
-                    model,
-                    batches,
-                    args.timed_epochs,
-                    args.steps_per_epoch,
-                    watching=watching,
-                    callbacks=callbacks.for_run(
-                        args,
-                        run,
-                        run_inputs,
-                        callbacks.StopOnNonFiniteLoss(),
-                        runs.hyperparameters(config),
-                        runs.run_documents(config),
-                        watching,
-                        {},
-                        lambda epoch, logs: None,
-                    ),
-                )
-            results["inline" if inline else "watcher"] = {
-                "images/s": args.steps_per_epoch * args.batch_size / watched,
-                "overhead": (watched - bare) / watched,
-                "epoch seconds": watched,
-                "breakdown": breakdown,
-                "busy": timer.busy / args.timed_epochs,
-                "waited": timer.waited / args.timed_epochs,
-            }
-            if not inline:
-                results["watcher"]["steps"] = timer.steps
-        results["epoch seconds"] = bare
-        results["bare steps"] = bare_timer.steps
+        results.update(fits(args, run_inputs, setup, batches, compiled_unet))
         measuring("the seed article's pipeline, bare and with its image callback")
         reference = reference_step_seconds(
             args,
@@ -315,7 +370,8 @@ def watching_rows(args, r):
     return [
         (
             "fit with validation and TensorBoard callbacks, watcher",
-            f"{watched['images/s']:.1f} images/s: overhead {watched['overhead']:.1%} of wall time",
+            f"{watched['images/s']:.1f} images/s: overhead {watched['overhead']:.1%} of wall time (the median of "
+            f"{len(watched['overheads'])} rounds: {', '.join(f'{overhead:.1%}' for overhead in watched['overheads'])})",
         ),
         (
             "the same, all on the training thread (no watcher)",
@@ -370,7 +426,7 @@ def steps_slowed_row(args, r, blocked):
         return statistics.mean(steps[key][0] for key in beside) - statistics.mean(steps[key][0] for key in alone)
 
     gap_watched, gap_bare = gap(watched), gap(bare)
-    per_epoch = len(beside) / args.timed_epochs
+    per_epoch = len(beside) / (args.timed_epochs * args.rounds)
     slowed = (gap_watched - gap_bare) * per_epoch
     cost = blocked + slowed
     return (
