@@ -144,8 +144,7 @@ class TrainingSummaries(StepCallback):
     - once, the op graph of one forward pass, drawn with a box per named layer (Keras' own graph
       opens in the Graphs tab as "Malformed GraphDef").
 
-    Weight histograms are bucketed by TensorBoard's numpy `histogram_pb` (the same 30 buckets as
-    `tf.summary.histogram`), a quarter of the time of `tf.summary.histogram`'s eager ops.
+    Histograms are bucketed as summaries.write_histogram buckets them.
     """
 
     def __init__(self, writers, epoch_logs, update_freq, histogram_freq):
