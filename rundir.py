@@ -44,6 +44,8 @@ OLDER_VALIDATION_SLICES = "validation_slices"
 EVENT_DIRECTORIES = ("", TRAIN, VALIDATION, OLDER_VALIDATION_SLICES)
 # The names TensorFlow's summary writer gives event files.
 EVENT_FILES = "events.out.tfevents.*"
+# Where TensorFlow's profiler writes the traces of --profile-batch in a run's `train` directory.
+PROFILES = "plugins"
 
 
 def run_name(loss, lr):
@@ -131,11 +133,20 @@ def remove_new_run(run_dir):
     the meantime (`--logdir <run_dir>`) is another run, and stays."""
     run_dir = Path(run_dir)
     for name in EVENT_DIRECTORIES[1:]:
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-    for path in [run_dir / CONFIG, run_dir / LOCK, *run_dir.glob(EVENT_FILES), *run_dir.glob(PARTIAL_PATTERN)]:
+        # Its event files and profile only: `--logdir <run_dir>/train` starts a run in there too.
+        shutil.rmtree(run_dir / name / PROFILES, ignore_errors=True)
+        remove_with_directory(run_dir / name, (run_dir / name).glob(EVENT_FILES))
+    remove_with_directory(
+        run_dir, [run_dir / CONFIG, run_dir / LOCK, *run_dir.glob(EVENT_FILES), *run_dir.glob(PARTIAL_PATTERN)]
+    )
+
+
+def remove_with_directory(directory, paths):
+    """Delete the files `paths` in `directory`, then `directory` if nothing else is in it."""
+    for path in paths:
         path.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
-        run_dir.rmdir()
+        directory.rmdir()
 
 
 def save_config(run_dir, config):

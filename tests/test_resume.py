@@ -504,10 +504,12 @@ def test_a_run_out_of_memory_stops_with_one_line_that_says_what_to_lower(
     assert list(tmp_path.iterdir()) == []  # a run that --summary would list but --resume refuse
 
 
+# As `--logdir logs/bce_lr1e-3` and `--logdir logs/bce_lr1e-3/train` make them.
+@pytest.mark.parametrize("inside", ["", "train/"])
 def test_removing_a_run_stopped_before_its_first_checkpoint_keeps_a_run_started_inside_it(
-    tmp_path, small_isbi_dir, monkeypatch, capsys
+    inside, tmp_path, small_isbi_dir, monkeypatch, capsys
 ):
-    nested = tmp_path / "bce_lr1e-3" / "dice_lr1e-3"  # as `--logdir logs/bce_lr1e-3` makes it
+    nested = tmp_path / "bce_lr1e-3" / inside / "dice_lr1e-3"
 
     def run_nested_then_stop(self, batch, logs=None):
         (nested / "train").mkdir(parents=True)
@@ -518,13 +520,15 @@ def test_removing_a_run_stopped_before_its_first_checkpoint_keeps_a_run_started_
     monkeypatch.setattr(callbacks.StopBetweenSteps, "on_train_batch_begin", run_nested_then_stop)
     assert tiny_run(small_isbi_dir, tmp_path) == 130
     assert capsys.readouterr().err.endswith("so nothing was kept: start the run again\n")
+    kept = f"bce_lr1e-3/{inside}dice_lr1e-3"
     assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == [
         "bce_lr1e-3",
-        "bce_lr1e-3/dice_lr1e-3",
-        "bce_lr1e-3/dice_lr1e-3/config.json",
-        "bce_lr1e-3/dice_lr1e-3/last.keras",
-        "bce_lr1e-3/dice_lr1e-3/train",
-        "bce_lr1e-3/dice_lr1e-3/train/events.out.tfevents.1.host",
+        *(["bce_lr1e-3/train"] if inside else []),
+        kept,
+        f"{kept}/config.json",
+        f"{kept}/last.keras",
+        f"{kept}/train",
+        f"{kept}/train/events.out.tfevents.1.host",
     ]
 
 

@@ -92,7 +92,7 @@ def test_epoch_curves_for_training_and_validation(events, loss):
 def profiled_steps(run_dir):
     """The steps marked in the one trace under `run_dir`'s train run, in TensorFlow's layout
     (plugins/profile/<time>/<host>.xplane.pb), which TensorBoard's Profile tab reads."""
-    (trace,) = (run_dir / rundir.TRAIN).glob("plugins/profile/*/*.xplane.pb")
+    (trace,) = (run_dir / rundir.TRAIN).glob(f"{rundir.PROFILES}/profile/*/*.xplane.pb")
     marked = []
     for plane in xplane_pb2.XSpace.FromString(trace.read_bytes()).planes:
         marks = {key for key, event in plane.event_metadata.items() if event.name == callbacks.PROFILED_STEP}
