@@ -153,18 +153,23 @@ def fits(args, run_inputs, setup, batches, compiled_unet):
     """`model.fit` on the pipeline without callbacks and with train.py's callbacks and the watcher,
     in turn for --rounds rounds, then once with every job on the training thread. In turn, because
     these machines drift between one minute and the next by more than watching costs: each round's
-    two fits are compared with each other, and the figures are the rounds' medians."""
+    two fits are compared with each other (taken in the other order every second round), and the
+    figures are the rounds' medians. The fit on the training thread is one fit, against the rounds'
+    median bare epoch."""
     fit_epochs = f"{args.timed_epochs + 1} epochs of {args.steps_per_epoch} steps each, the first one not timed"
     measuring(
         f"model.fit without callbacks and with the watcher, in turn ({args.rounds} rounds of two fits, {fit_epochs})"
     )
-    rounds = [
-        {
-            "bare": timed_fit(args, batches, compiled_unet),
-            "watcher": timed_fit(args, batches, compiled_unet, run_inputs, setup),
+    rounds = []
+    for index in range(args.rounds):
+        # In the other order every second round: a machine that speeds up or slows down throughout
+        # would otherwise push every round's overhead the same way.
+        fit = {
+            "bare": lambda: timed_fit(args, batches, compiled_unet),
+            "watcher": lambda: timed_fit(args, batches, compiled_unet, run_inputs, setup),
         }
-        for _ in range(args.rounds)
-    ]
+        order = ("bare", "watcher") if index % 2 == 0 else ("watcher", "bare")
+        rounds.append({way: fit[way]() for way in order})
     measuring(f"model.fit with train.py's callbacks, watching on the training thread ({fit_epochs})")
     inline = timed_fit(args, batches, compiled_unet, run_inputs, setup, inline=True)
     bare = statistics.median(r["bare"]["epoch seconds"] for r in rounds)
@@ -375,7 +380,8 @@ def watching_rows(args, r):
         ),
         (
             "the same, all on the training thread (no watcher)",
-            f"{inline['images/s']:.1f} images/s: overhead {inline['overhead']:.1%} of wall time",
+            f"{inline['images/s']:.1f} images/s: overhead {inline['overhead']:.1%} of wall time (one fit, "
+            "against the rounds' median fit without callbacks)",
         ),
         (
             "training thread blocked by watching, s per epoch",
@@ -411,22 +417,31 @@ def steps_slowed_row(args, r, blocked):
     difference between the same steps (epoch and batch) of the fit without callbacks, where nothing
     ran beside them (the steps after an epoch's end may differ without any watcher). Steps compared
     within each fit, so the drift between two fits, larger on these machines than watching's cost,
-    stays out; with the training thread's blocked seconds, this is watching's cost per epoch."""
+    stays out; round by round (steps keyed by round, epoch and batch), each round weighted by its
+    steps beside the watcher, so that rounds of other speeds do not make a gap of their own. With
+    the training thread's blocked seconds, this is watching's cost per epoch."""
     watched, bare = r["watcher"]["steps"], r["bare steps"]
-    beside = [key for key, (_, had_work) in watched.items() if had_work]
-    alone = [key for key, (_, had_work) in watched.items() if not had_work]
     name = "training steps beside the watcher's work"
-    if not beside or not alone:
-        return (
-            name,
-            f"the watcher had work at the start of {len(beside)} of {len(watched)} timed steps: none to compare",
+    beside, alone = {}, {}
+    for key, (_, had_work) in watched.items():
+        (beside if had_work else alone).setdefault(key[0], []).append(key)
+    rounds = sorted(beside.keys() & alone.keys())
+    if not rounds:
+        count = sum(map(len, beside.values()))
+        return name, f"the watcher had work at the start of {count} of {len(watched)} timed steps: none to compare"
+
+    def gap(steps, round_):
+        return statistics.mean(steps[key][0] for key in beside[round_]) - statistics.mean(
+            steps[key][0] for key in alone[round_]
         )
 
-    def gap(steps):
-        return statistics.mean(steps[key][0] for key in beside) - statistics.mean(steps[key][0] for key in alone)
+    counted = sum(len(beside[round_]) for round_ in rounds)
 
-    gap_watched, gap_bare = gap(watched), gap(bare)
-    per_epoch = len(beside) / (args.timed_epochs * args.rounds)
+    def weighted_gap(steps):
+        return sum(gap(steps, round_) * len(beside[round_]) for round_ in rounds) / counted
+
+    gap_watched, gap_bare = weighted_gap(watched), weighted_gap(bare)
+    per_epoch = counted / (args.timed_epochs * len(rounds))
     slowed = (gap_watched - gap_bare) * per_epoch
     cost = blocked + slowed
     return (

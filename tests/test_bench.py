@@ -152,10 +152,10 @@ def test_epoch_times_times_each_step_and_says_whether_the_watcher_had_work_when_
 def test_watching_cost_takes_the_steps_beside_the_watcher_against_the_same_steps_without_it():
     steps = 10
     args = argparse.Namespace(timed_epochs=2, rounds=1, steps_per_epoch=steps)
-    beside = {(epoch, batch) for epoch in (1, 2) for batch in (0, 1)}
+    beside = {(0, epoch, batch) for epoch in (1, 2) for batch in (0, 1)}
 
     def fit(seconds_beside):
-        keys = [(epoch, batch) for epoch in (1, 2) for batch in range(steps)]
+        keys = [(0, epoch, batch) for epoch in (1, 2) for batch in range(steps)]
         return {key: (seconds_beside if key in beside else 0.5, key in beside) for key in keys}
 
     # The first two steps of an epoch: 0.6 s beside the watcher, 0.55 s without callbacks, 0.5 s
@@ -166,3 +166,24 @@ def test_watching_cost_takes_the_steps_beside_the_watcher_against_the_same_steps
     assert text.startswith("2 of 10 steps an epoch started while the watcher had work: +100.0 ms each")
     assert "without callbacks +50.0 ms: 0.10 s an epoch" in text
     assert text.endswith("watching cost 1.10 s = 10.0% of the epoch")
+
+
+def test_watching_cost_compares_steps_round_by_round():
+    """The watcher costing nothing, in two rounds: the second's fit with the watcher 20 % slower
+    throughout (the machine drifted), with more of its steps beside the watcher. Pooled over the
+    rounds, those slower steps would read as watching's cost."""
+    steps = 10
+    args = argparse.Namespace(timed_epochs=1, rounds=2, steps_per_epoch=steps)
+    beside = {(0, 1, batch) for batch in range(2)} | {(1, 1, batch) for batch in range(8)}
+
+    def fit(seconds):
+        return {
+            (round_, 1, batch): (seconds[round_], (round_, 1, batch) in beside)
+            for round_ in (0, 1)
+            for batch in range(steps)
+        }
+
+    results = {"watcher": {"steps": fit({0: 0.5, 1: 0.6}), "epoch seconds": 6.0}, "bare steps": fit({0: 0.5, 1: 0.5})}
+    _, text = bench.steps_slowed_row(args, results, blocked=0.0)
+    assert text.startswith("5 of 10 steps an epoch started while the watcher had work: +0.0 ms each")
+    assert "0.00 s an epoch" in text
