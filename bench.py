@@ -160,14 +160,14 @@ def fits(args, run_inputs, setup, batches, compiled_unet):
     measuring(
         f"model.fit without callbacks and with the watcher, in turn ({args.rounds} rounds of two fits, {fit_epochs})"
     )
+    fit = {
+        "bare": lambda: timed_fit(args, batches, compiled_unet),
+        "watcher": lambda: timed_fit(args, batches, compiled_unet, run_inputs, setup),
+    }
     rounds = []
     for index in range(args.rounds):
         # In the other order every second round: a machine that speeds up or slows down throughout
         # would otherwise push every round's overhead the same way.
-        fit = {
-            "bare": lambda: timed_fit(args, batches, compiled_unet),
-            "watcher": lambda: timed_fit(args, batches, compiled_unet, run_inputs, setup),
-        }
         order = ("bare", "watcher") if index % 2 == 0 else ("watcher", "bare")
         rounds.append({way: fit[way]() for way in order})
     measuring(f"model.fit with train.py's callbacks, watching on the training thread ({fit_epochs})")
