@@ -144,6 +144,30 @@ def test_merges_and_splits_image_paints_them_in_two_colours():
     assert np.all(red[grey] == blue[grey]) and np.all(red[segments == 0][grey[segments == 0]] == 0)
 
 
+def test_an_image_written_is_what_tf_summary_image_writes_pixel_for_pixel(tmp_path):
+    rng = np.random.default_rng(0)
+    images = {
+        "grey": rng.random((40, 56, 1), np.float32),
+        "colour": rng.random((40, 56, 3)),  # the overlays are float64
+        "saturated": np.linspace(-0.5, 1.5, 40 * 56).reshape(40, 56, 1),
+    }
+    for way, write in (
+        ("library", lambda tag, image: tf.summary.image(tag, image[np.newaxis], description=tag)),
+        ("ours", lambda tag, image: summaries.write_image(tag, image, description=tag)),
+    ):
+        with tf.summary.create_file_writer(str(tmp_path / way)).as_default(step=7):
+            for tag, image in images.items():
+                write(tag, image)
+    library, library_plugins = read_events(tmp_path / "library")
+    ours, our_plugins = read_events(tmp_path / "ours")
+    assert our_plugins == library_plugins and set(our_plugins) == set(images)
+    for tag in images:
+        [(library_step, library_value)], [(our_step, our_value)] = library[tag], ours[tag]
+        assert our_step == library_step == 7
+        assert our_value[:2].tolist() == library_value[:2].tolist() == [b"56", b"40"]  # width, height
+        np.testing.assert_array_equal(tf.image.decode_png(our_value[2]), tf.image.decode_png(library_value[2]))
+
+
 # --- the other callbacks, each on its own, hooks called as Keras calls them ---------------------
 
 
