@@ -209,9 +209,13 @@ def run_row(run_dir):
     config = rundir.read_config(run_dir)
     validation = validation_scalars(run_dir)
     evaluations = validation.get(EVALUATION_TAG.format("loss"), [])
-    steps, planned = (evaluations[-1][0] if evaluations else 0), config["epochs"] * config["steps_per_epoch"]
     training = rundir.trainer_of(run_dir) is not None
     resumable = (run_dir / rundir.LAST).is_file() and not training
+    # Where --resume and sweep.py go on from: a kill between an epoch's summaries and its checkpoint
+    # leaves last.keras an epoch behind the curves, and that epoch is trained again.
+    checkpointed = rundir.checkpoint_step(run_dir / rundir.LAST) if resumable else None
+    steps = checkpointed if checkpointed is not None else evaluations[-1][0] if evaluations else 0
+    planned = config["epochs"] * config["steps_per_epoch"]
     row = {
         "run": run_dir.name,
         "loss": config["loss"],

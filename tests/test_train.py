@@ -459,6 +459,22 @@ def test_summary_groups_the_runs_that_differ_only_in_seed_and_marks_unfinished_o
     assert with_it[0] == "loss bce ema 0.0 epochs 2" and with_it[2:] == bce[2:]
 
 
+def test_summary_counts_the_steps_of_last_keras_which_a_kill_can_leave_an_epoch_behind_the_curves(
+    two_run_logdir, tmp_path, capsys
+):
+    """Killed between its last epoch's summaries and that epoch's checkpoint: the curves reach the
+    last step, last.keras the epoch before. --resume and sweep.py go on from last.keras, and
+    --summary says the run is unfinished."""
+    run_dir = tmp_path / "a"
+    shutil.copytree(two_run_logdir / "bce_lr1e-3", run_dir)
+    model = keras.models.load_model(run_dir / LAST)
+    model.optimizer.iterations.assign(TINY_STEPS // 2)
+    model.save(run_dir / LAST)
+    assert train.main(["--summary", str(tmp_path)]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[:4] == ["a", "bce", "1e-3", f"{TINY_STEPS // 2}/{TINY_STEPS}*"]
+
+
 def test_summary_of_an_empty_directory_says_so(tmp_path, capsys):
     assert train.main(["--summary", str(tmp_path)]) == 2
     assert "no runs in" in capsys.readouterr().err
