@@ -250,10 +250,15 @@ def unreadable_checkpoint(run_dir, why, best_whole):
     return f"{last} is unreadable ({why}), and so is {best}: the run cannot be resumed; start a new one"
 
 
+# Where Keras 3 keeps the optimizer's iteration count in `model.weights.h5`: its first variable;
+# under mixed_float16 the optimizer is a LossScaleOptimizer, whose own first variable counts the
+# steps since its loss scale last changed, and the iteration count is its inner optimizer's.
+STEP_VARIABLES = ("optimizer/inner_optimizer/vars/0", "optimizer/vars/0")
+
+
 def checkpoint_step(path):
     """The training step a checkpoint was written at, read from the .keras archive without
-    TensorFlow: Keras 3 keeps the optimizer's iteration count as its first variable
-    (`optimizer/vars/0` of `model.weights.h5`; test_resume checks it against the loaded model).
+    TensorFlow (STEP_VARIABLES; tests check it against the loaded model in each precision).
     None if the file does not hold it there."""
     import h5py  # Keras' own dependency, light: no TensorFlow
 
@@ -263,8 +268,8 @@ def checkpoint_step(path):
             archive.open("model.weights.h5") as stored,
             h5py.File(stored, "r") as weights,
         ):
-            return int(weights["optimizer/vars/0"][()])
-    except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile):
+            return int(weights[next(name for name in STEP_VARIABLES if name in weights)][()])
+    except (OSError, KeyError, ValueError, TypeError, StopIteration, zipfile.BadZipFile):
         return None
 
 

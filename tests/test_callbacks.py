@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorboard.compat.proto import event_pb2
 
 import callbacks
 import checkpoints
@@ -149,23 +150,34 @@ def test_an_image_written_is_what_tf_summary_image_writes_pixel_for_pixel(tmp_pa
     images = {
         "grey": rng.random((40, 56, 1), np.float32),
         "colour": rng.random((40, 56, 3)),  # the overlays are float64
-        "saturated": np.linspace(-0.5, 1.5, 40 * 56).reshape(40, 56, 1),
+        "saturated": np.linspace(-0.5, 1.5, 40 * 56).reshape(40, 56, 1),  # smooth: compresses
     }
     for way, write in (
-        ("library", lambda tag, image: tf.summary.image(tag, image[np.newaxis], description=tag)),
-        ("ours", lambda tag, image: summaries.write_image(tag, image, description=tag)),
+        ("library", lambda tag, image: tf.summary.image(tag, image[np.newaxis], description=f"the {tag} one")),
+        ("ours", lambda tag, image: summaries.write_image(tag, image, description=f"the {tag} one")),
     ):
         with tf.summary.create_file_writer(str(tmp_path / way)).as_default(step=7):
             for tag, image in images.items():
                 write(tag, image)
-    library, library_plugins = read_events(tmp_path / "library")
-    ours, our_plugins = read_events(tmp_path / "ours")
-    assert our_plugins == library_plugins and set(our_plugins) == set(images)
-    for tag in images:
-        [(library_step, library_value)], [(our_step, our_value)] = library[tag], ours[tag]
-        assert our_step == library_step == 7
+    library, ours = (
+        {
+            value.tag: (event.step, value.metadata, tf.make_ndarray(value.tensor))
+            for [path] in [list((tmp_path / way).glob("events.out.tfevents.*"))]
+            for event in map(event_pb2.Event.FromString, summaries.read_records(path)[0])
+            for value in event.summary.value
+        }
+        for way in ("library", "ours")
+    )
+    assert ours.keys() == library.keys() == images.keys()
+    for tag, image in images.items():
+        (library_step, library_metadata, library_value), (our_step, our_metadata, our_value) = library[tag], ours[tag]
+        assert our_step == library_step == 7 and our_metadata == library_metadata
+        assert our_value.shape == library_value.shape == (3,)
         assert our_value[:2].tolist() == library_value[:2].tolist() == [b"56", b"40"]  # width, height
         np.testing.assert_array_equal(tf.image.decode_png(our_value[2]), tf.image.decode_png(library_value[2]))
+        pixels = tf.image.convert_image_dtype(image, tf.uint8, saturate=True)
+        assert our_value[2] == tf.image.encode_png(pixels, compression=summaries.PNG_COMPRESSION).numpy()
+    assert ours["saturated"][2][2] != library["saturated"][2][2]  # another compression of the same pixels
 
 
 # --- the other callbacks, each on its own, hooks called as Keras calls them ---------------------
@@ -401,6 +413,19 @@ def test_the_watchers_checkpoints_hold_what_the_net_itself_saves(tmp_path, preci
             assert written.keys() == expected.keys()
             assert all(np.array_equal(written[name], expected[name]) for name in expected), epoch
     assert not all(np.array_equal(value, archived_arrays(saved_by_the_net[0])[name]) for name, value in written.items())
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
+def test_the_step_of_a_checkpoint_read_without_tensorflow_is_the_nets_in_every_precision(tmp_path, precision):
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        net = unet.compiled_unet(2, "bce", 1e-2, jit_compile=False)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    images = np.random.default_rng(0).random((3, 32, 32, 1), np.float32)
+    net.fit(images, images > 0.5, batch_size=1, epochs=1, verbose=0)
+    net.save(tmp_path / LAST)
+    assert rundir.checkpoint_step(tmp_path / LAST) == int(net.optimizer.iterations.numpy()) == 3
 
 
 def test_stop_on_non_finite_loss_names_the_step_and_learning_rate(model):
