@@ -213,8 +213,9 @@ def run_row(run_dir):
     resumable = (run_dir / rundir.LAST).is_file() and not training
     # Where --resume and sweep.py go on from: a kill between an epoch's summaries and its checkpoint
     # leaves last.keras an epoch behind the curves, and that epoch is trained again.
-    checkpointed = rundir.checkpoint_step(run_dir / rundir.LAST) if resumable else None
-    steps = checkpointed if checkpointed is not None else evaluations[-1][0] if evaluations else 0
+    steps = rundir.checkpoint_step(run_dir / rundir.LAST) if resumable else None
+    if steps is None:  # no checkpoint, one that does not say, or a run training now
+        steps = evaluations[-1][0] if evaluations else 0
     planned = config["epochs"] * config["steps_per_epoch"]
     row = {
         "run": run_dir.name,

@@ -124,8 +124,9 @@ def write_weight_histograms(weights):
 
 def write_image(tag, image, description=None):
     """`image` (H, W, channels) in [0, 1] as an image summary at the default step: the record
-    tf.summary.image writes, the same pixels (TensorFlow's conversion to 8 bits), with the PNG
-    compressed at PNG_COMPRESSION, which tf.summary.image does not take."""
+    tf.summary.image writes outside a name scope (as the watcher writes), the same pixels
+    (TensorFlow's conversion to 8 bits), with the PNG compressed at PNG_COMPRESSION, which
+    tf.summary.image does not take."""
     pixels = tf.image.convert_image_dtype(image, tf.uint8, saturate=True)
     height, width = pixels.shape[:2]
     tensor = tf.stack([str(width), str(height), tf.image.encode_png(pixels, compression=PNG_COMPRESSION)])
