@@ -221,11 +221,20 @@ class ValidationSliceSummaries(StepCallback):
     shown slice). Under `shown_slices/`: the misclassified-pixel fraction over the slices and the
     number of merges and splits. Every `histogram_freq` epochs: histograms of each block's
     activations (`unet/activations/...`) and the precision-recall curve of membrane detection
-    (`membrane_pr`). The net's output on the slices comes from the run's ValidationPass.
+    (`membrane_pr`). The net's output on the slices comes from the run's ValidationPass, and at an
+    evaluated epoch's end their segments from its scoring (`shown_segments`, Validation's).
     """
 
     def __init__(
-        self, writers, epoch_logs, validation_pass, shown, image_every, histogram_freq, v_rand_threshold=THRESHOLD
+        self,
+        writers,
+        epoch_logs,
+        validation_pass,
+        shown,
+        image_every,
+        histogram_freq,
+        v_rand_threshold=THRESHOLD,
+        shown_segments=None,
     ):
         super().__init__()
         self.writers = writers
@@ -235,6 +244,7 @@ class ValidationSliceSummaries(StepCallback):
         self.image_every = image_every
         self.histogram_freq = histogram_freq
         self.v_rand_threshold = v_rand_threshold
+        self.shown_segments = {} if shown_segments is None else shown_segments
         self._images_deferred_to = None
 
     def on_train_begin(self, logs=None):
@@ -261,10 +271,11 @@ class ValidationSliceSummaries(StepCallback):
 
         def summaries():
             self.v_rand_threshold = self.epoch_logs[epoch].get("val_v_rand_threshold", self.v_rand_threshold)
+            segments = self.shown_segments.pop(epoch, None)  # at that threshold, where the epoch was evaluated
             if histograms:
                 self.write_activations_and_pr_curve(activations, probabilities)
             if images:
-                self.write_images(probabilities)
+                self.write_images(probabilities, segments)
 
         self.writers.submit(VALIDATION, step, summaries)
 
@@ -273,8 +284,8 @@ class ValidationSliceSummaries(StepCallback):
         probabilities = self.validation_pass.probabilities(self.validation_pass.shown)
         self.writers.submit(VALIDATION, step, lambda: self.write_images(probabilities))
 
-    def write_images(self, probabilities):
-        summaries.write_shown_slices(self.shown, probabilities, self.v_rand_threshold)
+    def write_images(self, probabilities, segments=None):
+        summaries.write_shown_slices(self.shown, probabilities, self.v_rand_threshold, segments)
 
     def write_activations_and_pr_curve(self, activations, probabilities):
         summaries.write_activations_and_pr_curve(activations, self.shown.labels, probabilities)
@@ -453,6 +464,7 @@ def for_run(args, run, inputs, stop, hyperparameters, documents, watcher, epoch_
     weights = inputs.val_weights(args.loss)
     writers = SummaryWriters(run.directory, watcher)
     score = checkpoint_score(args.eval_every)
+    shown_segments = {}  # Validation's segments of the shown slices, for ValidationSliceSummaries' images
     return [
         EpochEndHandOver(watcher, first=True),
         *([AveragedWeights()] if averages_weights(run.model) else []),
@@ -468,6 +480,7 @@ def for_run(args, run, inputs, stop, hyperparameters, documents, watcher, epoch_
             training_metrics(),
             args.eval_every,
             weights,
+            shown_segments,
         ),
         TrainingSummaries(writers, epoch_logs, args.update_freq, args.histogram_freq),
         ValidationSliceSummaries(
@@ -483,6 +496,7 @@ def for_run(args, run, inputs, stop, hyperparameters, documents, watcher, epoch_
             image_every=args.image_every,
             histogram_freq=args.histogram_freq,
             v_rand_threshold=run.reached.get("v_rand_threshold", THRESHOLD),
+            shown_segments=shown_segments,
         ),
         RunSummary(
             writers,

@@ -195,11 +195,19 @@ def merges_and_splits(true_cells, segments):
     return merging_segments[counts > 1], split_cells[cell_counts > 1]
 
 
-def isbi_scores_by_threshold(labels, probabilities, thresholds=ISBI_THRESHOLDS):
+def best_of(values):
+    """The index of the best (highest) of `values`, the first on ties; NaN is never best unless all are."""
+    return int(np.argmax(np.nan_to_num(values, nan=-np.inf)))
+
+
+def isbi_scores_by_threshold(labels, probabilities, thresholds=ISBI_THRESHOLDS, kept=()):
     """Per threshold: V_rand and V_info averaged over the slices, and the pixel F-score.
 
     `labels` are (slices, H, W) binary masks (cell > 0), `probabilities` the cell probabilities of
     the same slices; a pixel is proposed as cell where its probability exceeds the threshold.
+    With `kept` (positions of slices), also "segments": the thinned_segments of those slices at the
+    threshold of the best V_rand, which the images of merges and splits show (each is a watershed
+    that would cost as much again); only the best so far are held as the thresholds are scored.
     """
     labels = np.asarray(labels)
     # Compared in double precision as in Fiji: float32(0.1) > 0.1, so a float32 comparison moves pixels.
@@ -210,28 +218,33 @@ def isbi_scores_by_threshold(labels, probabilities, thresholds=ISBI_THRESHOLDS):
     true_cells = [true_cells_of(mask) for mask in true_cell]
 
     def slice_scores(threshold, index):
-        return rand_and_info_scores(true_cells[index], thinned_segments(probabilities[index] > threshold))
+        segments = thinned_segments(probabilities[index] > threshold)
+        return rand_and_info_scores(true_cells[index], segments), segments if index in kept else None
 
     # scikit-image's watershed releases the GIL: threads divide the evaluation time by the cores.
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         per_slice = {key: pool.submit(slice_scores, *key) for key in itertools.product(thresholds, range(len(labels)))}
         table = {"threshold": np.asarray(thresholds), "v_rand": [], "v_info": [], "pixel_f_score": []}
         for threshold in thresholds:
-            slices = [per_slice[threshold, index].result() for index in range(len(labels))]
-            table["v_rand"].append(np.mean([scores["v_rand"] for scores in slices]))
-            table["v_info"].append(np.mean([scores["v_info"] for scores in slices]))
+            slices = [per_slice.pop((threshold, index)).result() for index in range(len(labels))]
+            table["v_rand"].append(np.mean([scores["v_rand"] for scores, _ in slices]))
+            table["v_info"].append(np.mean([scores["v_info"] for scores, _ in slices]))
             table["pixel_f_score"].append(pixel_f_score(true_cell, probabilities > threshold))
-    return {name: np.asarray(values) for name, values in table.items()}
+            if best_of(table["v_rand"]) == len(table["v_rand"]) - 1:
+                best_segments = [slices[index][1] for index in kept]
+    table = {name: np.asarray(values) for name, values in table.items()}
+    return {**table, "segments": best_segments} if kept else table
 
 
-def isbi_scores(labels, probabilities, thresholds=ISBI_THRESHOLDS):
+def isbi_scores(labels, probabilities, thresholds=ISBI_THRESHOLDS, kept=()):
     """The challenge's scores of a stack: best V_rand, best V_info and lowest pixel error
-    (1 - best pixel F-score), each with the threshold that gives it (the first, on ties).
+    (1 - best pixel F-score), each with the threshold that gives it (the first, on ties); with
+    `kept`, the "segments" of isbi_scores_by_threshold too, at `v_rand_threshold`.
     """
-    table = isbi_scores_by_threshold(labels, probabilities, thresholds)
+    table = isbi_scores_by_threshold(labels, probabilities, thresholds, kept)
 
     def best(values):
-        index = int(np.argmax(np.nan_to_num(values, nan=-np.inf)))
+        index = best_of(values)
         return float(values[index]), float(table["threshold"][index])
 
     (v_rand, v_rand_threshold), (v_info, v_info_threshold) = best(table["v_rand"]), best(table["v_info"])
@@ -243,14 +256,15 @@ def isbi_scores(labels, probabilities, thresholds=ISBI_THRESHOLDS):
         "v_info_threshold": v_info_threshold,
         "pixel_error": 1.0 - pixel_f,
         "pixel_error_threshold": pixel_threshold,
+        **({"segments": table["segments"]} if kept else {}),
     }
 
 
-def validation_scores(labels, probabilities, weights, loss, metrics, isbi):
-    """{"loss": ..., each metric's name: ..., and with `isbi` the ISBI scores (isbi_scores)} of the
-    net's `probabilities` (slices, H, W) of the validation slices with `labels` (slices, H, W, 1)
-    and per-pixel loss `weights` (slices, H, W), for `loss` (a LOSSES function) and the Keras
-    `metrics` (training_metrics()).
+def validation_scores(labels, probabilities, weights, loss, metrics, isbi, kept=()):
+    """{"loss": ..., each metric's name: ..., and with `isbi` the ISBI scores (isbi_scores, with the
+    "segments" of the slices at positions `kept`)} of the net's `probabilities` (slices, H, W) of
+    the validation slices with `labels` (slices, H, W, 1) and per-pixel loss `weights` (slices, H,
+    W), for `loss` (a LOSSES function) and the Keras `metrics` (training_metrics()).
 
     Slice by slice, as Keras' evaluate with batches of one would, each pixel's loss weighted as in
     training (Keras' mean over the pixels of weight x loss).
@@ -264,5 +278,5 @@ def validation_scores(labels, probabilities, weights, loss, metrics, isbi):
             metric.update_state(label[np.newaxis], probability[np.newaxis])
     scores = {"loss": float(np.mean(losses)), **{metric.name: float(metric.result()) for metric in metrics}}
     if isbi:
-        scores.update(isbi_scores(labels[..., 0], probabilities))
+        scores.update(isbi_scores(labels[..., 0], probabilities, kept=kept))
     return scores

@@ -168,9 +168,10 @@ class ShownSlices:
         )
 
 
-def write_shown_slices(shown, probabilities, v_rand_threshold):
+def write_shown_slices(shown, probabilities, v_rand_threshold, slices_segments=None):
     """The images and scalars of the shown validation slices (ShownSlices) for the net's
-    `probabilities` of them (slices, H, W), at the default step, segmented at `v_rand_threshold`:
+    `probabilities` of them (slices, H, W), at the default step, segmented at `v_rand_threshold`
+    (their thinned_segments there, or `slices_segments` where the scoring made them already):
     `input`, `label` (and `loss_weights`) once at step 0, then `prediction`, `error` and
     `merges_and_splits` per slice, and the misclassified fraction, merges and splits over them."""
     step = tf.summary.experimental.get_step()
@@ -208,7 +209,11 @@ def write_shown_slices(shown, probabilities, v_rand_threshold):
             description="Errors on the EM slice: magenta = false membrane, green = missed membrane.",
         )
         # In double precision, as the challenge's scorer compares (metrics.isbi_scores_by_threshold).
-        segments = thinned_segments(probability.astype(np.float64) > v_rand_threshold)
+        segments = (
+            thinned_segments(probability.astype(np.float64) > v_rand_threshold)
+            if slices_segments is None
+            else slices_segments[position]
+        )
         merging_segments, split_cells = merges_and_splits(shown.true_cells[position], segments)
         merges, splits = merges + len(merging_segments), splits + len(split_cells)
         write_image(

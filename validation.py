@@ -113,7 +113,9 @@ class Validation(keras.callbacks.Callback):
     challenge's scores (`val_v_rand`, `val_v_info`, `val_pixel_error` and the thresholds that give
     them).
     With `weights` (per slice, batches.border_weights), the loss is weighted as the training loss is.
-    The callbacks after this one read the scores from `epoch_logs` in their watcher jobs.
+    The callbacks after this one read the scores from `epoch_logs` in their watcher jobs; with
+    `shown_segments`, ValidationSliceSummaries reads from `shown_segments[epoch]` the segments of
+    the shown slices at the best V_rand's threshold, which the scoring made.
 
     It stands in for Keras' `validation_data`, which would pass the slices through the net a
     second time, and which under a tf.distribute strategy (Keras 3.15) splits a batch of one
@@ -122,7 +124,9 @@ class Validation(keras.callbacks.Callback):
     ...; the progress line (progress.py), the closing line and checkpoints see them too.
     """
 
-    def __init__(self, watcher, epoch_logs, validation_pass, labels, loss, metrics, eval_every, weights=None):
+    def __init__(
+        self, watcher, epoch_logs, validation_pass, labels, loss, metrics, eval_every, weights=None, shown_segments=None
+    ):
         super().__init__()
         self.watcher = watcher
         self.epoch_logs = epoch_logs
@@ -132,6 +136,7 @@ class Validation(keras.callbacks.Callback):
         self.metrics = metrics
         self.eval_every = eval_every
         self.weights = np.ones(labels.shape, np.float32) if weights is None else weights
+        self.shown_segments = shown_segments
 
     def on_epoch_end(self, epoch, logs=None):
         probabilities = self.validation_pass.probabilities()
@@ -141,5 +146,8 @@ class Validation(keras.callbacks.Callback):
     def score(self, logs, epoch, probabilities):
         """Add the validation scores of `probabilities` (slices, H, W) to `logs`."""
         isbi = evaluated(epoch, self.eval_every, self.params["epochs"]) and np.isfinite(logs["loss"])
-        scores = validation_scores(self.labels, probabilities, self.weights, self.loss, self.metrics, isbi)
+        kept = () if self.shown_segments is None else self.validation_pass.shown
+        scores = validation_scores(self.labels, probabilities, self.weights, self.loss, self.metrics, isbi, kept)
+        if "segments" in scores:
+            self.shown_segments[epoch] = scores.pop("segments")
         logs.update({f"val_{name}": value for name, value in scores.items()})

@@ -235,6 +235,58 @@ def test_validation_adds_the_loss_metrics_and_challenge_scores_of_the_whole_slic
     assert "val_loss" in epoch_logs[1] and "val_v_rand" not in epoch_logs[1]
 
 
+def test_the_merges_and_splits_of_an_evaluated_epoch_are_drawn_from_the_scorings_own_segments(tmp_path):
+    model, (images, labels) = tiny_model(), slices(count=3)
+    written = {}
+    for way, shown_segments in (("the scoring's", {}), ("their own", None)):
+        model.optimizer.iterations.assign(0)
+        epoch_logs = {}
+        with watcher.running() as watching:
+            writers = callbacks.SummaryWriters(tmp_path / way, watching)
+            validation_pass = validation_pass_of(model, images, [0, 2])
+            scoring = attached(
+                validation.Validation(
+                    watching,
+                    epoch_logs,
+                    validation_pass,
+                    labels,
+                    metrics.LOSSES["bce"],
+                    metrics.training_metrics(),
+                    1,
+                    shown_segments=shown_segments,
+                ),
+                model,
+            )
+            slice_summaries = attached(
+                callbacks.ValidationSliceSummaries(
+                    writers,
+                    epoch_logs,
+                    validation_pass,
+                    summaries.ShownSlices.of([1, 7], images[[0, 2]], labels[[0, 2]]),
+                    image_every=None,
+                    histogram_freq=0,
+                    shown_segments=shown_segments,
+                ),
+                model,
+            )
+            slice_summaries.on_epoch_begin(0)
+            model.optimizer.iterations.assign(3)
+            slice_summaries.on_train_batch_end(2, {})  # the epoch's last step: its images wait for its end
+            scoring.on_epoch_end(0, {"loss": 0.5})
+            watching.drain()
+            if shown_segments is not None:  # the segments of the two shown slices, at the best V_rand's threshold
+                assert [segments.shape for segments in shown_segments[0]] == [images.shape[1:]] * 2
+            slice_summaries.on_epoch_end(0, {"loss": 0.5})
+            writers.on_train_end()
+        assert not shown_segments  # handed on and let go
+        written[way], _ = read_events(tmp_path / way / VALIDATION)
+    assert written["the scoring's"].keys() == written["their own"].keys()
+    for tag, points in written["their own"].items():
+        assert [(step, value.tolist()) for step, value in written["the scoring's"][tag]] == [
+            (step, value.tolist()) for step, value in points
+        ], tag
+
+
 @pytest.mark.parametrize("image_every", [3, None])  # None: at each epoch's end, the default
 def test_the_validation_slices_go_through_the_net_once_per_training_step(tmp_path, image_every):
     model = tiny_model()

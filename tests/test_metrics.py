@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import metrics
+from conftest import cells_and_membranes
 
 
 def batch(*images):
@@ -171,3 +172,18 @@ def test_isbi_scores_pick_the_best_threshold_and_count_pixel_error_like_fiji():
 def test_isbi_scores_refuse_mismatched_shapes():
     with pytest.raises(ValueError, match="must both be"):
         metrics.isbi_scores(np.ones((2, 4, 4)), np.ones((1, 4, 4)))
+
+
+def test_the_segments_kept_are_those_of_the_best_v_rand_threshold():
+    labels = cells_and_membranes(3, 48, 48)
+    noise = np.random.default_rng(0).random(labels.shape)
+    probabilities = np.clip(0.6 * (labels > 0) + 0.5 * noise, 0, 1).astype(np.float32)
+    table = metrics.isbi_scores_by_threshold(labels, probabilities)
+    assert 0 < metrics.best_of(table["v_rand"]) < len(table["v_rand"]) - 1  # neither the first threshold nor the last
+    scores = metrics.isbi_scores(labels, probabilities, kept=[0, 2])
+    assert {name: value for name, value in scores.items() if name != "segments"} == metrics.isbi_scores(
+        labels, probabilities
+    )
+    for segments, position in zip(scores["segments"], [0, 2], strict=True):
+        expected = metrics.thinned_segments(probabilities[position].astype(np.float64) > scores["v_rand_threshold"])
+        np.testing.assert_array_equal(segments, expected)
