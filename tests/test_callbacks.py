@@ -235,6 +235,33 @@ def test_validation_adds_the_loss_metrics_and_challenge_scores_of_the_whole_slic
     assert "val_loss" in epoch_logs[1] and "val_v_rand" not in epoch_logs[1]
 
 
+def scoring_and_images_of_slices_0_and_2(
+    model, watching, writers, epoch_logs, validation_pass, labels, image_every, histogram_freq, shown_segments=None
+):
+    """Validation and ValidationSliceSummaries of three validation slices, the first and last shown
+    (as slices 1 and 7 of a stack), evaluated every epoch."""
+    scoring = validation.Validation(
+        watching,
+        epoch_logs,
+        validation_pass,
+        labels,
+        metrics.LOSSES["bce"],
+        metrics.training_metrics(),
+        1,
+        shown_segments=shown_segments,
+    )
+    slice_summaries = callbacks.ValidationSliceSummaries(
+        writers,
+        epoch_logs,
+        validation_pass,
+        summaries.ShownSlices.of([1, 7], validation_pass.images[[0, 2]], labels[[0, 2]]),
+        image_every=image_every,
+        histogram_freq=histogram_freq,
+        shown_segments=shown_segments,
+    )
+    return attached(scoring, model), attached(slice_summaries, model)
+
+
 def test_the_merges_and_splits_of_an_evaluated_epoch_are_drawn_from_the_scorings_own_segments(tmp_path):
     model, (images, labels) = tiny_model(), slices(count=3)
     written = {}
@@ -244,30 +271,8 @@ def test_the_merges_and_splits_of_an_evaluated_epoch_are_drawn_from_the_scorings
         with watcher.running() as watching:
             writers = callbacks.SummaryWriters(tmp_path / way, watching)
             validation_pass = validation_pass_of(model, images, [0, 2])
-            scoring = attached(
-                validation.Validation(
-                    watching,
-                    epoch_logs,
-                    validation_pass,
-                    labels,
-                    metrics.LOSSES["bce"],
-                    metrics.training_metrics(),
-                    1,
-                    shown_segments=shown_segments,
-                ),
-                model,
-            )
-            slice_summaries = attached(
-                callbacks.ValidationSliceSummaries(
-                    writers,
-                    epoch_logs,
-                    validation_pass,
-                    summaries.ShownSlices.of([1, 7], images[[0, 2]], labels[[0, 2]]),
-                    image_every=None,
-                    histogram_freq=0,
-                    shown_segments=shown_segments,
-                ),
-                model,
+            scoring, slice_summaries = scoring_and_images_of_slices_0_and_2(
+                model, watching, writers, epoch_logs, validation_pass, labels, None, 0, shown_segments
             )
             slice_summaries.on_epoch_begin(0)
             model.optimizer.iterations.assign(3)
@@ -297,22 +302,8 @@ def test_the_validation_slices_go_through_the_net_once_per_training_step(tmp_pat
     epoch_logs = {}
     with watcher.running() as watching:
         writers = callbacks.SummaryWriters(tmp_path, watching)
-        scoring = attached(
-            validation.Validation(
-                watching, epoch_logs, validation_pass, labels, metrics.LOSSES["bce"], metrics.training_metrics(), 1
-            ),
-            model,
-        )
-        slice_summaries = attached(
-            callbacks.ValidationSliceSummaries(
-                writers,
-                epoch_logs,
-                validation_pass,
-                summaries.ShownSlices.of([1, 7], images[[0, 2]], labels[[0, 2]]),
-                image_every=image_every,
-                histogram_freq=1,
-            ),
-            model,
+        scoring, slice_summaries = scoring_and_images_of_slices_0_and_2(
+            model, watching, writers, epoch_logs, validation_pass, labels, image_every, 1
         )
         slice_summaries.on_train_begin()
         assert len(calls) == 2  # the shown slices' images at step 0
