@@ -244,7 +244,7 @@ class ValidationSliceSummaries(StepCallback):
         self.image_every = image_every
         self.histogram_freq = histogram_freq
         self.v_rand_threshold = v_rand_threshold
-        self.shown_segments = {} if shown_segments is None else shown_segments
+        self.shown_segments = shown_segments
         self._images_deferred_to = None
 
     def on_train_begin(self, logs=None):
@@ -271,7 +271,8 @@ class ValidationSliceSummaries(StepCallback):
 
         def summaries():
             self.v_rand_threshold = self.epoch_logs[epoch].get("val_v_rand_threshold", self.v_rand_threshold)
-            segments = self.shown_segments.pop(epoch, None)  # at that threshold, where the epoch was evaluated
+            # At that threshold, where the epoch was evaluated; taken out whether images are due or not.
+            segments = None if self.shown_segments is None else self.shown_segments.pop(epoch, None)
             if histograms:
                 self.write_activations_and_pr_curve(activations, probabilities)
             if images:

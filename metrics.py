@@ -9,6 +9,7 @@ The ISBI 2012 challenge scores (V_rand, V_info, pixel error) at the end are nump
 scikit-image: they segment whole slices into cells, which is no tensor operation.
 """
 
+import collections
 import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -207,7 +208,7 @@ def isbi_scores_by_threshold(labels, probabilities, thresholds=ISBI_THRESHOLDS, 
     the same slices; a pixel is proposed as cell where its probability exceeds the threshold.
     With `kept` (positions of slices), also "segments": the thinned_segments of those slices at the
     threshold of the best V_rand, which the images of merges and splits show (each is a watershed
-    that would cost as much again); only the best so far are held as the thresholds are scored.
+    that would cost as much again).
     """
     labels = np.asarray(labels)
     # Compared in double precision as in Fiji: float32(0.1) > 0.1, so a float32 comparison moves pixels.
@@ -217,20 +218,33 @@ def isbi_scores_by_threshold(labels, probabilities, thresholds=ISBI_THRESHOLDS, 
     true_cell = labels > 0
     true_cells = [true_cells_of(mask) for mask in true_cell]
 
+    kept = list(kept)
+
     def slice_scores(threshold, index):
         segments = thinned_segments(probabilities[index] > threshold)
-        return rand_and_info_scores(true_cells[index], segments), segments if index in kept else None
+        return rand_and_info_scores(true_cells[index], segments), (segments if index in kept else None)
 
     # scikit-image's watershed releases the GIL: threads divide the evaluation time by the cores.
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        per_slice = {key: pool.submit(slice_scores, *key) for key in itertools.product(thresholds, range(len(labels)))}
-        table = {"threshold": np.asarray(thresholds), "v_rand": [], "v_info": [], "pixel_f_score": []}
+    # The pool is handed at most two tasks per thread ahead of the results summed up, so that the
+    # kept segments waiting in its results stay fewer than the watersheds' own arrays.
+    workers = os.cpu_count()
+    tasks, running = itertools.product(thresholds, range(len(labels))), collections.deque()
+    table = {"threshold": np.asarray(thresholds), "v_rand": [], "v_info": [], "pixel_f_score": []}
+    best_segments = None
+    with ThreadPoolExecutor(workers) as pool:
+
+        def next_result():
+            running.extend(
+                pool.submit(slice_scores, *task) for task in itertools.islice(tasks, 2 * workers - len(running))
+            )
+            return running.popleft().result()
+
         for threshold in thresholds:
-            slices = [per_slice.pop((threshold, index)).result() for index in range(len(labels))]
+            slices = [next_result() for _ in range(len(labels))]
             table["v_rand"].append(np.mean([scores["v_rand"] for scores, _ in slices]))
             table["v_info"].append(np.mean([scores["v_info"] for scores, _ in slices]))
             table["pixel_f_score"].append(pixel_f_score(true_cell, probabilities > threshold))
-            if best_of(table["v_rand"]) == len(table["v_rand"]) - 1:
+            if best_of(table["v_rand"]) == len(table["v_rand"]) - 1:  # the best so far: its segments
                 best_segments = [slices[index][1] for index in kept]
     table = {name: np.asarray(values) for name, values in table.items()}
     return {**table, "segments": best_segments} if kept else table

@@ -168,12 +168,14 @@ class ShownSlices:
         )
 
 
-def write_shown_slices(shown, probabilities, v_rand_threshold, slices_segments=None):
+def write_shown_slices(shown, probabilities, v_rand_threshold, shown_segments=None):
     """The images and scalars of the shown validation slices (ShownSlices) for the net's
     `probabilities` of them (slices, H, W), at the default step, segmented at `v_rand_threshold`
-    (their thinned_segments there, or `slices_segments` where the scoring made them already):
+    (their thinned_segments there, or `shown_segments`, one per slice, where the scoring made them):
     `input`, `label` (and `loss_weights`) once at step 0, then `prediction`, `error` and
     `merges_and_splits` per slice, and the misclassified fraction, merges and splits over them."""
+    if shown_segments is not None and len(shown_segments) != len(shown.indices):
+        raise ValueError(f"{len(shown_segments)} segmentations for {len(shown.indices)} shown slices")
     step = tf.summary.experimental.get_step()
     probabilities = probabilities[..., np.newaxis]
     tf.summary.scalar(
@@ -211,8 +213,8 @@ def write_shown_slices(shown, probabilities, v_rand_threshold, slices_segments=N
         # In double precision, as the challenge's scorer compares (metrics.isbi_scores_by_threshold).
         segments = (
             thinned_segments(probability.astype(np.float64) > v_rand_threshold)
-            if slices_segments is None
-            else slices_segments[position]
+            if shown_segments is None
+            else shown_segments[position]
         )
         merging_segments, split_cells = merges_and_splits(shown.true_cells[position], segments)
         merges, splits = merges + len(merging_segments), splits + len(split_cells)

@@ -144,7 +144,9 @@ class Validation(keras.callbacks.Callback):
         self.watcher.submit(lambda: self.score(self.epoch_logs[epoch], epoch, probabilities))
 
     def score(self, logs, epoch, probabilities):
-        """Add the validation scores of `probabilities` (slices, H, W) to `logs`."""
+        """Add the validation scores of `probabilities` (slices, H, W) to `logs`, and where the ISBI
+        scores were due, the shown slices' segments at the best V_rand's threshold to
+        `shown_segments` (if given), which ValidationSliceSummaries takes out."""
         isbi = evaluated(epoch, self.eval_every, self.params["epochs"]) and np.isfinite(logs["loss"])
         kept = () if self.shown_segments is None else self.validation_pass.shown
         scores = validation_scores(self.labels, probabilities, self.weights, self.loss, self.metrics, isbi, kept)

@@ -262,10 +262,15 @@ def scoring_and_images_of_slices_0_and_2(
     return attached(scoring, model), attached(slice_summaries, model)
 
 
-def test_the_merges_and_splits_of_an_evaluated_epoch_are_drawn_from_the_scorings_own_segments(tmp_path):
+def test_the_merges_and_splits_of_an_evaluated_epoch_are_drawn_from_the_scorings_own_segments(tmp_path, monkeypatch):
     model, (images, labels) = tiny_model(), slices(count=3)
+    drawn = []  # the cell masks the images segmented themselves
+    monkeypatch.setattr(
+        summaries, "thinned_segments", lambda cells: drawn.append(cells) or metrics.thinned_segments(cells)
+    )
     written = {}
     for way, shown_segments in (("the scoring's", {}), ("their own", None)):
+        drawn.clear()
         model.optimizer.iterations.assign(0)
         epoch_logs = {}
         with watcher.running() as watching:
@@ -282,8 +287,13 @@ def test_the_merges_and_splits_of_an_evaluated_epoch_are_drawn_from_the_scorings
             if shown_segments is not None:  # the segments of the two shown slices, at the best V_rand's threshold
                 assert [segments.shape for segments in shown_segments[0]] == [images.shape[1:]] * 2
             slice_summaries.on_epoch_end(0, {"loss": 0.5})
+            slice_summaries.on_epoch_begin(1)
+            model.optimizer.iterations.assign(6)
+            scoring.on_epoch_end(1, {"loss": 0.5})
+            slice_summaries.on_epoch_end(1, {"loss": 0.5})  # no images due at its end
             writers.on_train_end()
-        assert not shown_segments  # handed on and let go
+        assert not shown_segments  # handed on and let go, images due or not
+        assert len(drawn) == (2 if shown_segments is None else 0)
         written[way], _ = read_events(tmp_path / way / VALIDATION)
     assert written["the scoring's"].keys() == written["their own"].keys()
     for tag, points in written["their own"].items():

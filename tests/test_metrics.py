@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 
 import metrics
-from conftest import cells_and_membranes
 
 
 def batch(*images):
@@ -174,16 +173,27 @@ def test_isbi_scores_refuse_mismatched_shapes():
         metrics.isbi_scores(np.ones((2, 4, 4)), np.ones((1, 4, 4)))
 
 
-def test_the_segments_kept_are_those_of_the_best_v_rand_threshold():
-    labels = cells_and_membranes(3, 48, 48)
-    noise = np.random.default_rng(0).random(labels.shape)
-    probabilities = np.clip(0.6 * (labels > 0) + 0.5 * noise, 0, 1).astype(np.float32)
+def test_the_segments_kept_are_those_of_the_first_best_v_rand_threshold():
+    """Membranes 4 pixels wide whose outer rows are cell below a probability of 0.35: from 0.1 to 0.8
+    the proposed borders move only within the true membrane, which V_rand ignores, so these
+    thresholds tie with different segments."""
+    labels = np.ones((2, 48, 48), np.uint8)
+    core = np.zeros(labels.shape, bool)
+    for start in range(0, 48, 12):
+        labels[:, start : start + 4], labels[:, :, start : start + 4] = 0, 0
+        core[:, start + 1 : start + 3], core[:, :, start + 1 : start + 3] = True, True
+    probabilities = np.where(labels > 0, 0.9, np.where(core, 0.05, 0.35)).astype(np.float32)
     table = metrics.isbi_scores_by_threshold(labels, probabilities)
-    assert 0 < metrics.best_of(table["v_rand"]) < len(table["v_rand"]) - 1  # neither the first threshold nor the last
-    scores = metrics.isbi_scores(labels, probabilities, kept=[0, 2])
+    assert np.all(table["v_rand"][1:9] == 1.0) and np.all(table["v_rand"][[0, 9, 10]] < 1.0)
+    scores = metrics.isbi_scores(labels, probabilities, kept=[1])
     assert {name: value for name, value in scores.items() if name != "segments"} == metrics.isbi_scores(
         labels, probabilities
     )
-    for segments, position in zip(scores["segments"], [0, 2], strict=True):
-        expected = metrics.thinned_segments(probabilities[position].astype(np.float64) > scores["v_rand_threshold"])
-        np.testing.assert_array_equal(segments, expected)
+    assert scores["v_rand_threshold"] == table["threshold"][1]
+
+    def segments_at(threshold):
+        return metrics.thinned_segments(probabilities[1].astype(np.float64) > threshold)
+
+    [kept] = scores["segments"]
+    np.testing.assert_array_equal(kept, segments_at(table["threshold"][1]))
+    assert not np.array_equal(kept, segments_at(0.5)) and not np.array_equal(kept, segments_at(table["threshold"][8]))
