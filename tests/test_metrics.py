@@ -1,6 +1,9 @@
+import collections
+
 import keras
 import numpy as np
 import pytest
+import scipy.ndimage
 
 import metrics
 
@@ -153,6 +156,92 @@ def test_thinning_leaves_one_pixel_lines_and_drops_dangling_border():
     fragment = np.ones((6, 6), bool)
     fragment[2, 1:4] = False  # separates nothing
     assert np.all(metrics.thinned_segments(fragment) == 1)
+
+
+def fiji_watershed(cell_mask):
+    """trainableSegmentation's WatershedTransform2D (4-connected) on Fiji's thresholded proposal
+    (cells 0, border 255), transcribed statement by statement for its two grey levels: the
+    reference thinned_segments must agree with, pixel by pixel up to the labels' numbers."""
+    mask, init, line, in_queue = -2, -1, 0, -3
+    columns = np.asarray(cell_mask, bool).T  # Fiji's tabLabels[x][y]
+    tab = np.full(columns.shape, init)
+
+    def neighbours(x, y):
+        for u, v in ((x - 1, y), (x, y - 1), (x + 1, y), (x, y + 1)):
+            if 0 <= u < tab.shape[0] and 0 <= v < tab.shape[1]:
+                yield u, v
+
+    label = 0
+    for level in (columns, ~columns):  # grey 0, then 255; pixels in Fiji's order: x, then y
+        pixels = [tuple(pixel) for pixel in np.argwhere(level)]
+        fifo = collections.deque()
+        for x, y in pixels:
+            tab[x, y] = mask
+            if any(tab[u, v] >= line for u, v in neighbours(x, y)):
+                fifo.append((x, y))
+                tab[x, y] = in_queue
+        flag = False
+        while fifo:
+            x, y = fifo.popleft()
+            for u, v in neighbours(x, y):
+                if tab[u, v] > 0:
+                    if tab[x, y] == in_queue or (tab[x, y] == line and flag):
+                        tab[x, y] = tab[u, v]
+                    elif tab[x, y] > 0 and tab[x, y] != tab[u, v]:
+                        tab[x, y], flag = line, False
+                elif tab[u, v] == line:
+                    if tab[x, y] == in_queue:
+                        tab[x, y], flag = line, True
+                elif tab[u, v] == mask:
+                    tab[u, v] = in_queue
+                    fifo.append((u, v))
+        for x, y in pixels:
+            if tab[x, y] == mask:
+                label += 1
+                tab[x, y] = label
+                fifo.append((x, y))
+                while fifo:
+                    for u, v in neighbours(*fifo.popleft()):
+                        if tab[u, v] == mask:
+                            tab[u, v] = label
+                            fifo.append((u, v))
+    return tab.T
+
+
+def assert_same_segments(segments, expected):
+    np.testing.assert_array_equal(segments == 0, expected == 0)
+    pairs = np.unique(np.stack([segments.ravel(), expected.ravel()]), axis=1)
+    assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1], "the segments differ"
+
+
+def test_thinning_is_fijis_watershed():
+    rng = np.random.default_rng(0)
+    masks = [np.zeros((3, 4), bool), np.ones((3, 4), bool), np.eye(5, dtype=bool), TRUE_MASK > 0]
+    for _ in range(150):
+        noise = scipy.ndimage.gaussian_filter(rng.random(rng.integers(1, 33, size=2)), rng.uniform(0, 3))
+        masks.append(noise > np.quantile(noise, rng.uniform(0.1, 0.9)))
+    for cell_mask in masks:
+        assert_same_segments(metrics.thinned_segments(cell_mask), fiji_watershed(cell_mask))
+
+
+def test_an_even_border_is_thinned_to_its_later_middle_line_as_in_fiji():
+    """Fiji's queue takes the border column by column, so of two middle columns (rows) the first
+    joins its cell and the line is the second, straight: where the line of a watershed by heights
+    falls depends on its priority queue, and scikit-image's zigzags here."""
+    columns = np.ones((4, 8), bool)
+    columns[:, 3:5] = False
+    assert np.array_equal(metrics.thinned_segments(columns) == 0, np.tile(np.arange(8) == 4, (4, 1)))
+    rows = np.ones((8, 4), bool)
+    rows[3:5] = False
+    assert np.array_equal(metrics.thinned_segments(rows) == 0, np.tile(np.arange(8)[:, None] == 4, (1, 4)))
+
+
+def test_a_proposal_without_cells_is_one_segment_as_in_fiji():
+    """Fiji floods a border that touches no cell as a basin of its own, so a threshold above every
+    probability scores one segment, not each pixel a border of its own."""
+    assert np.all(metrics.thinned_segments(np.zeros((4, 6), bool)) == 1)
+    # p_ij = t_i = 4/16, 4/16, 8/16, s = 1: V_rand = 2 (3/8) / (3/8 + 1) = 6/11.
+    assert scores_of(np.zeros_like(TRUE_MASK))["v_rand"] == pytest.approx(6 / 11)
 
 
 def test_isbi_scores_pick_the_best_threshold_and_count_pixel_error_like_fiji():

@@ -197,12 +197,13 @@ def test_resume_of_a_damaged_checkpoint_is_refused(tmp_path, capsys):
 def test_kill_9_mid_epoch_is_recoverable(tmp_path, small_isbi_dir):
     logdir = tmp_path / "logs"
     run_dir = logdir / "bce_lr1e-3"
+    epochs = 12  # the kill, a second after the first checkpoint, must fall well before the end
     command = [
         sys.executable,
         "train.py",
         *TINY,
         "--epochs",
-        "5",
+        str(epochs),
         "--eval-every",
         "0",
         "--update-freq",
@@ -232,10 +233,10 @@ def test_kill_9_mid_epoch_is_recoverable(tmp_path, small_isbi_dir):
     for part, tags in events.items():
         for tag, series in tags.items():
             assert steps(series) == sorted(set(steps(series))), (part, tag)  # strictly increasing
-    assert steps(events["train"][EPOCH_TAG.format("loss")]) == list(range(5))
-    assert steps(events["train"][f"{BATCH_GROUP}/loss"]) == list(range(1, 5 * 3 + 1))
-    assert steps(events["validation"][f"{SLICE_GROUP.format(15)}/prediction"]) == list(range(5 * 3 + 1))
-    assert len(steps(killed["train"][f"{BATCH_GROUP}/loss"])) < 5 * 3  # it was killed before the end
+    assert steps(events["train"][EPOCH_TAG.format("loss")]) == list(range(epochs))
+    assert steps(events["train"][f"{BATCH_GROUP}/loss"]) == list(range(1, epochs * 3 + 1))
+    assert steps(events["validation"][f"{SLICE_GROUP.format(15)}/prediction"]) == list(range(epochs * 3 + 1))
+    assert len(steps(killed["train"][f"{BATCH_GROUP}/loss"])) < epochs * 3  # it was killed before the end
     assert not list(run_dir.rglob(".*partial*"))
     model = keras.models.load_model(run_dir / rundir.BEST)  # intact, whichever epoch it is from
     assert model.output_shape == (None, None, None, 1)
