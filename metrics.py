@@ -106,6 +106,44 @@ def agreed_labels(seen):
     return highest
 
 
+# Passes over a distance layer before the rest of it is labelled one pixel after the other: a pass
+# settles at least one more pixel of each chain of pixels that wait for each other, so a mask made
+# of such chains (labels alternating every few pixels along a border) would take a pass per pixel
+# of its longest chain. Real slices take at most about 60.
+SETTLING_PASSES = 64
+
+
+def settle_layer(labels, layer, neighbours, seen, earlier, position):
+    """Labels the pixels `layer` of one distance from the cells, in Fiji's queue order, each from
+    the labels one nearer that it sees (`seen`, per neighbour) and those of its neighbours of the
+    same distance queued before it (`earlier`); `position` is -1 everywhere, and is again after."""
+    labels[layer] = agreed_labels(seen)
+    position[layer] = np.arange(layer.size, dtype=np.int32)
+    unsettled = np.flatnonzero(earlier.any(axis=0))
+    for _ in range(SETTLING_PASSES):
+        if not unsettled.size:
+            break
+        updated = agreed_labels(np.where(earlier[:, unsettled], labels[neighbours[:, unsettled]], seen[:, unsettled]))
+        moved = updated != labels[layer[unsettled]]
+        labels[layer[unsettled[moved]]] = updated[moved]
+        later = position[neighbours[:, unsettled[moved]]]
+        unsettled = np.unique(later[later >= 0])
+    position[layer] = -1
+    if unsettled.size:  # a long chain: the rest of the layer in queue order, each after those before it
+        rest = slice(unsettled.min(), None)
+        for pixel, pixel_neighbours, pixel_earlier, pixel_seen in zip(
+            layer[rest].tolist(),
+            neighbours[:, rest].T.tolist(),
+            earlier[:, rest].T.tolist(),
+            seen[:, rest].T.tolist(),
+            strict=True,
+        ):
+            found = {
+                int(labels[n]) if e else s for n, e, s in zip(pixel_neighbours, pixel_earlier, pixel_seen, strict=True)
+            } - {0}
+            labels[pixel] = found.pop() if len(found) == 1 else 0
+
+
 def thinned_segments(cell_mask):
     """The proposal's cells as Fiji segments them (trainableSegmentation's WatershedTransform2D of
     the border pixels, 4-connected): the 4-connected components of the cell pixels, grown through
@@ -116,12 +154,13 @@ def thinned_segments(cell_mask):
     the queue; a pixel takes the one label that its neighbours labelled before it agree on, and
     becomes a line where they disagree or are all lines. The queue visits the border by taxicab
     distance to the nearest cell, so it is taken here a distance at a time: each pixel sees the
-    pixels one nearer and those of its own distance queued before it, the latter settled by
-    repeating until no label moves (each depends only on earlier ones). Border that separates
+    pixels one nearer and those of its own distance queued before it (settle_layer). Border that separates
     nothing (a dangling fragment inside a cell) disappears into the cell; a slice without cells is
     one segment, as Fiji floods its border as a basin of its own.
     """
     cell_mask = np.asarray(cell_mask, dtype=bool)
+    if cell_mask.ndim != 2:
+        raise ValueError(f"a slice's cell mask must be 2-D, not {cell_mask.shape}")
     cells = connected_components(cell_mask, connectivity=1)
     if cells.max() <= 1:  # one segment: a third of the low thresholds' time
         return np.ones_like(cells)
@@ -132,7 +171,7 @@ def thinned_segments(cell_mask):
     labels = np.pad(cells.T.astype(np.int32), 1).ravel()
     distance = np.pad(distance_transform_cdt(~cell_mask.T, metric="taxicab").astype(np.int32), 1, constant_values=-1)
     distance = distance.ravel()
-    unqueued = np.iinfo(np.int64).max
+    unqueued = distance.size  # after every pixel of the slice
     queued = np.full(distance.size, unqueued)
     position = np.full(distance.size, -1, dtype=np.int32)
     border = np.flatnonzero(distance > 0).astype(np.int32)
@@ -142,24 +181,13 @@ def thinned_segments(cell_mask):
         layer = by_distance[starts[d - 1] : starts[d]]
         if d > 1:  # queued by the first of its neighbours one nearer, in that one's neighbour order
             neighbours = layer + neighbours_at
-            first = np.where(distance[neighbours] == d - 1, queued[neighbours] * 4 + seen_from, unqueued).min(axis=0)
-            layer = layer[np.argsort(first)]
+            by_nearer = np.where(distance[neighbours] == d - 1, queued[neighbours] * 4 + seen_from, 4 * unqueued)
+            layer = layer[np.argsort(by_nearer.min(axis=0))]
         queued[layer] = starts[d - 1] + np.arange(layer.size)
         neighbours = layer + neighbours_at
         seen = np.where(distance[neighbours] == d - 1, labels[neighbours], 0)
         earlier = (distance[neighbours] == d) & (queued[neighbours] < queued[layer])
-        labels[layer] = agreed_labels(seen)
-        position[layer] = np.arange(layer.size, dtype=np.int32)
-        unsettled = np.flatnonzero(earlier.any(axis=0))
-        while unsettled.size:
-            updated = agreed_labels(
-                np.where(earlier[:, unsettled], labels[neighbours[:, unsettled]], seen[:, unsettled])
-            )
-            moved = updated != labels[layer[unsettled]]
-            labels[layer[unsettled[moved]]] = updated[moved]
-            later = position[layer[unsettled[moved]] + neighbours_at]
-            unsettled = np.unique(later[later >= 0])
-        position[layer] = -1
+        settle_layer(labels, layer, neighbours, seen, earlier, position)
     return labels.reshape(-1, stride)[1:-1, 1:-1].T.copy()
 
 
@@ -275,7 +303,8 @@ def isbi_scores_by_threshold(labels, probabilities, thresholds=ISBI_THRESHOLDS, 
         segments = thinned_segments(probabilities[index] > threshold)
         return rand_and_info_scores(true_cells[index], segments), (segments if index in kept else None)
 
-    # The thinning's and the tables' numpy and scipy calls release the GIL: threads divide the time by the cores.
+    # The thinning's and the tables' numpy and scipy calls release the GIL for most of their time: on
+    # two cores two threads take 0.6 of one thread's time.
     # The pool is handed at most two tasks per thread ahead of the results summed up, so that the
     # kept segments waiting in its results stay fewer than the watersheds' own arrays.
     workers = os.cpu_count()

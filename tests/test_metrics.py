@@ -147,7 +147,7 @@ def test_label_ids_do_not_matter():
     )
 
 
-def test_thinning_leaves_one_pixel_lines_and_drops_dangling_border():
+def test_thinning_leaves_a_line_between_cells_and_drops_dangling_border():
     cells = np.ones((5, 11), bool)
     cells[:, 4:7] = False  # a border 3 pixels wide
     thinned = metrics.thinned_segments(cells)
@@ -217,6 +217,11 @@ def assert_same_segments(segments, expected):
 def test_thinning_is_fijis_watershed():
     rng = np.random.default_rng(0)
     masks = [np.zeros((3, 4), bool), np.ones((3, 4), bool), np.eye(5, dtype=bool), TRUE_MASK > 0]
+    # Cells in every third column, a row down in the next: a border whose labels wait on each other
+    # down its whole length, longer than metrics.SETTLING_PASSES.
+    ripple = np.zeros((3 * metrics.SETTLING_PASSES, 9), bool)
+    ripple[0::2, 0::3], ripple[1::2, 2::3] = True, True
+    masks.append(ripple)
     for _ in range(150):
         noise = scipy.ndimage.gaussian_filter(rng.random(rng.integers(1, 33, size=2)), rng.uniform(0, 3))
         masks.append(noise > np.quantile(noise, rng.uniform(0.1, 0.9)))
