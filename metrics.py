@@ -154,9 +154,9 @@ def thinned_segments(cell_mask):
     the queue; a pixel takes the one label that its neighbours labelled before it agree on, and
     becomes a line where they disagree or are all lines. The queue visits the border by taxicab
     distance to the nearest cell, so it is taken here a distance at a time: each pixel sees the
-    pixels one nearer and those of its own distance queued before it (settle_layer). Border that separates
-    nothing (a dangling fragment inside a cell) disappears into the cell; a slice without cells is
-    one segment, as Fiji floods its border as a basin of its own.
+    pixels one nearer and those of its own distance queued before it (settle_layer). Border that
+    separates nothing (a dangling fragment inside a cell) disappears into the cell; a slice without
+    cells is one segment, as Fiji floods its border as a basin of its own.
     """
     cell_mask = np.asarray(cell_mask, dtype=bool)
     if cell_mask.ndim != 2:
@@ -185,8 +185,9 @@ def thinned_segments(cell_mask):
             layer = layer[np.argsort(by_nearer.min(axis=0))]
         queued[layer] = starts[d - 1] + np.arange(layer.size)
         neighbours = layer + neighbours_at
-        seen = np.where(distance[neighbours] == d - 1, labels[neighbours], 0)
-        earlier = (distance[neighbours] == d) & (queued[neighbours] < queued[layer])
+        neighbour_distance = distance[neighbours]
+        seen = np.where(neighbour_distance == d - 1, labels[neighbours], 0)
+        earlier = (neighbour_distance == d) & (queued[neighbours] < queued[layer])
         settle_layer(labels, layer, neighbours, seen, earlier, position)
     return labels.reshape(-1, stride)[1:-1, 1:-1].T.copy()
 
@@ -306,7 +307,7 @@ def isbi_scores_by_threshold(labels, probabilities, thresholds=ISBI_THRESHOLDS, 
     # The thinning's and the tables' numpy and scipy calls release the GIL for most of their time: on
     # two cores two threads take 0.6 of one thread's time.
     # The pool is handed at most two tasks per thread ahead of the results summed up, so that the
-    # kept segments waiting in its results stay fewer than the watersheds' own arrays.
+    # kept segments waiting in its results stay fewer than the thinnings' own arrays.
     workers = os.cpu_count()
     tasks, running = itertools.product(thresholds, range(len(labels))), collections.deque()
     table = {"threshold": np.asarray(thresholds), "v_rand": [], "v_info": [], "pixel_f_score": []}
