@@ -1,4 +1,6 @@
 import collections
+import fractions
+import math
 
 import keras
 import numpy as np
@@ -145,6 +147,63 @@ def test_label_ids_do_not_matter():
     assert metrics.rand_and_info_scores(renumber_true[true_cells], renumber_proposed[proposed]) == pytest.approx(
         metrics.rand_and_info_scores(true_cells, proposed)
     )
+
+
+def scores_by_definition(true_cells, segments):
+    """V_rand and V_info of a slice counted pixel by pixel from their definitions, each border
+    pixel a segment of its own: V_rand as an exact fraction, the entropies as sums of -p log p."""
+    inside = true_cells.ravel() > 0
+    cells = true_cells.ravel()[inside].tolist()
+    pieces = [piece or -1 - pixel for pixel, piece in enumerate(segments.ravel()[inside].tolist())]
+    joint = collections.Counter(zip(cells, pieces, strict=True))
+    true, proposed = collections.Counter(cells), collections.Counter(pieces)
+
+    def squares(sizes):
+        return sum(size * size for size in sizes.values())
+
+    def entropy(sizes):
+        return math.fsum(-size / len(cells) * math.log2(size / len(cells)) for size in sizes.values())
+
+    information = entropy(true) + entropy(proposed) - entropy(joint)
+    return {
+        "v_rand": float(fractions.Fraction(2 * squares(joint), squares(true) + squares(proposed))),
+        "v_rand_split": float(fractions.Fraction(squares(joint), squares(true))),
+        "v_rand_merge": float(fractions.Fraction(squares(joint), squares(proposed))),
+        "v_info": 2 * information / (entropy(true) + entropy(proposed)),
+        "v_info_split": information / entropy(proposed),
+        "v_info_merge": information / entropy(true),
+    }
+
+
+@pytest.mark.parametrize("table", ["dense", "sorted"])
+def test_the_scores_are_those_of_their_definitions(table, monkeypatch):
+    if table == "sorted":  # the way of a slice of many cells against many segments
+        monkeypatch.setattr(metrics, "DENSE_TABLE_ENTRIES", 0)
+    rng, checked = np.random.default_rng(1), 0
+    for _ in range(60):
+        shape = rng.integers(8, 48, size=2)
+        true_cells = metrics.true_cells_of(scipy.ndimage.gaussian_filter(rng.random(shape), 2) > 0.48)
+        noise = scipy.ndimage.gaussian_filter(rng.random(shape), rng.uniform(0.5, 2))
+        segments = metrics.thinned_segments(noise > np.quantile(noise, rng.uniform(0.2, 0.8)))
+        if true_cells.max() < 2 or len(np.unique(segments[true_cells > 0])) < 2:  # an entropy of 0: a ratio of 0 / 0
+            continue
+        checked += 1
+        expected = scores_by_definition(true_cells, segments)
+        assert metrics.rand_and_info_scores(true_cells, segments) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert checked >= 30
+
+
+def test_the_dense_and_the_sorted_overlaps_agree(monkeypatch):
+    rng = np.random.default_rng(2)
+    true_cells = metrics.true_cells_of(scipy.ndimage.gaussian_filter(rng.random((64, 64)), 1.5) > 0.5)
+    segments = metrics.thinned_segments(scipy.ndimage.gaussian_filter(rng.random((64, 64)), 1.5) > 0.5)
+    dense = metrics.overlaps(true_cells, segments)
+    monkeypatch.setattr(metrics, "DENSE_TABLE_ENTRIES", 0)
+    for counted, sorted_ in zip(dense, metrics.overlaps(true_cells, segments), strict=True):
+        np.testing.assert_array_equal(counted, sorted_)
+    assert dense[2].sum() == np.count_nonzero(true_cells) and np.all(dense[0] > 0)
+    with pytest.raises(ValueError, match="non-negative"):
+        metrics.overlaps(true_cells, segments - 1)
 
 
 def test_thinning_leaves_a_line_between_cells_and_drops_dangling_border():
