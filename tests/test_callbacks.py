@@ -15,7 +15,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto import event_pb2
+from tensorboard.plugins.histogram import summary_v2 as histogram_summary
 
 import callbacks
 import checkpoints
@@ -130,6 +132,37 @@ def test_merges_and_splits_name_exactly_the_segments_and_cells_at_fault():
     shifted[:, 30:34] = False
     shifted[:, 66:68] = False
     assert [len(found) for found in metrics.merges_and_splits(true_cells, metrics.thinned_segments(shifted))] == [0, 0]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.random.default_rng(0).normal(size=(3, 3, 16, 32)).astype(np.float32),
+        np.arange(1000) % 7,  # integers, and values exactly on the buckets' edges
+        np.full(5, 0.25),
+        np.array([2.0]),
+        np.array([]),
+        np.array([0.5, np.nan, 1.5]),
+        np.full(4, np.nan),
+        np.array([0.0, np.inf, 1.0]),
+        np.array([-np.inf, 0.0]),
+        np.full(3, np.inf),
+    ],
+    ids=["weights", "integers", "constant", "one", "empty", "nan", "all-nan", "inf", "-inf", "all-inf"],
+)
+def test_histograms_are_bucketed_as_tensorboards_histogram_pb(values, tmp_path):
+    """summaries.histogram_buckets counts what TensorBoard's histogram_pb counts, and the record
+    written is histogram_pb's, byte for byte."""
+    with tf.summary.create_file_writer(str(tmp_path)).as_default(step=3):
+        summaries.write_histogram("unet/weights/kernel", values)
+    with np.errstate(invalid="ignore"):  # histogram_pb warns of NaN and infinities
+        expected = histogram_summary.histogram_pb("unet/weights/kernel", values).value[0]
+    events = [
+        event_pb2.Event.FromString(raw) for path in tmp_path.iterdir() for raw in RawEventFileLoader(str(path)).Load()
+    ]
+    (written,) = [event for event in events if event.summary.value]
+    assert written.step == 3
+    assert written.summary.value[0].SerializeToString() == expected.SerializeToString()
 
 
 def test_merges_and_splits_image_paints_them_in_two_colours():
