@@ -173,7 +173,9 @@ def thinned_segments(cell_mask):
     queued = np.full(distance.size, unqueued)
     position = np.full(distance.size, -1, dtype=np.int32)
     border = np.flatnonzero(distance > 0).astype(np.int32)
-    by_distance = border[np.argsort(distance[border], kind="stable")]
+    # The smallest integer type that holds the distances: numpy sorts 8- and 16-bit ones by radix, a
+    # fifth of the time.
+    by_distance = border[np.argsort(distance[border].astype(np.min_scalar_type(distance.max())), kind="stable")]
     starts = np.searchsorted(distance[by_distance], np.arange(1, distance.max() + 2))
     for d in range(1, len(starts)):
         layer = by_distance[starts[d - 1] : starts[d]]
