@@ -11,7 +11,9 @@ and sorts the groups by name, opens on the best-so-far scalars, then the epoch c
 """
 
 import dataclasses
+import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,7 @@ from tensorboard.util import tensor_util
 from metrics import THRESHOLD, merges_and_splits, misclassified_pixel_fraction, thinned_segments, true_cells_of
 from rundir import TRAIN, VALIDATION
 from settings import BEST_SCORES, COMPARED
+from watcher import DEVICE as WATCHER_DEVICE
 
 EPOCH_TAG = "epoch_{}"  # Keras' name: a value of the epoch, at the epoch index
 EVALUATION_TAG = "evaluation_{}_vs_iterations"  # Keras' name: a validation value at the global step
@@ -123,16 +126,20 @@ def write_weight_histograms(weights):
         write_histogram(f"{WEIGHTS_GROUP}/{path.replace(':', '_')}", values)
 
 
-def write_image(tag, image, description=None):
-    """`image` (H, W, channels) in [0, 1] as an image summary at the default step: the record
-    tf.summary.image writes outside a name scope (as the watcher writes), the same pixels
-    (TensorFlow's conversion to 8 bits), with the PNG compressed at PNG_COMPRESSION, which
-    tf.summary.image does not take."""
+def encoded_image(image):
+    """`image` (H, W, channels) in [0, 1] as the tensor of tf.summary.image's record: width, height
+    and the PNG of the same pixels (TensorFlow's conversion to 8 bits), compressed at
+    PNG_COMPRESSION, which tf.summary.image does not take."""
     pixels = tf.image.convert_image_dtype(image, tf.uint8, saturate=True)
     height, width = pixels.shape[:2]
-    tensor = tf.stack([str(width), str(height), tf.image.encode_png(pixels, compression=PNG_COMPRESSION)])
+    return tf.stack([str(width), str(height), tf.image.encode_png(pixels, compression=PNG_COMPRESSION)])
+
+
+def write_image(tag, encoded, description=None):
+    """An image (its `encoded_image`) as an image summary at the default step: the record
+    tf.summary.image writes outside a name scope (as the watcher writes)."""
     metadata = image_metadata.create_summary_metadata(display_name=None, description=description)
-    tf.summary.write(tag, tensor, step=tf.summary.experimental.get_step(), metadata=metadata)
+    tf.summary.write(tag, encoded, step=tf.summary.experimental.get_step(), metadata=metadata)
 
 
 def histogram_buckets(values):
@@ -198,7 +205,11 @@ def write_shown_slices(shown, probabilities, v_rand_threshold, shown_segments=No
     `probabilities` of them (slices, H, W), at the default step, segmented at `v_rand_threshold`
     (their thinned_segments there, or `shown_segments`, one per slice, where the scoring made them):
     `input`, `label` (and `loss_weights`) once at step 0, then `prediction`, `error` and
-    `merges_and_splits` per slice, and the misclassified fraction, merges and splits over them."""
+    `merges_and_splits` per slice, and the misclassified fraction, merges and splits over them.
+
+    The slices' images are made on a thread each (the overlays' numpy and the PNG encoding release
+    the GIL) and written in order: the watcher beside training slows every step that starts while
+    it has work, so its work costs training less the sooner it is done (docs/performance.md)."""
     if shown_segments is not None and len(shown_segments) != len(shown.indices):
         raise ValueError(f"{len(shown_segments)} segmentations for {len(shown.indices)} shown slices")
     step = tf.summary.experimental.get_step()
@@ -208,32 +219,33 @@ def write_shown_slices(shown, probabilities, v_rand_threshold, shown_segments=No
         np.mean(misclassified_pixel_fraction(shown.labels, probabilities)),
         description="Misclassified-pixel fraction on the slices shown as images.",
     )
-    merges = splits = 0
-    for position, index in enumerate(shown.indices):
-        group = SLICE_GROUP.format(index)
+
+    def slice_images(position):
+        """(merging segments, split cells, [(tag, encoded_image, description)]) of one shown slice."""
+        group, images = SLICE_GROUP.format(shown.indices[position]), []
         if step == 0:
-            write_image(f"{group}/input", shown.images[position])
-            write_image(f"{group}/label", shown.labels[position])
+            images += [
+                (f"{group}/input", shown.images[position], None),
+                (f"{group}/label", shown.labels[position], None),
+            ]
             if shown.weights is not None:
                 weights = shown.weights[position]
-                write_image(
-                    f"{group}/loss_weights",
-                    (weights / weights.max())[..., np.newaxis],
-                    description=f"The loss weight of each pixel (the U-Net paper's weight map), "
-                    f"black 0 to white {weights.max():.1f}: the class balance plus a "
-                    f"border term on membrane between close cells.",
+                images.append(
+                    (
+                        f"{group}/loss_weights",
+                        (weights / weights.max())[..., np.newaxis],
+                        f"The loss weight of each pixel (the U-Net paper's weight map), black 0 to white "
+                        f"{weights.max():.1f}: the class balance plus a border term on membrane between close cells.",
+                    )
                 )
         probability = probabilities[position, ..., 0]
-        write_image(
-            f"{group}/prediction",
-            probabilities[position],
-            description="Probability of cell: black 0, white 1.",
-        )
-        overlay = error_overlay(shown.images[position, ..., 0], shown.labels[position, ..., 0], probability)
-        write_image(
-            f"{group}/error",
-            overlay,
-            description="Errors on the EM slice: magenta = false membrane, green = missed membrane.",
+        images.append((f"{group}/prediction", probabilities[position], "Probability of cell: black 0, white 1."))
+        images.append(
+            (
+                f"{group}/error",
+                error_overlay(shown.images[position, ..., 0], shown.labels[position, ..., 0], probability),
+                "Errors on the EM slice: magenta = false membrane, green = missed membrane.",
+            )
         )
         # In double precision, as the challenge's scorer compares (metrics.isbi_scores_by_threshold).
         segments = (
@@ -242,23 +254,32 @@ def write_shown_slices(shown, probabilities, v_rand_threshold, shown_segments=No
             else shown_segments[position]
         )
         merging_segments, split_cells = merges_and_splits(shown.true_cells[position], segments)
-        merges, splits = merges + len(merging_segments), splits + len(split_cells)
-        write_image(
-            f"{group}/merges_and_splits",
-            topology_overlay(segments, shown.true_cells[position], merging_segments, split_cells),
-            description="The cells the ISBI scorer sees in the prediction (grey, black 1-pixel "
-            "borders) at the best V_rand threshold of the latest evaluation: orange = a "
-            "segment that merges true cells (missing membrane), blue = a true cell split "
-            "into segments (false membrane). Both cost V_rand.",
+        images.append(
+            (
+                f"{group}/merges_and_splits",
+                topology_overlay(segments, shown.true_cells[position], merging_segments, split_cells),
+                "The cells the ISBI scorer sees in the prediction (grey, black 1-pixel borders) at the best "
+                "V_rand threshold of the latest evaluation: orange = a segment that merges true cells "
+                "(missing membrane), blue = a true cell split into segments (false membrane). Both cost V_rand.",
+            )
         )
+        with tf.device(WATCHER_DEVICE):
+            encoded = [(tag, encoded_image(image), description) for tag, image, description in images]
+        return merging_segments, split_cells, encoded
+
+    with ThreadPoolExecutor(min(len(shown.indices), os.cpu_count() or 1)) as pool:
+        made = list(pool.map(slice_images, range(len(shown.indices))))
+    for _, _, encoded in made:
+        for tag, image, description in encoded:
+            write_image(tag, image, description)
     tf.summary.scalar(
         f"{SHOWN_GROUP}/merges",
-        merges,
+        sum(len(merging_segments) for merging_segments, _, _ in made),
         description="Segments that merge two or more true cells, over the shown slices.",
     )
     tf.summary.scalar(
         f"{SHOWN_GROUP}/splits",
-        splits,
+        sum(len(split_cells) for _, split_cells, _ in made),
         description="True cells split into two or more segments, over the shown slices.",
     )
 

@@ -21,6 +21,11 @@ import time
 
 import tensorflow as tf
 
+# The device of the watcher's TensorFlow ops (the validation loss and metrics, the PNG encoding, the
+# summary writes): the CPU, off the accelerator that trains. A device scope holds for the thread
+# that opens it, so threads the watcher's jobs start open it too.
+DEVICE = "/CPU:0"
+
 # Jobs waiting at most: an epoch hands over about ten, each holding at most the validation slices'
 # probabilities and a copy of the weights (tens of MB at the defaults).
 CAPACITY = 32
@@ -138,9 +143,7 @@ class Watcher:
     def _work(self):
         try:
             yield_to_training()
-            # Pinned to the CPU: the few TensorFlow ops of scoring (the validation loss and metrics)
-            # and the summary writes stay off the accelerator that trains.
-            with tf.device("/CPU:0"):
+            with tf.device(DEVICE):
                 while (job := self._jobs.get()) is not _DONE:
                     if self._error is None and not self._dropping:
                         self._run(job)

@@ -187,7 +187,10 @@ def test_an_image_written_is_what_tf_summary_image_writes_pixel_for_pixel(tmp_pa
     }
     for way, write in (
         ("library", lambda tag, image: tf.summary.image(tag, image[np.newaxis], description=f"the {tag} one")),
-        ("ours", lambda tag, image: summaries.write_image(tag, image, description=f"the {tag} one")),
+        (
+            "ours",
+            lambda tag, image: summaries.write_image(tag, summaries.encoded_image(image), description=f"the {tag} one"),
+        ),
     ):
         with tf.summary.create_file_writer(str(tmp_path / way)).as_default(step=7):
             for tag, image in images.items():
