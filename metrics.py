@@ -193,29 +193,45 @@ def thinned_segments(cell_mask):
 
 
 # The overlaps of a slice's cells and segments are counted in a dense table, by np.bincount, where
-# it has at most this many entries (about 130 cells by 550 segments on an ISBI slice): ten times
-# faster than a sparse table, whose conversion sorts the pixels. Larger ones (many cells against
-# many segments) sort the pixels, so that memory stays proportional to the pixels.
+# it has at most this many entries (about 130 cells by 550 segments on an ISBI slice), and at most
+# DENSE_ENTRIES_PER_PIXEL a pixel: ten times faster than a sparse table, whose conversion sorts the
+# pixels. Larger ones (many cells against many segments, or labels of large numbers) sort the
+# pixels' pairs of labels, numbered by rank, so that memory stays proportional to the pixels.
 DENSE_TABLE_ENTRIES = 1 << 22
+DENSE_ENTRIES_PER_PIXEL = 16
+
+
+def ranks(labels):
+    """(the labels present, sorted, and 0; each pixel's label as its index among them)."""
+    present, index = np.unique(np.concatenate([np.zeros(1, labels.dtype), labels.ravel()]), return_inverse=True)
+    return present, index[1:]
 
 
 def overlaps(true_cells, segments):
     """The nonzero entries of the contingency table of `true_cells` (label 0: outside every cell,
     left out) and `segments` (label 0: border): (cells, segments, pixels), one per overlapping pair."""
-    true_cells, segments = np.asarray(true_cells, dtype=np.int64), np.asarray(segments, dtype=np.int64)
+    true_cells, segments = np.asarray(true_cells), np.asarray(segments)
     if true_cells.shape != segments.shape or min(true_cells.min(), segments.min()) < 0:
         raise ValueError(f"labels must be non-negative and of one shape: {true_cells.shape}, {segments.shape}")
-    columns = int(segments.max()) + 1
-    pairs = (true_cells * columns + segments).ravel()
-    if (int(true_cells.max()) + 1) * columns <= DENSE_TABLE_ENTRIES:
-        pixels = np.bincount(pairs)
+    rows, columns = int(true_cells.max()) + 1, int(segments.max()) + 1  # Python integers: no overflow
+    if rows * columns <= min(DENSE_TABLE_ENTRIES, DENSE_ENTRIES_PER_PIXEL * true_cells.size):
+        pixels = np.bincount((true_cells.astype(np.int64) * columns + segments).ravel())
         pairs = np.flatnonzero(pixels)
+        cells, pieces = np.divmod(pairs, columns)
         pixels = pixels[pairs]
     else:
-        pairs, pixels = np.unique(pairs, return_counts=True)
-    cells, pieces = np.divmod(pairs, columns)
+        (cell_labels, cell_ranks), (segment_labels, segment_ranks) = ranks(true_cells), ranks(segments)
+        pairs, pixels = np.unique(cell_ranks * len(segment_labels) + segment_ranks, return_counts=True)
+        cells, pieces = np.divmod(pairs, len(segment_labels))
+        cells, pieces = cell_labels[cells], segment_labels[pieces]
     inside = cells > 0
     return cells[inside], pieces[inside], pixels[inside]
+
+
+def sizes_by_label(labels, pixels):
+    """(the pixels summed per label of `labels`, in label order; each entry's label's index in it)."""
+    _, index = np.unique(labels, return_inverse=True)
+    return np.bincount(index, weights=pixels), index
 
 
 def rand_and_info_scores(true_cells, proposed_segments):
@@ -237,8 +253,8 @@ def rand_and_info_scores(true_cells, proposed_segments):
             ("v_rand", "v_rand_split", "v_rand_merge", "v_info", "v_info_split", "v_info_merge"), np.nan
         )
     border = pieces == 0
-    true_sizes = np.bincount(cells, weights=pixels)
-    proposed_sizes = np.bincount(pieces[~border], weights=pixels[~border])
+    true_sizes, _ = sizes_by_label(cells, pixels)
+    proposed_sizes, _ = sizes_by_label(pieces[~border], pixels[~border])
     # A border pixel is a segment of one pixel: 1 to the sums of squares, 1 log 1 = 0 to the entropies'.
     border_pixels = np.sum(pixels[border])
     sum_joint2 = np.sum(pixels[~border].astype(np.float64) ** 2) + border_pixels
@@ -296,8 +312,8 @@ def merges_and_splits(true_cells, segments):
     are the errors that cost V_rand's merge and split parts; `segments` as from
     `thinned_segments` (label 0 = border), `true_cells` as from `true_cells_of`."""
     cells, pieces, pixels = overlaps(true_cells, segments)
-    cell_sizes = np.bincount(cells, weights=pixels)
-    piece = (pieces > 0) & (pixels >= np.maximum(SIGNIFICANT_SHARE * cell_sizes[cells], SIGNIFICANT_PIXELS))
+    cell_sizes, cell_index = sizes_by_label(cells, pixels)
+    piece = (pieces > 0) & (pixels >= np.maximum(SIGNIFICANT_SHARE * cell_sizes[cell_index], SIGNIFICANT_PIXELS))
     cells, pieces_segments = cells[piece], pieces[piece]
     merging_segments, counts = np.unique(pieces_segments, return_counts=True)
     split_cells, cell_counts = np.unique(cells, return_counts=True)

@@ -146,7 +146,7 @@ def histogram_buckets(values):
     """TensorBoard's buckets of `values`: the (left edge, right edge, count) rows that
     `histogram_pb` makes (the 30 of `tf.summary.histogram`), counted by np.bincount where
     histogram_pb compares every value with every bucket, thirty booleans a value: the weights'
-    histograms took 0.1 s of the watcher's CPU an epoch, and that CPU time beside training is time
+    histograms took 0.075 s of the watcher's CPU an epoch, and that CPU time beside training is time
     training loses (docs/performance.md). A test holds the two to the same bytes."""
     values = np.asarray(values, dtype=np.float64).ravel()
     count = histogram_summary.DEFAULT_BUCKET_COUNT
@@ -267,7 +267,7 @@ def write_shown_slices(shown, probabilities, v_rand_threshold, shown_segments=No
             encoded = [(tag, encoded_image(image), description) for tag, image, description in images]
         return merging_segments, split_cells, encoded
 
-    with ThreadPoolExecutor(min(len(shown.indices), os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max(1, min(len(shown.indices), os.cpu_count() or 1))) as pool:
         made = list(pool.map(slice_images, range(len(shown.indices))))
     for _, _, encoded in made:
         for tag, image, description in encoded:

@@ -391,11 +391,15 @@ def test_validation_slice_summaries_write_images_counts_and_histograms_into_vali
         writers.on_train_end()
     assert len(list((tmp_path / VALIDATION).glob("events.out.tfevents.*"))) == 1  # one file per directory and process
     written, plugins = read_events(tmp_path / VALIDATION)
-    for index in (4, 9):
-        assert {
-            f"{SLICE_GROUP.format(index)}/{kind}"
-            for kind in ("input", "label", "prediction", "error", "merges_and_splits")
-        } <= set(written)
+    # In the file, slice by slice in the order shown, each slice's images in this order: the slices'
+    # images are made on threads of their own and written after.
+    assert [tag for tag in written if tag.startswith("slice_")] == [
+        f"{SLICE_GROUP.format(index)}/{kind}"
+        for index in (4, 9)
+        for kind in ("input", "label", "prediction", "error", "merges_and_splits")
+    ]
+    assert list(written).index(f"{SHOWN_GROUP}/misclassified_pixel_fraction") < list(written).index("slice_04/input")
+    assert list(written).index("slice_09/merges_and_splits") < list(written).index(f"{SHOWN_GROUP}/merges")
     assert slice_summaries.v_rand_threshold == 0.3
     assert {tag for tag, (plugin, _) in plugins.items() if plugin == "histograms"} == {
         f"{ACTIVATIONS_GROUP}/{name}" for name in unet.block_outputs()

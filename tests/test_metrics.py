@@ -206,6 +206,29 @@ def test_the_dense_and_the_sorted_overlaps_agree(monkeypatch):
         metrics.overlaps(true_cells, segments - 1)
 
 
+def test_labels_of_any_size_count_as_their_small_equals():
+    """Labels numbered up to 2**62 (from another tool, say): pairs of them overflow 64 bits as
+    one number, and a table indexed by them would not fit in memory."""
+    rng = np.random.default_rng(0)
+    true_cells = metrics.true_cells_of(scipy.ndimage.gaussian_filter(rng.random((64, 64)), 3) > 0.5)
+    segments = metrics.thinned_segments(scipy.ndimage.gaussian_filter(rng.random((64, 64)), 3) > 0.5)
+    large_cells = np.concatenate([[0], np.sort(rng.choice(2**62, true_cells.max(), replace=False))])
+    large_segments = np.concatenate([[0], np.sort(rng.choice(2**62, segments.max(), replace=False))])
+    cells, pieces, pixels = metrics.overlaps(large_cells[true_cells], large_segments[segments])
+    expected = metrics.overlaps(true_cells, segments)
+    for found, small, renumber in zip(
+        (cells, pieces, pixels), expected, (large_cells, large_segments, None), strict=True
+    ):
+        np.testing.assert_array_equal(found, small if renumber is None else renumber[small])
+    scores = metrics.rand_and_info_scores(large_cells[true_cells], large_segments[segments])
+    assert scores == pytest.approx(metrics.rand_and_info_scores(true_cells, segments), rel=1e-12)
+    merging, split = metrics.merges_and_splits(large_cells[true_cells], large_segments[segments])
+    small_merging, small_split = metrics.merges_and_splits(true_cells, segments)
+    assert len(small_merging) and len(small_split)
+    np.testing.assert_array_equal(merging, large_segments[small_merging])
+    np.testing.assert_array_equal(split, large_cells[small_split])
+
+
 def test_thinning_leaves_a_line_between_cells_and_drops_dangling_border():
     cells = np.ones((5, 11), bool)
     cells[:, 4:7] = False  # a border 3 pixels wide
