@@ -348,11 +348,11 @@ def isbi_scores_by_threshold(labels, probabilities, thresholds=ISBI_THRESHOLDS, 
         segments = thinned_segments(probabilities[index] > threshold)
         return rand_and_info_scores(true_cells[index], segments), (segments if index in kept else None)
 
-    # The thinning's and the tables' numpy and scipy calls release the GIL for most of their time: on
-    # two cores two threads take 0.6 of one thread's time.
+    # The thinning's numpy and scipy calls release the GIL for most of their time: on two cores two
+    # threads take 0.6 of one thread's time.
     # The pool is handed at most two tasks per thread ahead of the results summed up, so that the
     # kept segments waiting in its results stay fewer than the thinnings' own arrays.
-    workers = os.cpu_count()
+    workers = os.cpu_count() or 1
     tasks, running = itertools.product(thresholds, range(len(labels))), collections.deque()
     table = {"threshold": np.asarray(thresholds), "v_rand": [], "v_info": [], "pixel_f_score": []}
     best_segments = None
