@@ -15,9 +15,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import keras
+import numba
 import numpy as np
 from keras import ops
-from scipy.ndimage import distance_transform_cdt
 from skimage.measure import label as connected_components
 
 THRESHOLD = 0.5
@@ -96,100 +96,93 @@ def training_metrics():
 ISBI_THRESHOLDS = tuple(itertools.accumulate([0.1] * 10, initial=0.0))
 
 
-def agreed_labels(seen):
-    """Per column of `seen` (neighbours x pixels): the one label > 0 that all its entries > 0 agree
-    on, else 0 (a line: none, or two that differ)."""
-    highest = seen.max(axis=0)
-    highest[((seen != highest) & (seen > 0)).any(axis=0)] = 0
-    return highest
-
-
-# Passes over a distance layer before the rest of it is labelled one pixel after the other: a pass
-# settles at least one more pixel of each chain of pixels that wait for each other, so a mask made
-# of such chains (labels alternating every few pixels along a border) would take a pass per pixel
-# of its longest chain. Real slices take at most about 60.
-SETTLING_PASSES = 64
-
-
-def settle_layer(labels, layer, neighbours, seen, earlier, position):
-    """Labels the pixels `layer` of one distance from the cells, in Fiji's queue order, each from
-    the labels one nearer that it sees (`seen`, per neighbour) and those of its neighbours of the
-    same distance queued before it (`earlier`); `position` is -1 everywhere, and is again after."""
-    labels[layer] = agreed_labels(seen)
-    position[layer] = np.arange(layer.size, dtype=np.int32)
-    unsettled = np.flatnonzero(earlier.any(axis=0))
-    for _ in range(SETTLING_PASSES):
-        if not unsettled.size:
-            break
-        updated = agreed_labels(np.where(earlier[:, unsettled], labels[neighbours[:, unsettled]], seen[:, unsettled]))
-        moved = updated != labels[layer[unsettled]]
-        labels[layer[unsettled[moved]]] = updated[moved]
-        later = position[neighbours[:, unsettled[moved]]]
-        unsettled = np.unique(later[later >= 0])
-    position[layer] = -1
-    if unsettled.size:  # a long chain: the rest of the layer in queue order, each after those before it
-        rest = slice(unsettled.min(), None)
-        for pixel, pixel_neighbours, pixel_earlier, pixel_seen in zip(
-            layer[rest].tolist(),
-            neighbours[:, rest].T.tolist(),
-            earlier[:, rest].T.tolist(),
-            seen[:, rest].T.tolist(),
-            strict=True,
-        ):
-            found = {
-                int(labels[n]) if e else s for n, e, s in zip(pixel_neighbours, pixel_earlier, pixel_seen, strict=True)
-            } - {0}
-            labels[pixel] = found.pop() if len(found) == 1 else 0
+# The states of a pixel in Fiji's watershed other than its segment's label (> 0).
+LINE, BORDER, QUEUED, OUTSIDE = 0, -1, -2, -3
 
 
 def thinned_segments(cell_mask):
     """The proposal's cells as Fiji segments them (trainableSegmentation's WatershedTransform2D of
     the border pixels, 4-connected): the 4-connected components of the cell pixels, grown through
-    the border until the borders between them are lines (label 0).
-
-    Fiji's watershed queues the border pixels next to a cell column by column (left to right, each
-    top to bottom) and then each pixel's unqueued neighbours (left, up, right, down) as it leaves
-    the queue; a pixel takes the one label that its neighbours labelled before it agree on, and
-    becomes a line where they disagree or are all lines. The queue visits the border by taxicab
-    distance to the nearest cell, so it is taken here a distance at a time: each pixel sees the
-    pixels one nearer and those of its own distance queued before it (settle_layer). Border that
-    separates nothing (a dangling fragment inside a cell) disappears into the cell; a slice without
-    cells is one segment, as Fiji floods its border as a basin of its own.
+    the border until the borders between them are lines (label 0). Border that separates nothing
+    (a dangling fragment inside a cell) disappears into the cell; a slice without cells is one
+    segment, as Fiji floods its border as a basin of its own.
     """
     cell_mask = np.asarray(cell_mask, dtype=bool)
     if cell_mask.ndim != 2:
         raise ValueError(f"a slice's cell mask must be 2-D, not {cell_mask.shape}")
-    cells = connected_components(cell_mask, connectivity=1)
+    cells = connected_components(cell_mask, connectivity=1).astype(np.int32)
     if cells.max() <= 1:  # one segment: a third of the low thresholds' time
         return np.ones_like(cells)
-    # Transposed and padded, Fiji's column-by-column order is the flat order.
-    stride = cell_mask.shape[0] + 2
-    neighbours_at = np.array([[-stride], [-1], [stride], [1]], dtype=np.int32)  # left, up, right, down
-    seen_from = np.array([[2], [3], [0], [1]])  # the direction in which each neighbour sees the pixel
-    labels = np.pad(cells.T.astype(np.int32), 1).ravel()
-    distance = np.pad(distance_transform_cdt(~cell_mask.T, metric="taxicab").astype(np.int32), 1, constant_values=-1)
-    distance = distance.ravel()
-    unqueued = distance.size  # after every pixel of the slice
-    queued = np.full(distance.size, unqueued)
-    position = np.full(distance.size, -1, dtype=np.int32)
-    border = np.flatnonzero(distance > 0).astype(np.int32)
-    # The smallest integer type that holds the distances: numpy sorts 8- and 16-bit ones by radix, a
-    # fifth of the time.
-    by_distance = border[np.argsort(distance[border].astype(np.min_scalar_type(distance.max())), kind="stable")]
-    starts = np.searchsorted(distance[by_distance], np.arange(1, distance.max() + 2))
-    for d in range(1, len(starts)):
-        layer = by_distance[starts[d - 1] : starts[d]]
-        if d > 1:  # queued by the first of its neighbours one nearer, in that one's neighbour order
-            neighbours = layer + neighbours_at
-            by_nearer = np.where(distance[neighbours] == d - 1, queued[neighbours] * 4 + seen_from, 4 * unqueued)
-            layer = layer[np.argsort(by_nearer.min(axis=0))]
-        queued[layer] = starts[d - 1] + np.arange(layer.size)
-        neighbours = layer + neighbours_at
-        neighbour_distance = distance[neighbours]
-        seen = np.where(neighbour_distance == d - 1, labels[neighbours], 0)
-        earlier = (neighbour_distance == d) & (queued[neighbours] < queued[layer])
-        settle_layer(labels, layer, neighbours, seen, earlier, position)
-    return labels.reshape(-1, stride)[1:-1, 1:-1].T.copy()
+    return flooded(cells)
+
+
+def compiled(function):
+    """`function` compiled by numba, without the GIL; its machine code is kept beside this file (or
+    in the user's cache) for later processes, unless neither can be written: then each process
+    compiles it again (a second)."""
+    try:
+        return numba.njit(nogil=True, cache=True)(function)
+    except RuntimeError:  # numba's "cannot cache function ...: no locator available"
+        return numba.njit(nogil=True)(function)
+
+
+@compiled
+def flooded(cells):
+    """The border (0) of `cells` (H, W; labels > 0) flooded as Fiji's watershed floods it, statement
+    for statement: a queue of the border pixels next to a cell, column by column (left to right,
+    each top to bottom), then of each pixel's unqueued neighbours (left, up, right, down) as it
+    leaves the queue. A pixel takes the label of its first labelled neighbour, and becomes a line
+    where a later one differs, or where it meets a line before any label (`after_line`: a later
+    labelled neighbour then still gives it its label).
+
+    Compiled by numba, as the queue is taken one pixel after the other, and without the GIL, so
+    that the scoring's threads thin slices at once.
+    """
+    height, width = cells.shape
+    stride = width + 2  # padded, so that no neighbour falls outside the array
+    state = np.full((height + 2) * stride, OUTSIDE, np.int32)
+    for y in range(height):
+        for x in range(width):
+            state[(y + 1) * stride + x + 1] = cells[y, x] if cells[y, x] > 0 else BORDER
+    neighbours = (-1, -stride, 1, stride)
+    queue = np.empty(state.size, np.int32)
+    queued = 0
+    for x in range(1, width + 1):
+        for y in range(1, height + 1):
+            pixel = y * stride + x
+            if state[pixel] == BORDER:
+                for step in neighbours:
+                    if state[pixel + step] >= LINE:
+                        state[pixel] = QUEUED
+                        queue[queued] = pixel
+                        queued += 1
+                        break
+    after_line = False
+    for taken in range(state.size):
+        if taken == queued:
+            break
+        pixel = queue[taken]
+        for step in neighbours:
+            neighbour = state[pixel + step]
+            if neighbour > 0:
+                if state[pixel] == QUEUED or (state[pixel] == LINE and after_line):
+                    state[pixel] = neighbour
+                elif state[pixel] > 0 and state[pixel] != neighbour:
+                    state[pixel] = LINE
+                    after_line = False
+            elif neighbour == LINE:
+                if state[pixel] == QUEUED:
+                    state[pixel] = LINE
+                    after_line = True
+            elif neighbour == BORDER:
+                state[pixel + step] = QUEUED
+                queue[queued] = pixel + step
+                queued += 1
+    segments = np.empty_like(cells)
+    for y in range(height):
+        for x in range(width):
+            segments[y, x] = state[(y + 1) * stride + x + 1]
+    return segments
 
 
 # The overlaps of a slice's cells and segments are counted in a dense table, by np.bincount, where
@@ -348,8 +341,8 @@ def isbi_scores_by_threshold(labels, probabilities, thresholds=ISBI_THRESHOLDS, 
         segments = thinned_segments(probabilities[index] > threshold)
         return rand_and_info_scores(true_cells[index], segments), (segments if index in kept else None)
 
-    # The thinning's numpy and scipy calls release the GIL for most of their time: on two cores two
-    # threads take 0.6 of one thread's time.
+    # The thinning's flood and the tables' bincounts release the GIL: on two cores two threads take
+    # 0.56 of one thread's time.
     # The pool is handed at most two tasks per thread ahead of the results summed up, so that the
     # kept segments waiting in its results stay fewer than the thinnings' own arrays.
     workers = os.cpu_count() or 1

@@ -300,12 +300,12 @@ def test_thinning_is_fijis_watershed():
     rng = np.random.default_rng(0)
     masks = [np.zeros((3, 4), bool), np.ones((3, 4), bool), np.eye(5, dtype=bool), TRUE_MASK > 0]
     # Cells in every third column, a row down in the next: a border whose labels wait on each other
-    # down its whole length, longer than metrics.SETTLING_PASSES.
-    ripple = np.zeros((3 * metrics.SETTLING_PASSES, 9), bool)
+    # down its whole length.
+    ripple = np.zeros((192, 9), bool)
     ripple[0::2, 0::3], ripple[1::2, 2::3] = True, True
     masks.append(ripple)
-    for _ in range(150):
-        noise = scipy.ndimage.gaussian_filter(rng.random(rng.integers(1, 33, size=2)), rng.uniform(0, 3))
+    for size in [*rng.integers(1, 33, size=(150, 2)), *rng.integers(64, 129, size=(4, 2))]:
+        noise = scipy.ndimage.gaussian_filter(rng.random(size), rng.uniform(0, 3))
         masks.append(noise > np.quantile(noise, rng.uniform(0.1, 0.9)))
     for cell_mask in masks:
         assert_same_segments(metrics.thinned_segments(cell_mask), fiji_watershed(cell_mask))
