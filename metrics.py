@@ -145,7 +145,7 @@ def flooded(cells):
         for x in range(width):
             state[(y + 1) * stride + x + 1] = cells[y, x] if cells[y, x] > 0 else BORDER
     neighbours = (-1, -stride, 1, stride)
-    queue = np.empty(state.size, np.int32)
+    queue = np.empty(state.size, np.int64)  # flat positions: slices of more than 2**31 pixels too
     queued = 0
     for x in range(1, width + 1):
         for y in range(1, height + 1):
