@@ -10,6 +10,7 @@ scikit-image: they segment whole slices into cells, which is no tensor operation
 """
 
 import collections
+import functools
 import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -118,12 +119,24 @@ def thinned_segments(cell_mask):
 
 def compiled(function):
     """`function` compiled by numba, without the GIL; its machine code is kept beside this file (or
-    in the user's cache) for later processes, unless neither can be written: then each process
-    compiles it again (a second)."""
+    in the user's cache) for later processes. Where the cache cannot be used (neither place can be
+    written, a full disk, ...), each process compiles it again (a second) rather than fail a run."""
+    uncached = numba.njit(nogil=True)(function)
     try:
-        return numba.njit(nogil=True, cache=True)(function)
-    except RuntimeError:  # numba's "cannot cache function ...: no locator available"
-        return numba.njit(nogil=True)(function)
+        cached = numba.njit(nogil=True, cache=True)(function)
+    except RuntimeError as error:
+        if "no locator available" not in str(error):
+            raise
+        return uncached
+
+    @functools.wraps(function)
+    def run(*arguments):
+        try:
+            return cached(*arguments)
+        except OSError:  # reading or writing the cache: `function` itself touches no file
+            return uncached(*arguments)
+
+    return run
 
 
 @compiled
