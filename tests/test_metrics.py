@@ -1,6 +1,10 @@
 import collections
 import fractions
 import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -373,3 +377,23 @@ def test_the_segments_kept_are_those_of_the_first_best_v_rand_threshold():
     [kept] = scores["segments"]
     np.testing.assert_array_equal(kept, segments_at(table["threshold"][1]))
     assert not np.array_equal(kept, segments_at(0.5)) and not np.array_equal(kept, segments_at(table["threshold"][8]))
+
+
+def test_the_thinning_works_where_numbas_cache_cannot_be_used(tmp_path):
+    """A __pycache__ that cannot be read or written (here a file in its place, after the import)
+    made numba's cached call raise OSError, which stopped a run at its first evaluation."""
+    shutil.copy(Path(metrics.__file__), tmp_path / "metrics.py")
+    script = (
+        "import pathlib, shutil, sys\n"
+        "import numpy as np\n"
+        "import metrics\n"
+        "cache = pathlib.Path(metrics.__file__).parent / '__pycache__'\n"
+        "shutil.rmtree(cache, ignore_errors=True)\n"
+        "cache.write_text('')\n"
+        "mask = np.zeros((4, 6), bool)\n"
+        "mask[:, :2] = mask[:, 4:] = True\n"
+        "print(metrics.thinned_segments(mask)[0].tolist())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[1, 1, 1, 0, 2, 2]"
