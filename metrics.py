@@ -112,7 +112,7 @@ def thinned_segments(cell_mask):
     if cell_mask.ndim != 2:
         raise ValueError(f"a slice's cell mask must be 2-D, not {cell_mask.shape}")
     cells = connected_components(cell_mask, connectivity=1).astype(np.int32)
-    if cells.max() <= 1:  # one segment: a third of the low thresholds' time
+    if cells.max() <= 1:  # one segment (flooded grows cells; a slice without any is left to this)
         return np.ones_like(cells)
     return flooded(cells)
 
