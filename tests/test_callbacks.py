@@ -165,6 +165,19 @@ def test_histograms_are_bucketed_as_tensorboards_histogram_pb(values, tmp_path):
     assert written.summary.value[0].SerializeToString() == expected.SerializeToString()
 
 
+def test_activation_samples_are_a_blocks_values_at_the_same_positions_every_time():
+    """summaries.sample_values of a bf16 block output seen through a crop (as ValidationPass hands
+    it over) are its values, converted, at flat positions drawn the same way every time."""
+    output = np.random.default_rng(1).normal(size=(40, 48, 16)).astype(tf.bfloat16.as_numpy_dtype)
+    crop = output[3:-5, 2:-6]
+    sample = summaries.sample_values(crop, size=1000)
+    positions = np.random.default_rng(0).integers(crop.size, size=1000)
+    assert sample.dtype == np.float32
+    np.testing.assert_array_equal(sample, crop.astype(np.float32).ravel()[positions])
+    np.testing.assert_array_equal(summaries.sample_values(crop, size=1000), sample)
+    np.testing.assert_array_equal(summaries.sample_values(crop, size=crop.size), crop.astype(np.float32).ravel())
+
+
 def test_merges_and_splits_image_paints_them_in_two_colours():
     label, predicted_cell = label_with_a_merge_and_a_split()
     true_cells, segments = metrics.true_cells_of(label), metrics.thinned_segments(predicted_cell)
